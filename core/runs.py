@@ -1,0 +1,256 @@
+"""Run directories: create (never reuse), launch the engine as its own process, list, stop.
+
+A run directory holds config.toml (frozen at launch), events.jsonl, engine.log, pid, and the
+engine's checkpoints/ and adapter/ (docs/ARCHITECTURE.md). No torch here: the wizard imports it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Union
+
+from core.config import RunConfig
+from core.errors import UserError
+from core.events import TERMINAL_EVENTS, pid_alive, read_events, read_pid
+
+CONFIG_FILE = "config.toml"
+STOP_FILE = "stop"
+PID_FILE = "pid"
+LOG_FILE = "engine.log"
+
+
+def default_runs_dir() -> Path:
+    env = os.environ.get("SNUGTUNE_RUNS_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("snugtune")) / "runs"
+
+
+def runs_dir(cfg: Optional[RunConfig] = None) -> Path:
+    """Where runs go: output.runs_dir, else $SNUGTUNE_RUNS_DIR, else the platform's data dir."""
+    if cfg is not None and cfg.output.runs_dir:
+        return Path(cfg.output.runs_dir).expanduser()
+    return default_runs_dir()
+
+
+def _slug(text: str) -> str:
+    text = text.split(":")[-1].rstrip("/").split("/")[-1]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return (slug or "run")[:60]
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.output.name or _slug(cfg.model.name_or_path)
+
+
+def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
+    """A new run directory (name-YYYYmmdd-HHMMSS, a suffix if taken) holding config.toml."""
+    base = runs_dir(cfg)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the runs directory {base} ({exc.strerror})",
+            hint="choose a writable place with --set output.runs_dir=/path or SNUGTUNE_RUNS_DIR",
+        ) from None
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(
+            f"the runs directory {base} is not writable",
+            hint="choose a writable place with --set output.runs_dir=/path or SNUGTUNE_RUNS_DIR",
+        )
+    stem = f"{run_name(cfg)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for i in range(1, 10_000):
+        path = base / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()  # atomic: two launches in the same second get different directories
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory {path} ({exc.strerror})") from None
+        try:
+            cfg.write_toml(path / CONFIG_FILE, header=header or "The configuration of this run, frozen at launch.")
+        except OSError as exc:
+            raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
+        return path
+    raise UserError(f"too many runs named {stem} in {base}")
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def engine_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "core.train", str(run_dir)]
+
+
+def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subprocess.Popen:
+    """Start `python -m core.train RUN_DIR` in its own session, output to engine.log.
+
+    Its own session: closing the terminal (SIGHUP) or Ctrl-C in it does not reach the engine;
+    viewers ask it to stop through the `stop` file or SIGTERM (request_stop).
+    """
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    env = dict(os.environ)
+    # Fewer fragmentation OOMs on small cards; harmless on the CPU.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra_env:
+        env.update(extra_env)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    with open(run_dir / LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(
+            engine_command(run_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(run_dir),
+            start_new_session=True,
+        )
+    (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    # A long-lived launcher (the wizard) must wait for its children or they linger as zombies.
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
+
+
+def launch(target: Union[RunConfig, str, Path], detach: bool = True) -> int:
+    """Start the engine on a run directory (or on a new one made from a RunConfig); returns its pid.
+
+    The engine always runs as its own process in its own session, so it survives the terminal
+    or wizard that started it. `detach=False` is for callers that will follow it at once.
+    """
+    run_dir = create_run_dir(target) if isinstance(target, RunConfig) else Path(target)
+    proc = spawn(run_dir)
+    _reap(proc)
+    return proc.pid
+
+
+def resolve_run(name_or_dir: Union[str, Path], base: Optional[Path] = None) -> Path:
+    """A run directory from its path, its name, or a unique prefix of its name."""
+    path = Path(name_or_dir).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return path.resolve()
+    base = base or default_runs_dir()
+    name = str(name_or_dir)
+    if (base / name / CONFIG_FILE).is_file():
+        return (base / name).resolve()
+    matches = sorted(p for p in base.glob(f"{glob_escape(name)}*") if (p / CONFIG_FILE).is_file()) if base.is_dir() else []
+    if len(matches) == 1:
+        return matches[0].resolve()
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches[:8])
+        raise UserError(f"{name!r} matches several runs: {names}", hint="give the full name or the directory")
+    raise UserError(f"no run named {name!r} in {base}", hint="`snugtune runs` lists the runs; or give a run directory")
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def run_status(run_dir: Union[str, Path]) -> dict:
+    """A summary of one run: name, dir, status, step/total, last loss, started, error."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    summary: dict = {
+        "name": run_dir.name,
+        "dir": str(run_dir),
+        "status": "created",
+        "step": 0,
+        "total_steps": None,
+        "loss": None,
+        "eval_loss": None,
+        "started": None,
+        "ended": None,
+        "model": None,
+        "error": None,
+        "adapter": None,
+        "pid": read_pid(run_dir),
+    }
+    terminal = None
+    for e in events:
+        kind = e.get("event")
+        if kind == "run_started":
+            summary["started"] = summary["started"] or e.get("time")
+            summary["total_steps"] = e.get("total_steps")
+            summary["model"] = (e.get("config") or {}).get("model", {}).get("name_or_path")
+            terminal = None  # a resumed run starts again
+        elif kind == "step_logged":
+            summary["step"] = e.get("step", summary["step"])
+            summary["total_steps"] = e.get("total_steps") or summary["total_steps"]
+            summary["loss"] = e.get("loss", summary["loss"])
+        elif kind == "eval_logged":
+            summary["eval_loss"] = e.get("eval_loss")
+        elif kind in TERMINAL_EVENTS:
+            terminal = e
+    if summary["started"] is None and (run_dir / CONFIG_FILE).exists():
+        summary["started"] = (run_dir / CONFIG_FILE).stat().st_mtime
+    alive = summary["pid"] is not None and pid_alive(summary["pid"])
+    if terminal is not None:
+        summary["ended"] = terminal.get("time")
+        summary["status"] = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}[terminal["event"]]
+        if terminal["event"] == "run_failed":
+            summary["error"] = terminal.get("error")
+        if terminal["event"] == "run_finished":
+            summary["adapter"] = terminal.get("adapter_path")
+            summary["step"] = terminal.get("steps", summary["step"])
+            summary["loss"] = terminal.get("final_loss", summary["loss"])
+        if terminal["event"] == "run_stopped":
+            summary["step"] = terminal.get("step", summary["step"])
+    elif alive:
+        summary["status"] = "running"
+    elif summary["pid"] is not None:
+        summary["status"] = "died"
+    return summary
+
+
+def list_runs(base: Optional[Path] = None) -> list[dict]:
+    """Summaries of every run under the runs directory, oldest first."""
+    base = base or default_runs_dir()
+    if not base.is_dir():
+        return []
+    runs = [run_status(p) for p in base.iterdir() if (p / CONFIG_FILE).is_file()]
+    return sorted(runs, key=lambda r: (r["started"] or 0, r["name"]))
+
+
+def request_stop(run_dir: Union[str, Path]) -> bool:
+    """Ask a run's engine to save a checkpoint and stop; returns whether it was running."""
+    run_dir = Path(run_dir)
+    try:
+        (run_dir / STOP_FILE).write_text(f"{time.time()}\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {run_dir / STOP_FILE} ({exc.strerror})") from None
+    pid = read_pid(run_dir)
+    if pid is None or not pid_alive(pid):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def last_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
+    """The newest checkpoints/checkpoint-N directory, if any (no torch needed)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    best: tuple[int, Optional[Path]] = (-1, None)
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+            if m and p.is_dir() and int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), p)
+    return best[1]
