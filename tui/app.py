@@ -1,0 +1,239 @@
+"""The snugtune wizard: six steps from "which GPU?" to a trained, tested, saved adapter.
+
+The app holds the state the steps share (the configuration being built, the chosen GPU
+and model, the run); each step is a screen in tui/screens/ that reads and writes it.
+Nothing here imports the ML stack: estimates are pure Python from core, and anything
+that needs torch or a tokenizer runs as a subprocess.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from textual.app import App
+from textual.binding import Binding
+
+from core.config import ConfigError, RunConfig
+from core.errors import UserError
+from tui.screens.base import StepScreen, attr
+
+# Set by bench/tui_startup.py: exit as soon as the first step has been painted.
+EXIT_AFTER_FIRST_FRAME = "SNUGTUNE_EXIT_AFTER_FIRST_FRAME"
+
+# What a wizard started without a preset begins from. The model and data are chosen in
+# steps 2 and 3; until then the configuration is incomplete and is not validated.
+BLANK_CONFIG: dict[str, Any] = {"gpu": {"profile": "auto"}, "model": {"name_or_path": ""}, "data": {"path": ""}}
+
+
+class SnugtuneApp(App[int]):
+    """The wizard. `preset`: a loaded RunConfig to start from (jumps to Settings).
+    `gpus`: the detected cards, or None to ask NVML (tests pass [] for a fixed screen).
+    `attach`: a run directory to open the live panel on."""
+
+    CSS_PATH = "wizard.tcss"
+    TITLE = "snugtune"
+    # The command palette's ctrl+p is not shown in the footer; every action has its own key.
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+
+    def __init__(self, preset: RunConfig | None = None, *, preset_name: str | None = None,
+                 gpus: list | None = None, attach: str | Path | None = None, check_runs: bool = True):
+        super().__init__()
+        self.cfg_data: dict[str, Any] = preset.to_dict() if preset is not None else copy.deepcopy(BLANK_CONFIG)
+        self.preset_name = preset_name
+        self.detected_gpus = gpus  # None: not asked yet
+        self.gpu_error: str | None = None
+        self.spec: Any = None  # core.catalog.ModelSpec of the chosen model
+        self.data_report: dict | None = None  # the last `data inspect --json` report
+        self.run_dir: Path | None = Path(attach) if attach else None
+        self.last_estimate: Any = None
+        self.run_result: dict | None = None  # the run_finished event of the run in step 5
+        self.check_runs = check_runs and attach is None
+        self.exit_after_first_frame = bool(os.environ.get(EXIT_AFTER_FIRST_FRAME))
+        self.step = 0
+        if attach is not None:
+            self.step = 4
+        elif preset is not None:
+            self.step = 3
+
+    # ---- the configuration ------------------------------------------------------------
+
+    def config(self) -> RunConfig:
+        """The configuration as it stands, validated (raises ConfigError with the field)."""
+        return RunConfig.from_dict(self.cfg_data)
+
+    def set_value(self, dotted: str, value: Any) -> None:
+        """Set `section.key` in the configuration being built; None removes the key."""
+        section, _, key = dotted.partition(".")
+        node = self.cfg_data.setdefault(section, {})
+        if value is None:
+            node.pop(key, None)
+        else:
+            node[key] = value
+
+    def get_value(self, dotted: str, default: Any = None) -> Any:
+        section, _, key = dotted.partition(".")
+        return self.cfg_data.get(section, {}).get(key, default)
+
+    def estimate_config(self) -> RunConfig:
+        """The configuration for estimates made before every step is filled in: a blank
+        data path does not change the memory a model needs, so a stand-in fills it."""
+        data = copy.deepcopy(self.cfg_data)
+        if not data.get("data", {}).get("path"):
+            data.setdefault("data", {})["path"] = "(not chosen yet)"
+        if self.spec is not None and not data.get("model", {}).get("name_or_path"):
+            data.setdefault("model", {})["name_or_path"] = attr(self.spec, "id", "name_or_path", "name")
+        return RunConfig.from_dict(data)
+
+    def gpu_target(self) -> Any:
+        """The GPU to plan for (core.gpu.resolve_gpu), or None when that fails."""
+        from core import gpu
+
+        gpu_cfg = self.cfg_data.get("gpu", {})
+        try:
+            return gpu.resolve_gpu(gpu_cfg.get("profile", "auto"), gpu_cfg.get("vram_budget_gib"),
+                                   gpu_cfg.get("device_index", 0))
+        except UserError:
+            return None
+
+    # ---- moving between steps ---------------------------------------------------------
+
+    def on_mount(self) -> None:
+        self.goto(self.step)
+        if self.check_runs:
+            self.offer_running_runs()
+
+    def make_screen(self, step: int) -> StepScreen:
+        from tui.screens import data, done, gpu, model, settings, train
+
+        return [gpu.GpuScreen, model.ModelScreen, data.DataScreen, settings.SettingsScreen,
+                train.TrainScreen, done.DoneScreen][step]()
+
+    def goto(self, step: int) -> None:
+        self.step = step
+        screen = self.make_screen(step)
+        if isinstance(self.screen, StepScreen):
+            self.switch_screen(screen)
+        else:
+            self.push_screen(screen)
+
+    def action_next_step(self) -> None:
+        screen = self.screen
+        if not isinstance(screen, StepScreen) or self.step >= 5:
+            return
+        screen.save_state()
+        problem = screen.leave_problem()
+        if problem:
+            screen.set_status(problem, "error")
+            return
+        self.goto(self.step + 1)
+
+    def action_prev_step(self) -> None:
+        screen = self.screen
+        if not isinstance(screen, StepScreen) or self.step <= 0:
+            return
+        screen.save_state()
+        self.goto(self.step - 1)
+
+    # ---- presets ----------------------------------------------------------------------
+
+    def action_save_preset(self) -> None:
+        from tui.screens.modals import PromptScreen
+
+        screen = self.screen
+        if not isinstance(screen, StepScreen):
+            return
+        screen.save_state()
+        try:
+            cfg = self.config()
+        except ConfigError as exc:
+            screen.set_status(f"cannot save yet: {exc}", "error")
+            return
+        self.push_screen(
+            PromptScreen("Save this setup as a preset", "preset name (letters, digits, - _)",
+                         value=self.preset_name or ""),
+            lambda name: self._save_preset(cfg, name) if name else None,
+        )
+
+    def _save_preset(self, cfg: RunConfig, name: str, overwrite: bool = False) -> None:
+        from core import presets
+        from tui.screens.modals import ConfirmScreen
+
+        screen = self.screen
+        if not overwrite and name in self._user_preset_names():
+            self.push_screen(
+                ConfirmScreen(f"A preset named {name!r} exists. Overwrite it?"),
+                lambda yes: self._save_preset(cfg, name, overwrite=True) if yes else screen.set_status("not saved", "warning"),
+            )
+            return
+        try:
+            path = presets.save_preset(cfg, name, overwrite=overwrite)
+        except UserError as exc:
+            screen.set_status(str(exc), "error")
+            return
+        self.preset_name = name
+        screen.set_status(f"saved preset {name!r} ({path}); open it with: snugtune --preset {name}", "ok")
+
+    def _user_preset_names(self) -> set[str]:
+        from core import presets
+
+        names = set()
+        for p in presets.list_presets():
+            if attr(p, "source", default="user") == "user":
+                names.add(attr(p, "name"))
+        return names
+
+    # ---- runs still going -------------------------------------------------------------
+
+    def offer_running_runs(self) -> None:
+        from core import runs
+        from tui.screens.modals import RunsScreen
+
+        try:
+            going = [r for r in runs.list_runs() if _is_running(r)]
+        except UserError:
+            return
+        if going:
+            self.push_screen(RunsScreen(going), self._attach)
+
+    def _attach(self, run_dir: Path | None) -> None:
+        if run_dir is None:
+            return
+        self.run_dir = Path(run_dir)
+        try:
+            cfg = RunConfig.from_toml(self.run_dir / "config.toml")
+            self.cfg_data = cfg.to_dict()
+        except UserError:
+            pass
+        self.goto(4)
+
+
+def _is_running(run: Any) -> bool:
+    status = attr(run, "status", "state", default="")
+    return str(status).lower() in {"running", "starting", "training"}
+
+
+def run_wizard(preset: str | None = None) -> int:
+    """Open the wizard (`snugtune`, `snugtune --preset NAME`); returns the exit code.
+    A preset that cannot be loaded raises UserError before the screen opens."""
+    cfg = None
+    if preset:
+        from core.presets import load_preset
+
+        cfg = load_preset(preset)
+    app = SnugtuneApp(cfg, preset_name=Path(preset).stem if preset else None)
+    app.run()
+    return app.return_code or 0
+
+
+def run_attach(run_dir: str | Path) -> int:
+    """Open the live panel on a run (`snugtune attach RUN`); returns the exit code."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.toml)", hint="see `snugtune runs` for the runs there are")
+    cfg = RunConfig.from_toml(run_dir / "config.toml")
+    app = SnugtuneApp(cfg, attach=run_dir)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,1 @@
+"""One module per wizard step; `base.StepScreen` holds what they share."""

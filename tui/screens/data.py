@@ -1,0 +1,289 @@
+"""Step 3: the training data — a file or Hub dataset, its format and columns, three samples as
+the model sees them (prompt masked, response trained) and the token-length histogram."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.containers import Horizontal, VerticalScroll
+from textual.suggester import Suggester
+from textual.widgets import Input, Label, Select, Static
+
+from core.config import field_help
+from tui.messages import DataInspected
+from tui.screens.base import StepScreen, attr
+from tui.widgets.histogram import render_histogram
+
+FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("text", "text")]
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+# A subprocess tokenizing a large file may take a while; beyond this the user is told and can retry.
+INSPECT_TIMEOUT_S = 300
+
+
+class PathSuggester(Suggester):
+    """Completes file system paths as they are typed (→ or End accepts the suggestion)."""
+
+    def __init__(self):
+        super().__init__(use_cache=False, case_sensitive=True)
+
+    async def get_suggestion(self, value: str) -> str | None:
+        if not value or value.startswith("builtin:"):
+            return None
+        head, _, partial = value.rpartition("/")
+        directory = Path(os.path.expanduser(head or ".")) if head or not value.startswith("/") else Path("/")
+        try:
+            names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                           if p.name.startswith(partial) and not p.name.startswith("."))
+        except OSError:
+            return None
+        if not names:
+            return None
+        return (head + "/" if head or value.startswith("/") else "") + names[0]
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question, output=answer` -> {'instruction': 'question', 'output': 'answer'}."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{part!r} is not field=column (e.g. instruction=question)")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+def local_problem(path: str) -> str | None:
+    """A path that is clearly meant as a local file but is not there (said before any subprocess)."""
+    if path.startswith("builtin:"):
+        return None
+    p = Path(path).expanduser()
+    looks_local = p.suffix.lower() in DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not p.exists():
+        return f"{path}: no such file (check the path; → completes it as you type)"
+    if p.is_dir():
+        return f"{path}: is a directory; give a .jsonl, .json, .csv, .parquet or .txt file in it"
+    if looks_local and p.suffix.lower() not in DATA_SUFFIXES:
+        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .parquet or .txt"
+    return None
+
+
+def render_samples(samples: list[Any]) -> Text:
+    """Each sample as the model reads it: the prompt (masked, not learned) dim and struck through
+    with a `·` gutter; the response (trained) bold and underlined with a `▌` gutter, so the two
+    are told apart with colours, with 16 colours and with none."""
+    out = Text()
+    for n, sample in enumerate(samples):
+        out.append(f"── sample {n + 1} ", style="bold")
+        out.append("(dim · = prompt, masked; underlined ▌ = trained)\n" if n == 0 else "\n", style="dim")
+        segments = attr(sample, "segments", default=None)
+        if segments is None:
+            segments = [{"text": str(attr(sample, "text", default=sample)), "trained": True}]
+        line_start = True
+        for seg in segments:
+            trained = bool(attr(seg, "trained", default=False))
+            text = str(attr(seg, "text", default=""))
+            for i, line in enumerate(text.split("\n")):
+                if i:
+                    out.append("\n")
+                    line_start = True
+                if line_start:
+                    out.append("▌ " if trained else "· ", style="bold green" if trained else "dim")
+                    line_start = False
+                out.append(line, style="bold underline" if trained else "dim")
+        out.append("\n")
+    return out
+
+
+class DataScreen(StepScreen):
+    STEP = 2
+
+    def compose_body(self):
+        yield Label("Which data? A .jsonl/.json/.csv/.parquet/.txt file or a Hub dataset id; Enter previews it.",
+                    classes="title")
+        with Horizontal(classes="row"):
+            yield Label("Data", classes="field-label")
+            yield Input(self.app.get_value("data.path", ""), placeholder="path/to/train.jsonl or owner/dataset",
+                        id="path", suggester=PathSuggester(), compact=True)
+        with Horizontal(classes="row"):
+            yield Label("Format", classes="field-label")
+            yield Select(FORMATS, value=self.app.get_value("data.format", "auto"), allow_blank=False,
+                         id="format", compact=True)
+            yield Label(" Columns", classes="field-label-short")
+            cols = self.app.get_value("data.columns", {}) or {}
+            yield Input(", ".join(f"{k}={v}" for k, v in cols.items()), placeholder="e.g. instruction=question, output=answer",
+                        id="columns", compact=True, tooltip=field_help("data.columns"))
+        with Horizontal(id="data-body"):
+            with VerticalScroll(id="samples-box"):
+                yield Static(Text("Enter a path above to see three samples as the model will read them.", style="dim"),
+                             id="samples")
+            yield Static("", id="lengths")
+
+    def on_mount(self) -> None:
+        self.report = self.app.data_report
+        self.inspected_for: tuple | None = None
+        if self.report is not None:
+            self.show_report(self.report)
+            self.inspected_for = self._key()
+        elif self.app.get_value("data.path"):
+            self.inspect()
+        self.query_one("#path", Input).focus()
+
+    def _key(self) -> tuple:
+        return (self.query_one("#path", Input).value.strip(), self.query_one("#format", Select).value,
+                self.query_one("#columns", Input).value.strip())
+
+    # ---- inspecting ----------------------------------------------------------------
+
+    @on(Input.Submitted, "#path")
+    @on(Input.Submitted, "#columns")
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.inspect()
+
+    @on(Select.Changed, "#format")
+    def _format_changed(self, event: Select.Changed) -> None:
+        if self.query_one("#path", Input).value.strip() and self.inspected_for and event.value != self.inspected_for[1]:
+            self.inspect()
+
+    def inspect(self) -> None:
+        path = self.query_one("#path", Input).value.strip()
+        if not path:
+            self.set_status("type the path of a data file or a Hub dataset id", "error")
+            return
+        problem = local_problem(path)
+        if problem:
+            self.report = None
+            self.set_status(problem, "error")
+            return
+        try:
+            columns = parse_columns(self.query_one("#columns", Input).value)
+        except ValueError as exc:
+            self.set_status(f"columns: {exc}", "error")
+            return
+        self.save_state()
+        self.set_status(f"reading {path} and counting tokens…")
+        self.query_one("#samples", Static).update(Text("reading…", style="dim"))
+        self.run_inspect(path, self.query_one("#format", Select).value, columns)
+
+    def inspect_command(self, path: str, fmt: str, columns: dict[str, str]) -> list[str]:
+        cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", path, "--json",
+               "--format", fmt, "--max-seq-len", str(self.app.get_value("data.max_seq_len", 1024))]
+        model = self.app.get_value("model.name_or_path")
+        if model:
+            cmd += ["--model", model]
+        for key, value in columns.items():
+            cmd += ["--column", f"{key}={value}"]
+        return cmd
+
+    @work(thread=True, exit_on_error=False, name="data preview", exclusive=True, group="inspect")
+    def run_inspect(self, path: str, fmt: str, columns: dict[str, str]) -> None:
+        cmd = self.inspect_command(path, fmt, columns)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=INSPECT_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            self.post_message(DataInspected(path, error=f"reading the data took over {INSPECT_TIMEOUT_S}s; try max_samples"))
+            return
+        if proc.returncode != 0:
+            # the CLI prints one `snugtune: error: ...` line for a UserError: show it as it is
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
+            message = (errs[0].removeprefix("snugtune: error: ") + "".join("\n" + ln for ln in lines[lines.index(errs[0]) + 1:])
+                       if errs else (lines[-1] if lines else f"exit code {proc.returncode}"))
+            self.post_message(DataInspected(path, error=message))
+            return
+        try:
+            report = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            self.post_message(DataInspected(path, error="data inspect printed something that is not JSON: "
+                                            + proc.stdout[:200]))
+            return
+        self.post_message(DataInspected(path, report=report))
+
+    @on(DataInspected)
+    def _inspected(self, msg: DataInspected) -> None:
+        if msg.error:
+            self.report = None
+            self.app.data_report = None
+            self.query_one("#samples", Static).update(Text(msg.error, style="red"))
+            self.set_status(msg.error.splitlines()[0], "error")
+            return
+        self.report = msg.report
+        self.app.data_report = msg.report
+        self.inspected_for = self._key()
+        self.show_report(msg.report)
+        fmt = attr(msg.report, "format", default="?")
+        n = attr(msg.report, "num_samples", "rows", "count", default=None)
+        self.set_status(f"{msg.path}: {fmt} format" + (f", {n} samples" if n is not None else "")
+                        + " · ctrl+n goes on to the settings", "ok")
+
+    def show_report(self, report: dict) -> None:
+        samples = attr(report, "samples", default=[])[:3]
+        self.query_one("#samples", Static).update(render_samples(samples))
+        self.query_one("#lengths", Static).update(self.lengths_text(report))
+        fmt = attr(report, "format")
+        if fmt in {"instruction", "chat", "text"} and self.query_one("#format", Select).value == "auto":
+            pass  # keep 'auto' in the config; the detected format is shown in the panel
+        cols = attr(report, "columns", "column_map", default=None)
+        if isinstance(cols, dict) and not self.query_one("#columns", Input).value.strip():
+            self.query_one("#columns", Input).placeholder = ", ".join(f"{k}={v}" for k, v in cols.items())
+
+    def lengths_text(self, report: dict) -> Text:
+        stats = attr(report, "length_stats", "lengths", default={}) or {}
+        max_len = int(self.app.get_value("data.max_seq_len", 1024))
+        out = Text()
+        out.append(f"format   {attr(report, 'format', default='?')}\n", style="bold")
+        cols = attr(report, "columns", "column_map", default=None)
+        if isinstance(cols, dict):
+            for k, v in cols.items():
+                out.append(f"  {k} ← {v}\n")
+        elif isinstance(cols, list):
+            out.append(f"  columns: {', '.join(map(str, cols))}\n")
+        out.append("tokens per sample\n", style="bold")
+        bits = [f"{k} {attr(stats, k)}" for k in ("min", "p50", "mean", "p95", "max") if attr(stats, k) is not None]
+        if bits:
+            out.append("  " + " · ".join(str(b) for b in bits) + "\n")
+        hist = attr(stats, "histogram", default=None) or {}
+        edges = attr(hist, "edges", "bins", default=[])
+        counts = attr(hist, "counts", default=[])
+        if counts:
+            out.append_text(render_histogram(edges, counts, max_len, width=14))
+            out.append("\n")
+        frac = attr(stats, "truncated_fraction", "truncated_share", "truncated")
+        if frac is not None:
+            share = float(frac)
+            out.append(f"cut at {max_len}: {share:.0%} of samples",
+                       style="bold red" if share > 0.05 else "bold")  # >5% cut is worth a warning colour
+        return out
+
+    # ---- leaving -------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        self.app.set_value("data.path", self.query_one("#path", Input).value.strip())
+        self.app.set_value("data.format", self.query_one("#format", Select).value)
+        try:
+            self.app.set_value("data.columns", parse_columns(self.query_one("#columns", Input).value) or None)
+        except ValueError:
+            pass
+
+    def leave_problem(self) -> str | None:
+        path = self.query_one("#path", Input).value.strip()
+        if not path:
+            return "choose the training data first"
+        problem = local_problem(path)
+        if problem:
+            return problem
+        try:
+            parse_columns(self.query_one("#columns", Input).value)
+        except ValueError as exc:
+            return f"columns: {exc}"
+        if self.report is None or self.inspected_for != self._key():
+            self.inspect()
+            return "press Enter in the path to preview the data first (reading it now)"
+        return None

@@ -1,0 +1,220 @@
+"""Step 6: where the adapter is, a quick chat with it (the base model beside it where memory
+allows), export (merge into the base weights), and saving the setup as a preset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Input, Label, RichLog, Static, Switch
+
+from tui.messages import ChatReply, JobDone
+from tui.screens.base import StepScreen, attr
+
+# Loading a model for chat takes seconds on a GPU, longer on the CPU; a reply longer than this
+# means the chat process is stuck, and the user is told so rather than waiting forever.
+CHAT_REPLY_TIMEOUT_S = 600
+EXPORT_TIMEOUT_S = 3600  # merging a 3B model on a slow disk takes minutes
+
+
+class ChatProcess:
+    """`python -m core.chat RUN_DIR` speaking JSON lines: one request a line in, replies out."""
+
+    def __init__(self, run_dir: Path, compare: bool):
+        cmd = [sys.executable, "-m", "core.chat", str(run_dir)] + (["--compare"] if compare else [])
+        self.compare = compare
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.lock = threading.Lock()
+
+    def ask(self, prompt: str) -> list[dict]:
+        """Send one prompt; return the reply objects (one, or two with the base model's)."""
+        with self.lock:
+            assert self.proc.stdin and self.proc.stdout
+            self.proc.stdin.write(json.dumps({"prompt": prompt}) + "\n")
+            self.proc.stdin.flush()
+            replies = []
+            wanted = 2 if self.compare else 1
+            while len(replies) < wanted:
+                line = self.proc.stdout.readline()
+                if not line:
+                    err = self.proc.stderr.read() if self.proc.stderr else ""
+                    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+                    raise RuntimeError(lines[-1] if lines else "the chat process ended")
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a library printing to stdout; the protocol lines are JSON
+                if not isinstance(obj, dict) or obj.get("event") in ("ready", "loading"):
+                    continue
+                if "error" in obj:
+                    return [obj]
+                if "adapter" in obj or "base" in obj and "who" not in obj:
+                    # both answers in one object
+                    return [{"who": k, "text": obj[k]} for k in ("adapter", "base") if k in obj]
+                replies.append(obj)
+            return replies
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                if self.proc.stdin:
+                    self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+class DoneScreen(StepScreen):
+    STEP = 5
+    BINDINGS = StepScreen.BINDINGS + [
+        Binding("ctrl+e", "export", "Export merged", priority=True),
+    ]
+
+    def compose_body(self):
+        yield Static("", id="adapter-info")
+        with Horizontal(classes="row"):
+            yield Label("Compare with base", classes="field-label-wide")
+            yield Switch(value=self.compare_default(), id="compare")
+        with Horizontal(id="chat-logs"):
+            yield RichLog(id="chat-adapter", wrap=True, markup=False)
+            yield RichLog(id="chat-base", wrap=True, markup=False)
+        yield Input(placeholder="Ask the fine-tuned model something; Enter sends", id="prompt", compact=True)
+
+    def compare_default(self) -> bool:
+        # Two copies of the base model must fit beside each other; the training estimate (which
+        # also holds activations and optimizer state) is a safe upper bound for one of them.
+        est, gpu = self.app.last_estimate, self.app.gpu_target()
+        if est is None or gpu is None:
+            return False
+        return float(attr(est, "total_gib", default=1e9)) * 2 < float(attr(gpu, "budget_gib", default=0))
+
+    def on_mount(self) -> None:
+        self.chat: ChatProcess | None = None
+        run_dir = self.app.run_dir
+        result = self.app.run_result or {}
+        adapter = result.get("adapter_path") or (str(run_dir / "adapter") if run_dir else None)
+        info = Text()
+        info.append("Adapter saved in ", style="bold")
+        info.append(str(adapter), style="bold underline")
+        bits = []
+        if result.get("steps") is not None:
+            bits.append(f"{result['steps']} steps")
+        if isinstance(result.get("final_loss"), (int, float)):
+            bits.append(f"final loss {result['final_loss']:.4f}")
+        if result.get("runtime_s") is not None:
+            from tui.screens.base import fmt_duration
+
+            bits.append(f"{fmt_duration(result['runtime_s'])}")
+        if bits:
+            info.append("\n" + " · ".join(bits), style="dim")
+        if run_dir:
+            info.append(f"\nUse it: snugtune chat {run_dir.name} · snugtune export {run_dir.name} --merged DIR",
+                        style="dim")
+        self.query_one("#adapter-info", Static).update(info)
+        self.query_one("#chat-adapter", RichLog).border_title = "fine-tuned"
+        self.query_one("#chat-base", RichLog).border_title = "base model"
+        self._show_compare(self.query_one("#compare", Switch).value)
+        self.query_one("#prompt", Input).focus()
+        self.set_status("Enter sends a prompt · ctrl+e exports a merged model · ctrl+s saves the setup as a preset")
+
+    def on_unmount(self) -> None:
+        if self.chat is not None:
+            self.chat.close()
+
+    @on(Switch.Changed, "#compare")
+    def _compare(self, event: Switch.Changed) -> None:
+        self._show_compare(event.value)
+        if self.chat is not None:  # restart with or without the base model on the next prompt
+            self.chat.close()
+            self.chat = None
+
+    def _show_compare(self, on_: bool) -> None:
+        self.query_one("#chat-base", RichLog).display = on_
+
+    # ---- chat ------------------------------------------------------------------------
+
+    @on(Input.Submitted, "#prompt")
+    def _ask(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt or self.app.run_dir is None:
+            return
+        event.input.value = ""
+        for log_id in ("#chat-adapter", "#chat-base"):
+            log = self.query_one(log_id, RichLog)
+            log.write(Text(f"> {prompt}", style="bold"))
+        self.set_status("thinking… (the first prompt loads the model)")
+        self.ask(prompt, self.query_one("#compare", Switch).value)
+
+    @work(thread=True, exit_on_error=False, name="chat", exclusive=False, group="chat")
+    def ask(self, prompt: str, compare: bool) -> None:
+        if self.chat is None or self.chat.proc.poll() is not None:
+            self.chat = ChatProcess(self.app.run_dir, compare)
+        try:
+            replies = self.chat.ask(prompt)
+        except (RuntimeError, OSError) as exc:
+            self.chat = None
+            self.post_message(ChatReply("adapter", "", error=str(exc)))
+            return
+        for r in replies:
+            if "error" in r:
+                self.post_message(ChatReply("adapter", "", error=str(r["error"])))
+            else:
+                self.post_message(ChatReply(str(r.get("who", r.get("model", "adapter"))),
+                                            str(r.get("text", r.get("reply", r.get("response", ""))))))
+
+    @on(ChatReply)
+    def _reply(self, msg: ChatReply) -> None:
+        if msg.error:
+            self.set_status(f"chat: {msg.error}", "error")
+            return
+        target = "#chat-base" if msg.who == "base" else "#chat-adapter"
+        self.query_one(target, RichLog).write(Text(msg.text))
+        self.set_status("Enter sends another prompt · ctrl+e exports · ctrl+s saves a preset")
+
+    # ---- export ------------------------------------------------------------------------
+
+    def action_export(self) -> None:
+        from tui.screens.modals import PromptScreen
+
+        if self.app.run_dir is None:
+            return
+        default = str(self.app.run_dir / "merged")
+        self.app.push_screen(PromptScreen("Merge the adapter into the base model and save it to",
+                                          "a new directory", value=default),
+                             lambda d: self.export(d) if d else None)
+
+    @work(thread=True, exit_on_error=False, name="export", exclusive=True, group="export")
+    def export(self, directory: str) -> None:
+        if Path(directory).exists() and any(Path(directory).iterdir()):
+            self.post_message(JobDone("export", False, f"{directory} exists and is not empty; choose a new directory"))
+            return
+        self.post_message(JobDone("export-started", True, directory))
+        cmd = [sys.executable, "-m", "tui.cli", "export", str(self.app.run_dir), "--merged", directory]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            self.post_message(JobDone("export", False, f"export took over {EXPORT_TIMEOUT_S}s and was stopped"))
+            return
+        lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
+        if proc.returncode != 0:
+            errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
+            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {proc.returncode}"])[0]))
+        else:
+            self.post_message(JobDone("export", True, directory))
+
+    @on(JobDone)
+    def _job(self, msg: JobDone) -> None:
+        if msg.what == "export-started":
+            self.set_status(f"merging into {msg.output}…")
+        elif msg.ok:
+            self.set_status(f"merged model saved in {msg.output}", "ok")
+        else:
+            self.set_status(f"export failed: {msg.output}", "error")

@@ -1,0 +1,91 @@
+"""Small dialogs that return a value: a name prompt, a yes/no, the list of runs still going."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
+
+from tui.screens.base import attr
+
+
+class PromptScreen(ModalScreen[str | None]):
+    """Ask for one line of text; Enter returns it, Escape returns None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, placeholder: str = "", value: str = ""):
+        super().__init__()
+        self.title_text, self.placeholder, self.value = title, placeholder, value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Input(self.value, placeholder=self.placeholder, id="prompt")
+            yield Static("Enter to confirm · Escape to cancel", classes="hint")
+        yield Footer()
+
+    @on(Input.Submitted)
+    def _submit(self, event: Input.Submitted) -> None:
+        value = event.value.strip()
+        if value:
+            self.dismiss(value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question: y confirms, n or Escape refuses."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.question, classes="dialog-title")
+            yield Static("y: yes · n: no", classes="hint")
+        yield Footer()
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class RunsScreen(ModalScreen[Path | None]):
+    """Runs still going when the wizard starts: Enter attaches to one, Escape starts afresh."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "New setup")]
+
+    def __init__(self, runs: list[Any]):
+        super().__init__()
+        self.runs = runs
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Runs still going — attach to one?", classes="dialog-title")
+            options = []
+            for i, run in enumerate(self.runs):
+                path = Path(attr(run, "run_dir", "path", "dir", default=str(run)))
+                step = attr(run, "step", default="?")
+                total = attr(run, "total_steps", default="?")
+                options.append(Option(f"{path.name}  step {step}/{total}", id=str(i)))
+            yield OptionList(*options, id="runs")
+            yield Static("Enter: attach · Escape: set up a new run", classes="hint")
+        yield Footer()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        run = self.runs[int(event.option.id)]
+        self.dismiss(Path(attr(run, "run_dir", "path", "dir", default=str(run))))
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)

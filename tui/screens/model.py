@@ -1,0 +1,252 @@
+"""Step 2: which model — the built-in catalog, the local cache, or the Hub, with a fit badge."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.containers import Horizontal
+from textual.widgets import DataTable, Input, Label, Select, Static
+
+from core.errors import UserError
+from tui.messages import ModelResolved, ModelsListed
+from tui.screens.base import StepScreen, attr, estimator, hub_errors
+
+SOURCES = [("Catalog", "catalog"), ("Local cache", "cache"), ("Hub", "hub")]
+SORTS = [("downloads", "downloads"), ("likes", "likes"), ("recent", "recent")]
+
+
+def spec_id(spec: Any) -> str:
+    return str(attr(spec, "id", "name_or_path", "name", "repo_id", default="?"))
+
+
+def spec_params_b(spec: Any) -> float | None:
+    n = attr(spec, "params_total", "hub_params", "params", "num_params")
+    if n is None:
+        b = attr(spec, "params_b", "params_billion")
+        return None if b is None else float(b)
+    return float(n) / 1e9
+
+
+def fit_badge(verdict: Any) -> Text:
+    """The estimator's verdict as a word (colour is extra, the word carries it)."""
+    v = str(verdict or "?").lower()
+    if v in {"fits", "fit", "ok", "yes"}:
+        return Text("fits", style="bold green")
+    if v in {"tight", "close", "maybe"}:
+        return Text("tight", style="bold yellow")
+    if v in {"?", "none", "unknown"}:
+        return Text("?", style="dim")
+    return Text("too big", style="bold red")
+
+
+def spec_details(spec: Any) -> str:
+    rows = [spec_id(spec)]
+    arch = attr(spec, "architecture", "arch", "model_type")
+    if arch:
+        rows.append(f"architecture  {arch}")
+    p = spec_params_b(spec)
+    if p is not None:
+        rows.append(f"parameters    {p:.2f} B")
+    for label, names in [("layers", ("num_layers", "num_hidden_layers", "n_layers")),
+                         ("hidden", ("hidden_size", "hidden")),
+                         ("MLP", ("intermediate_size", "ffn_size")),
+                         ("heads", ("num_heads", "num_attention_heads")),
+                         ("kv heads", ("num_kv_heads", "num_key_value_heads")),
+                         ("vocab", ("vocab_size", "vocab")),
+                         ("context", ("max_position_embeddings", "context_length", "max_seq_len"))]:
+        value = attr(spec, *names)
+        if value is not None:
+            rows.append(f"{label:<13} {value:,}" if isinstance(value, int) else f"{label:<13} {value}")
+    tied = attr(spec, "tie_word_embeddings", "tied_embeddings")
+    if tied is not None:
+        rows.append(f"tied embed.   {'yes' if tied else 'no'}")
+    for label, names in [("downloads", ("downloads",)), ("likes", ("likes",))]:
+        value = attr(spec, *names)
+        if value is not None:
+            rows.append(f"{label:<13} {value:,}" if isinstance(value, int) else f"{label:<13} {value}")
+    note = attr(spec, "note", "description", "notes")
+    if note:
+        rows.append("")
+        rows.append(str(note))
+    return "\n".join(rows)
+
+
+class ModelScreen(StepScreen):
+    STEP = 1
+
+    def compose_body(self):
+        yield Label("Which model? Browse, search, or type a Hub id / local path and press Enter.", classes="title")
+        with Horizontal(classes="row"):
+            yield Input(self.app.get_value("model.name_or_path", ""), placeholder="search or model id", id="query",
+                        compact=True)
+            yield Select(SOURCES, value="catalog", allow_blank=False, id="source", compact=True)
+            yield Select(SORTS, value="downloads", allow_blank=False, id="sort", compact=True)
+        with Horizontal(id="model-body"):
+            table = DataTable(id="models", cursor_type="row", zebra_stripes=False)
+            yield table
+            yield Static("", id="details")
+
+    def on_mount(self) -> None:
+        self.specs: list[Any] = []
+        self.gpu = self.app.gpu_target()
+        table = self.query_one("#models", DataTable)
+        table.add_column("model", key="model", width=33)
+        table.add_column("params", key="params", width=6)
+        table.add_column("fit", key="fit", width=7)
+        self.load_source("catalog")
+        if self.app.spec is None and self.app.get_value("model.name_or_path"):
+            self.resolve(self.app.get_value("model.name_or_path"))
+        table.focus()
+
+    # ---- listing -------------------------------------------------------------------
+
+    def load_source(self, source: str) -> None:
+        from core import catalog
+
+        query = self.query_one("#query", Input).value.strip()
+        if source == "catalog":
+            specs = list(catalog.builtin_catalog())
+            if query and not self._looks_like_id(query):
+                specs = [s for s in specs if query.lower() in spec_id(s).lower()] or specs
+            self.show_specs(specs)
+            self.set_status(f"{len(specs)} models in the built-in catalog · Enter on a row chooses it")
+        elif source == "cache":
+            self.set_status("scanning the local Hugging Face cache…")
+            self.list_cache()
+        else:
+            self.set_status("asking the Hub…")
+            self.search_hub(query if not self._looks_like_id(query) else "", self.query_one("#sort", Select).value)
+
+    @staticmethod
+    def _looks_like_id(text: str) -> bool:
+        return "/" in text or ":" in text or Path(text).expanduser().exists()
+
+    @work(thread=True, exit_on_error=False, name="cache scan", exclusive=True, group="list")
+    def list_cache(self) -> None:
+        from core import catalog
+
+        try:
+            self.post_message(ModelsListed("cache", list(catalog.scan_cache())))
+        except UserError as exc:
+            self.post_message(ModelsListed("cache", [], str(exc)))
+
+    @work(thread=True, exit_on_error=False, name="Hub search", exclusive=True, group="list")
+    def search_hub(self, query: str, sort: str) -> None:
+        from core import catalog
+
+        try:
+            self.post_message(ModelsListed("hub", list(catalog.search_hub(query, sort=sort))))
+        except hub_errors() as exc:
+            self.post_message(ModelsListed("hub", [], str(exc)))
+
+    @on(ModelsListed)
+    def _listed(self, msg: ModelsListed) -> None:
+        if msg.error:
+            if msg.source == "hub":
+                self.set_status(f"Hub unreachable: {msg.error} — the catalog and local cache still work "
+                                "(pick them under the source menu)", "warning")
+            else:
+                self.set_status(msg.error, "error")
+            return
+        self.show_specs(msg.specs)
+        where = {"cache": "in the local cache", "hub": "from the Hub"}[msg.source]
+        self.set_status(f"{len(msg.specs)} models {where}" if msg.specs else f"no models {where}")
+
+    def show_specs(self, specs: list[Any]) -> None:
+        estimate = estimator()
+        table = self.query_one("#models", DataTable)
+        table.clear()
+        self.specs = list(specs)
+        chosen = self.app.get_value("model.name_or_path")
+        cfg = None
+        try:
+            cfg = self.app.estimate_config()
+        except UserError:
+            pass
+        for i, spec in enumerate(self.specs):
+            verdict = None
+            if cfg is not None and self.gpu is not None and estimate is not None:
+                try:
+                    est = estimate.estimate(spec, cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": spec_id(spec)})}), self.gpu)
+                    verdict = attr(est, "verdict")
+                except Exception:  # noqa: BLE001 - a spec the estimator cannot size gets "?" not a crash
+                    verdict = None
+            p = spec_params_b(spec)
+            table.add_row(spec_id(spec), "?" if p is None else f"{p:.2f}B", fit_badge(verdict), key=str(i))
+        ids = [spec_id(s) for s in self.specs]
+        if chosen in ids:
+            table.move_cursor(row=ids.index(chosen))
+        elif self.specs:
+            table.move_cursor(row=0)
+
+    @on(Select.Changed, "#source")
+    @on(Select.Changed, "#sort")
+    def _source_changed(self, event: Select.Changed) -> None:
+        self.load_source(self.query_one("#source", Select).value)
+
+    # ---- choosing -----------------------------------------------------------------
+
+    @on(DataTable.RowHighlighted, "#models")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key is None or event.row_key.value is None:
+            return
+        spec = self.specs[int(event.row_key.value)]
+        self.query_one("#details", Static).update(spec_details(spec))
+
+    @on(DataTable.RowSelected, "#models")
+    def _selected(self, event: DataTable.RowSelected) -> None:
+        spec = self.specs[int(event.row_key.value)]
+        self.choose(spec)
+        self.app.action_next_step()
+
+    def choose(self, spec: Any) -> None:
+        self.app.spec = spec
+        self.app.set_value("model.name_or_path", spec_id(spec))
+        self.query_one("#query", Input).value = spec_id(spec)
+
+    @on(Input.Submitted, "#query")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self._looks_like_id(text):
+            self.set_status(f"looking up {text}…")
+            self.resolve(text)
+        else:
+            self.load_source(self.query_one("#source", Select).value)
+
+    @work(thread=True, exit_on_error=False, name="model lookup", exclusive=True, group="resolve")
+    def resolve(self, text: str) -> None:
+        from core import catalog
+
+        try:
+            self.post_message(ModelResolved(text, spec=catalog.resolve_model(text)))
+        except hub_errors() as exc:
+            self.post_message(ModelResolved(text, error=str(exc)))
+
+    @on(ModelResolved)
+    def _resolved(self, msg: ModelResolved) -> None:
+        if msg.error:
+            # the typed text stays in the box; the reason goes under it
+            self.set_status(f"{msg.query}: {msg.error}", "error")
+            return
+        self.choose(msg.spec)
+        if spec_id(msg.spec) not in [spec_id(s) for s in self.specs]:
+            self.show_specs([msg.spec] + self.specs)
+        else:
+            self.show_specs(self.specs)
+        self.query_one("#details", Static).update(spec_details(msg.spec))
+        self.set_status(f"chosen: {spec_id(msg.spec)} · ctrl+n goes on to the data", "ok")
+
+    def save_state(self) -> None:
+        table = self.query_one("#models", DataTable)
+        # the highlighted row is the choice when the user presses Next from the table
+        if self.specs and table.row_count and (self.app.spec is None or self.focused is table):
+            self.choose(self.specs[table.cursor_row])
+
+    def leave_problem(self) -> str | None:
+        if self.app.spec is None:
+            return "choose a model first: Enter on a row, or type an id and press Enter"
+        return None

@@ -1,0 +1,357 @@
+"""Step 4: LoRA and training settings beside the VRAM estimate, updated as the user types."""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Callable
+
+from rich.text import Text
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.timer import Timer
+from textual.widgets import Input, Label, Select, Static, Switch
+
+from core.config import ConfigError, RunConfig, field_help
+from core.errors import UserError
+from tui.messages import ModelResolved
+from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors
+from tui.widgets.vrambar import VramBar
+
+# Typing pauses shorter than this are one edit: the estimate waits for the pause.
+DEBOUNCE_S = 0.25
+
+OPTIMIZERS = [(v, v) for v in ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("not a number (e.g. 0.05 or 2e-4)") from None
+
+
+def _optional_int(text: str) -> int | None:
+    return _int(text) if text else None
+
+
+def _targets(text: str) -> str | list[str]:
+    if text in ("", "all-linear"):
+        return "all-linear"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a module name; use all-linear or names like q_proj, v_proj")
+    return names
+
+
+def _show_targets(value: Any) -> str:
+    return ", ".join(value) if isinstance(value, list) else str(value)
+
+
+# (dotted key, label, parse, show). Text fields: parse raises ValueError with the reason.
+TEXT_FIELDS: list[tuple[str, str, Callable[[str], Any], Callable[[Any], str]]] = [
+    ("lora.r", "LoRA rank", _int, str),
+    ("lora.alpha", "LoRA alpha", _float, lambda v: f"{v:g}"),
+    ("lora.dropout", "LoRA dropout", _float, lambda v: f"{v:g}"),
+    ("lora.target_modules", "LoRA targets", _targets, _show_targets),
+    ("data.max_seq_len", "Sequence len", _int, str),
+    ("train.micro_batch", "Micro-batch", _int, str),
+    ("train.grad_accum", "Grad accum", _int, str),
+    ("train.epochs", "Epochs", _float, lambda v: f"{v:g}"),
+    ("train.max_steps", "Max steps", _optional_int, lambda v: "" if v is None else str(v)),
+    ("train.learning_rate", "Learning rate", _float, lambda v: f"{v:g}"),
+]
+
+
+def field_id(dotted: str) -> str:
+    return dotted.replace(".", "-")
+
+
+def config_errors(exc: ConfigError) -> dict[str, str]:
+    """A ConfigError as {dotted key: reason}; one error has .key, several are '; '-joined."""
+    if exc.key:
+        return {exc.key: exc.reason}
+    found = {}
+    for part in exc.reason.split("; "):
+        m = re.match(r"^([a-z_]+\.[a-z_]+)(?:\.\S+)?: (.*)$", part)
+        if m:
+            found.setdefault(m.group(1), m.group(2))
+    return found or {"": str(exc)}
+
+
+class SettingsScreen(StepScreen):
+    STEP = 3
+    BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+f", "autofit", "Auto-fit", priority=True)]
+
+    def compose_body(self):
+        with Horizontal(id="settings-body"):
+            with VerticalScroll(id="fields"):
+                for dotted, label, _parse, show in TEXT_FIELDS:
+                    fid = field_id(dotted)
+                    default = RunConfig.model_fields[dotted.split(".")[0]].annotation.model_fields[dotted.split(".")[1]].default
+                    value = self.app.get_value(dotted, default)
+                    with Horizontal(classes="row"):
+                        yield Label(label, classes="field-label")
+                        yield Input(show(value) if value is not None else "", id=fid, compact=True,
+                                    placeholder="blank: use epochs" if dotted == "train.max_steps" else "")
+                    yield Static("", id=f"{fid}-error", classes="field-error")
+                    yield Static(field_help(dotted), classes="hint")
+                with Horizontal(classes="row"):
+                    yield Label("Optimizer", classes="field-label")
+                    yield Select(OPTIMIZERS, value=self.app.get_value("train.optimizer", "auto"),
+                                 allow_blank=False, id="train-optimizer", compact=True)
+                yield Static(field_help("train.optimizer"), classes="hint")
+                with Horizontal(classes="row"):
+                    yield Label("Checkpointing", classes="field-label")
+                    yield Switch(value=bool(self.app.get_value("train.gradient_checkpointing", True)),
+                                 id="train-gradient_checkpointing")
+                yield Static(field_help("train.gradient_checkpointing"), classes="hint")
+            with Vertical(id="estimate-panel"):
+                yield Label("Peak GPU memory (estimate)", classes="panel-title")
+                yield VramBar(id="vram")
+                yield Static("", id="totals")
+                yield Static("", id="timing")
+
+    def on_mount(self) -> None:
+        self._timer: Timer | None = None
+        self.field_errors: dict[str, str] = {}
+        self.verdict: str | None = None
+        self.gpu = self.app.gpu_target()
+        if self.app.spec is None and self.app.get_value("model.name_or_path"):
+            self.resolve(self.app.get_value("model.name_or_path"))
+        self.refresh_estimate()
+        self.query_one(f"#{field_id(TEXT_FIELDS[0][0])}", Input).focus()
+
+    @work(thread=True, exit_on_error=False, name="model lookup", exclusive=True, group="resolve")
+    def resolve(self, name: str) -> None:
+        from core import catalog
+
+        try:
+            self.post_message(ModelResolved(name, spec=catalog.resolve_model(name)))
+        except hub_errors() as exc:
+            self.post_message(ModelResolved(name, error=str(exc)))
+
+    @on(ModelResolved)
+    def _resolved(self, msg: ModelResolved) -> None:
+        if msg.error:
+            self.set_status(f"model {msg.query}: {msg.error} (ctrl+b twice to choose another)", "error")
+            return
+        self.app.spec = msg.spec
+        self.refresh_estimate()
+
+    # ---- reading the fields ----------------------------------------------------------
+
+    def read_fields(self) -> tuple[dict, dict[str, str]]:
+        """The configuration with the on-screen values, and {key: reason} for the bad ones.
+        Bad values stay in their boxes; the configuration keeps the last good value."""
+        data = copy.deepcopy(self.app.cfg_data)
+        errors: dict[str, str] = {}
+        for dotted, _label, parse, _show in TEXT_FIELDS:
+            raw = self.query_one(f"#{field_id(dotted)}", Input).value.strip()
+            section, _, key = dotted.partition(".")
+            try:
+                value = parse(raw)
+            except ValueError as exc:
+                errors[dotted] = str(exc)
+                continue
+            if value is None:
+                data.setdefault(section, {}).pop(key, None)
+            else:
+                data.setdefault(section, {})[key] = value
+        data.setdefault("train", {})["optimizer"] = self.query_one("#train-optimizer", Select).value
+        data["train"]["gradient_checkpointing"] = self.query_one("#train-gradient_checkpointing", Switch).value
+        # Validate through RunConfig; each reason lands beside its own field, and that field
+        # falls back to its last good value so the other fields are still checked.
+        for _ in range(len(TEXT_FIELDS) + 2):
+            try:
+                RunConfig.from_dict(_filled(data))
+                break
+            except ConfigError as exc:
+                progressed = False
+                for key, reason in config_errors(exc).items():
+                    section, _, name = key.partition(".")
+                    if not name or name not in data.get(section, {}):
+                        continue
+                    errors.setdefault(key, reason)
+                    good = self.app.cfg_data.get(section, {}).get(name)
+                    if good is None or good == data[section][name]:
+                        data[section].pop(name)
+                    else:
+                        data[section][name] = good
+                    progressed = True
+                if not progressed:
+                    errors.setdefault("", str(exc))
+                    break
+        return data, errors
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Switch.Changed)
+    def _changed(self, event) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_timer(DEBOUNCE_S, self.refresh_estimate)
+
+    def refresh_estimate(self) -> None:
+        data, errors = self.read_fields()
+        self.field_errors = errors
+        for dotted, *_ in TEXT_FIELDS:
+            box = self.query_one(f"#{field_id(dotted)}-error", Static)
+            reason = errors.get(dotted)
+            box.update(Text(f"✗ {reason}", style="bold red") if reason else "")
+            box.display = bool(reason)
+            self.query_one(f"#{field_id(dotted)}", Input).set_class(bool(reason), "-invalid")
+        self.app.cfg_data = data
+        if errors:
+            first = next(iter(errors))
+            self.set_status(f"{first or 'settings'}: {errors[first]}", "error")
+        self.show_estimate()
+
+    # ---- the estimate ----------------------------------------------------------------
+
+    def show_estimate(self) -> None:
+        est_mod = estimator()
+        vram = self.query_one("#vram", VramBar)
+        totals = self.query_one("#totals", Static)
+        timing = self.query_one("#timing", Static)
+        spec = self.app.spec
+        if est_mod is None:
+            totals.update(Text("the estimator (core.estimate) is not installed", style="red"))
+            return
+        if spec is None or self.gpu is None:
+            totals.update(Text("waiting for the model's numbers…" if spec is None
+                               else "no GPU profile: choose one in step 1 (ctrl+b ×3)", style="dim"))
+            return
+        try:
+            cfg = self.app.estimate_config()
+            est = est_mod.estimate(spec, cfg, self.gpu)
+            plain = est_mod.estimate(spec, cfg, self.gpu, recipe="plain")
+        except UserError as exc:
+            totals.update(Text(str(exc), style="red"))
+            return
+        self.app.last_estimate = est
+        components = dict(attr(est, "components", default={}) or {})
+        budget = attr(est, "budget_gib", default=None) or attr(self.gpu, "budget_gib", "total_gib")
+        total = float(attr(est, "total_gib", "peak_gib", default=sum(components.values())))
+        plain_total = float(attr(plain, "total_gib", "peak_gib", default=0.0))
+        vram.show(components, budget, total, plain_total)
+        self.verdict = str(attr(est, "verdict", default="?"))
+        from tui.screens.model import fit_badge
+
+        out = Text()
+        out.append(f"snugtune    {total:5.2f} GiB  ")
+        out.append_text(fit_badge(self.verdict))
+        out.append(f"\nplain recipe {plain_total:5.2f} GiB  ")
+        out.append_text(fit_badge(attr(plain, "verdict")))
+        if budget:
+            out.append(f"\nbudget      {float(budget):5.2f} GiB ({attr(self.gpu, 'name', 'profile', default='GPU')})",
+                       style="dim")
+        totals.update(out)
+        timing.update(self.timing_text(est_mod, spec, cfg))
+        if not self.field_errors:
+            if fit_badge(self.verdict).plain == "too big":
+                self.set_status(f"does not fit: {total:.2f} GiB > {float(budget or 0):.2f} GiB budget — "
+                                "ctrl+f auto-fits, or lower sequence length / micro-batch", "error")
+            else:
+                self.set_status(f"estimated peak {total:.2f} GiB of {float(budget or 0):.2f} GiB · ctrl+n to train")
+
+    def timing_text(self, est_mod, spec, cfg) -> Text:
+        fn = getattr(est_mod, "estimate_step_time", None)
+        if fn is None:
+            return Text("")
+        try:
+            step_s = fn(spec, cfg, self.gpu)
+        except UserError:
+            return Text("")
+        step_s = attr(step_s, "seconds_per_step", "step_s", default=step_s)
+        if not isinstance(step_s, (int, float)):
+            return Text("")
+        steps = self.steps_per_epoch(cfg)
+        out = Text(f"≈ {step_s:.2f} s per step", style="bold")
+        if steps:
+            out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({steps} steps)", style="bold")
+        if cfg.train.max_steps:
+            out.append(f"\nmax_steps {cfg.train.max_steps}: ≈ {fmt_duration(step_s * cfg.train.max_steps)}")
+        return out
+
+    def steps_per_epoch(self, cfg: RunConfig) -> int | None:
+        report = self.app.data_report or {}
+        batch = cfg.train.micro_batch * cfg.train.grad_accum
+        tokens = attr(attr(report, "length_stats", default={}) or {}, "total_tokens", default=None)
+        if tokens is not None and cfg.data.packing:
+            # packed: each step consumes micro_batch x grad_accum full sequences
+            return max(1, -(-int(tokens) // (cfg.data.max_seq_len * batch)))
+        n = attr(report, "num_samples", "rows", "count", default=None)
+        return max(1, -(-int(n) // batch)) if n else None
+
+    # ---- auto-fit ---------------------------------------------------------------------
+
+    def action_autofit(self) -> None:
+        est_mod = estimator()
+        if est_mod is None or self.app.spec is None or self.gpu is None:
+            self.set_status("auto-fit needs the model and a GPU profile", "error")
+            return
+        try:
+            result = est_mod.autofit(self.app.spec, self.app.estimate_config(), self.gpu)
+        except UserError as exc:
+            self.set_status(f"auto-fit: {exc}", "error")
+            return
+        cfg = result if isinstance(result, RunConfig) else attr(result, "config", "cfg")
+        if cfg is None:
+            self.set_status("auto-fit found no setting that fits this card", "error")
+            return
+        new = cfg.to_dict()
+        for dotted, _label, _parse, show in TEXT_FIELDS:
+            section, _, key = dotted.partition(".")
+            self.query_one(f"#{field_id(dotted)}", Input).value = show(new.get(section, {}).get(key))
+        self.query_one("#train-optimizer", Select).value = new["train"].get("optimizer", "auto")
+        self.query_one("#train-gradient_checkpointing", Switch).value = new["train"].get("gradient_checkpointing", True)
+        for section in ("lora", "train", "data"):
+            self.app.cfg_data.setdefault(section, {}).update(
+                {k: v for k, v in new.get(section, {}).items()})
+        self.refresh_estimate()
+        note = attr(result, "note", "explanation", "changes", default=None)
+        self.set_status(f"auto-fit: {note}" if note else "auto-fit: settings changed to fit", "ok")
+
+    # ---- leaving -------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self.refresh_estimate()
+
+    def leave_problem(self) -> str | None:
+        if self.field_errors:
+            key = next(iter(self.field_errors))
+            return f"{key}: {self.field_errors[key]}"
+        try:
+            self.app.config()
+        except ConfigError as exc:
+            return str(exc)
+        if self.verdict is not None and fit_badge_word(self.verdict) == "too big":
+            return "these settings do not fit the card's memory: ctrl+f auto-fits them"
+        return None
+
+
+def fit_badge_word(verdict: str) -> str:
+    from tui.screens.model import fit_badge
+
+    return fit_badge(verdict).plain
+
+
+def _filled(data: dict) -> dict:
+    # the model and data are chosen in other steps: stand-ins keep them from masking field errors
+    data = copy.deepcopy(data)
+    if not data.get("model", {}).get("name_or_path"):
+        data.setdefault("model", {})["name_or_path"] = "-"
+    if not data.get("data", {}).get("path"):
+        data.setdefault("data", {})["path"] = "-"
+    return data

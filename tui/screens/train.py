@@ -1,0 +1,339 @@
+"""Step 5: launch the engine as its own process and watch it: the live panel.
+
+The run lives in its own directory and its own process session: closing the wizard, or the
+SSH session, does not stop it; the wizard (or `snugtune attach`) can follow it again later.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Label, ProgressBar, Static
+from textual.worker import get_current_worker
+
+from core.config import ConfigError
+from core.errors import UserError
+from tui.messages import GpuStats, RunEvent
+from tui.screens.base import StepScreen, attr, fmt_duration
+from tui.widgets.lossplot import LossPlot
+
+# NVML readings every this many seconds: often enough to see memory climb, cheap for the driver.
+GPU_POLL_S = 2.0
+# The loss plot redraws at most this often: plotext redraws cost milliseconds each, and a
+# tiny model on a fast GPU logs many steps a second.
+PLOT_REDRAW_S = 0.5
+# Lines of engine.log shown when the engine dies without saying why.
+LOG_TAIL_LINES = 12
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = (run_dir / "engine.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class TrainScreen(StepScreen):
+    STEP = 4
+    BINDINGS = StepScreen.BINDINGS + [
+        Binding("ctrl+t", "start", "Start", priority=True),
+        Binding("ctrl+x", "stop", "Stop", priority=True),
+        Binding("ctrl+r", "resume", "Resume", priority=True),
+    ]
+
+    def compose_body(self):
+        yield Label("", id="run-title", classes="title")
+        with Horizontal(id="progress-row"):
+            yield ProgressBar(total=None, show_eta=False, id="progress")
+            yield Label("", id="eta")
+        with Horizontal(id="train-body"):
+            yield LossPlot(id="loss")
+            yield Static("", id="stats")
+        yield Static("", id="engine-error")
+
+    def on_mount(self) -> None:
+        self.reset_panel()
+        self.gpu = self.app.gpu_target()
+        self._plot_dirty = False
+        self.set_interval(PLOT_REDRAW_S, self._redraw_plot)
+        if self.gpu is not None and not attr(self.gpu, "is_cpu", default=False) and attr(self.gpu, "detected", default=False):
+            self.set_interval(GPU_POLL_S, self.poll_gpu)
+        if self.app.run_dir is not None:
+            self.follow(self.app.run_dir)
+        else:
+            self.show_ready()
+
+    def reset_panel(self) -> None:
+        self.state = "ready"
+        self.last: dict[str, Any] = {}
+        self.eval: tuple[int, float] | None = None
+        self.checkpoint: Any = None
+        self.total_steps: int | None = None
+        self.device: dict = {}
+        self.gpu_stats: dict = {}
+        self.failure: dict | None = None
+        plot = self.query_one("#loss", LossPlot)
+        plot.train.clear()
+        plot.evals.clear()
+        self.query_one("#engine-error", Static).display = False
+
+    # ---- before launch ------------------------------------------------------------------
+
+    def show_ready(self) -> None:
+        try:
+            cfg = self.app.config()
+        except ConfigError as exc:
+            self.query_one("#run-title", Label).update(Text(f"Not ready: {exc}", style="bold red"))
+            return
+        self.query_one("#run-title", Label).update(Text("Ready to train. ctrl+t starts the run.", style="bold"))
+        est = self.app.last_estimate
+        lines = [
+            f"model      {cfg.model.name_or_path}",
+            f"data       {cfg.data.path}",
+            f"gpu        {attr(self.gpu, 'label', 'name', default=cfg.gpu.profile)}",
+            f"LoRA       r={cfg.lora.r} alpha={cfg.lora.alpha:g} targets={cfg.lora.target_modules}",
+            f"batch      {cfg.train.micro_batch} x {cfg.train.grad_accum} accum, seq {cfg.data.max_seq_len}",
+            f"length     " + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"),
+        ]
+        if est is not None:
+            lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB")
+        lines += ["", "The run keeps going if you close the wizard; reopen it or `snugtune attach` to watch."]
+        self.query_one("#stats", Static).update("\n".join(lines))
+        self.query_one("#train-body").add_class("ready")
+        self.set_status("ctrl+t: start training")
+
+    def action_start(self) -> None:
+        from core import runs
+
+        if self.state in ("starting", "running"):
+            self.set_status("a run is already going; ctrl+x stops it", "warning")
+            return
+        try:
+            cfg = self.app.config()
+            run_dir = runs.create_run_dir(cfg)
+            runs.launch(run_dir, detach=True)
+        except UserError as exc:
+            self.set_status(f"could not start the engine: {exc}", "error")
+            return
+        except OSError as exc:
+            self.set_status(f"could not start the engine: {exc}", "error")
+            return
+        self.app.run_dir = Path(run_dir)
+        self.app.run_result = None
+        self.query_one("#train-body").remove_class("ready")
+        self.reset_panel()
+        self.follow(self.app.run_dir)
+
+    # ---- following the run ------------------------------------------------------------
+
+    def follow(self, run_dir: Path) -> None:
+        self.state = "starting"
+        self.query_one("#run-title", Label).update(Text(f"Run {run_dir.name} · starting…", style="bold"))
+        self.set_status(f"run directory: {run_dir}")
+        self.query_one("#train-body").remove_class("ready")
+        self.follow_events(run_dir)
+
+    @work(thread=True, exit_on_error=False, name="run follower", exclusive=True, group="follow")
+    def follow_events(self, run_dir: Path) -> None:
+        from core import events
+
+        worker = get_current_worker()
+        pid = events.read_pid(run_dir)
+
+        def alive() -> bool:
+            # leaving the screen cancels this worker: report "gone" so follow() returns
+            if worker.is_cancelled:
+                return False
+            the_pid = events.read_pid(run_dir) or pid
+            return the_pid is not None and events.pid_alive(the_pid)
+
+        for event in events.follow(run_dir, alive=alive):
+            if worker.is_cancelled:
+                return
+            if event.get("synthetic"):
+                event = dict(event, log_tail=log_tail(run_dir))
+            self.post_message(RunEvent(event))
+
+    @on(RunEvent)
+    def _event(self, msg: RunEvent) -> None:
+        e = msg.event
+        kind = e.get("event")
+        if kind == "run_started":
+            self.state = "running"
+            self.failure = None
+            self.query_one("#engine-error", Static).display = False
+            self.total_steps = e.get("total_steps") or self.total_steps
+            self.device = e.get("device") or {}
+            resumed = e.get("resumed_from")
+            self.set_status(f"training{' (resumed from ' + str(resumed) + ')' if resumed else ''} · "
+                            "ctrl+x stops and saves a checkpoint")
+        elif kind == "data_prepared":
+            self.last["samples"] = e.get("train_samples")
+        elif kind == "step_logged":
+            self.state = "running"
+            self.last.update(e)
+            self.total_steps = e.get("total_steps") or self.total_steps
+            loss = e.get("loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss):
+                self.query_one("#loss", LossPlot).add(int(e.get("step", 0)), float(loss))
+                self._plot_dirty = True
+        elif kind == "eval_logged":
+            self.eval = (e.get("step"), e.get("eval_loss"))
+            if isinstance(e.get("eval_loss"), (int, float)):
+                self.query_one("#loss", LossPlot).add(int(e.get("step", 0)), float(e["eval_loss"]), "eval")
+                self._plot_dirty = True
+        elif kind == "checkpoint_saved":
+            self.checkpoint = e.get("step")
+        elif kind == "oom_recovered":
+            self.set_status(f"out of memory at step {e.get('step')}: retrying with micro-batch "
+                            f"{e.get('micro_batch')} x {e.get('grad_accum')} accum", "warning")
+        elif kind == "run_finished":
+            self.state = "finished"
+            self.app.run_result = e
+            self.set_status(f"finished: adapter in {e.get('adapter_path')} · ctrl+n: chat, export, save", "ok")
+        elif kind == "run_stopped":
+            self.state = "stopped"
+            self.set_status(f"stopped at step {e.get('step')} (checkpoint {e.get('checkpoint')}) · ctrl+r resumes",
+                            "warning")
+        elif kind == "run_failed":
+            self.state = "failed"
+            self.failure = e
+            self.show_failure(e)
+        self.update_panel()
+
+    def show_failure(self, e: dict) -> None:
+        box = self.query_one("#engine-error", Static)
+        text = Text()
+        kind = e.get("kind")
+        text.append("The engine stopped with an error" + (f" ({kind})" if kind else "") + ":\n", style="bold red")
+        text.append(str(e.get("error") or "no message"))
+        tail = e.get("log_tail")
+        if tail:
+            text.append("\n— end of engine.log —\n", style="dim")
+            text.append(tail, style="dim")
+        box.update(text)
+        box.display = True
+        resumable = self.checkpoint is not None
+        self.set_status("the run failed; " + ("ctrl+r resumes from the last checkpoint, " if resumable else "")
+                        + "ctrl+b to change the settings, ctrl+t to start again", "error")
+
+    def _redraw_plot(self) -> None:
+        if self._plot_dirty:
+            self._plot_dirty = False
+            self.query_one("#loss", LossPlot).redraw()
+
+    def update_panel(self) -> None:
+        run_dir = self.app.run_dir
+        step = int(self.last.get("step") or 0)
+        total = self.total_steps
+        title = Text(f"Run {run_dir.name if run_dir else '?'} · ", style="bold")
+        title.append(self.state, style="bold reverse" if self.state in ("failed", "finished") else "bold")
+        if total:
+            title.append(f" · step {step}/{total}")
+        if self.last.get("epoch") is not None:
+            title.append(f" · epoch {float(self.last['epoch']):.2f}")
+        self.query_one("#run-title", Label).update(title)
+        bar = self.query_one("#progress", ProgressBar)
+        if total:
+            bar.update(total=total, progress=step if self.state != "finished" else total)
+        eta = self.last.get("eta_s")
+        self.query_one("#eta", Label).update("done" if self.state == "finished" else
+                                             f"ETA {fmt_duration(eta)}" if eta is not None else "ETA …")
+        self.query_one("#stats", Static).update(self.stats_text())
+
+    def stats_text(self) -> Text:
+        last = self.last
+        out = Text()
+
+        def row(label: str, value: str, style: str = "") -> None:
+            out.append(f"{label:<10}", style="dim")
+            out.append(value + "\n", style=style)
+
+        loss = last.get("loss")
+        row("loss", f"{loss:.4f}" if isinstance(loss, (int, float)) else "…", "bold")
+        lr = last.get("learning_rate")
+        row("lr", f"{lr:.2e}" if isinstance(lr, (int, float)) else "…")
+        tps = last.get("tokens_per_s")
+        row("tokens/s", f"{tps:,.0f}" if isinstance(tps, (int, float)) else "…")
+        est = self.app.last_estimate
+        est_total = attr(est, "total_gib") if est is not None else None
+        used = self.gpu_stats.get("used_gib")
+        mem = last.get("mem_reserved_gib") if used is None else used
+        if mem is not None:
+            row("memory", f"{float(mem):.2f} GiB" + (f" / est {float(est_total):.2f}" if est_total else ""))
+        elif est_total:
+            row("memory", f"… / est {float(est_total):.2f} GiB")
+        temp, power = self.gpu_stats.get("temp_c"), self.gpu_stats.get("power_w")
+        if temp is not None or power is not None:
+            row("GPU", " ".join(x for x in (f"{temp:.0f}°C" if temp is not None else "",
+                                            f"{power:.0f} W" if power is not None else "") if x))
+        if self.eval is not None and isinstance(self.eval[1], (int, float)):
+            row("eval", f"{self.eval[1]:.4f} @ {self.eval[0]}")
+        if self.checkpoint is not None:
+            row("ckpt", f"step {self.checkpoint}")
+        device = self.device.get("name") or self.device.get("type")
+        if device:
+            row("device", str(device))
+        return out
+
+    # ---- GPU readings ---------------------------------------------------------------------
+
+    def poll_gpu(self) -> None:
+        if self.state in ("starting", "running"):
+            self.read_gpu()
+
+    @work(thread=True, exit_on_error=False, name="GPU readings", exclusive=True, group="nvml")
+    def read_gpu(self) -> None:
+        from core import gpu
+
+        self.post_message(GpuStats(gpu.live_stats(int(self.app.get_value("gpu.device_index", 0) or 0))))
+
+    @on(GpuStats)
+    def _gpu(self, msg: GpuStats) -> None:
+        self.gpu_stats = dict(msg.stats or {})
+        self.query_one("#stats", Static).update(self.stats_text())
+
+    # ---- stop and resume ------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        from core import runs
+
+        if self.app.run_dir is None or self.state not in ("starting", "running"):
+            self.set_status("no run is going", "warning")
+            return
+        try:
+            runs.request_stop(self.app.run_dir)
+        except UserError as exc:
+            self.set_status(str(exc), "error")
+            return
+        self.set_status("stopping: the engine saves a checkpoint first…", "warning")
+
+    def action_resume(self) -> None:
+        from core import runs
+
+        if self.app.run_dir is None or self.state not in ("stopped", "failed"):
+            self.set_status("only a stopped or failed run can be resumed", "warning")
+            return
+        try:
+            runs.launch(self.app.run_dir, detach=True)
+        except UserError as exc:
+            self.set_status(f"could not resume: {exc}", "error")
+            return
+        self.reset_panel()
+        self.follow(self.app.run_dir)
+
+    # ---- leaving ---------------------------------------------------------------------
+
+    def leave_problem(self) -> str | None:
+        if self.state != "finished":
+            return {"ready": "start the run first (ctrl+t)",
+                    "starting": "the run is starting; Done opens when it has finished",
+                    "running": "the run is still going; Done opens when it has finished"}.get(
+                self.state, "this run did not finish: ctrl+r resumes it, ctrl+t starts a new one")
+        return None

@@ -1,0 +1,1 @@
+"""Self-contained widgets of the wizard (each carries its own DEFAULT_CSS)."""
