@@ -1,0 +1,508 @@
+"""Will it fit? The peak GPU memory of a QLoRA run, broken into its parts, before any download.
+
+Two recipes are modelled:
+
+* "plain": /work/shared/reference/qlora_probe.py, the by-hand transformers+peft+bitsandbytes
+  recipe. prepare_model_for_kbit_training casts every non-quantized parameter to fp32, so the
+  residual stream is fp32 too (bitsandbytes casts its output back to its input's dtype); the
+  model's own loss keeps ~4 token x vocab fp32 tensors alive at the start of backward (the
+  logits held by the output object, log_softmax's output, its gradient, the logits' gradient),
+  one more with Gemma-2's softcapping. Calibrated on every number of /work/shared/BASELINE.md
+  (see tests/test_estimate.py).
+* "snugtune": our engine with core/savers.py's savers: 16-bit non-quantized weights, a 2-byte
+  residual stream, chunked linear+cross-entropy (no full logits), per-block checkpointing
+  (optionally offloaded to CPU), sequence-tiled MLP, O(T) attention. The savers' sizing rules
+  (chunk and tile sizes, auto offload) are mirrored here without importing torch; a test
+  checks the constants still match core/savers.py.
+
+The peak is the larger of two moments of a step: the end of the forward (the loss's working
+set on top of the kept activations) and the backward of the first block (one block's
+recomputed activations plus all LoRA gradients). Components describe the peak moment and sum
+to the total. Allocator overhead (PyTorch's reserved minus allocated) is its own component;
+the CUDA context (outside PyTorch's allocator) is another; paged 8-bit optimizer states live
+in CUDA unified memory, outside the allocator but on the card.
+
+Pure Python, no torch: the wizard calls this in-process.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+from core.catalog import ModelSpec
+from core.errors import UserError
+from core.gpu import GpuTarget
+
+GIB = 2**30
+
+# NF4 with double quantization: 4 bits a weight, one uint8 absmax per 64-weight block, and the
+# absmaxes' own fp32 scale per 256 blocks (bitsandbytes' defaults: blocksize 64, nested 256).
+BYTES_PER_NF4_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+# cuBLAS workspace, the RNG state, small buffers: fitted as the constant of BASELINE.md's
+# measurements (their intercept at zero tokens sits ~0.03 GiB above weights + adapters).
+WORKSPACE_GIB = 0.03
+# 8-bit Adam: two uint8 states a parameter + one fp32 absmax per 256-value block for each.
+BYTES_ADAM8 = 2 + 2 * 4 / 256
+BYTES_ADAM32 = 8
+
+# Mirrors of core/savers.py (kept in sync by tests/test_estimate.py::test_savers_constants_match).
+CE_CHUNK_BYTES = 256 * 2**20
+MLP_TILE_BYTES = 256 * 2**20
+AUTO_OFFLOAD_SHARE = 0.10
+
+# Plain recipe's allocator overhead: the fp32 cast frees the bf16 copies of the embedding
+# (and head, norms), which stay cached; and large token x vocab blocks fragment the cache by
+# about 0.6 of a block. max() of the two fits BASELINE.md's reserved-allocated gaps
+# (0.21-1.01 GiB) within ~0.1 GiB.
+PLAIN_FRAGMENT_SHARE = 0.6
+# snugtune runs with expandable_segments (set by the launcher), which removes most
+# fragmentation; what is left is taken as a share of the allocated peak plus a share of the
+# largest transient block. Conservative until the GPU bench calibrates it.
+SNUG_OVERHEAD_SHARE = 0.05
+SNUG_FRAGMENT_SHARE = 0.25
+
+# Verdict thresholds: "tight" when the headroom is under this share of the budget (a
+# desktop opening a browser tab, allocator noise, a longer-than-usual batch can eat 5%).
+TIGHT_SHARE = 0.05
+# Specs guessed from a parameter count or an unknown architecture get this extra margin.
+INEXACT_MARGIN = 0.25
+
+RECIPES = ("snugtune", "plain")
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+
+
+@dataclass
+class Estimate:
+    """The peak memory of one training step, by component (GiB), and the verdict."""
+
+    recipe: str
+    model_id: str
+    gpu: str
+    seq_len: int
+    micro_batch: int
+    components: dict[str, float]
+    total_gib: float
+    budget_gib: float
+    verdict: str  # "fits" | "tight" | "does not fit"
+    headroom_gib: float
+    allocated_gib: float  # PyTorch's peak allocated (what torch.cuda.max_memory_allocated reports)
+    reserved_gib: float  # PyTorch's peak reserved (max_memory_reserved)
+    peak_phase: str  # "loss" (end of forward) or "backward" (first block's backward)
+    notes: list[str] = field(default_factory=list)
+    knobs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["components"] = {k: round(v, 4) for k, v in self.components.items()}
+        for k in ("total_gib", "budget_gib", "headroom_gib", "allocated_gib", "reserved_gib"):
+            d[k] = round(d[k], 4)
+        return d
+
+
+@dataclass
+class FitResult:
+    """What autofit chose: the sequence length and micro-batch to use, and the estimate there."""
+
+    max_seq_len: int  # the sequence length to train with: the requested one, or less if it does not fit
+    longest_seq_len: int  # the longest sequence that fits at micro-batch 1 (0: nothing fits)
+    micro_batch: int
+    grad_accum: int
+    effective_batch: int
+    estimate: Estimate
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["estimate"] = self.estimate.to_dict()
+        return d
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+def _optimizer(cfg, gpu: GpuTarget) -> str:
+    name = cfg.train.optimizer
+    if name == "auto":
+        return "adamw_torch" if gpu.is_cpu else "paged_adamw_8bit"
+    return name
+
+
+def check_inputs(spec: ModelSpec, cfg, recipe: str = "snugtune") -> None:
+    """UserError for numbers that make no sense for this model (the config validates the rest)."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    seq = cfg.data.max_seq_len
+    if seq <= 0:
+        raise UserError(f"sequence length must be positive, got {seq}")
+    targeted = spec.targeted(cfg.lora.target_modules)
+    if not targeted:
+        names = ", ".join(n for n, _, _ in spec.linear_shapes())
+        raise UserError(
+            f"lora.target_modules {cfg.lora.target_modules!r} matches no linear layer of {spec.id}",
+            hint=f"its layers are: {names} (or 'all-linear')",
+        )
+    narrow = min(min(a, b) for _, a, b in targeted)
+    if cfg.lora.r > narrow:
+        raise UserError(
+            f"LoRA rank {cfg.lora.r} is larger than the narrowest adapted layer of {spec.id} ({narrow} wide)",
+            hint=f"use a rank of at most {narrow} (8-64 is usual)",
+        )
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+
+def _ce_chunk_tokens(vocab: int, softcap: bool, budget_bytes: Optional[int], chunk_bytes: int) -> int:
+    # core/savers.py::_ce_chunk_tokens: fp32 logits + 2-byte matmul output + 2-byte probabilities
+    # (+4 bytes of tanh derivative with softcapping) per logit; chunk <= 256 MiB or budget/16.
+    per = 8 + (4 if softcap else 0)
+    target = chunk_bytes if budget_bytes is None else min(chunk_bytes, budget_bytes // 16)
+    return max(32, int(target // (vocab * per)))
+
+
+def _mlp_tile_tokens(intermediate: int, batch: int, tile_bytes: int) -> int:
+    # core/savers.py::_mlp_tile_tokens: 4 live T x I tensors of 2 bytes per tile, in steps of 256.
+    t = tile_bytes // (4 * 2 * intermediate * max(batch, 1))
+    return max(256, int(t) // 256 * 256)
+
+
+def estimate(
+    spec: ModelSpec,
+    cfg,
+    gpu: GpuTarget,
+    recipe: str = "snugtune",
+    *,
+    ce_chunk_bytes: int = CE_CHUNK_BYTES,
+    mlp_tile_bytes: int = MLP_TILE_BYTES,
+    offload: Optional[bool] = None,
+    keep_layers: int = 0,
+    chunked_loss: Optional[bool] = None,
+    overhead_share: Optional[float] = None,
+    calibration: float = 1.0,
+) -> Estimate:
+    """The peak memory of training `spec` with `cfg` on `gpu` under `recipe`.
+
+    Knobs for the GPU benchmark's calibration: `ce_chunk_bytes` and `mlp_tile_bytes` (the
+    savers' working-set sizes), `offload` (None: cfg.train.offload_activations, 'auto'
+    decided as the engine does), `keep_layers` (blocks the engine leaves un-checkpointed
+    when the budget has room; 0 = the need, which is what the verdict is about),
+    `overhead_share` (allocator overhead), `calibration` (a per-GPU multiplier on the
+    allocator's part, from a calibration probe).
+    """
+    check_inputs(spec, cfg, recipe)
+    notes: list[str] = []
+    plain = recipe == "plain"
+    cpu = gpu.is_cpu
+    seq, B = cfg.data.max_seq_len, cfg.train.micro_batch
+    T = seq * B  # tokens in one micro-batch
+    h, I, L, V = spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.vocab_size
+    q, kv = spec.q_dim, spec.kv_dim
+    softcap = spec.final_logit_softcap is not None
+    gc_on = cfg.train.gradient_checkpointing
+    budget_bytes = int(gpu.budget_gib * GIB)
+
+    # Dtypes: 16-bit compute on GPUs (bf16 or fp16); fp32 on the CPU (core.model does so).
+    c = 4 if cpu else 2
+    s = 4 if (plain or cpu) else 2  # residual stream: fp32 after the plain recipe's upcast
+    if seq > spec.max_position_embeddings:
+        notes.append(
+            f"sequence {seq} is longer than the model's {spec.max_position_embeddings} positions; "
+            "quality degrades past it"
+        )
+
+    # -- static: weights, adapters, optimizer ------------------------------------------------------
+    wq = spec.params_quantizable * (BYTES_PER_NF4_WEIGHT if cfg.model.load_in_4bit else c)
+    other_bytes = 4 if (plain or cpu) else 2  # prepare_model_for_kbit_training's fp32 upcast
+    wo = spec.params_other * other_bytes
+    n_lora = spec.lora_params(cfg.lora.r, cfg.lora.target_modules)
+    adapters = n_lora * 4  # LoRA weights are fp32 in both recipes (peft's autocast_adapter_dtype)
+    grads = n_lora * 4
+    opt = _optimizer(cfg, gpu)
+    opt_bytes = n_lora * (BYTES_ADAM32 if opt == "adamw_torch" else BYTES_ADAM8)
+    opt_outside = opt == "paged_adamw_8bit" and not cpu  # cudaMallocManaged, not PyTorch's allocator
+    workspace = 0 if cpu else WORKSPACE_GIB * GIB
+    accum = cfg.train.grad_accum
+
+    # -- activations ---------------------------------------------------------------------------------
+    use_offload = False
+    tile = T
+    if plain:
+        kept = L * T * h * s if gc_on else 0
+        # One block's saved tensors a token (fp32 stream, bf16 copies that bitsandbytes saves):
+        # attention 10h + 14q + 8kv (norm out, 3 bf16 input copies, q/k/v, rope outputs, sdpa
+        # output and its reshape, o_proj's bf16 input), MLP 12h + 18I (residual, norm out, 2 bf16
+        # copies; gate, up, act, product in fp32 and the product's bf16 copy).
+        block = T * (22 * h + 14 * q + 8 * kv + 18 * I)
+        transient = T * (8 * I + 8 * h)  # the block's backward: fp32 grads of gate/up, hidden grads
+        loss_copies = 4 + (1 if softcap else 0)
+        loss_ws = T * V * 4 * loss_copies
+        loss_hidden = 2 * T * h * s  # final norm's output and the head's input, kept for backward
+        largest_block = T * V * 4
+    else:
+        if offload is None:
+            mode = cfg.train.offload_activations
+            if mode == "on":
+                use_offload = True
+            elif mode == "off" or cpu:
+                use_offload = False
+            else:  # the engine's auto rule (core/savers.py)
+                use_offload = L * T * h * 2 > AUTO_OFFLOAD_SHARE * budget_bytes
+        else:
+            use_offload = bool(offload) and not cpu
+        use_offload = use_offload and gc_on
+        kept = 0 if not gc_on else (2 if use_offload else L) * T * h * s
+        if use_offload:
+            notes.append(f"activation offload on: {L * T * h * s / GIB:.2f} GiB of block inputs in pinned CPU memory")
+        if gc_on:
+            tm = _mlp_tile_tokens(I, B, mlp_tile_bytes) * B
+            tile = tm if T > 2 * tm else T  # the engine tiles beyond two tiles' worth
+        # savers: a block keeps ~(10h + 4I) 2-byte elements a token + fp32 copies of the LoRA
+        # inputs (~(4h + I) x 4 bytes); with tiling the I-terms exist one tile at a time.
+        block = T * (10 * h * s + 4 * h * 4) + tile * (4 * I * s + I * 4)
+        transient = tile * 4 * I * s + T * 2 * h * s
+        use_chunks = cfg.train.chunked_loss if chunked_loss is None else chunked_loss
+        if use_chunks:
+            chunk = _ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
+            per_logit = 8 + (4 if softcap else 0)
+            loss_ws = min(chunk, T) * V * per_logit
+            loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
+            largest_block = loss_ws
+        else:
+            loss_ws = T * V * 4 * (4 + (1 if softcap else 0))
+            loss_hidden = 2 * T * h * s
+            largest_block = T * V * 4
+            notes.append("chunked loss off: the full logits are materialised (the largest cost at big vocabularies)")
+        if keep_layers:
+            kept += keep_layers * (block - T * h * s)
+    largest_block = max(largest_block, tile * I * s)
+
+    if not gc_on:
+        # Every block keeps all its activations until the backward reaches it.
+        kept = L * block
+        block_phase_act = transient
+        notes.append("gradient checkpointing off: every block keeps its activations (fast, memory-hungry)")
+    else:
+        block_phase_act = block + transient
+
+    loss_phase = {
+        "activations": kept + loss_hidden,
+        "logits": loss_ws,
+        "gradients": grads if accum > 1 else 0,  # zeroed (set to None) after each optimizer step
+    }
+    block_phase = {"activations": kept + block_phase_act, "logits": 0, "gradients": grads}
+    phase_name, phase = max(
+        (("loss", loss_phase), ("backward", block_phase)), key=lambda kv_: sum(kv_[1].values())
+    )
+
+    comp_bytes: dict[str, float] = {
+        "weights": wq + wo,
+        "adapters": adapters,
+        "gradients": phase["gradients"],
+        "optimizer": opt_bytes,
+        "activations": phase["activations"],
+        "logits": phase["logits"],
+        "workspace": workspace,
+    }
+    allocated = sum(v for k, v in comp_bytes.items() if not (k == "optimizer" and opt_outside))
+    allocated *= calibration
+    if cpu:
+        overhead = 0.0
+    elif plain:
+        share = PLAIN_FRAGMENT_SHARE if overhead_share is None else overhead_share
+        overhead = max(spec.params_other * 2, share * largest_block)
+    else:
+        share = SNUG_OVERHEAD_SHARE if overhead_share is None else overhead_share
+        overhead = share * allocated + SNUG_FRAGMENT_SHARE * largest_block
+    comp_bytes["allocator_overhead"] = overhead
+    comp_bytes["cuda_context"] = 0 if cpu else gpu.cuda_context_gib * GIB
+    if calibration != 1.0:
+        for k in ("weights", "adapters", "gradients", "activations", "logits", "workspace"):
+            comp_bytes[k] *= calibration
+        if not opt_outside:
+            comp_bytes["optimizer"] *= calibration
+    if not spec.exact:
+        body = sum(comp_bytes.values()) - comp_bytes["cuda_context"]
+        comp_bytes["margin"] = INEXACT_MARGIN * body
+        notes.append(f"{spec.note or 'the shape is approximate'}; +{int(INEXACT_MARGIN * 100)}% margin added")
+    if opt_outside:
+        notes.append("paged 8-bit AdamW states live in CUDA unified memory (outside PyTorch's allocator)")
+    if cpu:
+        notes.append("CPU target: budget is the available RAM; training runs in fp32 and is slow")
+
+    components = {k: v / GIB for k, v in comp_bytes.items()}
+    total = sum(components.values())
+    budget = gpu.budget_gib
+    headroom = budget - total
+    if headroom < 0:
+        verdict = "does not fit"
+    elif headroom < TIGHT_SHARE * budget:
+        verdict = "tight"
+    else:
+        verdict = "fits"
+    return Estimate(
+        recipe=recipe,
+        model_id=spec.id,
+        gpu=gpu.name,
+        seq_len=seq,
+        micro_batch=B,
+        components=components,
+        total_gib=total,
+        budget_gib=budget,
+        verdict=verdict,
+        headroom_gib=headroom,
+        allocated_gib=allocated / GIB,
+        reserved_gib=(allocated + overhead) / GIB,
+        peak_phase=phase_name,
+        notes=notes,
+        knobs={
+            "offload": use_offload,
+            "mlp_tile_tokens": tile if (not plain and tile < T) else None,
+            "ce_chunk_tokens": None if plain else (
+                _ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
+            ),
+            "optimizer": opt,
+            "keep_layers": keep_layers,
+        },
+    )
+
+
+# ---- auto-fit ----------------------------------------------------------------------------------------
+
+def _with(cfg, seq: int | None = None, micro_batch: int | None = None, grad_accum: int | None = None):
+    data = cfg.data.model_copy(update={"max_seq_len": seq}) if seq is not None else cfg.data
+    upd = {}
+    if micro_batch is not None:
+        upd["micro_batch"] = micro_batch
+    if grad_accum is not None:
+        upd["grad_accum"] = grad_accum
+    train = cfg.train.model_copy(update=upd) if upd else cfg.train
+    return cfg.model_copy(update={"data": data, "train": train})
+
+
+SEQ_STEP = 64  # sequence lengths are searched in multiples of 64 (tensor-core friendly)
+
+
+def longest_seq(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", micro_batch: int = 1,
+                limit: int | None = None, **knobs) -> int:
+    """The longest sequence (multiple of 64) whose estimate says "fits"; 0 if not even 64 does."""
+    hi_cap = limit or max(spec.max_position_embeddings, cfg.data.max_seq_len)
+
+    def ok(n: int) -> bool:
+        return estimate(spec, _with(cfg, n, micro_batch), gpu, recipe, **knobs).verdict == "fits"
+
+    if not ok(SEQ_STEP):
+        return 0
+    lo, hi = 1, hi_cap // SEQ_STEP  # in units of SEQ_STEP; memory grows monotonically with length
+    if ok(hi * SEQ_STEP):
+        return hi * SEQ_STEP
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid * SEQ_STEP):
+            lo = mid
+        else:
+            hi = mid
+    return lo * SEQ_STEP
+
+
+def autofit(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", **knobs) -> FitResult:
+    """Longest sequence and largest micro-batch that fit, keeping the effective batch.
+
+    Sequence first (it bounds what the model learns from), at micro-batch 1; then the
+    micro-batch grows while it fits and does not exceed the effective batch; gradient
+    accumulation makes up the rest (ceil, so the effective batch never shrinks).
+    """
+    check_inputs(spec, cfg, recipe)
+    want_seq = cfg.data.max_seq_len
+    eff = cfg.train.micro_batch * cfg.train.grad_accum
+    notes: list[str] = []
+    longest = longest_seq(spec, cfg, gpu, recipe, 1, **knobs)
+    if longest == 0:
+        est = estimate(spec, _with(cfg, 64, 1, eff), gpu, recipe, **knobs)
+        return FitResult(64, 0, 1, eff, eff, est, False, ["nothing fits, not even 64 tokens at micro-batch 1"])
+    seq = min(want_seq, longest)
+    if seq < want_seq:
+        notes.append(f"sequence shortened from {want_seq} to {seq} tokens to fit")
+    mb = 1
+    while mb * 2 <= eff and estimate(spec, _with(cfg, seq, mb * 2), gpu, recipe, **knobs).verdict == "fits":
+        mb *= 2
+    accum = math.ceil(eff / mb)
+    est = estimate(spec, _with(cfg, seq, mb, accum), gpu, recipe, **knobs)
+    if mb * accum != eff:
+        notes.append(f"effective batch {mb * accum} (was {eff}): {mb} x {accum}")
+    return FitResult(seq, longest, mb, accum, mb * accum, est, True, notes)
+
+
+# ---- time ----------------------------------------------------------------------------------------------
+
+# Share of the card's peak fp16 throughput a QLoRA step reaches: small models are bound by
+# kernel launches and 4-bit dequantisation, not arithmetic (BASELINE.md: an H200 runs the
+# plain recipe at ~1-6k tokens/s). Rough on purpose: "time per epoch" to the nearest factor ~1.5.
+MFU = 0.25
+KERNEL_OVERHEAD_S = 12e-6  # per launched kernel
+KERNELS_PER_BLOCK = 60  # forward of one block with LoRA on 7 projections (plus recompute, backward)
+
+
+def estimate_step_time(spec: ModelSpec, cfg, gpu: GpuTarget) -> float:
+    """Rough seconds per optimizer step (micro_batch x grad_accum sequences), from the profile's
+    fp16 throughput and memory bandwidth. Good for "about how long per epoch", not more."""
+    seq, B, accum = cfg.data.max_seq_len, cfg.train.micro_batch, cfg.train.grad_accum
+    T = seq * B
+    passes = 3 if cfg.train.gradient_checkpointing else 2  # forward, (recompute), backward-for-input
+    linear = spec.params_quantizable + spec.vocab_size * spec.hidden_size
+    flops = 2 * linear * T * passes + 4 * spec.num_layers * T * T * spec.q_dim * passes / 2  # causal attention
+    flops += 6 * spec.lora_params(cfg.lora.r, cfg.lora.target_modules) * T
+    compute_s = flops / (gpu.fp16_tflops * 1e12 * MFU)
+    # every pass dequantises the 4-bit weights: read 0.5 B + write/read 2 B a weight
+    mem_s = spec.params_quantizable * 4.5 * passes / (gpu.bandwidth_gbs * 1e9)
+    launch_s = KERNEL_OVERHEAD_S * KERNELS_PER_BLOCK * spec.num_layers * passes
+    return accum * (compute_s + mem_s + launch_s)
+
+
+# ---- presentation ----------------------------------------------------------------------------------
+
+COMPONENT_LABELS = {
+    "weights": "weights (4-bit + 16-bit)",
+    "adapters": "LoRA adapters (fp32)",
+    "gradients": "LoRA gradients",
+    "optimizer": "optimizer states",
+    "activations": "activations",
+    "logits": "logits and loss",
+    "workspace": "cuBLAS workspace etc.",
+    "allocator_overhead": "allocator overhead",
+    "cuda_context": "CUDA context",
+    "margin": "uncertainty margin",
+}
+
+
+def format_table(est: Estimate, other: Optional[Estimate] = None) -> str:
+    lines = [
+        f"{est.model_id} on {est.gpu}: {est.seq_len} tokens x {est.micro_batch}, recipe {est.recipe}",
+        "",
+    ]
+    width = max(len(v) for v in COMPONENT_LABELS.values())
+    for k, v in est.components.items():
+        lines.append(f"  {COMPONENT_LABELS.get(k, k):<{width}}  {v:7.2f} GiB")
+    lines.append(f"  {'-' * width}  -----------")
+    lines.append(f"  {'total (peak)':<{width}}  {est.total_gib:7.2f} GiB")
+    lines.append(f"  {'budget':<{width}}  {est.budget_gib:7.2f} GiB")
+    sign = "+" if est.headroom_gib >= 0 else "-"
+    lines.append("")
+    lines.append(f"verdict: {est.verdict.upper()} (headroom {sign}{abs(est.headroom_gib):.2f} GiB)")
+    if other is not None:
+        diff = other.total_gib - est.total_gib
+        word = "more" if diff > 0 else "less"
+        lines.append(
+            f"the {other.recipe} recipe would need {other.total_gib:.2f} GiB ({abs(diff):.2f} GiB {word}): {other.verdict}"
+        )
+    for n in est.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def fit_badge(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune") -> str:
+    """A short label for lists: 'fits', 'tight', 'no', or '?' when it cannot be estimated."""
+    try:
+        est = estimate(spec, cfg, gpu, recipe)
+    except UserError:
+        return "?"
+    return {"fits": "fits", "tight": "tight", "does not fit": "no"}[est.verdict]
