@@ -1,7 +1,863 @@
-"""Memory savers for training (placeholder until the savers land; see docs/ARCHITECTURE.md)."""
+"""Memory savers for QLoRA training: what they keep, so the estimator can model them.
+
+Notation: T = tokens in the micro-batch (micro_batch x sequence length), H = hidden size,
+I = MLP intermediate size, V = vocabulary size, L = decoder layers, Hq/Hkv = query/kv heads,
+D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
+
+1. prepare_for_kbit_training (replaces peft's): the base is frozen and the non-quantized
+   weights (embeddings, norms, untied head) STAY in the compute dtype (peft casts them to
+   fp32: +2 bytes per such parameter; 0.43 GiB on Qwen2.5-1.5B). LoRA weights stay fp32
+   (peft creates them so; 8-bit Adam updates on bf16 weights lose most of their bits), and
+   their matmuls run in the compute dtype under autocast. So the residual stream stays
+   c (2 bytes/element) instead of the plain recipe's fp32.
+
+2. Chunked linear + cross-entropy (train.chunked_loss): the full T x V logits never exist.
+   Only tokens whose shifted label is not -100 are processed, in chunks of `ce_chunk_tokens`
+   tokens (chosen so one chunk's c x V logits in fp32 plus two 2-byte copies, +4 bytes a
+   logit with Gemma-2's softcapping, take <= CE_CHUNK_BYTES = 256 MiB, less under a small
+   budget: see _ce_chunk_tokens). The gradient w.r.t. the hidden states is computed in the
+   forward and kept: T_valid x H in c (2 bytes), plus the selected hidden rows T_valid x H
+   in c while the loss runs. A trainable head adds a V x H fp32 gradient accumulator.
+   Peak of the loss step: ~ 2*T_valid*H*2 bytes + one chunk (<= 256 MiB).
+
+3. Gradient checkpointing per decoder block (train.gradient_checkpointing): each block
+   keeps only its input hidden state, T x H in c (2 bytes/element), L of them; the block
+   is recomputed in backward, one at a time (peak: one block's full activations, see 4/5).
+   With offload (train.offload_activations on, or auto when L*T*H*2 bytes exceeds 10% of
+   the budget), each block input is copied to pinned CPU memory on a side stream right
+   after the block's forward; in backward it is copied back one block ahead (prefetch),
+   so ~2 block inputs (2 x T x H x 2 bytes) live on the GPU instead of L. Host RAM: L x T x H
+   x 2 bytes pinned. Selective checkpointing: when the budget allows (short sequences),
+   the last `keep` blocks run without checkpointing (they keep all activations,
+   ~ T x (10 H + 4 I) x 2 bytes each, plus fp32 copies of the LoRA inputs) to skip their recompute.
+
+4. MLP tiling: when T x I x 2 bytes x 4 exceeds MLP_TILE_BYTES (256 MiB), the MLP runs
+   in sequence tiles of `tile` tokens; each tile's intermediates (gate, up, act, product:
+   ~4 x tile x I x 2 bytes, x~2 during its backward) exist one tile at a time; the MLP keeps
+   only its input (T x H, c) for backward. Without tiling the MLP's backward peak is
+   ~ 6-8 x T x I x 2 bytes, the largest per-token term once the logits are gone.
+
+5. Attention ("snug" attention implementation): PyTorch SDPA with is_causal (flash or
+   memory-efficient kernel: O(T) memory, no T x T mask); K/V are repeated to Hq heads
+   (2 x T x Hq x D x 2 bytes). Packed rows (position_ids restarting per sample) run SDPA
+   per sample, so samples never attend across boundaries, again with no T x T mask.
+   Gemma-2 (attention logit softcapping, which SDPA lacks) and sliding windows use a
+   query-tiled exact attention: per tile of q tokens, scores Hq x q x Tk in fp32 plus
+   2-byte copies (q chosen so Hq x q x Tk <= 2^24 elements: <= ~200 MiB), each tile
+   checkpointed, so memory is O(T) too.
+
+6. apply_vram_budget caps PyTorch's allocator (set_per_process_memory_fraction).
+   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True must be in the environment BEFORE
+   CUDA initialises (the launcher sets it); it cuts fragmentation under the cap.
+"""
 from __future__ import annotations
 
+import math
+import os
+import types
+from typing import Any, Callable, Optional
 
-def install_savers(model, cfg, device_info=None) -> dict:
-    """Apply the memory savers the configuration asks for; returns what was applied."""
-    return {}
+import torch
+import torch.nn.functional as F
+
+# One loss chunk's working set (fp32 logits + 2-byte copies): big enough that the
+# matmuls fill a large GPU, small enough to sit beside a 1.5B model under 4 GiB.
+CE_CHUNK_BYTES = 256 * 2**20
+# Tile the MLP when its intermediates would exceed this (4 tensors of T x I in 2 bytes).
+MLP_TILE_BYTES = 256 * 2**20
+# Query-tiled attention: elements of one score tile (Hq x q x Tk); 2^24 x ~12 bytes ~ 200 MiB.
+ATTN_TILE_ELEMS = 2**24
+# offload_activations="auto" turns offload on when the kept block inputs exceed this share
+# of the budget: below it the copies cost time for little memory.
+AUTO_OFFLOAD_SHARE = 0.10
+IGNORE_INDEX = -100
+
+_ATTN_NAME = "snug"
+
+
+# ---------------------------------------------------------------------------------------
+# Allocator cap
+# ---------------------------------------------------------------------------------------
+
+def apply_vram_budget(budget_gib: Optional[float], device_index: int = 0) -> dict:
+    """Cap PyTorch's caching allocator at `budget_gib` on one CUDA device.
+
+    The cap covers PyTorch's allocations only: the CUDA context (0.3-0.5 GiB on consumer
+    cards) lives outside it, so callers that simulate a card pass the card's size minus
+    that. Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment before
+    CUDA initialises (it cannot be changed afterwards) to limit fragmentation under the cap.
+    """
+    if budget_gib is None or not torch.cuda.is_available():
+        return {"vram_cap_gib": None}
+    total = torch.cuda.get_device_properties(device_index).total_memory
+    frac = min(1.0, budget_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(frac, device_index)
+    return {
+        "vram_cap_gib": round(budget_gib, 3),
+        "fraction": round(frac, 5),
+        "expandable_segments": "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# 16-bit preparation
+# ---------------------------------------------------------------------------------------
+
+def _compute_dtype(model) -> torch.dtype:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    dt = getattr(qc, "bnb_4bit_compute_dtype", None) if qc is not None else None
+    if isinstance(dt, torch.dtype):
+        return dt
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def prepare_for_kbit_training(model, cfg=None, use_gradient_checkpointing: Optional[bool] = None):
+    """Freeze the base and make it ready for adapters, keeping 16-bit weights 16-bit.
+
+    Unlike peft's prepare_model_for_kbit_training, nothing is upcast to fp32: embeddings,
+    norms and head stay in the compute dtype (saves 2 bytes per such parameter and keeps the
+    activations 2 bytes wide). fp32 leftovers (a model loaded in fp32 with a 16-bit compute
+    dtype) are cast down. Input embeddings get an output hook that requires grad, so
+    checkpointed blocks see a grad-requiring input.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cdt = _compute_dtype(model)
+    if cdt in (torch.bfloat16, torch.float16):
+        for p in model.parameters():
+            if p.dtype == torch.float32 and p.__class__.__name__ != "Params4bit":
+                p.data = p.data.to(cdt)
+    if use_gradient_checkpointing is None:
+        use_gradient_checkpointing = bool(cfg.train.gradient_checkpointing) if cfg is not None else True
+    if use_gradient_checkpointing:
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        if hasattr(model, "gradient_checkpointing_enable"):
+            # HF's own checkpointing until install_savers replaces it with the offloading one.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Chunked linear + cross-entropy
+# ---------------------------------------------------------------------------------------
+
+def _ce_chunk_tokens(vocab: int, softcap: bool, budget_bytes: Optional[int] = None) -> int:
+    # bytes per logit alive at once: fp32 logits (4) + 2-byte matmul output (2) + 2-byte
+    # probabilities for the grad matmul (2), + fp32 tanh derivative (4) with softcapping.
+    per = 8 + (4 if softcap else 0)
+    target = CE_CHUNK_BYTES if budget_bytes is None else min(CE_CHUNK_BYTES, budget_bytes // 16)
+    return max(32, int(target // (vocab * per)))
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum over rows of CE(softcap(h @ W^T), y) / divisor, gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor, softcap, chunk):
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        wdt = weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        gh = torch.empty_like(hidden) if need_h else None
+        # a trainable head's gradient is summed over chunks in (at least) fp32
+        gdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        gw = torch.zeros(weight.shape, dtype=gdt, device=weight.device) if need_w else None
+        dev_type = hidden.device.type
+        with torch.autocast(dev_type, enabled=False):
+            for s in range(0, n, chunk):
+                h = hidden[s:s + chunk].to(wdt)
+                y = targets[s:s + chunk]
+                z = (h @ weight.t()).float()
+                deriv = None
+                if softcap is not None:
+                    z.div_(softcap).tanh_()
+                    if need_h or need_w:
+                        deriv = 1.0 - z * z  # d(cap*tanh(x/cap))/dx
+                    z.mul_(softcap)
+                lse = torch.logsumexp(z, dim=-1)
+                total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    p = z.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+                    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+                    if deriv is not None:
+                        p.mul_(deriv)
+                        del deriv
+                    p.div_(divisor)
+                    p16 = p.to(wdt)
+                    del p, z
+                    if need_h:
+                        gh[s:s + chunk] = (p16 @ weight).to(gh.dtype)
+                    if need_w:
+                        gw += (p16.t() @ h).to(gdt)
+                    del p16
+                del h
+        ctx.save_for_backward(*(t for t in (gh, gw) if t is not None))
+        ctx.has = (need_h, need_w)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_h, need_w = ctx.has
+        gh = gw = None
+        it = iter(ctx.saved_tensors)
+        if need_h:
+            g = next(it)
+            gh = g * grad_out.to(g.dtype)
+        if need_w:
+            g = next(it)
+            gw = g * grad_out
+        return gh, gw, None, None, None, None
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    shift_labels: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: Optional[float] = None,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """HF's ForCausalLMLoss(lm_head(hidden), labels) without materialising the logits.
+
+    Same semantics: labels are shifted left (or `shift_labels` used as given), ignore_index
+    tokens are skipped, the mean is over non-ignored tokens, or the sum is divided by
+    num_items_in_batch when given (gradient accumulation). Gemma-2's final logit
+    softcapping is applied before the softmax. Returns 0 (not NaN) when no token counts.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = shift_labels.reshape(-1).to(h.device)
+    keep = (y != ignore_index).nonzero().squeeze(1)
+    nvalid = keep.numel()
+    if num_items_in_batch is not None:
+        divisor = num_items_in_batch.to(h.device).float() if torch.is_tensor(num_items_in_batch) \
+            else float(num_items_in_batch)
+        if torch.is_tensor(divisor):
+            divisor = float(divisor.item())
+    else:
+        divisor = float(max(nvalid, 1))
+    if nvalid == 0:
+        return (h.sum() * 0.0).float() + (weight.sum() * 0.0 if weight.requires_grad else 0.0)
+    hs = h.index_select(0, keep)
+    ys = y.index_select(0, keep)
+    if chunk_tokens is None:
+        chunk_tokens = _ce_chunk_tokens(weight.shape[0], softcap is not None)
+    return _ChunkedLinearCE.apply(hs, weight, ys, divisor, softcap, int(chunk_tokens))
+
+
+# ---------------------------------------------------------------------------------------
+# Autocast / RNG bookkeeping for recomputation
+# ---------------------------------------------------------------------------------------
+
+def _autocast_state(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return (True, torch.get_autocast_dtype(device_type))
+    return (False, None)
+
+
+def _autocast_ctx(device_type: str, state):
+    enabled, dtype = state
+    if enabled:
+        return torch.autocast(device_type, dtype=dtype)
+    return torch.autocast(device_type, enabled=False)
+
+
+class _RngState:
+    """CPU and CUDA RNG state at forward time, restored for the recompute (dropout > 0)."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.dev = device
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def fork(self):
+        devices = [self.dev] if self.cuda is not None else []
+        ctx = torch.random.fork_rng(devices=devices, enabled=True)
+        outer = self
+
+        class _C:
+            def __enter__(self_inner):
+                ctx.__enter__()
+                torch.set_rng_state(outer.cpu)
+                if outer.cuda is not None:
+                    torch.cuda.set_rng_state(outer.cuda, outer.dev)
+
+            def __exit__(self_inner, *a):
+                return ctx.__exit__(*a)
+
+        return _C()
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Activation offload to pinned CPU memory
+# ---------------------------------------------------------------------------------------
+
+class ActivationOffloader:
+    """Keeps each checkpointed block's input in pinned host memory between forward and backward.
+
+    save(i, t): copy t to a pinned buffer on a side stream (the main stream goes on).
+    load(i): the tensor back on the GPU (waits for a prefetch if one was started).
+    prefetch(i): start copying block i's input back on the side stream.
+    On the CPU it just keeps a reference (the autograd path is the same).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.host: dict[int, torch.Tensor] = {}  # pinned buffers, reused across steps
+        self.saved: dict[int, tuple] = {}  # i -> (host view, done event, shape, dtype)
+        self.fetched: dict[int, tuple] = {}  # i -> (gpu tensor, ready event)
+
+    def save(self, i: int, t: torch.Tensor) -> None:
+        if not self.cuda:
+            self.saved[i] = (t.detach(), None, t.shape, t.dtype)
+            return
+        n = t.numel()
+        buf = self.host.get(i)
+        if buf is None or buf.numel() < n or buf.dtype != t.dtype:
+            buf = torch.empty(n, dtype=t.dtype, pin_memory=True)
+            self.host[i] = buf
+        view = buf[:n].view(t.shape)
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            view.copy_(t.detach(), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        t.record_stream(self.stream)  # the allocator must not reuse t before the copy ends
+        self.saved[i] = (view, ev, t.shape, t.dtype)
+        self.fetched.pop(i, None)
+
+    def prefetch(self, i: int) -> None:
+        if not self.cuda or i not in self.saved or i in self.fetched:
+            return
+        view, ev, shape, dtype = self.saved[i]
+        gpu = torch.empty(shape, dtype=dtype, device=self.device)  # on the main stream's pool
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ev)
+            gpu.copy_(view, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        gpu.record_stream(self.stream)
+        self.fetched[i] = (gpu, ready)
+
+    def load(self, i: int) -> torch.Tensor:
+        if not self.cuda:
+            return self.saved.pop(i)[0]
+        self.prefetch(i)
+        gpu, ready = self.fetched.pop(i)
+        torch.cuda.current_stream(self.device).wait_event(ready)
+        self.saved.pop(i, None)
+        return gpu
+
+    def has(self, i: int) -> bool:
+        return i in self.saved
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _CheckpointBlock(torch.autograd.Function):
+    """Run a block without keeping activations; keep (or offload) its input; recompute in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, run, idx, offloader, extras, keep_rng):
+        ctx.run, ctx.idx, ctx.off = run, idx, offloader
+        ctx.dev_type = hidden.device.type
+        ctx.autocast = _autocast_state(ctx.dev_type)
+        ctx.rng = _RngState(hidden.device) if keep_rng else None
+        with torch.no_grad():
+            out = run(hidden)
+        if isinstance(out, tuple):
+            extras[:] = list(out[1:])
+            out = out[0]
+        if offloader is not None:
+            offloader.save(idx, hidden)
+        else:
+            ctx.save_for_backward(hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.off is not None:
+            hidden = ctx.off.load(ctx.idx)
+            # start bringing back the block before this one while this one recomputes
+            for j in range(ctx.idx - 1, -1, -1):
+                if ctx.off.has(j):
+                    ctx.off.prefetch(j)
+                    break
+        else:
+            (hidden,) = ctx.saved_tensors
+        x = hidden.detach().requires_grad_(True)
+        rng = ctx.rng.fork() if ctx.rng is not None else _Null()
+        with torch.enable_grad(), _autocast_ctx(ctx.dev_type, ctx.autocast), rng:
+            out = _first(ctx.run(x))
+        torch.autograd.backward(out, grad_out)
+        return x.grad, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# MLP tiling
+# ---------------------------------------------------------------------------------------
+
+class _TiledMLP(torch.autograd.Function):
+    """MLP over sequence tiles; keeps only its input, recomputes each tile in backward."""
+
+    @staticmethod
+    def forward(ctx, x, run, tile):
+        ctx.run, ctx.tile = run, tile
+        ctx.dev_type = x.device.type
+        ctx.autocast = _autocast_state(ctx.dev_type)
+        with torch.no_grad():
+            out = _tiled_no_grad(run, x, tile)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        gx = torch.empty_like(x)
+        T = x.shape[-2]
+        for s in range(0, T, ctx.tile):
+            xs = x[..., s:s + ctx.tile, :].detach().requires_grad_(True)
+            with torch.enable_grad(), _autocast_ctx(ctx.dev_type, ctx.autocast):
+                o = ctx.run(xs)
+            torch.autograd.backward(o, g[..., s:s + ctx.tile, :])
+            gx[..., s:s + ctx.tile, :] = xs.grad
+            del xs, o
+        return gx, None, None
+
+
+def _tiled_no_grad(run, x, tile):
+    T = x.shape[-2]
+    out = None
+    for s in range(0, T, tile):
+        o = run(x[..., s:s + tile, :])
+        if out is None:
+            out = torch.empty(x.shape[:-1] + o.shape[-1:], dtype=o.dtype, device=o.device)
+        out[..., s:s + tile, :] = o
+    return out
+
+
+def _mlp_tile_tokens(intermediate: int, batch: int = 1) -> int:
+    # 4 live T x I tensors of 2 bytes (gate, up, act(gate), product) per tile
+    t = MLP_TILE_BYTES // (4 * 2 * intermediate * max(batch, 1))
+    return max(256, int(t) // 256 * 256)
+
+
+def tiled_mlp_forward(mlp: torch.nn.Module, intermediate: int, min_tokens: Optional[int] = None,
+                      tile: Optional[int] = None):
+    """Wrap mlp.forward so that long inputs run in sequence tiles (see _TiledMLP)."""
+    orig = mlp.forward
+
+    def forward(x, *args, **kwargs):
+        T = x.shape[-2]
+        batch = int(x.numel() // (x.shape[-1] * T)) if x.dim() > 2 else 1
+        t = tile or _mlp_tile_tokens(intermediate, batch)
+        if T < (min_tokens or 2 * t):
+            return orig(x, *args, **kwargs)
+        run = (lambda xs: orig(xs, *args, **kwargs))
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mlp.parameters())):
+            return _TiledMLP.apply(x, run, t)
+        return _tiled_no_grad(run, x, t)
+
+    forward._snug_orig = orig
+    mlp.forward = forward
+    return mlp
+
+
+# ---------------------------------------------------------------------------------------
+# Attention: SDPA, per-sample SDPA for packed rows, query-tiled exact attention (softcap)
+# ---------------------------------------------------------------------------------------
+
+class _PackState:
+    # Per micro-batch: the sample boundaries of each row, set by the patched forward and read
+    # by the attention (including during the backward's recompute of the same micro-batch).
+    segments: Optional[list] = None  # per row: list of (start, end); None when no row is packed
+
+
+def _row_segments(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
+    """Sample boundaries per row from position ids that restart per sample (and padding)."""
+    if position_ids is None and attention_mask is None:
+        return None
+    if position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    ref = position_ids if position_ids is not None else attention_mask
+    B, T = ref.shape[0], ref.shape[-1]
+    starts = torch.zeros((B, T), dtype=torch.bool, device=ref.device)
+    if position_ids is not None:
+        pid = position_ids.expand(B, T) if position_ids.shape[0] != B else position_ids
+        starts[:, 1:] |= pid[:, 1:] != pid[:, :-1] + 1
+    if attention_mask is not None and attention_mask.dim() == 2:
+        am = attention_mask.bool()
+        starts[:, 1:] |= am[:, 1:] != am[:, :-1]
+    if not bool(starts.any()):
+        return None
+    rows = []
+    for b in range(B):
+        cut = starts[b].nonzero().squeeze(1).tolist()
+        edges = [0] + cut + [T]
+        rows.append([(edges[k], edges[k + 1]) for k in range(len(edges) - 1) if edges[k + 1] > edges[k]])
+    return rows
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+
+
+def _score_tile(q, k, v, scaling, softcap, q0, window, seg_q, seg_k):
+    # q: (B, Hkv, g*c, D) viewed per kv head; k/v: (B, Hkv, Tk, D)
+    B, Hkv, gc, D = q.shape
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    c = seg_q.shape[-1]
+    Tk = k.shape[-2]
+    qi = torch.arange(q0, q0 + c, device=q.device)[:, None]
+    kj = torch.arange(Tk, device=q.device)[None, :]
+    allowed = kj <= qi
+    if window is not None:
+        allowed = allowed & (qi - kj < window)
+    allowed = allowed[None] & (seg_q[:, :, None] == seg_k[:, None, :])  # (B, c, Tk)
+    g = gc // c
+    allowed = allowed[:, None, None].expand(B, 1, g, c, Tk).reshape(B, 1, gc, Tk)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+def _tiled_attention(query, key, value, scaling, softcap, window, segments):
+    """Exact causal attention tiled over queries; each tile checkpointed. O(T) memory."""
+    B, Hq, Tq, D = query.shape
+    Hkv, Tk = key.shape[1], key.shape[-2]
+    g = Hq // Hkv
+    seg = torch.zeros((B, Tk), dtype=torch.int32, device=query.device)
+    if segments is not None:
+        for b, row in enumerate(segments):
+            for n, (s0, s1) in enumerate(row):
+                seg[b, s0:s1] = n
+    c = max(16, min(Tq, ATTN_TILE_ELEMS // max(1, Hq * Tk)))
+    out = torch.empty((B, Hq, Tq, D), dtype=value.dtype, device=query.device)
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    offset = Tk - Tq  # queries are the last Tq positions
+    for q0 in range(0, Tq, c):
+        qc = query[:, :, q0:q0 + c]
+        cc = qc.shape[2]
+        qv = qc.reshape(B, Hkv, g, cc, D).reshape(B, Hkv, g * cc, D)
+        k_hi = offset + q0 + cc
+        k_lo = 0 if window is None else max(0, offset + q0 - window + 1)
+        ks, vs = key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi]
+        sq = seg[:, offset + q0:offset + q0 + cc]
+        sk = seg[:, k_lo:k_hi]
+        args = (qv, ks, vs, scaling, softcap, offset + q0 - k_lo, window, sq, sk)
+        if grad:
+            o = torch.utils.checkpoint.checkpoint(_score_tile, *args, use_reentrant=False)
+        else:
+            o = _score_tile(*args)
+        out[:, :, q0:q0 + cc] = o.reshape(B, Hkv, g, cc, D).reshape(B, Hq, cc, D)
+    return out
+
+
+def snug_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
+                   softcap=None, sliding_window=None, **kwargs):
+    """transformers attention interface: (B, H, T, D) in, (B, T, H, D) out, no T x T mask."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    Tq, Tk = query.shape[-2], key.shape[-2]
+    segments = _PackState.segments if Tq == Tk else None
+    if segments is not None and len(segments) != query.shape[0]:
+        segments = None
+    window = sliding_window if (sliding_window and Tk > sliding_window) else None
+    if not module.training:
+        dropout = 0.0
+    if softcap is not None or window is not None:
+        out = _tiled_attention(query, key, value, scaling, softcap, window, segments)
+        return out.transpose(1, 2).contiguous(), None
+    g = query.shape[1] // key.shape[1]
+    k, v = _repeat_kv(key, g), _repeat_kv(value, g)
+    if segments is None:
+        if Tq != Tk and attention_mask is not None and torch.is_tensor(attention_mask):
+            o = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask[..., :Tk].bool()
+                                               if attention_mask.dtype == torch.bool else attention_mask,
+                                               dropout_p=dropout, scale=scaling)
+        else:
+            o = F.scaled_dot_product_attention(query, k, v, is_causal=Tq == Tk and Tq > 1,
+                                               dropout_p=dropout, scale=scaling)
+        return o.transpose(1, 2).contiguous(), None
+    out = torch.empty((query.shape[0], Tq, query.shape[1], query.shape[-1]), dtype=query.dtype, device=query.device)
+    for b, row in enumerate(segments):
+        for s0, s1 in row:
+            o = F.scaled_dot_product_attention(query[b:b + 1, :, s0:s1], k[b:b + 1, :, s0:s1], v[b:b + 1, :, s0:s1],
+                                               is_causal=s1 - s0 > 1, dropout_p=dropout, scale=scaling)
+            out[b:b + 1, s0:s1] = o.transpose(1, 2)
+    return out, None
+
+
+def _snug_mask(*args, **kwargs):
+    # The "snug" attention builds its own causal/sample/window structure, so no mask is made
+    # (an explicit T x T mask is exactly what it avoids).
+    return None
+
+
+_REGISTERED = False
+
+
+def register_attention() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_ATTN_NAME, snug_attention)
+    AttentionMaskInterface.register(_ATTN_NAME, _snug_mask)
+    _REGISTERED = True
+
+
+# ---------------------------------------------------------------------------------------
+# install_savers
+# ---------------------------------------------------------------------------------------
+
+def _unwrap(model):
+    m = model
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m
+
+
+def _decoder_layers(hf) -> Optional[torch.nn.ModuleList]:
+    inner = getattr(hf, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        return inner.layers
+    best = None
+    for _, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and \
+                type(mod[0]).__name__.endswith("DecoderLayer"):
+            best = mod
+            break
+    return best
+
+
+# Architectures whose head is a plain linear layer (+ Gemma-2/3 softcapping); others keep their own loss.
+_CHUNKABLE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"}
+
+
+def _patch_loss(hf) -> tuple[bool, str]:
+    cfgm = hf.config
+    mt = getattr(cfgm, "model_type", "")
+    if mt not in _CHUNKABLE:
+        return False, f"model type {mt!r} has a custom head; using its own loss"
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
+        return False, "the output layer is adapted or quantized; using the model's own loss"
+    if getattr(head, "bias", None) is not None:
+        return False, "the output layer has a bias; using the model's own loss"
+    softcap = getattr(cfgm, "final_logit_softcapping", None)
+    orig = hf.forward
+    base = getattr(hf, "model")
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                num_items_in_batch=None, shift_labels=None, logits_to_keep=0, **kwargs):
+        _PackState.segments = _row_segments(position_ids, attention_mask)
+        if labels is None and shift_labels is None:
+            return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        logits_to_keep=logits_to_keep, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("return_dict", None)
+        kwargs.setdefault("use_cache", False)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        w = self.get_output_embeddings().weight
+        loss = chunked_lm_loss(hidden, w, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                               softcap=softcap, chunk_tokens=self._snug_ce_chunk)
+        return CausalLMOutputWithPast(loss=loss, logits=None,
+                                      past_key_values=getattr(out, "past_key_values", None),
+                                      hidden_states=getattr(out, "hidden_states", None),
+                                      attentions=getattr(out, "attentions", None))
+
+    forward._snug_orig = orig
+    hf.forward = types.MethodType(forward, hf)
+    return True, f"chunked (softcap {softcap})" if softcap else "chunked"
+
+
+def _has_dropout(model) -> bool:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+    c = getattr(model, "config", None)
+    return bool(getattr(c, "attention_dropout", 0.0) or 0.0)
+
+
+def _wrap_block(layer, idx: int, state: dict):
+    orig = layer.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        if not (torch.is_grad_enabled() and layer.training) or idx >= state["checkpoint_upto"]:
+            return orig(hidden_states, *args, **kwargs)
+        if not hidden_states.requires_grad:
+            hidden_states = hidden_states.detach().requires_grad_(True)
+        extras: list = []
+        run = (lambda h: orig(h, *args, **kwargs))
+        off = state["offloader"] if state["offload_now"](hidden_states) else None
+        out = _CheckpointBlock.apply(hidden_states, run, idx, off, extras, state["keep_rng"])
+        return (out, *extras) if extras else out
+
+    forward._snug_orig = orig
+    layer.forward = forward
+
+
+def _cfg_get(cfg, dotted, default=None):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return default
+    return node
+
+
+def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
+    """Patch a (peft-wrapped) causal LM in place with the memory savers `cfg` asks for.
+
+    Reads cfg.train.chunked_loss, gradient_checkpointing, offload_activations, cfg.data
+    .max_seq_len, cfg.train.micro_batch and cfg.gpu.vram_budget_gib. device_info may hold
+    "type" ("cuda"/"cpu") and "total_gib". Returns what was applied (for the event log).
+    """
+    device_info = device_info or {}
+    hf = _unwrap(model)
+    applied: dict[str, Any] = {}
+    hfc = hf.config
+    text_cfg = hfc.get_text_config() if hasattr(hfc, "get_text_config") else hfc
+    H = int(getattr(text_cfg, "hidden_size", 0) or 0)
+    I = int(getattr(text_cfg, "intermediate_size", 0) or 0)
+    V = int(getattr(text_cfg, "vocab_size", 0) or 0)
+    try:
+        dev = next(p.device for p in hf.parameters())
+    except StopIteration:
+        dev = torch.device("cpu")
+    on_cuda = dev.type == "cuda"
+    budget_gib = _cfg_get(cfg, "gpu.vram_budget_gib") or device_info.get("budget_gib") or device_info.get("total_gib")
+    if budget_gib is None and on_cuda:
+        budget_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
+    budget = int(budget_gib * 2**30) if budget_gib else None
+    T = int(_cfg_get(cfg, "data.max_seq_len", 1024)) * int(_cfg_get(cfg, "train.micro_batch", 1))
+
+    # attention
+    impl = getattr(hfc, "_attn_implementation", None)
+    if impl in (None, "sdpa", "eager"):
+        register_attention()
+        hfc._attn_implementation = _ATTN_NAME
+        if text_cfg is not hfc:
+            text_cfg._attn_implementation = _ATTN_NAME
+        applied["attention"] = f"snug (was {impl})"
+    else:
+        applied["attention"] = impl
+
+    # chunked loss
+    if _cfg_get(cfg, "train.chunked_loss", True):
+        ok, why = _patch_loss(hf)
+        hf._snug_ce_chunk = _ce_chunk_tokens(V, getattr(text_cfg, "final_logit_softcapping", None) is not None, budget)
+        applied["loss"] = why
+        if ok:
+            applied["ce_chunk_tokens"] = hf._snug_ce_chunk
+    else:
+        applied["loss"] = "model's own (chunked_loss off)"
+
+    layers = _decoder_layers(hf)
+    if _cfg_get(cfg, "train.gradient_checkpointing", True) and layers is not None:
+        L = len(layers)
+        # replace HF's checkpointing with ours
+        if hasattr(hf, "gradient_checkpointing_disable"):
+            try:
+                hf.gradient_checkpointing_disable()
+            except Exception:  # some wrappers refuse; turning the layer flags off is enough
+                pass
+        for lyr in layers:
+            if hasattr(lyr, "gradient_checkpointing"):
+                lyr.gradient_checkpointing = False
+        mode = _cfg_get(cfg, "train.offload_activations", "auto")
+        kept_bytes = L * T * H * 2
+        if mode == "on":  # on the CPU this runs the same autograd path with a plain reference
+            offload = True
+        elif mode == "off" or not on_cuda:
+            offload = False
+        else:
+            offload = budget is not None and kept_bytes > AUTO_OFFLOAD_SHARE * budget
+        env_keep = os.environ.get("SNUGTUNE_KEEP_LAYERS")
+        keep = int(env_keep) if env_keep is not None else _selective_keep(hf, L, T, H, I, V, budget, on_cuda)
+        state = {
+            "offloader": ActivationOffloader(dev) if offload else None,
+            # short rows (an eval batch, the tail of an epoch) are not worth copying out
+            "offload_now": (lambda h: offload and (not on_cuda or h.numel() * h.element_size() * L > 0.02 * (budget or 1))),
+            "keep_rng": _has_dropout(hf),
+            "checkpoint_upto": L - keep,
+        }
+        for i, lyr in enumerate(layers):
+            _wrap_block(lyr, i, state)
+        hf._snug_ckpt_state = state
+        applied["checkpointing"] = f"{L - keep}/{L} blocks" + (", inputs offloaded to pinned CPU memory" if offload else "")
+        applied["offload"] = offload
+        applied["uncheckpointed_blocks"] = keep
+    else:
+        applied["checkpointing"] = "off"
+
+    # MLP tiling (only worth it under checkpointing: otherwise every tile's intermediates are kept)
+    if layers is not None and I and applied.get("checkpointing", "off") != "off":
+        n = 0
+        for lyr in layers:
+            mlp = getattr(lyr, "mlp", None)
+            if mlp is not None and not hasattr(mlp.forward, "_snug_orig"):
+                tiled_mlp_forward(mlp, I)
+                n += 1
+        applied["mlp_tiling"] = f"tiles of {_mlp_tile_tokens(I)} tokens beyond {2 * _mlp_tile_tokens(I)}" if n else "off"
+    return applied
+
+
+def _selective_keep(hf, L, T, H, I, V, budget, on_cuda) -> int:
+    """How many final blocks can skip checkpointing within the budget (0 on CPU or no budget).
+
+    An un-checkpointed block keeps all its activations: about 10 H + 4 I elements a token
+    in 2 bytes, plus fp32 copies of the 7 LoRA inputs (peft casts the input to the adapter's
+    fp32 dtype: ~ (4 H + I) x 4 bytes). What must stay free: the checkpointed path's peak
+    (block inputs, one block's recompute, one loss chunk) and a 25% margin for fragmentation.
+    """
+    if not on_cuda or budget is None or not H or not I:
+        return 0
+    per_block = T * ((10 * H + 4 * I) * 2 + (4 * H + I) * 4)
+    used = torch.cuda.memory_allocated()
+    recompute_peak = T * (8 * I + 12 * H) * 2 + L * T * H * 2 + CE_CHUNK_BYTES + 2 * T * H * 2
+    spare = budget * 0.75 - used - recompute_peak
+    if spare <= per_block:
+        return 0
+    return int(min(L, spare // per_block))
+
+
+def uninstall_savers(model) -> None:
+    """Undo install_savers' patches (the model's own forward functions come back)."""
+    hf = _unwrap(model)
+    for mod in [hf, *hf.modules()]:
+        f = mod.__dict__.get("forward")
+        if f is not None and hasattr(f, "_snug_orig"):
+            del mod.__dict__["forward"]
