@@ -53,10 +53,6 @@ class GpuProfile:
     # context carries more kernels and a bigger cuBLAS workspace.
     cuda_context_gib: float = 0.35
 
-    @property
-    def memory_nominal_gb(self) -> int:
-        return round(self.memory_gib * GIB / 1e9 + 0.3)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
