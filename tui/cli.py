@@ -14,7 +14,7 @@ from core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tui import cmd_know, cmd_runs
+    from tui import cmd_data, cmd_know, cmd_runs
 
     parser = argparse.ArgumentParser(
         prog="snugtune",
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     cmd_runs.register(sub)
     cmd_know.register(sub)
+    cmd_data.register(sub)
     return parser
 
 

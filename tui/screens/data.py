@@ -74,6 +74,18 @@ def local_problem(path: str) -> str | None:
     return None
 
 
+def format_kind(report: dict) -> str:
+    fmt = attr(report, "format", default="?")
+    return str(attr(fmt, "kind", default="?")) if isinstance(fmt, dict) else str(fmt)
+
+
+def format_columns(report: dict) -> dict[str, str]:
+    """The detected mapping format field -> column (core.data.DataFormat.columns)."""
+    fmt = attr(report, "format", default={})
+    cols = attr(fmt, "columns", default={}) if isinstance(fmt, dict) else {}
+    return dict(cols) if isinstance(cols, dict) else {}
+
+
 def render_samples(samples: list[Any]) -> Text:
     """Each sample as the model reads it: the prompt (masked, not learned) dim and struck through
     with a `·` gutter; the response (trained) bold and underlined with a `▌` gutter, so the two
@@ -218,8 +230,8 @@ class DataScreen(StepScreen):
         self.app.data_report = msg.report
         self.inspected_for = self._key()
         self.show_report(msg.report)
-        fmt = attr(msg.report, "format", default="?")
-        n = attr(msg.report, "num_samples", "rows", "count", default=None)
+        fmt = format_kind(msg.report)
+        n = attr(msg.report, "samples_total", "num_samples", default=None)
         self.set_status(f"{msg.path}: {fmt} format" + (f", {n} samples" if n is not None else "")
                         + " · ctrl+n goes on to the settings", "ok")
 
@@ -227,24 +239,20 @@ class DataScreen(StepScreen):
         samples = attr(report, "samples", default=[])[:3]
         self.query_one("#samples", Static).update(render_samples(samples))
         self.query_one("#lengths", Static).update(self.lengths_text(report))
-        fmt = attr(report, "format")
-        if fmt in {"instruction", "chat", "text"} and self.query_one("#format", Select).value == "auto":
-            pass  # keep 'auto' in the config; the detected format is shown in the panel
-        cols = attr(report, "columns", "column_map", default=None)
-        if isinstance(cols, dict) and not self.query_one("#columns", Input).value.strip():
+        cols = format_columns(report)
+        if cols and not self.query_one("#columns", Input).value.strip():
+            # the detected mapping shows as the placeholder: typing over it corrects it
             self.query_one("#columns", Input).placeholder = ", ".join(f"{k}={v}" for k, v in cols.items())
 
     def lengths_text(self, report: dict) -> Text:
         stats = attr(report, "length_stats", "lengths", default={}) or {}
         max_len = int(self.app.get_value("data.max_seq_len", 1024))
         out = Text()
-        out.append(f"format   {attr(report, 'format', default='?')}\n", style="bold")
-        cols = attr(report, "columns", "column_map", default=None)
-        if isinstance(cols, dict):
-            for k, v in cols.items():
-                out.append(f"  {k} ← {v}\n")
-        elif isinstance(cols, list):
-            out.append(f"  columns: {', '.join(map(str, cols))}\n")
+        out.append(f"format   {format_kind(report)}", style="bold")
+        n = attr(report, "samples_total", "num_samples")
+        out.append(f" · {n} samples\n" if n is not None else "\n")
+        for k, v in format_columns(report).items():
+            out.append(f"  {k} ← {v}\n")
         out.append("tokens per sample\n", style="bold")
         bits = [f"{k} {attr(stats, k)}" for k in ("min", "p50", "mean", "p95", "max") if attr(stats, k) is not None]
         if bits:
@@ -255,7 +263,7 @@ class DataScreen(StepScreen):
         if counts:
             out.append_text(render_histogram(edges, counts, max_len, width=14))
             out.append("\n")
-        frac = attr(stats, "truncated_fraction", "truncated_share", "truncated")
+        frac = attr(stats, "truncated_share", "truncated_fraction")
         if frac is not None:
             share = float(frac)
             out.append(f"cut at {max_len}: {share:.0%} of samples",

@@ -25,47 +25,54 @@ EXPORT_TIMEOUT_S = 3600  # merging a 3B model on a slow disk takes minutes
 
 
 class ChatProcess:
-    """`python -m core.chat RUN_DIR` speaking JSON lines: one request a line in, replies out."""
+    """`python -m core.chat RUN_DIR` speaking JSON lines (protocol in core/chat.py): it says
+    {"event": "ready"} once the model is loaded, then answers each {"prompt", "compare", "id"}
+    line with {"event": "reply", "id", "response", "base"} or {"event": "error", "error"}."""
 
-    def __init__(self, run_dir: Path, compare: bool):
-        cmd = [sys.executable, "-m", "core.chat", str(run_dir)] + (["--compare"] if compare else [])
-        self.compare = compare
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1)
+    def __init__(self, run_dir: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "core.chat", str(run_dir)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         self.lock = threading.Lock()
+        self.next_id = 0
+        self.ready = False
 
-    def ask(self, prompt: str) -> list[dict]:
-        """Send one prompt; return the reply objects (one, or two with the base model's)."""
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+                raise RuntimeError(lines[-1] if lines else "the chat process ended")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a library printing to stdout; the protocol lines are JSON
+            if isinstance(obj, dict):
+                return obj
+
+    def ask(self, prompt: str, compare: bool) -> dict:
+        """Send one prompt; return the reply (`response`, and `base` with compare) or an error."""
         with self.lock:
-            assert self.proc.stdin and self.proc.stdout
-            self.proc.stdin.write(json.dumps({"prompt": prompt}) + "\n")
+            assert self.proc.stdin is not None
+            if not self.ready:
+                first = self._read()
+                if first.get("event") == "error":
+                    return first
+                self.ready = True
+            self.next_id += 1
+            self.proc.stdin.write(json.dumps({"prompt": prompt, "compare": compare, "id": self.next_id}) + "\n")
             self.proc.stdin.flush()
-            replies = []
-            wanted = 2 if self.compare else 1
-            while len(replies) < wanted:
-                line = self.proc.stdout.readline()
-                if not line:
-                    err = self.proc.stderr.read() if self.proc.stderr else ""
-                    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-                    raise RuntimeError(lines[-1] if lines else "the chat process ended")
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a library printing to stdout; the protocol lines are JSON
-                if not isinstance(obj, dict) or obj.get("event") in ("ready", "loading"):
-                    continue
-                if "error" in obj:
-                    return [obj]
-                if "adapter" in obj or "base" in obj and "who" not in obj:
-                    # both answers in one object
-                    return [{"who": k, "text": obj[k]} for k in ("adapter", "base") if k in obj]
-                replies.append(obj)
-            return replies
+            while True:
+                obj = self._read()
+                if obj.get("event") == "error" or obj.get("id") == self.next_id:
+                    return obj
 
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
                 if self.proc.stdin:
+                    self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
                     self.proc.stdin.close()
                 self.proc.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
@@ -89,12 +96,9 @@ class DoneScreen(StepScreen):
         yield Input(placeholder="Ask the fine-tuned model something; Enter sends", id="prompt", compact=True)
 
     def compare_default(self) -> bool:
-        # Two copies of the base model must fit beside each other; the training estimate (which
-        # also holds activations and optimizer state) is a safe upper bound for one of them.
-        est, gpu = self.app.last_estimate, self.app.gpu_target()
-        if est is None or gpu is None:
-            return False
-        return float(attr(est, "total_gib", default=1e9)) * 2 < float(attr(gpu, "budget_gib", default=0))
+        # The base model's answer comes from the same loaded model with the adapter switched
+        # off, so it costs time, not memory: on wherever the training run itself fitted.
+        return self.app.gpu_target() is not None
 
     def on_mount(self) -> None:
         self.chat: ChatProcess | None = None
@@ -132,9 +136,6 @@ class DoneScreen(StepScreen):
     @on(Switch.Changed, "#compare")
     def _compare(self, event: Switch.Changed) -> None:
         self._show_compare(event.value)
-        if self.chat is not None:  # restart with or without the base model on the next prompt
-            self.chat.close()
-            self.chat = None
 
     def _show_compare(self, on_: bool) -> None:
         self.query_one("#chat-base", RichLog).display = on_
@@ -156,19 +157,19 @@ class DoneScreen(StepScreen):
     @work(thread=True, exit_on_error=False, name="chat", exclusive=False, group="chat")
     def ask(self, prompt: str, compare: bool) -> None:
         if self.chat is None or self.chat.proc.poll() is not None:
-            self.chat = ChatProcess(self.app.run_dir, compare)
+            self.chat = ChatProcess(self.app.run_dir)
         try:
-            replies = self.chat.ask(prompt)
+            reply = self.chat.ask(prompt, compare)
         except (RuntimeError, OSError) as exc:
             self.chat = None
             self.post_message(ChatReply("adapter", "", error=str(exc)))
             return
-        for r in replies:
-            if "error" in r:
-                self.post_message(ChatReply("adapter", "", error=str(r["error"])))
-            else:
-                self.post_message(ChatReply(str(r.get("who", r.get("model", "adapter"))),
-                                            str(r.get("text", r.get("reply", r.get("response", ""))))))
+        if reply.get("event") == "error":
+            self.post_message(ChatReply("adapter", "", error=str(reply.get("error"))))
+            return
+        self.post_message(ChatReply("adapter", str(reply.get("response", ""))))
+        if compare and reply.get("base") is not None:
+            self.post_message(ChatReply("base", str(reply["base"])))
 
     @on(ChatReply)
     def _reply(self, msg: ChatReply) -> None:
@@ -193,8 +194,8 @@ class DoneScreen(StepScreen):
 
     @work(thread=True, exit_on_error=False, name="export", exclusive=True, group="export")
     def export(self, directory: str) -> None:
-        if Path(directory).exists() and any(Path(directory).iterdir()):
-            self.post_message(JobDone("export", False, f"{directory} exists and is not empty; choose a new directory"))
+        if Path(directory).exists():
+            self.post_message(JobDone("export", False, f"{directory} already exists; choose a new directory"))
             return
         self.post_message(JobDone("export-started", True, directory))
         cmd = [sys.executable, "-m", "tui.cli", "export", str(self.app.run_dir), "--merged", directory]

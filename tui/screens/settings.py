@@ -285,11 +285,13 @@ class SettingsScreen(StepScreen):
     def steps_per_epoch(self, cfg: RunConfig) -> int | None:
         report = self.app.data_report or {}
         batch = cfg.train.micro_batch * cfg.train.grad_accum
-        tokens = attr(attr(report, "length_stats", default={}) or {}, "total_tokens", default=None)
+        stats = attr(report, "length_stats", default={}) or {}
+        mean = attr(stats, "mean")
+        n = attr(report, "samples_total", "num_samples", default=None)
+        tokens = float(mean) * int(n) if mean is not None and n else None
         if tokens is not None and cfg.data.packing:
             # packed: each step consumes micro_batch x grad_accum full sequences
             return max(1, -(-int(tokens) // (cfg.data.max_seq_len * batch)))
-        n = attr(report, "num_samples", "rows", "count", default=None)
         return max(1, -(-int(n) // batch)) if n else None
 
     # ---- auto-fit ---------------------------------------------------------------------
@@ -304,22 +306,21 @@ class SettingsScreen(StepScreen):
         except UserError as exc:
             self.set_status(f"auto-fit: {exc}", "error")
             return
-        cfg = result if isinstance(result, RunConfig) else attr(result, "config", "cfg")
-        if cfg is None:
-            self.set_status("auto-fit found no setting that fits this card", "error")
+        notes = list(attr(result, "notes", default=[]) or [])
+        if not attr(result, "fits", default=False):
+            self.set_status("auto-fit: " + ("; ".join(notes) or "nothing fits this card")
+                            + " — choose a smaller model or a larger budget", "error")
             return
-        new = cfg.to_dict()
-        for dotted, _label, _parse, show in TEXT_FIELDS:
-            section, _, key = dotted.partition(".")
-            self.query_one(f"#{field_id(dotted)}", Input).value = show(new.get(section, {}).get(key))
-        self.query_one("#train-optimizer", Select).value = new["train"].get("optimizer", "auto")
-        self.query_one("#train-gradient_checkpointing", Switch).value = new["train"].get("gradient_checkpointing", True)
-        for section in ("lora", "train", "data"):
-            self.app.cfg_data.setdefault(section, {}).update(
-                {k: v for k, v in new.get(section, {}).items()})
+        # core.estimate.FitResult: the longest sequence and largest micro-batch that fit,
+        # with gradient accumulation keeping the effective batch
+        new = {"data.max_seq_len": result.max_seq_len, "train.micro_batch": result.micro_batch,
+               "train.grad_accum": result.grad_accum}
+        for dotted, value in new.items():
+            self.query_one(f"#{field_id(dotted)}", Input).value = str(value)
+            self.app.set_value(dotted, value)
         self.refresh_estimate()
-        note = attr(result, "note", "explanation", "changes", default=None)
-        self.set_status(f"auto-fit: {note}" if note else "auto-fit: settings changed to fit", "ok")
+        self.set_status("auto-fit: " + ("; ".join(notes) if notes else "the settings already fit; nothing changed"),
+                        "ok")
 
     # ---- leaving -------------------------------------------------------------------
 

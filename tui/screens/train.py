@@ -5,7 +5,9 @@ SSH session, does not stop it; the wizard (or `snugtune attach`) can follow it a
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ GPU_POLL_S = 2.0
 # The loss plot redraws at most this often: plotext redraws cost milliseconds each, and a
 # tiny model on a fast GPU logs many steps a second.
 PLOT_REDRAW_S = 0.5
+# How often the event log is read: a quarter second feels live and costs nothing.
+FOLLOW_POLL_S = 0.25
+# A just-launched engine writes its pid file at once; give a slow disk a few seconds.
+PID_GRACE_S = 10.0
 # Lines of engine.log shown when the engine dies without saying why.
 LOG_TAIL_LINES = 12
 
@@ -105,7 +111,7 @@ class TrainScreen(StepScreen):
             lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB")
         lines += ["", "The run keeps going if you close the wizard; reopen it or `snugtune attach` to watch."]
         self.query_one("#stats", Static).update("\n".join(lines))
-        self.query_one("#train-body").add_class("ready")
+        self.add_class("ready")
         self.set_status("ctrl+t: start training")
 
     def action_start(self) -> None:
@@ -126,39 +132,65 @@ class TrainScreen(StepScreen):
             return
         self.app.run_dir = Path(run_dir)
         self.app.run_result = None
-        self.query_one("#train-body").remove_class("ready")
+        self.remove_class("ready")
         self.reset_panel()
+        self.update_panel()
         self.follow(self.app.run_dir)
 
     # ---- following the run ------------------------------------------------------------
 
-    def follow(self, run_dir: Path) -> None:
+    def follow(self, run_dir: Path, resume_offset: int = 0) -> None:
         self.state = "starting"
         self.query_one("#run-title", Label).update(Text(f"Run {run_dir.name} · starting…", style="bold"))
         self.set_status(f"run directory: {run_dir}")
-        self.query_one("#train-body").remove_class("ready")
-        self.follow_events(run_dir)
+        self.remove_class("ready")
+        self.follow_events(run_dir, resume_offset)
 
     @work(thread=True, exit_on_error=False, name="run follower", exclusive=True, group="follow")
-    def follow_events(self, run_dir: Path) -> None:
+    def follow_events(self, run_dir: Path, resume_offset: int = 0) -> None:
+        """Post every event of the log, then new ones, until a terminal event written after
+        `resume_offset` (a resumed run's log holds the earlier session's run_stopped first).
+        core.events.follow stops at the first terminal event, so this reads by offset itself."""
         from core import events
 
         worker = get_current_worker()
-        pid = events.read_pid(run_dir)
-
-        def alive() -> bool:
-            # leaving the screen cancels this worker: report "gone" so follow() returns
-            if worker.is_cancelled:
-                return False
-            the_pid = events.read_pid(run_dir) or pid
-            return the_pid is not None and events.pid_alive(the_pid)
-
-        for event in events.follow(run_dir, alive=alive):
-            if worker.is_cancelled:
+        path = run_dir / events.EVENTS_FILE
+        offset, buf = 0, ""
+        started = time.monotonic()
+        while not worker.is_cancelled:
+            pid = events.read_pid(run_dir)
+            # liveness before reading, so events written just before the engine died are read
+            alive = events.pid_alive(pid) if pid is not None else time.monotonic() - started < PID_GRACE_S
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                    offset = fh.tell()
+            except FileNotFoundError:
+                chunk = ""
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            pos = offset - len(buf.encode())
+            ends = []
+            # byte offset where each complete line ends, to tell this session's events apart
+            for line in reversed(lines):
+                ends.append(pos)
+                pos -= len(line.encode()) + 1
+            for line, end in zip(lines, reversed(ends)):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn line from a killed engine
+                if not isinstance(event, dict):
+                    continue
+                self.post_message(RunEvent(event))
+                if event.get("event") in events.TERMINAL_EVENTS and end > resume_offset:
+                    return
+            if not alive:
+                self.post_message(RunEvent({"event": "run_failed", "kind": "died", "error": events.ENGINE_DIED,
+                                            "synthetic": True, "log_tail": log_tail(run_dir)}))
                 return
-            if event.get("synthetic"):
-                event = dict(event, log_tail=log_tail(run_dir))
-            self.post_message(RunEvent(event))
+            worker.cancelled_event.wait(FOLLOW_POLL_S)
 
     @on(RunEvent)
     def _event(self, msg: RunEvent) -> None:
@@ -171,7 +203,7 @@ class TrainScreen(StepScreen):
             self.total_steps = e.get("total_steps") or self.total_steps
             self.device = e.get("device") or {}
             resumed = e.get("resumed_from")
-            self.set_status(f"training{' (resumed from ' + str(resumed) + ')' if resumed else ''} · "
+            self.set_status(f"training{' (resumed from ' + Path(str(resumed)).name + ')' if resumed else ''} · "
                             "ctrl+x stops and saves a checkpoint")
         elif kind == "data_prepared":
             self.last["samples"] = e.get("train_samples")
@@ -199,7 +231,8 @@ class TrainScreen(StepScreen):
             self.set_status(f"finished: adapter in {e.get('adapter_path')} · ctrl+n: chat, export, save", "ok")
         elif kind == "run_stopped":
             self.state = "stopped"
-            self.set_status(f"stopped at step {e.get('step')} (checkpoint {e.get('checkpoint')}) · ctrl+r resumes",
+            ckpt = Path(str(e.get("checkpoint"))).name if e.get("checkpoint") else "none"
+            self.set_status(f"stopped at step {e.get('step')} (checkpoint: {ckpt}) · ctrl+r resumes",
                             "warning")
         elif kind == "run_failed":
             self.state = "failed"
@@ -320,13 +353,15 @@ class TrainScreen(StepScreen):
         if self.app.run_dir is None or self.state not in ("stopped", "failed"):
             self.set_status("only a stopped or failed run can be resumed", "warning")
             return
+        log = self.app.run_dir / "events.jsonl"
+        offset = log.stat().st_size if log.exists() else 0
         try:
             runs.launch(self.app.run_dir, detach=True)
         except UserError as exc:
             self.set_status(f"could not resume: {exc}", "error")
             return
         self.reset_panel()
-        self.follow(self.app.run_dir)
+        self.follow(self.app.run_dir, resume_offset=offset)
 
     # ---- leaving ---------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class VramBar(Widget):
         out.append(f"0 GiB{' ' * max(1, width - 5 - len(scale_note))}{scale_note}\n", style="dim")
         for i, (name, gib) in enumerate(comps):
             out.append(FILLS[i % len(FILLS)] * 2, style=COLOURS[i % len(COLOURS)])
-            out.append(f" {name:<18}{gib:6.2f} GiB")
+            out.append(f" {name.replace('_', ' '):<18}{gib:6.2f} GiB")
             if i < len(comps) - 1:
                 out.append("\n")
         return out

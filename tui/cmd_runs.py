@@ -1,0 +1,420 @@
+"""`snugtune train | runs | attach | stop | resume | presets | chat | export`: headless runs.
+
+No torch at module level (the wizard and `snugtune --help` import this): training runs in the
+engine process (`python -m core.train RUN_DIR`); chat and export import the engine inside the
+function that runs them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from core.errors import UserError
+
+# ---- formatting -------------------------------------------------------------------------------
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _bar(done: int, total: Optional[int], width: int = 20) -> str:
+    if not total:
+        return "[" + "?" * width + "]"
+    filled = min(width, int(width * done / total))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def progress_line(ev: dict) -> str:
+    """One line for a step_logged event: step/total, bar, loss, tokens/s, VRAM, ETA."""
+    step, total = ev.get("step", 0), ev.get("total_steps")
+    loss, tps = ev.get("loss"), ev.get("tokens_per_s")
+    alloc, reserved = ev.get("mem_allocated_gib"), ev.get("mem_reserved_gib")
+    parts = [
+        f"step {step}/{total or '?'} {_bar(step, total)}",
+        f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss -",
+        f"{tps:,.0f} tok/s" if isinstance(tps, (int, float)) else "- tok/s",
+        f"VRAM {alloc:.2f}/{reserved:.2f} GiB" if alloc is not None and reserved is not None else "VRAM - (CPU)",
+        f"ETA {_duration(ev.get('eta_s'))}",
+    ]
+    return " | ".join(parts)
+
+
+class Printer:
+    """Renders events to the terminal: a live progress line on a TTY, plain lines otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self._live = False
+
+    def _line(self, text: str) -> None:
+        if self._live:
+            self.stream.write("\n")
+            self._live = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _progress(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+            self._live = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def event(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "setup_progress":
+            self._line(f"  {ev.get('message')} ...")
+        elif kind == "run_started":
+            dev = ev.get("device") or {}
+            model = (ev.get("config") or {}).get("model", {}).get("name_or_path")
+            resumed = f", resuming from {Path(ev['resumed_from']).name}" if ev.get("resumed_from") else ""
+            self._line(f"  training {model} on {dev.get('type')} ({dev.get('name')}), "
+                       f"{ev.get('total_steps')} steps{resumed}")
+        elif kind == "data_prepared":
+            self._line(f"  data: {ev.get('train_samples')} train / {ev.get('eval_samples')} eval samples, "
+                       f"format {ev.get('format')}")
+        elif kind == "step_logged":
+            self._progress(progress_line(ev))
+        elif kind == "eval_logged":
+            self._line(f"  eval at step {ev.get('step')}: loss {ev.get('eval_loss'):.4f}")
+        elif kind == "checkpoint_saved":
+            self._line(f"  checkpoint saved at step {ev.get('step')}")
+        elif kind == "oom_recovered":
+            self._line(f"  out of memory at step {ev.get('step')}: retrying with micro-batch {ev.get('micro_batch')} "
+                       f"x grad-accum {ev.get('grad_accum')}")
+        elif kind == "run_finished":
+            loss = ev.get("final_loss")
+            self._line(f"finished: {ev.get('steps')} steps, final loss {loss:.4f}" if loss is not None
+                       else f"finished: {ev.get('steps')} steps")
+            self._line(f"adapter: {ev.get('adapter_path')}")
+        elif kind == "run_stopped":
+            self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} (resume with `snugtune resume`)")
+        elif kind == "run_failed":
+            self._line(f"failed ({ev.get('kind')}): {ev.get('error')}")
+
+
+def _exit_code(ev: Optional[dict]) -> int:
+    if ev is None:
+        return 1
+    kind = ev.get("event")
+    if kind in ("run_finished", "run_stopped"):
+        return 0
+    if kind == "run_failed":
+        return 2 if ev.get("kind") == "user" else (3 if ev.get("kind") == "oom" else 1)
+    return 1
+
+
+def _follow_and_print(run_dir: Path, alive: Optional[Callable[[], bool]], printer: Printer,
+                      on_interrupt: Callable[[], bool]) -> Optional[dict]:
+    """Print events until a terminal one; Ctrl-C calls on_interrupt (True: keep following)."""
+    from core.events import TERMINAL_EVENTS, follow
+
+    last = None
+    while True:
+        try:
+            for ev in follow(run_dir, alive=alive):
+                printer.event(ev)
+                if ev.get("event") in TERMINAL_EVENTS:
+                    last = ev
+            return last
+        except KeyboardInterrupt:
+            if not on_interrupt():
+                return None
+            # follow again from the start, skipping what was printed: simplest is a fresh
+            # follow with a printer that ignores events already shown.
+            printer = _SkipPrinter(printer, run_dir)
+
+
+class _SkipPrinter(Printer):
+    """A printer that skips the events already in the log when it was made."""
+
+    def __init__(self, inner: Printer, run_dir: Path):
+        from core.events import read_events
+
+        self.__dict__.update(inner.__dict__)
+        self._skip = len(read_events(run_dir))
+
+    def event(self, ev: dict) -> None:
+        if self._skip > 0:
+            self._skip -= 1
+            return
+        super().event(ev)
+
+
+# ---- train / resume -----------------------------------------------------------------------------
+
+
+def _check_placeholders(cfg) -> None:
+    if cfg.data.path.startswith("REPLACE"):
+        raise UserError(
+            f"data.path = {cfg.data.path!r}: this preset needs your training data",
+            hint="pass --set data.path=/path/to/your/data.jsonl (JSONL, JSON, CSV, Parquet or .txt, or a Hub dataset id)",
+        )
+
+
+def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
+    from core import runs
+
+    if detach:
+        pid = runs.launch(run_dir, detach=True)
+        if as_json:
+            print(json.dumps({"run_dir": str(run_dir), "pid": pid}))
+        else:
+            print(f"run directory: {run_dir}")
+            print(f"engine pid {pid}; follow it with `snugtune attach {run_dir.name}`, stop it with "
+                  f"`snugtune stop {run_dir.name}`")
+        return 0
+    proc = runs.spawn(run_dir)
+    print(f"run directory: {run_dir}", flush=True)
+    stopping = {"asked": False}
+
+    def on_interrupt() -> bool:
+        if not stopping["asked"]:
+            stopping["asked"] = True
+            runs.request_stop(run_dir)
+            print("\nstopping: the engine saves a checkpoint first (Ctrl-C again to leave it running "
+                  "in the background)", file=sys.stderr, flush=True)
+            return True
+        print(f"\nleft running in the background; `snugtune attach {run_dir.name}` or "
+              f"`snugtune stop {run_dir.name}`", file=sys.stderr)
+        return False
+
+    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(), on_interrupt)
+    if last is None and stopping["asked"]:
+        return 130
+    if last is not None and last.get("event") == "run_failed":
+        print(f"snugtune: the run failed; details in {run_dir / 'engine.log'}", file=sys.stderr)
+    try:
+        proc.wait(timeout=60)  # the engine exits right after its last event
+    except Exception:  # noqa: BLE001 - a slow exit is not the user's problem
+        pass
+    print(f"run directory: {run_dir}")
+    return _exit_code(last)
+
+
+def cmd_train(args) -> int:
+    from core import runs
+    from core.presets import load_preset
+
+    if args.resume:
+        return _resume(args.resume, args.detach, args.json)
+    if not args.preset:
+        raise UserError("give a preset name or a TOML file (see `snugtune presets`), or --resume RUN")
+    cfg = load_preset(args.preset)
+    if args.set:
+        cfg = cfg.with_overrides(args.set)
+    _check_placeholders(cfg)
+    run_dir = runs.create_run_dir(cfg, header=f"Started with: snugtune train {args.preset}"
+                                  + "".join(f" --set {s}" for s in args.set or []))
+    return _run_engine(run_dir, args.detach, args.json)
+
+
+def _resume(run: str, detach: bool, as_json: bool) -> int:
+    from core import runs
+
+    run_dir = runs.resolve_run(run)
+    status = runs.run_status(run_dir)
+    if status["status"] == "running":
+        raise UserError(f"run {run_dir.name} is still running", hint=f"`snugtune attach {run_dir.name}` follows it")
+    if status["status"] == "finished":
+        raise UserError(f"run {run_dir.name} already finished; its adapter is in {run_dir / 'adapter'}",
+                        hint="start a new run with `snugtune train`")
+    return _run_engine(run_dir, detach, as_json)
+
+
+def cmd_resume(args) -> int:
+    return _resume(args.run, args.detach, args.json)
+
+
+# ---- runs / attach / stop ------------------------------------------------------------------------
+
+
+def cmd_runs(args) -> int:
+    from core import runs
+
+    items = runs.list_runs()
+    if args.json:
+        print(json.dumps(items, indent=1))
+        return 0
+    if not items:
+        print(f"no runs yet in {runs.default_runs_dir()}; start one with `snugtune train demo`")
+        return 0
+    width = max(len(r["name"]) for r in items)
+    print(f"{'NAME':<{width}}  {'STATUS':<8}  {'STEP':>11}  {'LOSS':>8}  STARTED")
+    for r in items:
+        step = f"{r['step']}/{r['total_steps'] or '?'}"
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])) if r["started"] else "-"
+        print(f"{r['name']:<{width}}  {r['status']:<8}  {step:>11}  {loss:>8}  {started}")
+    print(f"({runs.default_runs_dir()})")
+    return 0
+
+
+def cmd_attach(args) -> int:
+    from core import runs
+
+    run_dir = runs.resolve_run(args.run)
+    print(f"run directory: {run_dir}", flush=True)
+    if args.json:
+        from core.events import follow
+
+        last = None
+        try:
+            for ev in follow(run_dir):
+                print(json.dumps(ev), flush=True)
+                last = ev
+        except KeyboardInterrupt:
+            return 130
+        return _exit_code(last)
+
+    def on_interrupt() -> bool:
+        print(f"\ndetached; the run continues (`snugtune stop {run_dir.name}` stops it)", file=sys.stderr)
+        return False
+
+    last = _follow_and_print(run_dir, None, Printer(), on_interrupt)
+    return 130 if last is None else _exit_code(last)
+
+
+def cmd_stop(args) -> int:
+    from core import runs
+    from core.events import follow
+
+    run_dir = runs.resolve_run(args.run)
+    if not runs.request_stop(run_dir):
+        status = runs.run_status(run_dir)["status"]
+        (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
+        print(f"run {run_dir.name} is not running ({status})")
+        return 0
+    print(f"asked run {run_dir.name} to save a checkpoint and stop")
+    if args.wait:
+        last = None
+        for ev in follow(run_dir):
+            last = ev
+        print(f"run {run_dir.name}: {runs.run_status(run_dir)['status']}")
+        return _exit_code(last)
+    return 0
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+
+
+def cmd_presets(args) -> int:
+    from core import presets
+
+    if getattr(args, "presets_action", None) == "show":
+        if args.json:
+            cfg = presets.load_preset(args.name)
+            print(json.dumps(cfg.to_dict(), indent=1))
+        else:
+            path = presets.find_preset(args.name)
+            presets.load_preset(args.name)  # validate: say what is wrong rather than print a broken file
+            print(f"# {path}")
+            print(path.read_text(encoding="utf-8"), end="")
+        return 0
+    items = presets.list_presets()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in items], indent=1))
+        return 0
+    width = max((len(p.name) for p in items), default=4)
+    for p in items:
+        print(f"{p.name:<{width}}  {p.source:<7}  {p.description}")
+    print(f"(user presets: {presets.user_presets_dir()})")
+    return 0
+
+
+# ---- chat / export ----------------------------------------------------------------------------------
+
+
+def cmd_chat(args) -> int:
+    from core import runs
+
+    run_dir = runs.resolve_run(args.run)
+    from core.chat import interactive
+
+    return interactive(run_dir, compare=args.compare, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature)
+
+
+def cmd_export(args) -> int:
+    from core import runs
+
+    run_dir = runs.resolve_run(args.run)
+    out = Path(args.merged).expanduser()
+    if out.exists():  # say it before loading anything heavy
+        raise UserError(f"{out} already exists; snugtune does not overwrite it",
+                        hint="choose a new output directory")
+    print(f"merging the adapter of {run_dir.name} into its base model ...", file=sys.stderr)
+    from core.export import export_merged
+
+    path = export_merged(run_dir, out)
+    print(f"merged model: {path}")
+    return 0
+
+
+# ---- registration -------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train from a preset (name or TOML file)",
+                              description="Train from a preset. In the foreground it shows progress; Ctrl-C "
+                              "saves a checkpoint and stops. --detach leaves it running on its own.")
+    p.add_argument("preset", nargs="?", help="a preset name (see `snugtune presets`) or a TOML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a setting, e.g. --set train.max_steps=4 --set data.path=my.jsonl (repeatable)")
+    p.add_argument("--detach", action="store_true", help="start the run in the background and return at once")
+    p.add_argument("--resume", metavar="RUN", help="resume a stopped or died run (name or directory) instead")
+    p.add_argument("--json", action="store_true", help="with --detach: print {run_dir, pid} as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("resume", help="resume a stopped run from its last checkpoint")
+    p.add_argument("run", help="run name or directory")
+    p.add_argument("--detach", action="store_true", help="resume in the background and return at once")
+    p.add_argument("--json", action="store_true", help="with --detach: print {run_dir, pid} as JSON")
+    p.set_defaults(func=cmd_resume)
+
+    p = subparsers.add_parser("runs", help="list runs with status, steps and last loss")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_runs)
+
+    p = subparsers.add_parser("attach", help="follow a run's progress live until it ends")
+    p.add_argument("run", help="run name (or a unique prefix) or directory")
+    p.add_argument("--json", action="store_true", help="print the raw events, one JSON object a line")
+    p.set_defaults(func=cmd_attach)
+
+    p = subparsers.add_parser("stop", help="ask a run to save a checkpoint and stop")
+    p.add_argument("run", help="run name or directory")
+    p.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    p.set_defaults(func=cmd_stop)
+
+    p = subparsers.add_parser("presets", help="list presets; `presets show NAME` prints one")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    sub = p.add_subparsers(dest="presets_action", metavar="ACTION")
+    s = sub.add_parser("show", help="print one preset")
+    s.add_argument("name", help="preset name or TOML file")
+    s.add_argument("--json", action="store_true", help="print the validated configuration as JSON")
+    p.set_defaults(func=cmd_presets)
+
+    p = subparsers.add_parser("chat", help="chat with a run's adapter in the terminal")
+    p.add_argument("run", help="run name or directory")
+    p.add_argument("--compare", action="store_true", help="also answer with the base model (adapter off)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser("export", help="merge a run's adapter into the base model and save it")
+    p.add_argument("run", help="run name or directory")
+    p.add_argument("--merged", metavar="OUT_DIR", required=True, help="new directory for the merged model")
+    p.set_defaults(func=cmd_export)
