@@ -50,6 +50,9 @@ BYTES_ADAM32 = 8
 CE_CHUNK_BYTES = 256 * 2**20
 MLP_TILE_BYTES = 256 * 2**20
 AUTO_OFFLOAD_SHARE = 0.10
+ATTN_TILE_ELEMS = 2**24  # query-tiled attention (softcapping, sliding windows): one score tile
+CHUNKABLE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"}
+TILED_ATTENTION = {"gemma2", "gemma3_text"}  # attention softcapping / sliding windows: SDPA cannot
 
 # Plain recipe's allocator overhead: the fp32 cast frees the bf16 copies of the embedding
 # (and head, norms), which stay cached; and large token x vocab blocks fragment the cache by
@@ -260,7 +263,13 @@ def estimate(
         # inputs (~(4h + I) x 4 bytes); with tiling the I-terms exist one tile at a time.
         block = T * (10 * h * s + 4 * h * 4) + tile * (4 * I * s + I * 4)
         transient = tile * 4 * I * s + T * 2 * h * s
+        if spec.model_type in TILED_ATTENTION:
+            # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention)
+            transient += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
         use_chunks = cfg.train.chunked_loss if chunked_loss is None else chunked_loss
+        if use_chunks and spec.model_type not in CHUNKABLE:
+            use_chunks = False
+            notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
         if use_chunks:
             chunk = _ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
             per_logit = 8 + (4 if softcap else 0)
@@ -268,10 +277,13 @@ def estimate(
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
             largest_block = loss_ws
         else:
-            loss_ws = T * V * 4 * (4 + (1 if softcap else 0))
+            # the model's own loss on 16-bit logits: bf16 logits (kept by the output), their fp32
+            # upcast, log_softmax's output and two fp32 gradients: 2 + 4 + 4 + 4 bytes a logit
+            loss_ws = T * V * (14 + (4 if softcap else 0))
             loss_hidden = 2 * T * h * s
             largest_block = T * V * 4
-            notes.append("chunked loss off: the full logits are materialised (the largest cost at big vocabularies)")
+            if cfg.train.chunked_loss is False or chunked_loss is False:
+                notes.append("chunked loss off: the full logits are materialised (the largest cost at big vocabularies)")
         if keep_layers:
             kept += keep_layers * (block - T * h * s)
     largest_block = max(largest_block, tile * I * s)
