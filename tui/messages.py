@@ -44,6 +44,7 @@ class DataInspected(Message):
     path: str
     report: dict | None = None
     error: str | None = None
+    request: int = 0  # which preview asked; an older one arriving late is dropped
 
 
 @dataclass

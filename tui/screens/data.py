@@ -105,6 +105,8 @@ def render_samples(samples: list[Any]) -> Text:
                 if i:
                     out.append("\n")
                     line_start = True
+                if not line:
+                    continue  # the gutter belongs to whichever segment puts text on the line
                 if line_start:
                     out.append("▌ " if trained else "· ", style="bold green" if trained else "dim")
                     line_start = False
@@ -117,8 +119,7 @@ class DataScreen(StepScreen):
     STEP = 2
 
     def compose_body(self):
-        yield Label("Which data? A .jsonl/.json/.csv/.parquet/.txt file or a Hub dataset id; Enter previews it.",
-                    classes="title")
+        yield Label("Training data: a .jsonl .json .csv .parquet .txt file or a Hub dataset id", classes="title")
         with Horizontal(classes="row"):
             yield Label("Data", classes="field-label")
             yield Input(self.app.get_value("data.path", ""), placeholder="path/to/train.jsonl or owner/dataset",
@@ -140,6 +141,7 @@ class DataScreen(StepScreen):
     def on_mount(self) -> None:
         self.report = self.app.data_report
         self.inspected_for: tuple | None = None
+        self.request = 0
         if self.report is not None:
             self.show_report(self.report)
             self.inspected_for = self._key()
@@ -181,11 +183,15 @@ class DataScreen(StepScreen):
         self.save_state()
         self.set_status(f"reading {path} and counting tokens…")
         self.query_one("#samples", Static).update(Text("reading…", style="dim"))
-        self.run_inspect(path, self.query_one("#format", Select).value, columns)
+        self.request += 1
+        self.run_inspect(path, self.query_one("#format", Select).value, columns, self.request)
 
     def inspect_command(self, path: str, fmt: str, columns: dict[str, str]) -> list[str]:
-        cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", path, "--json",
-               "--format", fmt, "--max-seq-len", str(self.app.get_value("data.max_seq_len", 1024))]
+        cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", path, "--json",
+               "--format", fmt, "--seq", str(self.app.get_value("data.max_seq_len", 1024))]
+        template = self.app.get_value("data.template")
+        if template:
+            cmd += ["--template", template]
         model = self.app.get_value("model.name_or_path")
         if model:
             cmd += ["--model", model]
@@ -194,13 +200,13 @@ class DataScreen(StepScreen):
         return cmd
 
     @work(thread=True, exit_on_error=False, name="data preview", exclusive=True, group="inspect")
-    def run_inspect(self, path: str, fmt: str, columns: dict[str, str]) -> None:
+    def run_inspect(self, path: str, fmt: str, columns: dict[str, str], request: int) -> None:
         cmd = self.inspect_command(path, fmt, columns)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=INSPECT_TIMEOUT_S,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            self.post_message(DataInspected(path, error=f"reading the data took over {INSPECT_TIMEOUT_S}s; try max_samples"))
+            self.post_message(DataInspected(path, request=request, error=f"reading the data took over {INSPECT_TIMEOUT_S}s; try max_samples"))
             return
         if proc.returncode != 0:
             # the CLI prints one `snugtune: error: ...` line for a UserError: show it as it is
@@ -208,18 +214,20 @@ class DataScreen(StepScreen):
             errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
             message = (errs[0].removeprefix("snugtune: error: ") + "".join("\n" + ln for ln in lines[lines.index(errs[0]) + 1:])
                        if errs else (lines[-1] if lines else f"exit code {proc.returncode}"))
-            self.post_message(DataInspected(path, error=message))
+            self.post_message(DataInspected(path, request=request, error=message))
             return
         try:
             report = json.loads(proc.stdout)
         except json.JSONDecodeError:
-            self.post_message(DataInspected(path, error="data inspect printed something that is not JSON: "
+            self.post_message(DataInspected(path, request=request, error="data inspect printed something that is not JSON: "
                                             + proc.stdout[:200]))
             return
-        self.post_message(DataInspected(path, report=report))
+        self.post_message(DataInspected(path, request=request, report=report))
 
     @on(DataInspected)
     def _inspected(self, msg: DataInspected) -> None:
+        if msg.request != self.request:
+            return  # a preview the user has since replaced (a thread cannot be cancelled mid-run)
         if msg.error:
             self.report = None
             self.app.data_report = None
@@ -233,7 +241,7 @@ class DataScreen(StepScreen):
         fmt = format_kind(msg.report)
         n = attr(msg.report, "samples_total", "num_samples", default=None)
         self.set_status(f"{msg.path}: {fmt} format" + (f", {n} samples" if n is not None else "")
-                        + " · ctrl+n goes on to the settings", "ok")
+                        + " · ctrl+n: settings", "ok")
 
     def show_report(self, report: dict) -> None:
         samples = attr(report, "samples", default=[])[:3]
@@ -248,26 +256,27 @@ class DataScreen(StepScreen):
         stats = attr(report, "length_stats", "lengths", default={}) or {}
         max_len = int(self.app.get_value("data.max_seq_len", 1024))
         out = Text()
-        out.append(f"format   {format_kind(report)}", style="bold")
+        out.append(f"format  {format_kind(report)}\n", style="bold")
         n = attr(report, "samples_total", "num_samples")
-        out.append(f" · {n} samples\n" if n is not None else "\n")
+        if n is not None:
+            out.append(f"samples {n}\n")
         for k, v in format_columns(report).items():
             out.append(f"  {k} ← {v}\n")
         out.append("tokens per sample\n", style="bold")
-        bits = [f"{k} {attr(stats, k)}" for k in ("min", "p50", "mean", "p95", "max") if attr(stats, k) is not None]
+        bits = [f"{k} {attr(stats, k)}" for k in ("p50", "p95", "max") if attr(stats, k) is not None]
         if bits:
             out.append("  " + " · ".join(str(b) for b in bits) + "\n")
+        frac = attr(stats, "truncated_share", "truncated_fraction")
+        if frac is not None:
+            share = float(frac)
+            out.append(f"cut at {max_len}: {share:.0%} of samples\n",
+                       style="bold red" if share > 0.05 else "bold")  # >5% cut is worth a warning colour
         hist = attr(stats, "histogram", default=None) or {}
         edges = attr(hist, "edges", "bins", default=[])
         counts = attr(hist, "counts", default=[])
         if counts:
             out.append_text(render_histogram(edges, counts, max_len, width=14))
             out.append("\n")
-        frac = attr(stats, "truncated_share", "truncated_fraction")
-        if frac is not None:
-            share = float(frac)
-            out.append(f"cut at {max_len}: {share:.0%} of samples",
-                       style="bold red" if share > 0.05 else "bold")  # >5% cut is worth a warning colour
         return out
 
     # ---- leaving -------------------------------------------------------------------
