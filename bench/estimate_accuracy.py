@@ -143,6 +143,7 @@ def estimate_case(case: Case, recipe: str, total_gib: float = 139.81, context_gi
         gpu = replace(gpu, cuda_context_gib=context_gib)
     est = estimate(spec, run_config(case), gpu, recipe)
     return {"total_gib": est.total_gib, "allocated_gib": est.allocated_gib, "reserved_gib": est.reserved_gib,
+            "device_gib": est.device_gib,
             "components": est.components, "peak_phase": est.peak_phase, "verdict": est.verdict, "knobs": est.knobs}
 
 
@@ -156,7 +157,7 @@ def error_pct(measured: Optional[float], estimated: Optional[float]) -> Optional
 def markdown_table(results: list[dict]) -> str:
     """The README table: one row per (case, recipe)."""
     head = ("| config | recipe | measured reserved GiB | estimated reserved GiB | error % "
-            "| measured alloc GiB | est. alloc GiB | error % | NVML process GiB | est. total GiB | error % |")
+            "| measured alloc GiB | est. alloc GiB | error % | NVML process GiB | est. device GiB | error % |")
     lines = [head, "|" + "---|" * 11]
 
     def f(x, fmt="{:.2f}"):
@@ -172,8 +173,8 @@ def markdown_table(results: list[dict]) -> str:
             f"{f(error_pct(m.get('peak_reserved_gib'), e.get('reserved_gib')), '{:+.1f}')} | "
             f"{f(m.get('peak_alloc_gib'))} | {f(e.get('allocated_gib'))} | "
             f"{f(error_pct(m.get('peak_alloc_gib'), e.get('allocated_gib')), '{:+.1f}')} | "
-            f"{f(m.get('nvml_process_gib'))} | {f(e.get('total_gib'))} | "
-            f"{f(error_pct(m.get('nvml_process_gib'), e.get('total_gib')), '{:+.1f}')} |"
+            f"{f(m.get('nvml_process_gib'))} | {f(e.get('device_gib'))} | "
+            f"{f(error_pct(m.get('nvml_process_gib'), e.get('device_gib')), '{:+.1f}')} |"
         )
     errs = [abs(x) for r in results if not r.get("error")
             for x in [error_pct((r.get("measured") or {}).get("peak_reserved_gib"), (r.get("estimated") or {}).get("reserved_gib"))]
