@@ -152,6 +152,11 @@ class TrainSettings(_Section):
     chunked_loss: bool = Field(
         True, description="Compute the output layer and loss in chunks so the full logits are never held (large vocabularies)."
     )
+    compile: bool = Field(
+        False,
+        description="Compile each decoder block with torch.compile (CUDA only): fewer kernel launches, "
+        "faster on small models; the first steps wait for the compiler.",
+    )
     logging_steps: int = Field(1, ge=1, description="Log loss, speed and memory every N optimizer steps.")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (default: at the end of each epoch).")
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")

@@ -716,11 +716,12 @@ def _wrap_block(layer, idx: int, state: dict):
 
     def forward(hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and layer.training) or idx >= state["checkpoint_upto"]:
-            return orig(hidden_states, *args, **kwargs)
+            return state["compiled"].get(idx, orig)(hidden_states, *args, **kwargs)
         if not hidden_states.requires_grad:
             hidden_states = hidden_states.detach().requires_grad_(True)
         extras: list = []
-        run = (lambda h: orig(h, *args, **kwargs))
+        fn = state["compiled"].get(idx, orig)
+        run = (lambda h: fn(h, *args, **kwargs))
         off = state["offloader"] if state["offload_now"](hidden_states) else None
         out = _CheckpointBlock.apply(hidden_states, run, idx, off, extras, state["keep_rng"])
         return (out, *extras) if extras else out
@@ -813,7 +814,14 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
             "offload_now": (lambda h: offload and (not on_cuda or h.numel() * h.element_size() * L > 0.02 * (budget or 1))),
             "keep_rng": _has_dropout(hf),
             "checkpoint_upto": L - keep,
+            "compiled": {},
         }
+        if _cfg_get(cfg, "train.compile", False) and on_cuda:
+            # regional compile: each block's own forward (the same code for every block, so one
+            # compilation serves all); the checkpoint/offload logic stays eager around it
+            for i, lyr in enumerate(layers):
+                state["compiled"][i] = torch.compile(lyr.forward, dynamic=None)
+            applied["compile"] = "per decoder block"
         for i, lyr in enumerate(layers):
             _wrap_block(lyr, i, state)
         hf._snug_ckpt_state = state
