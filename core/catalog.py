@@ -441,6 +441,11 @@ def resolve_model(id_or_path: str, offline: bool | None = None, revision: str | 
         )
     try:
         return hub.fetch_spec(name, revision=revision)
+    except hub.HubUnreachable as exc:
+        raise hub.HubUnreachable(
+            f"model {name!r} is not in the catalog or the local cache, and {exc.message}",
+            hint=f"{suggestion}see `snugtune models --source catalog`" if suggestion else exc.hint,
+        ) from None
     except hub.HubNotFound:
         raise UserError(
             f"unknown model {name!r}: not in the catalog, the local cache, or on the Hub",
