@@ -192,21 +192,27 @@ def tiny_instruction_jsonl(tiny_data_dir) -> Path:
     return tiny_data_dir / "instruction.jsonl"
 
 
-@pytest.fixture
-def tiny_run_config(tiny_model_dir, tiny_instruction_jsonl, tmp_path):
-    """A factory: RunConfig for the tiny model and data, CPU, a few steps; overrides as --set strings."""
+def make_tiny_config(model_dir, data_path, runs_dir, *overrides: str):
+    """RunConfig for the tiny model and data: CPU, 6 steps of 4 x 64 tokens; overrides as --set strings."""
     from core.config import RunConfig
 
+    base = RunConfig.from_dict({
+        "gpu": {"profile": "cpu"},
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": str(data_path), "max_seq_len": 64, "eval_fraction": 0.1},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"micro_batch": 4, "grad_accum": 1, "max_steps": 6, "learning_rate": 1e-2,
+                  "warmup_ratio": 0.0, "save_steps": 3, "logging_steps": 1},
+        "output": {"runs_dir": str(runs_dir)},
+    })
+    return base.with_overrides(list(overrides)) if overrides else base
+
+
+@pytest.fixture
+def tiny_run_config(tiny_model_dir, tiny_instruction_jsonl, tmp_path):
+    """A factory: make_tiny_config(...) with runs under this test's tmp_path."""
+
     def make(*overrides: str):
-        base = RunConfig.from_dict({
-            "gpu": {"profile": "cpu"},
-            "model": {"name_or_path": str(tiny_model_dir)},
-            "data": {"path": str(tiny_instruction_jsonl), "max_seq_len": 64, "eval_fraction": 0.1},
-            "lora": {"r": 8, "alpha": 16},
-            "train": {"micro_batch": 4, "grad_accum": 1, "max_steps": 6, "learning_rate": 5e-3,
-                      "warmup_ratio": 0.0, "save_steps": 3, "logging_steps": 1},
-            "output": {"runs_dir": str(tmp_path / "runs")},
-        })
-        return base.with_overrides(list(overrides)) if overrides else base
+        return make_tiny_config(tiny_model_dir, tiny_instruction_jsonl, tmp_path / "runs", *overrides)
 
     return make

@@ -1,0 +1,324 @@
+"""The model: find it (built-in, local directory or Hub id), load it in 4-bit NF4, attach LoRA.
+
+QLoRA as the paper and the plain recipe do it: NF4 weights with double quantization
+(bitsandbytes), 16-bit compute, LoRA adapters (peft) on every linear projection, gradient
+checkpointing (non-reentrant). The same path runs on the CPU: bitsandbytes 0.50 quantizes and
+trains 4-bit layers there, which is what the tests use. Memory savers from core.savers come last.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from core.config import RunConfig
+from core.errors import UserError
+
+# A Hub repo id is `name` or `owner/name`; anything that looks like a filesystem path is local.
+_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+def is_builtin(name: str) -> bool:
+    try:
+        from core.demo import is_builtin as demo_is_builtin
+    except ImportError:
+        return name.startswith("builtin:")
+    return demo_is_builtin(name)
+
+
+def resolve_model_source(name_or_path: str, revision: Optional[str] = None) -> str:
+    """A local directory or a Hub id that from_pretrained will find; a clear UserError otherwise.
+
+    For a Hub id this fetches config.json first (from the cache when offline), so that a missing,
+    gated or unreachable model is reported in one sentence before anything heavy starts.
+    """
+    if is_builtin(name_or_path):
+        from core.demo import resolve_builtin
+
+        return str(resolve_builtin(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model directory {path} has no config.json",
+                hint="point model.name_or_path at a directory saved with save_pretrained (config.json + weights)",
+            )
+        return str(path)
+    if name_or_path.startswith(_PATH_PREFIXES) or path.exists() or name_or_path.count("/") > 1:
+        raise UserError(
+            f"model directory {name_or_path!r} not found",
+            hint="give an existing local model directory or a Hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'",
+        )
+    _check_hub_model(name_or_path, revision)
+    return name_or_path
+
+
+def _check_hub_model(repo_id: str, revision: Optional[str]) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    where = f"model.name_or_path = {repo_id!r}"
+    try:
+        hf_hub_download(repo_id, "config.json", revision=revision)
+    except hf_errors.HFValidationError:
+        raise UserError(
+            f"{where}: not a valid Hub model id and not an existing directory",
+            hint="a Hub id looks like 'owner/name'; a local model is a directory holding config.json",
+        ) from None
+    except hf_errors.GatedRepoError:
+        # Never echo the token: only say where a token comes from.
+        raise UserError(
+            f"{where}: this model is gated and needs an access token",
+            hint=f"accept its license at https://huggingface.co/{repo_id}, then log in with `hf auth login` "
+            "or set the HF_TOKEN environment variable",
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise UserError(
+            f"{where}: no such model on the Hub (or it is private and needs a token)",
+            hint="check the spelling (e.g. 'Qwen/Qwen2.5-0.5B-Instruct'); for a private model set HF_TOKEN",
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise UserError(f"{where}: revision {revision!r} not found",
+                        hint="model.revision takes a branch, tag or commit of the repository") from None
+    except hf_errors.RemoteEntryNotFoundError:
+        raise UserError(f"{where}: the repository has no config.json, so it is not a transformers model") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+        raise UserError(
+            f"{where}: the Hugging Face Hub cannot be reached and the model is not in the local cache",
+            hint="connect to the network (or check HF_ENDPOINT / proxy settings), or give a local model directory",
+        ) from None
+    except hf_errors.HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise UserError(f"{where}: the Hub answered with an error (HTTP {status})",
+                        hint="try again later, or give a local model directory") from None
+    except OSError as exc:  # connection failures surface as OSError subclasses
+        raise UserError(
+            f"{where}: the Hugging Face Hub cannot be reached ({type(exc).__name__})",
+            hint="connect to the network (or check HF_ENDPOINT / proxy settings), or give a local model directory",
+        ) from None
+
+
+# ---- device and precision -------------------------------------------------------------------
+
+
+def select_device(cfg: RunConfig) -> dict[str, Any]:
+    """Where the run trains: a dict with type ('cuda'/'cpu'), index, name, total_gib, budget_gib, bf16."""
+    profile = cfg.gpu.profile
+    if profile != "cpu" and torch.cuda.is_available():
+        index = cfg.gpu.device_index
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"gpu.device_index = {index}, but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                hint="device indices start at 0; see `nvidia-smi`",
+            )
+        props = torch.cuda.get_device_properties(index)
+        return {
+            "type": "cuda",
+            "index": index,
+            "name": props.name,
+            "total_gib": round(props.total_memory / 2**30, 2),
+            "budget_gib": cfg.gpu.vram_budget_gib,
+            "capability": f"{props.major}.{props.minor}",
+            # bf16 arithmetic is native from Ampere (compute capability 8.0) on; older cards
+            # (GTX 16xx, RTX 20xx, T4) only emulate it, slowly, so they get fp16.
+            "bf16": props.major >= 8,
+        }
+    if profile not in ("auto", "cpu"):
+        raise UserError(
+            f"gpu.profile = {profile!r} plans for a GPU, but no CUDA GPU is available here",
+            hint="train on the CPU with --set gpu.profile=cpu (slow; fine for tiny models), or use a machine with a GPU",
+        )
+    total = None
+    try:
+        total = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {
+        "type": "cpu",
+        "index": None,
+        "name": platform.processor() or platform.machine() or "cpu",
+        "total_gib": total,
+        "budget_gib": None,
+        "threads": torch.get_num_threads(),
+        "bf16": False,
+    }
+
+
+def pick_compute_dtype(setting: str, device: dict) -> str:
+    """'bf16', 'fp16' or 'fp32' for model.compute_dtype on this device.
+
+    'auto': bf16 on Ampere and newer, fp16 on older GPUs, fp32 on the CPU (bitsandbytes' CPU
+    4-bit kernels train correctly in both bf16 and fp32, but CPUs without AMX emulate bf16
+    matmuls slowly, and fp32 is exact).
+    """
+    if setting != "auto":
+        return setting
+    if device["type"] == "cuda":
+        return "bf16" if device.get("bf16") else "fp16"
+    return "fp32"
+
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: str, cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(cfg) from None
+        raise
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked out of the loss
+        # anyway, so reusing EOS (or UNK) is safe.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _remote_code_error(cfg: RunConfig) -> UserError:
+    return UserError(
+        f"model {cfg.model.name_or_path!r} ships its own Python code, which snugtune does not run by default",
+        hint="if you trust its author, pass --set model.trust_remote_code=true",
+    )
+
+
+def quantization_config(compute: str):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # NF4: the 4-bit type matched to normally distributed weights
+        bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bit/param saved
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute],
+    )
+
+
+def load_base_model(source: str, cfg: RunConfig, device: dict, *, quantize: Optional[bool] = None,
+                    compute: Optional[str] = None):
+    """The base model on the device: 4-bit NF4 when model.load_in_4bit (or `quantize`), else 16-bit."""
+    from transformers import AutoModelForCausalLM
+
+    compute = compute or pick_compute_dtype(cfg.model.compute_dtype, device)
+    quantize = cfg.model.load_in_4bit if quantize is None else quantize
+    kwargs: dict[str, Any] = {
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "dtype": TORCH_DTYPES[compute],
+        "device_map": {"": device["index"] if device["type"] == "cuda" else "cpu"},
+    }
+    attn = cfg.model.attn_implementation
+    kwargs["attn_implementation"] = "sdpa" if attn == "auto" else attn
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(compute)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        if "trust_remote_code" in msg:
+            raise _remote_code_error(cfg) from None
+        if "attn_implementation" in msg or "does not support" in msg and "attention" in msg.lower():
+            raise UserError(f"model.attn_implementation = {attn!r} is not available for this model or machine: {msg}",
+                            hint="use 'auto' (PyTorch SDPA) or 'eager'") from None
+        raise
+    return model
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing: works with frozen inputs and is the variant PyTorch recommends.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # With frozen embeddings the first checkpointed block would see inputs without grad.
+    model.enable_input_require_grads()
+
+
+def prepare_for_training(model, cfg: RunConfig) -> None:
+    """k-bit preparation (the savers' 16-bit-keeping version when present) and checkpointing."""
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if cfg.model.load_in_4bit:
+        from core import savers
+
+        if hasattr(savers, "prepare_for_kbit_training"):
+            savers.prepare_for_kbit_training(model, cfg)
+        else:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+    if cfg.train.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+        _enable_gradient_checkpointing(model)
+    elif cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig
+
+    target = cfg.lora.target_modules
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        # "all-linear": peft puts adapters on every nn.Linear / Linear4bit except the output head.
+        target_modules="all-linear" if target == "all-linear" else list(target),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, cfg: RunConfig):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:
+        if "Target modules" in str(exc) or "not found in the base model" in str(exc):
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise UserError(
+                f"lora.target_modules = {cfg.lora.target_modules!r}: none of these layers exist in this model",
+                hint=f"its linear layers are named: {', '.join(names)}; or use 'all-linear'",
+            ) from None
+        raise
+
+
+def load_for_training(cfg: RunConfig, device: dict, source: Optional[str] = None):
+    """(model with LoRA attached, tokenizer, info dict) ready for the Trainer."""
+    source = source or resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+    tokenizer = load_tokenizer(source, cfg)
+    compute = pick_compute_dtype(cfg.model.compute_dtype, device)
+    model = load_base_model(source, cfg, device, compute=compute)
+    prepare_for_training(model, cfg)
+    model = attach_lora(model, cfg)
+    from core import savers
+
+    applied = savers.install_savers(model, cfg, device) or {}
+    trainable, total = model.get_nb_trainable_parameters()
+    info = {
+        "source": source,
+        "compute_dtype": compute,
+        "load_in_4bit": cfg.model.load_in_4bit,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "linear4bit_layers": count_4bit_layers(model),
+        "savers": applied,
+    }
+    return model, tokenizer, info
+
+
+def count_4bit_layers(model) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))

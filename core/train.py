@@ -1,0 +1,509 @@
+"""The training run: `python -m core.train RUN_DIR`.
+
+Four stages, as torchtune's recipes name them: setup (config, device, model, data), train
+(transformers' Trainer, accelerate underneath), save (the final adapter), cleanup. Everything a
+viewer needs goes to RUN_DIR/events.jsonl through one EventWriter; a TrainerCallback turns the
+Trainer's logs into events. Extra callbacks (tests, benchmarks) plug into the same Trainer.
+
+Stopping: SIGTERM, SIGINT or a `stop` file in the run directory make the engine save a
+checkpoint at the end of the current step, emit run_stopped and exit 0; launching the engine
+again on the same directory resumes from the last checkpoint (step count, optimizer, scheduler,
+data order). Failures emit run_failed (kind oom/user/internal) and exit non-zero.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from core.config import RunConfig
+from core.errors import UserError
+from core.events import EventWriter
+from core.runs import CONFIG_FILE, STOP_FILE, last_checkpoint
+
+EXIT_USER = 2
+EXIT_OOM = 3
+EXIT_INTERNAL = 1
+
+
+# ---- pure decisions (tested without a GPU) -----------------------------------------------------
+
+
+def oom_fallback(micro_batch: int, grad_accum: int) -> Optional[tuple[int, int]]:
+    """After a CUDA OOM: a smaller micro-batch with the same effective batch, or None to give up.
+
+    The micro-batch halves (for an odd one: its largest divisor at most half of it) and gradient
+    accumulation grows by the same factor, so micro_batch x grad_accum stays exactly the same and
+    the optimizer sees the same batches. At micro-batch 1 there is nothing left to shrink.
+    """
+    if micro_batch <= 1:
+        return None
+    new_mb = max(d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0)
+    return new_mb, grad_accum * (micro_batch // new_mb)
+
+
+def planned_steps(n_train: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
+    """Optimizer steps the run will take (the Trainer's own count, for the first event)."""
+    if max_steps:
+        return int(max_steps)
+    batches = math.ceil(n_train / micro_batch)
+    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return max(math.ceil(epochs * per_epoch), 1)
+
+
+def pick_optimizer(setting: str, device_type: str) -> str:
+    """The Trainer's `optim` name: 8-bit paged AdamW on CUDA, plain AdamW on the CPU for 'auto'."""
+    if setting == "auto":
+        # Paged 8-bit AdamW keeps optimizer states in 8 bits and pages them to CPU memory under
+        # pressure; its paging needs CUDA unified memory, so the CPU gets torch's AdamW.
+        return "paged_adamw_8bit" if device_type == "cuda" else "adamw_torch"
+    return setting
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("snugtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom_type)
+
+
+REAL_TOKENS_KEY = "snugtune_real_tokens"
+
+
+class _TokenCounter:
+    """Wraps the data's collate: tags each batch with its real (non-padding) token count.
+
+    The count rides in the batch and is taken out just before the forward pass (see
+    _counting_trainer), so it is credited to the step that trains on it even though the
+    dataloader fetches batches ahead of time.
+    """
+
+    def __init__(self, pad_token_id: int):
+        from core.data import collate
+
+        self._collate = collate
+        self.pad_token_id = pad_token_id
+        self.tokens = 0  # real tokens trained on so far in this engine process
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self._collate(rows, self.pad_token_id)
+        # Rows arrive unpadded: their lengths are exactly the tokens the model really reads.
+        batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
+        return batch
+
+
+def _counting_trainer(counter: _TokenCounter):
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            n = inputs.pop(REAL_TOKENS_KEY, None)
+            if n is not None and model.training:
+                counter.tokens += int(n)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return CountingTrainer
+
+
+class Engine:
+    """One run of the engine on one run directory."""
+
+    def __init__(self, run_dir: str | Path, callbacks: Optional[list] = None, install_signal_handlers: bool = True):
+        self.run_dir = Path(run_dir).resolve()
+        self.extra_callbacks = list(callbacks or [])
+        self.install_signal_handlers = install_signal_handlers
+        self.events: Optional[EventWriter] = None
+        self.cfg: Optional[RunConfig] = None
+        self.device: dict = {}
+        self.model = None
+        self.tokenizer = None
+        self.model_info: dict = {}
+        self.train_rows: list = []
+        self.eval_rows: list = []
+        self.data_info: dict = {}
+        self.micro_batch = 1
+        self.grad_accum = 1
+        self._signal: Optional[int] = None
+        self._old_handlers: dict = {}
+        self.last_loss: Optional[float] = None
+        self.last_eval_step: Optional[int] = None
+        self.trainer = None
+        self.counter: Optional[_TokenCounter] = None
+        self.stopped = False
+
+    # ---- stop requests --------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:
+            # A second signal: the user means it. Restore the default and let it kill us.
+            signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self._signal = signum
+
+    def stop_requested(self) -> bool:
+        return self._signal is not None or (self.run_dir / STOP_FILE).exists()
+
+    def _install_handlers(self) -> None:
+        if not self.install_signal_handlers:
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            print(f"snugtune engine: {self.run_dir} is not a run directory (no {CONFIG_FILE})", file=sys.stderr)
+            return EXIT_USER
+        if (self.run_dir / "adapter").exists():
+            # Refused before anything is written: a finished run's log must stay a finished run's.
+            print(f"snugtune engine: this run already finished ({self.run_dir / 'adapter'} exists); "
+                  "start a new run with `snugtune train`", file=sys.stderr)
+            return EXIT_USER
+        self.events = EventWriter(self.run_dir / "events.jsonl")
+        self._install_handlers()
+        started = time.time()
+        try:
+            self.setup()
+            if self.stop_requested():
+                return self._stopped()
+            self.train()
+            if self.stopped:
+                return self._stopped()
+            adapter = self.save()
+            self.events.emit(
+                "run_finished",
+                adapter_path=str(adapter),
+                steps=self.trainer.state.global_step,
+                final_loss=self.last_loss,
+                runtime_s=round(time.time() - started, 2),
+            )
+            return 0
+        except UserError as exc:
+            self._failed(str(exc), "user")
+            return EXIT_USER
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
+            if _is_oom(exc):
+                self._failed(
+                    f"CUDA out of memory at micro-batch {self.micro_batch}: {str(exc).splitlines()[0]}",
+                    "oom",
+                    hint="lower data.max_seq_len or lora.r, set a smaller model, or turn on train.oom_recovery",
+                )
+                return EXIT_OOM
+            if isinstance(exc, KeyboardInterrupt):
+                self._failed("interrupted before a checkpoint could be saved", "internal")
+                return 130
+            self._failed(f"{type(exc).__name__}: {exc}", "internal")
+            return EXIT_INTERNAL
+        finally:
+            self.cleanup()
+
+    def _failed(self, error: str, kind: str, hint: Optional[str] = None) -> None:
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr)
+        self.events.emit("run_failed", error=error + (f"\n  hint: {hint}" if hint else ""), kind=kind, traceback=tb)
+
+    def _stopped(self) -> int:
+        ckpt = last_checkpoint(self.run_dir)
+        step = self.trainer.state.global_step if self.trainer is not None else 0
+        self.events.emit("run_stopped", step=step, checkpoint=str(ckpt) if ckpt else None)
+        return 0
+
+    # ---- stage 1: setup -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from core.model import load_for_training, resolve_model_source, select_device
+
+        self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
+        cfg = self.cfg
+        self.device = select_device(cfg)
+        if self.device["type"] == "cuda" and cfg.gpu.vram_budget_gib:
+            from core import savers
+
+            if hasattr(savers, "apply_vram_budget"):
+                savers.apply_vram_budget(cfg.gpu.vram_budget_gib, self.device["index"])
+        self.micro_batch, self.grad_accum = cfg.train.micro_batch, cfg.train.grad_accum
+        self.events.emit("setup_progress", message="resolving the model")
+        source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+
+        from core.model import load_tokenizer
+
+        self.tokenizer = load_tokenizer(source, cfg)
+        self.events.emit("setup_progress", message="preparing the data")
+        from core.data import build_datasets
+
+        self.train_rows, self.eval_rows, self.data_info = build_datasets(cfg.data, self.tokenizer)
+        if not self.train_rows:
+            raise UserError(f"data.path = {cfg.data.path!r}: no training samples left after preparation",
+                            hint="check the file's contents and data.format / data.columns")
+        self.events.emit("setup_progress", message="loading the model")
+        self._load_model(source)
+        resumed = last_checkpoint(self.run_dir)
+        self.events.emit(
+            "run_started",
+            config=cfg.to_dict(),
+            versions=_versions(),
+            device={k: self.device.get(k) for k in ("type", "name", "total_gib", "budget_gib", "index", "capability")},
+            total_steps=planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum,
+                                      cfg.train.epochs, cfg.train.max_steps),
+            resumed_from=str(resumed) if resumed else None,
+            model=self.model_info,
+            savers=self.model_info.get("savers", {}),
+            pid=os.getpid(),
+        )
+        self.events.emit(
+            "data_prepared",
+            train_samples=len(self.train_rows),
+            eval_samples=len(self.eval_rows),
+            format=self.data_info.get("format"),
+            length_stats=self.data_info.get("length_stats"),
+            info=self.data_info,
+        )
+
+    def _load_model(self, source: Optional[str] = None) -> None:
+        from transformers import set_seed
+
+        from core.model import load_for_training
+
+        # Seeded before the adapters are created, so their initialisation (and so the whole run)
+        # is the same every time a run is started or restarted from scratch.
+        set_seed(self.cfg.train.seed)
+
+        self.model, tok, self.model_info = load_for_training(self.cfg, self.device, source=source)
+        if self.tokenizer is None:
+            self.tokenizer = tok
+
+    # ---- stage 2: train -------------------------------------------------------------------
+
+    def _training_args(self):
+        from transformers import TrainingArguments
+
+        cfg, dev = self.cfg, self.device
+        from core.model import pick_compute_dtype
+
+        compute = pick_compute_dtype(cfg.model.compute_dtype, dev)
+        total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs, cfg.train.max_steps)
+        has_eval = bool(self.eval_rows)
+        return TrainingArguments(
+            output_dir=str(self.run_dir / "checkpoints"),
+            per_device_train_batch_size=self.micro_batch,
+            per_device_eval_batch_size=self.micro_batch,
+            gradient_accumulation_steps=self.grad_accum,
+            num_train_epochs=cfg.train.epochs,
+            max_steps=cfg.train.max_steps or -1,
+            learning_rate=cfg.train.learning_rate,
+            lr_scheduler_type=cfg.train.lr_scheduler,
+            # Whole steps, computed here: `warmup_ratio` left TrainingArguments in transformers 5.x.
+            warmup_steps=int(math.ceil(cfg.train.warmup_ratio * total)),
+            weight_decay=cfg.train.weight_decay,
+            max_grad_norm=cfg.train.max_grad_norm,
+            optim=pick_optimizer(cfg.train.optimizer, dev["type"]),
+            bf16=compute == "bf16" and dev["type"] == "cuda",
+            fp16=compute == "fp16" and dev["type"] == "cuda",
+            use_cpu=dev["type"] == "cpu",
+            # Gradient checkpointing is not the Trainer's job here: core.model switches it on
+            # (non-reentrant) before LoRA is attached, and core.savers may replace it.
+            eval_strategy=("steps" if cfg.train.eval_steps else "epoch") if has_eval else "no",
+            eval_steps=cfg.train.eval_steps,
+            save_strategy="steps",
+            save_steps=cfg.train.save_steps,
+            save_total_limit=cfg.train.save_total_limit,
+            logging_strategy="steps",
+            logging_steps=cfg.train.logging_steps,
+            seed=cfg.train.seed,
+            data_seed=cfg.train.seed,
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,  # rows are plain dicts the collate function reads
+            dataloader_num_workers=0,
+            dataloader_pin_memory=dev["type"] == "cuda",
+        )
+
+    def _make_trainer(self):
+        self.counter = _TokenCounter(self.tokenizer.pad_token_id)
+        trainer = _counting_trainer(self.counter)(
+            model=self.model,
+            args=self._training_args(),
+            train_dataset=self.train_rows,
+            eval_dataset=self.eval_rows or None,
+            data_collator=self.counter,
+            processing_class=self.tokenizer,
+            callbacks=[EventCallback(self), *self.extra_callbacks],
+        )
+        return trainer
+
+    def train(self) -> None:
+        while True:
+            self.trainer = self._make_trainer()
+            resume = last_checkpoint(self.run_dir)
+            try:
+                self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            except BaseException as exc:  # noqa: BLE001
+                if not (_is_oom(exc) and self.cfg.train.oom_recovery):
+                    raise
+                nxt = oom_fallback(self.micro_batch, self.grad_accum)
+                if nxt is None:
+                    raise UserError(
+                        "CUDA out of memory even at micro-batch 1",
+                        hint="lower data.max_seq_len, lora.r, or choose a smaller model; "
+                        "`snugtune estimate` shows what fits",
+                    ) from None
+                step = self.trainer.state.global_step
+                self._free_model()
+                self.micro_batch, self.grad_accum = nxt
+                self.events.emit("oom_recovered", step=step, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
+                                 resume_from=str(last_checkpoint(self.run_dir) or "") or None)
+                # A fresh model: the weights in memory moved past the last checkpoint, which the
+                # Trainer restores (adapter, optimizer, scheduler, data position) when it exists.
+                self._load_model()
+                continue
+            break
+        if self.stopped:
+            return
+        # One evaluation at the end, unless the last step was just evaluated.
+        if self.eval_rows and self.last_eval_step != self.trainer.state.global_step:
+            self.trainer.evaluate()
+
+    def _free_model(self) -> None:
+        self.trainer = None
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- stage 3: save --------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """The final adapter, written to adapter.tmp and renamed: a present adapter/ is complete."""
+        final = self.run_dir / "adapter"
+        tmp = self.run_dir / "adapter.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.trainer.model.save_pretrained(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp))
+        tmp.rename(final)
+        return final
+
+    # ---- stage 4: cleanup -----------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        self._restore_handlers()
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        if self.events is not None:
+            self.events.close()
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class EventCallback(_trainer_callback_base()):
+    """Turns the Trainer's logs into events, and stop requests into a checkpoint and a stop."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._t0 = None
+        self._step0 = 0
+        self._last_t = None
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = self._last_t = time.monotonic()
+        self._step0 = state.global_step
+        self._last_tokens = self.engine.counter.tokens if self.engine.counter else 0
+        if self.engine.stop_requested():
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.engine.stop_requested() and not self.engine.stopped:
+            self.engine.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        ev = self.engine.events
+        if "eval_loss" in logs:
+            self.engine.last_eval_step = state.global_step
+            ev.emit("eval_logged", step=state.global_step, eval_loss=logs["eval_loss"])
+            return
+        if "loss" not in logs:
+            return  # the end-of-training summary (train_runtime ...) is not a step
+        now = time.monotonic()
+        tokens = self.engine.counter.tokens if self.engine.counter else 0
+        dt = max(now - self._last_t, 1e-9)
+        tps = (tokens - self._last_tokens) / dt
+        self._last_t, self._last_tokens = now, tokens
+        done = state.global_step - self._step0
+        remaining = max(state.max_steps - state.global_step, 0)
+        eta = (now - self._t0) / done * remaining if done > 0 else None
+        mem: dict[str, Any] = {"mem_allocated_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None}
+        if self.engine.device.get("type") == "cuda":
+            idx = self.engine.device["index"]
+            mem = {
+                "mem_allocated_gib": round(torch.cuda.memory_allocated(idx) / 2**30, 3),
+                "mem_reserved_gib": round(torch.cuda.memory_reserved(idx) / 2**30, 3),
+                "mem_peak_gib": round(torch.cuda.max_memory_reserved(idx) / 2**30, 3),
+            }
+        self.engine.last_loss = logs["loss"]
+        ev.emit(
+            "step_logged",
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=round(state.epoch or 0.0, 4),
+            loss=logs["loss"],
+            learning_rate=logs.get("learning_rate"),
+            grad_norm=logs.get("grad_norm"),
+            tokens_per_s=round(tps, 1),
+            tokens_seen=tokens,
+            eta_s=round(eta, 1) if eta is not None else None,
+            micro_batch=self.engine.micro_batch,
+            grad_accum=self.engine.grad_accum,
+            **mem,
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.engine.events.emit("checkpoint_saved", step=state.global_step, path=str(path))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m core.train RUN_DIR", file=sys.stderr)
+        return EXIT_USER
+    return Engine(argv[0]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
