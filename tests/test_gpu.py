@@ -84,3 +84,94 @@ def test_nvml_names_map_to_profiles():
     assert gpu.profile_for("NVIDIA H200", 139.8).name == "h200"
     assert gpu.profile_for("NVIDIA GeForce GTX 1660 SUPER", 5.79).name == "gtx-1660-super"
     assert gpu.profile_for("Matrox G200", 0.1) is None
+
+
+class _FakeNvml:
+    """Stands in for NVML only because no NVIDIA driver exists on this machine (the real no-driver
+    path is tested above); it answers like nvidia-ml-py 12 for a GTX 1650 with a desktop on it."""
+
+    class NVMLError(Exception):
+        pass
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class _Mem:
+        total, used, free = int(3.82 * 2**30), int(0.45 * 2**30), int(3.37 * 2**30)
+
+    class _Proc:
+        def __init__(self, pid, used):
+            self.pid, self.usedGpuMemory = pid, used
+
+    class _Util:
+        gpu = 37
+
+    def __init__(self):
+        self.inits = 0
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlSystemGetDriverVersion(self):
+        return "550.54"
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        if i != 0:
+            raise self.NVMLError("Invalid Argument")
+        return "h0"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return self._Mem()
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return (7, 5)
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA GeForce GTX 1650"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return []
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h):
+        return [self._Proc(1234, int(0.3 * 2**30)), self._Proc(99, None)]  # None: not visible in a container
+
+    def nvmlSystemGetProcessName(self, pid):
+        return {1234: "/usr/lib/xorg/Xorg -core", 99: "firefox"}[pid]
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return self._Util()
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return 61
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 42_500  # milliwatts
+
+    NVMLError.__module__ = "pynvml"
+
+
+def test_detected_card_is_read_and_planned_for(monkeypatch):
+    import sys
+
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    (g,) = gpu.detect_gpus()
+    assert gpu.nvml_status() == "ok"
+    assert g.name == "NVIDIA GeForce GTX 1650" and g.compute_capability == (7, 5) and not g.bf16
+    assert g.total_gib == pytest.approx(3.82) and g.free_gib == pytest.approx(3.37) and g.driver == "550.54"
+    assert g.processes[0] == (1234, "Xorg", pytest.approx(0.3)) and g.processes[1][:2] == (99, "firefox")
+    t = gpu.resolve_gpu("auto")
+    assert t.detected and t.name == "gtx-1650" and t.budget_source == "free"
+    assert t.budget_gib == pytest.approx(3.37)  # the free memory, not the total: the desktop keeps its share
+    assert "already in use" in t.note
+    assert gpu.resolve_gpu("auto", 3.0).budget_gib == 3.0
+    with pytest.raises(UserError, match="device_index"):
+        gpu.resolve_gpu("auto", None, 1)
+    stats = gpu.live_stats(0)
+    assert stats == {"used_gib": pytest.approx(0.45), "total_gib": pytest.approx(3.82), "util_pct": 37.0,
+                     "temp_c": 61.0, "power_w": 42.5}
