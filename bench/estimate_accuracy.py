@@ -348,10 +348,15 @@ def run_one(case: Case, recipe: str, model_dir: str) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = None
+    # the engine trains through HF Trainer with bf16=True, i.e. under autocast; the plain
+    # reference script does not use autocast
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe == "snugtune"
+           else torch.autocast("cuda", enabled=False))
     for _ in range(STEPS):
         for _ in range(case.grad_accum):
             ids = torch.randint(0, vocab, (case.micro_batch, case.seq), device="cuda", generator=g)
-            out = m(input_ids=ids, labels=ids)
+            with amp:
+                out = m(input_ids=ids, labels=ids)
             (out.loss / case.grad_accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -266,9 +266,11 @@ def estimate(
         if gc_on:
             tm = _mlp_tile_tokens(I, B, mlp_tile_bytes) * B
             tile = tm if T > 2 * tm else T  # the engine tiles beyond two tiles' worth
-        # savers: a block keeps ~(10h + 4I) 2-byte elements a token + fp32 copies of the LoRA
-        # inputs (~(4h + I) x 4 bytes); with tiling the I-terms exist one tile at a time.
-        block = T * (10 * h * s + 4 * h * 4) + tile * (4 * I * s + I * 4)
+        # One block's saved tensors a token, counted with saved_tensors_hooks on the engine's
+        # path (16-bit weights, LoRA under autocast as the Trainer runs it): the RMSNorms' fp32
+        # internals 2 x 4h, six h-wide projection inputs, q and attention output, k and v, and
+        # the MLP's gate, up, act and product: 8h + s(6h + 2q + 2kv) + 4I s (tiled: per tile).
+        block = T * (8 * h + s * (6 * h + 2 * q + 2 * kv)) + tile * 4 * I * s
         transient = tile * 4 * I * s + T * 2 * h * s
         if spec.model_type in TILED_ATTENTION:
             # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention)
