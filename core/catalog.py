@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from core.errors import UserError
+from core.hub import HubAccessDenied, HubNotFound, HubUnreachable  # noqa: F401  (re-exported: callers catch them here)
 
 # Architectures whose layer layout the estimator knows exactly. Others with the usual config
 # keys are treated as Llama-like (and flagged `exact=False`, which widens the estimate's margin).

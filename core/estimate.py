@@ -350,6 +350,9 @@ def estimate(
         notes.append(f"{spec.note or 'the shape is approximate'}; +{int(INEXACT_MARGIN * 100)}% margin added")
     if opt_outside:
         notes.append("paged 8-bit AdamW states live in CUDA unified memory (outside PyTorch's allocator)")
+    if not plain and not cpu and gc_on and not keep_layers:
+        notes.append("this is what the run needs; with room to spare the engine may use up to 75% of the "
+                     "budget to skip recomputing some blocks (faster, same result)")
     if cpu:
         notes.append("CPU target: budget is the available RAM; training runs in fp32 and is slow")
 
