@@ -148,7 +148,8 @@ class ModelSpec:
 
     @property
     def size_label(self) -> str:
-        n = self.params_total
+        # a guessed shape shows the Hub's own count, not the guess's
+        n = self.hub_params if (not self.exact and self.hub_params) else self.params_total
         return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
     def to_dict(self) -> dict:
