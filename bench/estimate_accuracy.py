@@ -400,6 +400,56 @@ def _subprocess_case(case: Case, recipe: str, model_dir: Path, timeout: float) -
     return res
 
 
+CALIBRATION_CASES = [Case("cal-512", "qwen2.5-0.5b", 512), Case("cal-2048", "qwen2.5-0.5b", 2048)]
+
+
+def calibration_factor(pairs: list[tuple[float, float]]) -> float:
+    """measured/estimated over the probe's runs: the larger ratio, so the correction never
+    makes the estimate less safe than the worst run says."""
+    ratios = [m / e for m, e in pairs if m and e]
+    if not ratios:
+        raise ValueError("no usable measurement")
+    return max(ratios)
+
+
+def calibrate(root: Path) -> int:
+    """Measure the probe cases on this card and store a per-recipe correction (core.estimate)."""
+    from dataclasses import replace
+
+    from core.catalog import catalog_lookup
+    from core.estimate import estimate, save_calibration
+    from core.gpu import resolve_gpu
+
+    gpu = resolve_gpu("auto")
+    if not gpu.detected:
+        print(f"no GPU to calibrate: {gpu.note}", file=sys.stderr)
+        return 2
+    b = subprocess.run([sys.executable, __file__, "--build", "qwen2.5-0.5b", "--models-root", str(root)],
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+    if b.returncode != 0:
+        return 1
+    target = replace(gpu, budget_gib=gpu.total_gib)  # the engine sizes its savers on the card's total
+    for recipe in ("snugtune", "plain"):
+        pairs, samples = [], []
+        for case in CALIBRATION_CASES:
+            res = _subprocess_case(case, recipe, root / case.model, 240)
+            if res.get("error"):
+                print(f"{case.name} {recipe}: {res['error']}", file=sys.stderr)
+                continue
+            measured = res["measured"]["peak_reserved_gib"]
+            est = estimate(catalog_lookup(MODELS[case.model]), run_config(case), target, recipe, calibration=1.0)
+            pairs.append((measured, est.reserved_gib))
+            samples.append({"case": case.name, "measured_gib": round(measured, 4), "estimated_gib": round(est.reserved_gib, 4)})
+        try:
+            factor = calibration_factor(pairs)
+            path = save_calibration(gpu.name, recipe, factor, samples)
+        except (ValueError, Exception) as exc:  # noqa: BLE001 (report and go on with the other recipe)
+            print(f"{recipe}: not calibrated ({exc})", file=sys.stderr)
+            continue
+        print(f"{gpu.label}: {recipe} x{factor:.3f} stored in {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -407,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
     ap.add_argument("--models-root", default=os.environ.get("BENCH_MODELS"), help="where to keep the built models")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="a short probe on this machine's card: store measured/estimated per recipe, which "
+                    "`snugtune estimate --gpu auto` then applies (about a minute)")
     args = ap.parse_args(argv)
 
     if args.build:
@@ -416,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(**json.loads(args.one))
         print(json.dumps(run_one(case, args.recipe, args.model_dir)), flush=True)
         return 0
+
+    if args.calibrate:
+        return calibrate(Path(args.models_root or tempfile.mkdtemp(prefix="snug-cal-")))
 
     out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "results")
     cases = config_matrix()

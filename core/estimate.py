@@ -188,7 +188,7 @@ def estimate(
     keep_layers: int = 0,
     chunked_loss: Optional[bool] = None,
     overhead_share: Optional[float] = None,
-    calibration: float = 1.0,
+    calibration: Optional[float] = None,
 ) -> Estimate:
     """The peak memory of training `spec` with `cfg` on `gpu` under `recipe`.
 
@@ -201,6 +201,10 @@ def estimate(
     """
     check_inputs(spec, cfg, recipe)
     notes: list[str] = []
+    if calibration is None:
+        calibration = load_calibration(gpu.name, recipe) if gpu.detected else 1.0
+        if calibration != 1.0:
+            notes.append(f"calibrated for this card: x{calibration:.3f} (stored by bench/estimate_accuracy.py --calibrate)")
     plain = recipe == "plain"
     cpu = gpu.is_cpu
     seq, B = cfg.data.max_seq_len, cfg.train.micro_batch
@@ -392,6 +396,70 @@ def estimate(
             "keep_layers": keep_layers,
         },
     )
+
+
+# ---- per-card calibration ------------------------------------------------------------------------
+# A short probe on the user's card (bench/estimate_accuracy.py --calibrate) measures a few real
+# peaks and stores measured/estimated for PyTorch's part of the memory, per GPU name and recipe.
+# Clamped: a factor outside 0.8-1.5 means something else went wrong (another process, a driver
+# quirk), and the uncalibrated estimate is the safer one.
+CALIBRATION_RANGE = (0.8, 1.5)
+_cal_cache: dict = {}
+
+
+def calibration_file():
+    from core.presets import config_dir  # light (platformdirs only)
+
+    return config_dir() / "calibration.json"
+
+
+def _read_calibrations() -> dict:
+    path = calibration_file()
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return {}
+    hit = _cal_cache.get(str(path))
+    if hit and hit[0] == mtime:
+        return hit[1]
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    _cal_cache[str(path)] = (mtime, data)
+    return data
+
+
+def load_calibration(gpu_name: str, recipe: str = "snugtune") -> float:
+    """The stored correction for this card and recipe (1.0 when none)."""
+    entry = _read_calibrations().get(gpu_name, {}).get(recipe)
+    if not isinstance(entry, dict) or not isinstance(entry.get("factor"), (int, float)):
+        return 1.0
+    lo, hi = CALIBRATION_RANGE
+    f = float(entry["factor"])
+    return f if lo <= f <= hi else 1.0
+
+
+def save_calibration(gpu_name: str, recipe: str, factor: float, samples: list[dict] | None = None):
+    """Store measured/estimated for a card; written atomically next to the user's presets."""
+    import json
+    import time
+
+    lo, hi = CALIBRATION_RANGE
+    if not lo <= factor <= hi:
+        raise UserError(f"calibration factor {factor:.3f} is outside {lo}-{hi}; not stored",
+                        hint="close other programs using the GPU and run the probe again")
+    path = calibration_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(_read_calibrations())
+    data.setdefault(gpu_name, {})[recipe] = {"factor": round(factor, 4), "time": int(time.time()),
+                                             "samples": samples or []}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 # ---- auto-fit ----------------------------------------------------------------------------------------

@@ -325,3 +325,26 @@ def test_bench_report_files(bench, tmp_path):
     assert "| a | plain | 2.00 | 2.20 | +10.0 | 1.80 | 1.80 | +0.0 | 2.50 | 2.40 | -4.0 |" in text
     assert "CUDA out of memory" in text and "max 10.0%" in text
     assert bench.error_pct(2.0, 1.5) == pytest.approx(-25.0) and bench.error_pct(None, 1.0) is None
+
+
+def test_calibration_is_stored_per_card_and_applied_to_detected_cards(config_dir):
+    spec = catalog_lookup("Qwen/Qwen2.5-0.5B")
+    detected = replace(card(8.0), detected=True)
+    base = E.estimate(spec, cfg(seq=1024, r=16), detected)
+    path = E.save_calibration("card", "snugtune", 1.1, [{"case": "x", "measured_gib": 1.1, "estimated_gib": 1.0}])
+    assert path.parent == config_dir and json.loads(path.read_text())["card"]["snugtune"]["factor"] == 1.1
+    cal = E.estimate(spec, cfg(seq=1024, r=16), detected)
+    assert cal.allocated_gib == pytest.approx(1.1 * base.allocated_gib)
+    assert cal.components["cuda_context"] == base.components["cuda_context"]  # outside the allocator: unscaled
+    assert any("calibrated" in n for n in cal.notes)
+    # a profile (not this machine's card) and the other recipe stay uncalibrated
+    assert E.estimate(spec, cfg(seq=1024, r=16), card(8.0)).allocated_gib == pytest.approx(base.allocated_gib)
+    assert E.load_calibration("card", "plain") == 1.0
+    with pytest.raises(UserError, match="outside"):
+        E.save_calibration("card", "plain", 3.0)
+
+
+def test_bench_calibration_factor_takes_the_worst_run(bench):
+    assert bench.calibration_factor([(1.1, 1.0), (2.0, 2.0)]) == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        bench.calibration_factor([(None, 1.0)])
