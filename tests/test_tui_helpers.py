@@ -102,3 +102,25 @@ def demo_app(profile: str = "gtx-1650", overrides: list[str] | None = None, **kw
 
 def run_async(coro):
     return asyncio.get_event_loop().run_until_complete(coro)
+
+
+def fixed_estimate(verdict: str = "fits", total: float = 2.6, budget: float = 3.82):
+    """An estimate with fixed numbers, so snapshots of the settings screen pin the screen's
+    look and not the estimator's calibration (core.estimate has its own tests)."""
+    from types import SimpleNamespace
+
+    parts = {"weights": 0.45, "adapters": 0.03, "gradients": 0.03, "optimizer": 0.02,
+             "activations": 0.9, "logits": 0.5, "workspace": 0.2, "cuda_context": 0.35}
+    scale = total / sum(parts.values())
+    comps = {k: round(v * scale, 2) for k, v in parts.items()}
+    est = SimpleNamespace(components=comps, total_gib=total, budget_gib=budget, verdict=verdict)
+    plain = SimpleNamespace(components=comps, total_gib=round(total * 2.1, 2), budget_gib=budget,
+                            verdict="does not fit" if total * 2.1 > budget else "fits")
+    return est, plain
+
+
+def pin_estimate(app, verdict: str = "fits", total: float = 2.6) -> None:
+    """Show fixed_estimate() on the settings screen (after the real one has been computed)."""
+    est, plain = fixed_estimate(verdict, total)
+    screen = app.screen
+    screen.render_estimate(est, plain, 0.8, app.estimate_config())

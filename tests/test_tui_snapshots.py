@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from textual.widgets import Input, Static
 
-from test_tui_helpers import QA_ROWS, demo_app, finished_run, wait_for, wizard_env, write_jsonl  # noqa: F401
+from test_tui_helpers import (QA_ROWS, demo_app, finished_run, pin_estimate, wait_for, wizard_env,  # noqa: F401
+                              write_jsonl)
 from tui.app import SnugtuneApp
 
 SIZE = (80, 24)
@@ -49,6 +50,7 @@ def test_settings_step(snap_compare, wizard_env):
 
     async def run_before(pilot):
         await wait_for(pilot, lambda: "fits" in str(app.screen.query_one("#totals").render()), what="the estimate")
+        pin_estimate(app)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -61,6 +63,7 @@ def test_settings_step_with_errors(snap_compare, wizard_env):
         app.screen.query_one("#lora-r", Input).value = "0"
         await pilot.pause(0.5)
         await wait_for(pilot, lambda: app.screen.query_one("#lora-r-error").display, what="the field error")
+        pin_estimate(app, "does not fit", 9.4)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -69,6 +72,8 @@ def test_train_ready(snap_compare, wizard_env):
     app = demo_app("gtx-1650")
 
     async def run_before(pilot):
+        await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
+        pin_estimate(app)
         await pilot.press("ctrl+n")
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -104,6 +109,8 @@ def test_save_preset_prompt(snap_compare, wizard_env):
     app = demo_app("gtx-1650")
 
     async def run_before(pilot):
+        await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
+        pin_estimate(app)
         await pilot.press("ctrl+s")
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -8,23 +8,35 @@ that needs torch or a tokenizer runs as a subprocess.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual.app import App
 from textual.binding import Binding
 
-from core.config import ConfigError, RunConfig
 from core.errors import UserError
 from tui.screens.base import StepScreen, attr
 
-# Set by bench/tui_startup.py: exit as soon as the first step has been painted.
+if TYPE_CHECKING:
+    from core.config import RunConfig
+
+# core.config (pydantic) is imported where it is used, not here: without a preset the first
+# step does not need it, and pydantic's import is a fifth of the wizard's start-up.
+
+# Set by bench/tui_startup.py: exit as soon as the first step has been painted; if the value
+# is a file path, the time of that first frame (time.time()) is written there first.
 EXIT_AFTER_FIRST_FRAME = "SNUGTUNE_EXIT_AFTER_FIRST_FRAME"
 
 # What a wizard started without a preset begins from. The model and data are chosen in
 # steps 2 and 3; until then the configuration is incomplete and is not validated.
 BLANK_CONFIG: dict[str, Any] = {"gpu": {"profile": "auto"}, "model": {"name_or_path": ""}, "data": {"path": ""}}
+
+
+STEP_SCREENS = [("gpu", "GpuScreen"), ("model", "ModelScreen"), ("data", "DataScreen"),
+                ("settings", "SettingsScreen"), ("train", "TrainScreen"), ("done", "DoneScreen")]
 
 
 class SnugtuneApp(App[int]):
@@ -51,7 +63,7 @@ class SnugtuneApp(App[int]):
         self.last_estimate: Any = None
         self.run_result: dict | None = None  # the run_finished event of the run in step 5
         self.check_runs = check_runs and attach is None
-        self.exit_after_first_frame = bool(os.environ.get(EXIT_AFTER_FIRST_FRAME))
+        self.exit_after_first_frame = os.environ.get(EXIT_AFTER_FIRST_FRAME, "")
         self.step = 0
         if attach is not None:
             self.step = 4
@@ -62,6 +74,8 @@ class SnugtuneApp(App[int]):
 
     def config(self) -> RunConfig:
         """The configuration as it stands, validated (raises ConfigError with the field)."""
+        from core.config import RunConfig
+
         return RunConfig.from_dict(self.cfg_data)
 
     def set_value(self, dotted: str, value: Any) -> None:
@@ -80,6 +94,8 @@ class SnugtuneApp(App[int]):
     def estimate_config(self) -> RunConfig:
         """The configuration for estimates made before every step is filled in: a blank
         data path does not change the memory a model needs, so a stand-in fills it."""
+        from core.config import RunConfig
+
         data = copy.deepcopy(self.cfg_data)
         if not data.get("data", {}).get("path"):
             data.setdefault("data", {})["path"] = "(not chosen yet)"
@@ -106,10 +122,9 @@ class SnugtuneApp(App[int]):
             self.offer_running_runs()
 
     def make_screen(self, step: int) -> StepScreen:
-        from tui.screens import data, done, gpu, model, settings, train
-
-        return [gpu.GpuScreen, model.ModelScreen, data.DataScreen, settings.SettingsScreen,
-                train.TrainScreen, done.DoneScreen][step]()
+        # one module per step, imported when first shown: the first frame waits for one only
+        module, name = STEP_SCREENS[step]
+        return getattr(importlib.import_module(f"tui.screens.{module}"), name)()
 
     def goto(self, step: int) -> None:
         self.step = step
@@ -118,6 +133,16 @@ class SnugtuneApp(App[int]):
             self.switch_screen(screen)
         else:
             self.push_screen(screen)
+
+    def first_frame_painted(self) -> None:
+        """Called by the first step after its first refresh (bench/tui_startup.py)."""
+        target = self.exit_after_first_frame
+        if not target:
+            return
+        self.exit_after_first_frame = ""
+        if target != "1":
+            Path(target).write_text(f"{time.time():.6f}\n")
+        self.exit(0)
 
     def action_next_step(self) -> None:
         screen = self.screen
@@ -148,7 +173,7 @@ class SnugtuneApp(App[int]):
         screen.save_state()
         try:
             cfg = self.config()
-        except ConfigError as exc:
+        except UserError as exc:
             screen.set_status(f"cannot save yet: {exc}", "error")
             return
         self.push_screen(
@@ -201,6 +226,8 @@ class SnugtuneApp(App[int]):
     def _attach(self, run_dir: Path | None) -> None:
         if run_dir is None:
             return
+        from core.config import RunConfig
+
         self.run_dir = Path(run_dir)
         try:
             cfg = RunConfig.from_toml(self.run_dir / "config.toml")
@@ -233,6 +260,8 @@ def run_attach(run_dir: str | Path) -> int:
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.toml)", hint="see `snugtune runs` for the runs there are")
+    from core.config import RunConfig
+
     cfg = RunConfig.from_toml(run_dir / "config.toml")
     app = SnugtuneApp(cfg, attach=run_dir)
     app.run()

@@ -195,7 +195,7 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
     last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(), on_interrupt)
     if last is None and stopping["asked"]:
         return 130
-    if last is not None and last.get("event") == "run_failed":
+    if last is not None and last.get("event") == "run_failed" and last.get("kind") != "user":
         print(f"snugtune: the run failed; details in {run_dir / 'engine.log'}", file=sys.stderr)
     try:
         proc.wait(timeout=60)  # the engine exits right after its last event
@@ -295,7 +295,6 @@ def cmd_stop(args) -> int:
     run_dir = runs.resolve_run(args.run)
     if not runs.request_stop(run_dir):
         status = runs.run_status(run_dir)["status"]
-        (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
         print(f"run {run_dir.name} is not running ({status})")
         return 0
     print(f"asked run {run_dir.name} to save a checkpoint and stop")

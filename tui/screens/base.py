@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -85,6 +85,11 @@ class StepScreen(Screen):
         yield from self.compose_body()
         yield Static("", id="status")
         yield Footer()
+
+    @on(events.Mount)
+    def _first_frame(self) -> None:
+        if self.app.exit_after_first_frame:
+            self.call_after_refresh(self.app.first_frame_painted)
 
     def compose_body(self) -> Iterable:
         return []

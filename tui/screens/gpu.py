@@ -8,7 +8,6 @@ from textual.containers import Horizontal
 from textual.widgets import Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from core.config import field_help
 from tui.messages import GpusDetected
 from tui.screens.base import StepScreen, attr, fmt_gib
 
@@ -51,16 +50,21 @@ class GpuScreen(StepScreen):
             budget = self.app.get_value("gpu.vram_budget_gib")
             yield Input("" if budget is None else str(budget), placeholder="blank: the whole card",
                         id="budget", compact=True)
-        yield Static(field_help("gpu.vram_budget_gib"), classes="hint", id="budget-hint")
+        yield Static("", classes="hint", id="budget-hint")
 
     def on_mount(self) -> None:
-        if self.app.exit_after_first_frame:
-            self.call_after_refresh(self.app.exit, 0)
+        # the help text comes from core.config (pydantic): loaded just after the first frame
+        self.call_after_refresh(self._fill_hint)
         if self.app.detected_gpus is None:
             self.detect()
         else:
             self.show_choices(self.app.detected_gpus, self.app.gpu_error)
         self.query_one("#choices").focus()
+
+    def _fill_hint(self) -> None:
+        from core.config import field_help
+
+        self.query_one("#budget-hint", Static).update(field_help("gpu.vram_budget_gib"))
 
     @work(thread=True, exit_on_error=False, name="GPU detection")
     def detect(self) -> None:

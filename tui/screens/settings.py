@@ -219,9 +219,7 @@ class SettingsScreen(StepScreen):
 
     def show_estimate(self) -> None:
         est_mod = estimator()
-        vram = self.query_one("#vram", VramBar)
         totals = self.query_one("#totals", Static)
-        timing = self.query_one("#timing", Static)
         spec = self.app.spec
         if est_mod is None:
             totals.update(Text("the estimator (core.estimate) is not installed", style="red"))
@@ -237,25 +235,35 @@ class SettingsScreen(StepScreen):
         except UserError as exc:
             totals.update(Text(str(exc), style="red"))
             return
+        step_s = None
+        if hasattr(est_mod, "estimate_step_time"):
+            try:
+                step_s = float(est_mod.estimate_step_time(spec, cfg, self.gpu))
+            except (UserError, TypeError, ValueError):
+                step_s = None
+        self.render_estimate(est, plain, step_s, cfg)
+
+    def render_estimate(self, est: Any, plain: Any, step_s: float | None, cfg: RunConfig) -> None:
+        """Show an estimate (core.estimate.Estimate, or anything with its fields) and its verdict."""
+        from tui.screens.model import fit_badge
+
         self.app.last_estimate = est
         components = dict(attr(est, "components", default={}) or {})
         budget = attr(est, "budget_gib", default=None) or attr(self.gpu, "budget_gib", "total_gib")
-        total = float(attr(est, "total_gib", "peak_gib", default=sum(components.values())))
-        plain_total = float(attr(plain, "total_gib", "peak_gib", default=0.0))
-        vram.show(components, budget, total, plain_total)
+        total = float(attr(est, "total_gib", default=sum(components.values())))
+        plain_total = float(attr(plain, "total_gib", default=0.0))
+        self.query_one("#vram", VramBar).show(components, budget, total, plain_total)
         self.verdict = str(attr(est, "verdict", default="?"))
-        from tui.screens.model import fit_badge
-
         out = Text()
-        out.append(f"snugtune    {total:5.2f} GiB  ")
+        out.append(f"snugtune     {total:5.2f} GiB  ")
         out.append_text(fit_badge(self.verdict))
         out.append(f"\nplain recipe {plain_total:5.2f} GiB  ")
         out.append_text(fit_badge(attr(plain, "verdict")))
         if budget:
-            out.append(f"\nbudget      {float(budget):5.2f} GiB ({attr(self.gpu, 'name', 'profile', default='GPU')})",
+            out.append(f"\nbudget       {float(budget):5.2f} GiB ({attr(self.gpu, 'name', default='GPU')})",
                        style="dim")
-        totals.update(out)
-        timing.update(self.timing_text(est_mod, spec, cfg))
+        self.query_one("#totals", Static).update(out)
+        self.query_one("#timing", Static).update(self.timing_text(step_s, cfg))
         if not self.field_errors:
             if fit_badge(self.verdict).plain == "too big":
                 self.set_status(f"does not fit: {total:.2f} GiB > {float(budget or 0):.2f} GiB budget — "
@@ -263,16 +271,8 @@ class SettingsScreen(StepScreen):
             else:
                 self.set_status(f"estimated peak {total:.2f} GiB of {float(budget or 0):.2f} GiB · ctrl+n to train")
 
-    def timing_text(self, est_mod, spec, cfg) -> Text:
-        fn = getattr(est_mod, "estimate_step_time", None)
-        if fn is None:
-            return Text("")
-        try:
-            step_s = fn(spec, cfg, self.gpu)
-        except UserError:
-            return Text("")
-        step_s = attr(step_s, "seconds_per_step", "step_s", default=step_s)
-        if not isinstance(step_s, (int, float)):
+    def timing_text(self, step_s: float | None, cfg: RunConfig) -> Text:
+        if step_s is None:
             return Text("")
         steps = self.steps_per_epoch(cfg)
         out = Text(f"≈ {step_s:.2f} s per step", style="bold")
