@@ -77,6 +77,8 @@ def check_reachable(timeout: float = PROBE_TIMEOUT_S) -> None:
     if offline_mode():
         raise HubUnreachable("the Hugging Face Hub is off (HF_HUB_OFFLINE is set); showing the catalog and local cache")
     url = endpoint()
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy a direct TCP probe says nothing; let the client try through it
     now = time.monotonic()
     hit = _probe_cache.get(url)
     if hit and now - hit[0] < PROBE_TTL_S:
