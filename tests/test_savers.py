@@ -282,3 +282,36 @@ def test_real_4bit_llama_through_peft_loss_falls(tmp_path):
     assert runs[True][-1] < 0.92 * runs[True][0], runs[True]
     for a, b in zip(runs[False], runs[True]):
         assert abs(a - b) / a < 0.01, runs
+
+
+def test_fused_lora_4bit_matches_peft(tmp_path):
+    """The fused NF4 + LoRA node gives peft's outputs and gradients (x, A, B), biases included."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    c = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    Qwen2ForCausalLM(c).to(torch.bfloat16).save_pretrained(tmp_path / "q")  # q/k/v carry biases
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=q, dtype=torch.bfloat16,
+                                             device_map={"": "cpu"})
+    m = _lora(m)
+    layer = m.base_model.model.model.layers[0].self_attn.q_proj
+    ref = copy.deepcopy(layer)
+    assert savers.fuse_lora_4bit(m) == 7
+    assert "forward" in layer.__dict__ and layer.base_layer.bias is not None
+    x = torch.randn(2, 9, 64, dtype=torch.bfloat16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), ref(x2)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert _rel(y.float(), y_ref.float()) < 1e-2  # bf16 arithmetic, different rounding order
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert _rel(x.grad.float(), x2.grad.float()) < 2e-2
+    for name in ("lora_A", "lora_B"):
+        pa = getattr(layer, name)["default"].weight
+        pb = getattr(ref, name)["default"].weight
+        assert pa.grad.dtype == torch.float32 and _rel(pa.grad, pb.grad) < 2e-2, name
