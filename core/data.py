@@ -749,13 +749,9 @@ def _tokenize_many(samples: list[list[Segment]], tokenizer, train_on_responses_o
     return out
 
 
-def _tokenize_full(segments: list[Segment], tokenizer, train_on_responses_only: bool) -> tuple[list[int], list[int]]:
-    return _tokenize_many([segments], tokenizer, train_on_responses_only)[0]
-
-
 def tokenize(segments: list[Segment], tokenizer, max_seq_len: int, train_on_responses_only: bool = True) -> tuple[list[int], list[int]]:
     """Token ids and labels (the ids where trained, -100 where masked), truncated to max_seq_len."""
-    ids, labels = _tokenize_full(segments, tokenizer, train_on_responses_only)
+    ids, labels = _tokenize_many([segments], tokenizer, train_on_responses_only)[0]
     return ids[:max_seq_len], labels[:max_seq_len]
 
 
@@ -896,9 +892,9 @@ def _round_up(x: float) -> int:
 # ---- the whole pipeline ------------------------------------------------------------------------
 
 
-def prepare(data_cfg: DataConfig, tokenizer, records: Optional[list[dict]] = None) -> tuple[DataFormat, list[dict]]:
-    """Load (unless given), detect and check: the records and their format."""
-    records = load_records(data_cfg) if records is None else records
+def prepare(data_cfg: DataConfig) -> tuple[DataFormat, list[dict]]:
+    """Load, detect and check: the format and the records."""
+    records = load_records(data_cfg)
     fmt = detect_format(records, data_cfg)
     check_records(records, fmt)
     return fmt, records
@@ -914,7 +910,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     eval_samples, train_rows, eval_rows, truncated, dropped_no_target, packing,
     packing_efficiency, length_stats.
     """
-    fmt, records = prepare(data_cfg, tokenizer)
+    fmt, records = prepare(data_cfg)
     examples, full_lengths = [], []
     dropped = 0
     rendered = [render(r, fmt, tokenizer, data_cfg) for r in records]
@@ -985,7 +981,7 @@ def inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int = 3) -> dict:
     [{"text": ..., "trained": bool}]. Length statistics cover up to INSPECT_LENGTH_SAMPLES samples.
     """
     tokenizer = load_tokenizer(tokenizer_source) if isinstance(tokenizer_source, str) else tokenizer_source
-    fmt, records = prepare(data_cfg, tokenizer)
+    fmt, records = prepare(data_cfg)
     samples = []
     measured = records[:INSPECT_LENGTH_SAMPLES]
     lengths = []
