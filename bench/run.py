@@ -67,11 +67,12 @@ def run_trial(spec: dict, timeout: float, log) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="all", choices=["all", "train", "maxctx", "smoke"])
-    ap.add_argument("--shapes", default="qwen2.5-1.5b,gemma-2-2b,qwen2.5-3b,llama-3.2-1b,smollm2-1.7b,qwen2.5-0.5b")
+    ap.add_argument("--shapes", default="llama-3.2-1b,smollm2-1.7b,qwen2.5-0.5b,qwen2.5-1.5b,gemma-2-2b,qwen2.5-3b")
     ap.add_argument("--up-trials", type=int, default=1, help="lengths tried above the target once it fits")
     ap.add_argument("--deadline-s", type=float, default=520, help="stop starting trials after this many seconds")
+    ap.add_argument("--profile", action="store_true", help="write a per-op profile of two steps for each system")
     ap.add_argument("--plain-check", action="store_true", help="re-verify the plain recipe's limits (slow)")
-    ap.add_argument("--variants", default="snugtune,snugtune-keep0,snugtune-compile",
+    ap.add_argument("--variants", default="snugtune,snugtune-compile",
                     help="snugtune variants in the train part: snugtune (auto), snugtune-keep0 "
                     "(every block checkpointed), snugtune-compile")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -94,7 +95,8 @@ def main():
                                   cap_gib=CAP_GIB, time_s=60), 300, log)
     if args.part in ("all", "train"):
         shape = "qwen2.5-1.5b"
-        results += run_trial(dict(part="train", system="plain", shape=shape, root=root), min(240, left()), log)
+        results += run_trial(dict(part="train", system="plain", shape=shape, root=root, profile=args.profile),
+                             min(240, left()), log)
         for v in [x for x in args.variants.split(",") if x]:
             spec = dict(part="train", system="snugtune", variant=v, shape=shape, root=root, cap_gib=CAP_GIB,
                         mixed=(v == "snugtune"))
@@ -102,6 +104,8 @@ def main():
                 spec["env"] = {"SNUGTUNE_KEEP_LAYERS": "0"}
             if v == "snugtune-compile":
                 spec["compile"] = True
+            if args.profile:
+                spec["profile"] = True
             if left() > 30:
                 results += run_trial(spec, min(240, left()), log)
     if args.part in ("all", "maxctx"):

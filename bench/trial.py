@@ -238,8 +238,38 @@ def part_train(a, path, dev):
     sync()
     dt = time.perf_counter() - t0
     emit(part="speed", **tag, seq=seq, tok_s=round(steps * seq / dt, 1), s_per_step=round(dt / steps, 4), **mem())
+    if a.get("profile") and os.environ.get("OUT") and dev == "cuda":
+        try:
+            _profile(a, m, opt, vocab, seq, ours, dev, g, tag)
+        except Exception as e:  # a profiler problem must not cost the other results
+            emit(part="profile", **tag, error=repr(e)[:200])
     if not a.get("mixed", True):
         return
+    _mixed(a, m, opt, vocab, ours, dev, tag)
+
+
+def _profile(a, m, opt, vocab, seq, ours, dev, g, tag):
+    if True:
+        # where a step's time goes: two steps under the profiler, top ops by CPU and by GPU time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                ids = torch.randint(0, vocab, (1, seq), device=dev, generator=g)
+                train_step(m, opt, {"input_ids": ids, "labels": ids}, ours, dev)
+            sync()
+        ka = prof.key_averages()
+        with open(os.path.join(os.environ["OUT"], f"profile_{a.get('variant') or a['system']}.txt"), "w") as f:
+            f.write(ka.table(sort_by="self_cpu_time_total", row_limit=35))
+            f.write(ka.table(sort_by="self_device_time_total", row_limit=25))
+        try:
+            n_kernels = sum(e.count for e in ka if getattr(getattr(e, "device_type", None), "name", "") == "CUDA")
+            emit(part="profile", **tag, cuda_events_per_step=n_kernels // 2)
+        except Exception as e:  # the profile file is the point; the count is a convenience
+            emit(part="profile", **tag, error=repr(e)[:200])
+
+
+def _mixed(a, m, opt, vocab, ours, dev, tag):
     # (b') mixed-length instruction-style set: ours packs, plain pads a batch of 4
     cleanup()
     lengths = mixed_lengths(a.get("mixed_n", 128))
