@@ -230,6 +230,8 @@ def list_runs(base: Optional[Path] = None) -> list[dict]:
 def request_stop(run_dir: Union[str, Path]) -> bool:
     """Ask a run's engine to save a checkpoint and stop; returns whether it was running."""
     run_dir = Path(run_dir)
+    if run_status(run_dir)["status"] not in ("running", "created"):
+        return False  # finished, failed, stopped or died: nothing to stop (its process may be exiting)
     try:
         (run_dir / STOP_FILE).write_text(f"{time.time()}\n")
     except OSError as exc:

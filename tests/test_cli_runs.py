@@ -1,0 +1,264 @@
+"""The headless commands as a user runs them: `snugtune train/runs/attach/stop/resume/presets/export`.
+
+Each test runs the real `snugtune` in a subprocess; the engine runs as its own process under it.
+Training tests use the tiny model from conftest (a few seconds a run), except the built-in demo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_config
+from core.events import read_events
+
+SNUGTUNE = Path(sys.executable).parent / "snugtune"
+CMD = [str(SNUGTUNE)] if SNUGTUNE.exists() else [sys.executable, "-m", "tui.cli"]
+LONG = 600  # generous ceiling for one command on a busy 2-core machine (not a timing assertion)
+
+
+def snugtune(*args, env=None, timeout=LONG, **kw) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, env=full_env, timeout=timeout, **kw)
+
+
+def run_dir_of(output: str) -> Path:
+    m = re.search(r"^run directory: (.+)$", output, re.MULTILINE)
+    assert m, output
+    return Path(m.group(1).strip())
+
+
+def wait_for_event(run_dir: Path, name: str, timeout: float = LONG) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for e in read_events(run_dir):
+            if e["event"] == name:
+                return e
+        time.sleep(0.1)
+    raise AssertionError(f"no {name} event in {run_dir}: {read_events(run_dir)}")
+
+
+@pytest.fixture
+def tiny_toml(tiny_model_dir, tiny_instruction_jsonl, runs_dir, tmp_path):
+    """Write a tiny-model preset file; returns a function taking --set style overrides."""
+
+    def make(*overrides: str, name: str = "tiny") -> Path:
+        cfg = make_tiny_config(tiny_model_dir, tiny_instruction_jsonl, runs_dir, *overrides)
+        return cfg.write_toml(tmp_path / f"{name}.toml", overwrite=True)
+
+    return make
+
+
+# ---- the built-in demo ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_demo_with_four_steps_leaves_an_adapter_and_events(runs_dir):
+    out = snugtune("train", "demo", "--set", "train.max_steps=4")
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = run_dir_of(out.stdout)
+    assert run_dir.parent == runs_dir
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    events = read_events(run_dir)
+    assert events[-1]["event"] == "run_finished" and events[-1]["steps"] == 4
+    assert "step 4/4" in out.stdout and "loss" in out.stdout and "tok/s" in out.stdout and "ETA" in out.stdout
+
+
+# ---- detach, attach, runs, stop, resume ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_detached_run_is_followed_by_attach_and_listed_by_runs(tiny_toml):
+    out = snugtune("train", str(tiny_toml()), "--detach", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    run_dir = Path(info["run_dir"])
+    assert (run_dir / "pid").read_text().strip() == str(info["pid"])
+    attached = snugtune("attach", run_dir.name)
+    assert attached.returncode == 0, attached.stdout + attached.stderr
+    assert "finished: 6 steps" in attached.stdout and "step 6/6" in attached.stdout
+    listed = json.loads(snugtune("runs", "--json").stdout)
+    mine = [r for r in listed if r["dir"] == str(run_dir)]
+    assert len(mine) == 1 and mine[0]["status"] == "finished" and mine[0]["step"] == 6
+    assert isinstance(mine[0]["loss"], float)
+    table = snugtune("runs").stdout
+    assert run_dir.name in table and "finished" in table
+    # Attaching to a finished run replays it and returns.
+    again = snugtune("attach", str(run_dir), "--json")
+    assert again.returncode == 0
+    assert json.loads(again.stdout.strip().splitlines()[-1])["event"] == "run_finished"
+    stop = snugtune("stop", run_dir.name)
+    assert stop.returncode == 0 and "not running" in stop.stdout
+    resume = snugtune("resume", run_dir.name)
+    assert resume.returncode == 2 and "already finished" in resume.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_foreground_checkpoints_and_resume_continues(tiny_toml):
+    toml = tiny_toml("train.max_steps=30", "train.save_steps=1000", "data.eval_fraction=0")
+    proc = subprocess.Popen([*CMD, "train", str(toml)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    run_dir = run_dir_of(first)
+    wait_for_event(run_dir, "step_logged")
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does to the foreground command
+    stdout, stderr = proc.communicate(timeout=LONG)
+    assert proc.returncode == 0, stdout + stderr
+    stopped = read_events(run_dir)[-1]
+    assert stopped["event"] == "run_stopped" and 1 <= stopped["step"] < 30
+    assert Path(stopped["checkpoint"]).name == f"checkpoint-{stopped['step']}"
+    assert "stopped at step" in stdout and "saves a checkpoint" in stderr
+    assert not (run_dir / "adapter").exists()
+
+    resumed = snugtune("resume", run_dir.name)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    events = read_events(run_dir)
+    second = events[[i for i, e in enumerate(events) if e["event"] == "run_started"][1]:]
+    steps = [e["step"] for e in second if e["event"] == "step_logged"]
+    assert steps == list(range(stopped["step"] + 1, 31))
+    assert events[-1]["event"] == "run_finished" and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_reported_as_died(tiny_toml):
+    out = snugtune("train", str(tiny_toml("train.max_steps=500", "data.eval_fraction=0")), "--detach")
+    run_dir = run_dir_of(out.stdout)
+    wait_for_event(run_dir, "step_logged")
+    pid = int((run_dir / "pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    attached = snugtune("attach", run_dir.name)
+    assert attached.returncode == 1
+    assert "died" in attached.stdout and "engine.log" in attached.stdout
+    listed = {r["name"]: r for r in json.loads(snugtune("runs", "--json").stdout)}
+    assert listed[run_dir.name]["status"] == "died"
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+
+def test_unknown_preset_lists_the_known_ones():
+    out = snugtune("train", "no-such-preset")
+    assert out.returncode == 2
+    assert "unknown preset 'no-such-preset'" in out.stderr and "demo" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_invalid_values_name_the_key_and_create_no_run(runs_dir, tmp_path):
+    out = snugtune("train", "demo", "--set", "lora.r=0")
+    assert out.returncode == 2 and "lora.r" in out.stderr and "greater than or equal to 1" in out.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nname_or_path = "m"\n[data]\npath = "d.jsonl"\n[train]\nmicro_bach = 2\n')
+    out = snugtune("train", str(bad))
+    assert out.returncode == 2 and str(bad) in out.stderr and "train.micro_bach" in out.stderr
+    assert "micro_batch" in out.stderr  # the suggestion
+    assert not runs_dir.exists() or not list(runs_dir.iterdir())
+
+
+def test_a_gpu_preset_without_data_says_how_to_give_it(runs_dir):
+    out = snugtune("train", "rtx-3060-qwen2.5-1.5b")
+    assert out.returncode == 2 and "--set data.path=" in out.stderr
+    assert not runs_dir.exists() or not list(runs_dir.iterdir())
+
+
+def test_an_unwritable_runs_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = snugtune("train", "demo", "--set", f"output.runs_dir='{blocker / 'runs'}'")
+    assert out.returncode == 2 and "cannot create the runs directory" in out.stderr and "output.runs_dir" in out.stderr
+
+
+def test_unknown_runs_and_existing_export_dirs_are_refused(tiny_toml, runs_dir, tmp_path):
+    out = snugtune("attach", "nothing-like-this")
+    assert out.returncode == 2 and "no run named" in out.stderr
+    from core import runs
+
+    run_dir = runs.create_run_dir(make_tiny_config("m", "d.jsonl", runs_dir))
+    (tmp_path / "exists").mkdir()
+    out = snugtune("export", run_dir.name, "--merged", str(tmp_path / "exists"))
+    assert out.returncode == 2 and "already exists" in out.stderr
+    assert list((tmp_path / "exists").iterdir()) == []
+
+
+# ---- the Hub, stood in for by a local server -------------------------------------------------------------
+
+
+class _FakeHub(BaseHTTPRequestHandler):
+    """Answers config.json requests the way the Hub does for missing and gated repositories."""
+
+    def _answer(self):
+        if "/gated/" in self.path or self.path.startswith("/someone/gated-model/"):
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to model someone/gated-model is restricted.")
+        else:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("X-Error-Message", "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,expected", [
+    ("nobody/missing-model", "no such model on the Hub"),
+    ("someone/gated-model", "gated and needs an access token"),
+])
+def test_hub_model_errors_are_one_clear_message(model, expected, fake_hub, tiny_toml, tmp_path):
+    toml = tiny_toml(f"model.name_or_path='{model}'")
+    secret = "hf_" + "x" * 30
+    out = snugtune("train", str(toml), env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
+                                            "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert expected in out.stdout and "Traceback" not in out.stdout
+    assert secret not in out.stdout + out.stderr
+    run_dir = run_dir_of(out.stdout)
+    assert read_events(run_dir)[-1]["kind"] == "user" and not (run_dir / "adapter").exists()
+    assert secret not in (run_dir / "events.jsonl").read_text() + (run_dir / "engine.log").read_text()
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_one_clear_message(tiny_toml, tmp_path):
+    toml = tiny_toml("model.name_or_path='nobody/some-model'")
+    out = snugtune("train", str(toml), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 2
+    assert "cannot be reached" in out.stdout and "local model directory" in out.stdout
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
+
+
+def test_presets_list_and_show(config_dir):
+    out = snugtune("presets")
+    assert out.returncode == 0
+    for name in ("demo", "gtx-1650-qwen2.5-0.5b", "rtx-3060-qwen2.5-1.5b", "rtx-4090-qwen2.5-3b"):
+        assert name in out.stdout
+    listed = json.loads(snugtune("presets", "--json").stdout)
+    assert {p["source"] for p in listed} == {"builtin"} and all(p["description"] for p in listed)
+    shown = snugtune("presets", "show", "demo")
+    assert shown.returncode == 0 and "# Run it with: snugtune train demo" in shown.stdout
+    as_json = json.loads(snugtune("presets", "show", "demo", "--json").stdout)
+    assert as_json["model"]["name_or_path"] == "builtin:tiny-llama"
+    missing = snugtune("presets", "show", "nope")
+    assert missing.returncode == 2 and "unknown preset 'nope'" in missing.stderr
