@@ -5,6 +5,7 @@ engine's checkpoints/ and adapter/ (docs/ARCHITECTURE.md). No torch here: the wi
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -52,8 +53,27 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.output.name or _slug(cfg.model.name_or_path)
 
 
+def freeze_paths(cfg: RunConfig, cwd: Optional[Path] = None) -> RunConfig:
+    """Relative local paths (data.path, model.name_or_path) made absolute.
+
+    The engine runs in the run directory, and a run may be resumed from anywhere: a path that
+    meant something in the launcher's working directory must keep meaning it. Names that are
+    not existing local paths (Hub ids, builtin: names) are left as they are.
+    """
+    cwd = cwd or Path.cwd()
+    changes = []
+    for key, value in (("data.path", cfg.data.path), ("model.name_or_path", cfg.model.name_or_path)):
+        if ":" in value.split("/")[0] or Path(value).expanduser().is_absolute():
+            continue
+        candidate = cwd / value
+        if candidate.exists():
+            changes.append(f"{key}={json.dumps(str(candidate.resolve()))}")
+    return cfg.with_overrides(changes) if changes else cfg
+
+
 def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
     """A new run directory (name-YYYYmmdd-HHMMSS, a suffix if taken) holding config.toml."""
+    cfg = freeze_paths(cfg)
     base = runs_dir(cfg)
     try:
         base.mkdir(parents=True, exist_ok=True)

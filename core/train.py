@@ -385,6 +385,9 @@ class Engine:
                 self._load_model()
                 continue
             break
+        state = self.trainer.state
+        if self.stopped and state.max_steps and state.global_step >= state.max_steps:
+            self.stopped = False  # the stop came with the last step: the run is simply finished
         if self.stopped:
             return
         # One evaluation at the end, unless the last step was just evaluated.

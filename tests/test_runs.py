@@ -125,3 +125,15 @@ def test_last_checkpoint_picks_the_highest_step(tmp_path):
     (tmp_path / "checkpoints" / "checkpoint-x").mkdir()
     assert runs.last_checkpoint(tmp_path).name == "checkpoint-40"
     assert runs.last_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_relative_local_paths_are_frozen_absolute_in_the_run_config(tmp_path, monkeypatch):
+    (tmp_path / "my.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_dict({"model": {"name_or_path": "Qwen/Qwen2.5-0.5B"}, "data": {"path": "my.jsonl"},
+                               "output": {"runs_dir": str(tmp_path / "runs")}})
+    saved = RunConfig.from_toml(runs.create_run_dir(cfg) / "config.toml")
+    assert saved.data.path == str(tmp_path / "my.jsonl")
+    assert saved.model.name_or_path == "Qwen/Qwen2.5-0.5B"  # a Hub id stays a Hub id
+    builtin = cfg.with_overrides(["data.path='builtin:python-docs-qa'"])
+    assert RunConfig.from_toml(runs.create_run_dir(builtin) / "config.toml").data.path == "builtin:python-docs-qa"
