@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
 
 ROOT = Path(__file__).resolve().parent.parent
+CHAT_LIMIT_S = 120  # loading the model in a subprocess and answering; export likewise
 RUN_LIMIT_S = 180  # a 2-step demo run is ~20-40 s on 2 busy cores; generous for slow CI
 
 
@@ -81,6 +82,18 @@ def test_wizard_walks_the_demo_to_an_adapter(tmp_path):
         assert len(adapters) == 1, f"no adapter under {runs}: {sorted(p.name for p in runs.iterdir())}"
         assert adapters[0].stat().st_size > 0
         assert adapters[0].parent.parent.name in shown.replace("\n", "")
+        # a quick chat: the fine-tuned answer and the base model's arrive in their panes
+        tmux("send-keys", "-t", session, "-l", "What does len do?")
+        keys(session, "Enter")
+        # "answered" is set only when a reply came back (an error shows "chat: ..." instead)
+        shown = wait_screen(session, "answered", CHAT_LIMIT_S)
+        assert "fine-tuned" in shown and "base model" in shown and "chat:" not in shown
+        # export: merge into the base weights, in a new directory under the run
+        keys(session, "C-e")
+        wait_screen(session, "Merge the adapter", 10)
+        keys(session, "Enter")
+        wait_screen(session, "merged model saved", CHAT_LIMIT_S)
+        assert (adapters[0].parent.parent / "merged" / "config.json").is_file()
         keys(session, "C-q")
         deadline = time.monotonic() + 15
         while not status.exists() and time.monotonic() < deadline:

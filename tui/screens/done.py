@@ -13,7 +13,7 @@ from rich.text import Text
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import Input, Label, RichLog, Static, Switch
+from textual.widgets import Checkbox, Input, RichLog, Static
 
 from tui.messages import ChatReply, JobDone
 from tui.screens.base import StepScreen, attr
@@ -30,8 +30,11 @@ class ChatProcess:
     line with {"event": "reply", "id", "response", "base"} or {"event": "error", "error"}."""
 
     def __init__(self, run_dir: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "core.chat", str(run_dir)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        # stderr (loading bars, warnings) to a file: an unread pipe would fill and block the process
+        self.log_path = run_dir / "chat.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "core.chat", str(run_dir)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
         self.lock = threading.Lock()
         self.next_id = 0
         self.ready = False
@@ -41,7 +44,10 @@ class ChatProcess:
         while True:
             line = self.proc.stdout.readline()
             if not line:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
+                try:
+                    err = self.log_path.read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    err = ""
                 lines = [ln for ln in err.strip().splitlines() if ln.strip()]
                 raise RuntimeError(lines[-1] if lines else "the chat process ended")
             try:
@@ -87,13 +93,12 @@ class DoneScreen(StepScreen):
 
     def compose_body(self):
         yield Static("", id="adapter-info")
-        with Horizontal(classes="row"):
-            yield Label("Compare with base", classes="field-label-wide")
-            yield Switch(value=self.compare_default(), id="compare")
+        yield Checkbox("Answer with the base model too (adapter switched off)", value=self.compare_default(),
+                       id="compare", compact=True)
         with Horizontal(id="chat-logs"):
             yield RichLog(id="chat-adapter", wrap=True, markup=False)
             yield RichLog(id="chat-base", wrap=True, markup=False)
-        yield Input(placeholder="Ask the fine-tuned model something; Enter sends", id="prompt", compact=True)
+        yield Input(placeholder="Ask the fine-tuned model something; Enter sends", id="chat-input", compact=True)
 
     def compare_default(self) -> bool:
         # The base model's answer comes from the same loaded model with the adapter switched
@@ -120,21 +125,20 @@ class DoneScreen(StepScreen):
         if bits:
             info.append("\n" + " · ".join(bits), style="dim")
         if run_dir:
-            info.append(f"\nUse it: snugtune chat {run_dir.name} · snugtune export {run_dir.name} --merged DIR",
-                        style="dim")
+            info.append(f"\nfrom a shell: snugtune chat {run_dir.name}", style="dim")
         self.query_one("#adapter-info", Static).update(info)
         self.query_one("#chat-adapter", RichLog).border_title = "fine-tuned"
         self.query_one("#chat-base", RichLog).border_title = "base model"
-        self._show_compare(self.query_one("#compare", Switch).value)
-        self.query_one("#prompt", Input).focus()
-        self.set_status("Enter sends a prompt · ctrl+e exports a merged model · ctrl+s saves the setup as a preset")
+        self._show_compare(self.query_one("#compare", Checkbox).value)
+        self.query_one("#chat-input", Input).focus()
+        self.set_status("Enter: send a prompt · ctrl+e: merge and export · ctrl+s: save as preset")
 
     def on_unmount(self) -> None:
         if self.chat is not None:
             self.chat.close()
 
-    @on(Switch.Changed, "#compare")
-    def _compare(self, event: Switch.Changed) -> None:
+    @on(Checkbox.Changed, "#compare")
+    def _compare(self, event: Checkbox.Changed) -> None:
         self._show_compare(event.value)
 
     def _show_compare(self, on_: bool) -> None:
@@ -142,7 +146,7 @@ class DoneScreen(StepScreen):
 
     # ---- chat ------------------------------------------------------------------------
 
-    @on(Input.Submitted, "#prompt")
+    @on(Input.Submitted, "#chat-input")
     def _ask(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
         if not prompt or self.app.run_dir is None:
@@ -152,7 +156,7 @@ class DoneScreen(StepScreen):
             log = self.query_one(log_id, RichLog)
             log.write(Text(f"> {prompt}", style="bold"))
         self.set_status("thinking… (the first prompt loads the model)")
-        self.ask(prompt, self.query_one("#compare", Switch).value)
+        self.ask(prompt, self.query_one("#compare", Checkbox).value)
 
     @work(thread=True, exit_on_error=False, name="chat", exclusive=False, group="chat")
     def ask(self, prompt: str, compare: bool) -> None:
@@ -178,7 +182,7 @@ class DoneScreen(StepScreen):
             return
         target = "#chat-base" if msg.who == "base" else "#chat-adapter"
         self.query_one(target, RichLog).write(Text(msg.text))
-        self.set_status("Enter sends another prompt · ctrl+e exports · ctrl+s saves a preset")
+        self.set_status("answered · Enter: ask again · ctrl+e: merge and export · ctrl+s: save as preset")
 
     # ---- export ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.timer import Timer
-from textual.widgets import Input, Label, Select, Static, Switch
+from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from core.config import ConfigError, RunConfig, field_help
 from core.errors import UserError
@@ -109,10 +109,8 @@ class SettingsScreen(StepScreen):
                     yield Select(OPTIMIZERS, value=self.app.get_value("train.optimizer", "auto"),
                                  allow_blank=False, id="train-optimizer", compact=True)
                 yield Static(field_help("train.optimizer"), classes="hint")
-                with Horizontal(classes="row"):
-                    yield Label("Checkpointing", classes="field-label")
-                    yield Switch(value=bool(self.app.get_value("train.gradient_checkpointing", True)),
-                                 id="train-gradient_checkpointing")
+                yield Checkbox("Gradient checkpointing", value=bool(self.app.get_value("train.gradient_checkpointing", True)),
+                               id="train-gradient_checkpointing", compact=True)
                 yield Static(field_help("train.gradient_checkpointing"), classes="hint")
             with Vertical(id="estimate-panel"):
                 yield Label("Peak GPU memory (estimate)", classes="panel-title")
@@ -167,7 +165,7 @@ class SettingsScreen(StepScreen):
             else:
                 data.setdefault(section, {})[key] = value
         data.setdefault("train", {})["optimizer"] = self.query_one("#train-optimizer", Select).value
-        data["train"]["gradient_checkpointing"] = self.query_one("#train-gradient_checkpointing", Switch).value
+        data["train"]["gradient_checkpointing"] = self.query_one("#train-gradient_checkpointing", Checkbox).value
         # Validate through RunConfig; each reason lands beside its own field, and that field
         # falls back to its last good value so the other fields are still checked.
         for _ in range(len(TEXT_FIELDS) + 2):
@@ -194,7 +192,7 @@ class SettingsScreen(StepScreen):
 
     @on(Input.Changed)
     @on(Select.Changed)
-    @on(Switch.Changed)
+    @on(Checkbox.Changed)
     def _changed(self, event) -> None:
         if self._timer is not None:
             self._timer.stop()
