@@ -78,7 +78,7 @@ def test_train_demo_with_four_steps_leaves_an_adapter_and_events(runs_dir):
 
 
 @pytest.mark.slow
-def test_detached_run_is_followed_by_attach_and_listed_by_runs(tiny_toml):
+def test_detached_run_is_followed_by_attach_listed_and_chatted_with_and_exported(tiny_toml, tmp_path):
     out = snugtune("train", str(tiny_toml()), "--detach", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
@@ -101,6 +101,13 @@ def test_detached_run_is_followed_by_attach_and_listed_by_runs(tiny_toml):
     assert stop.returncode == 0 and "not running" in stop.stdout
     resume = snugtune("resume", run_dir.name)
     assert resume.returncode == 2 and "already finished" in resume.stderr
+    chat = snugtune("chat", run_dir.name, "--compare", "--max-new-tokens", "5", input="What does len do?\n\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "tuned> " in chat.stdout and "base > " in chat.stdout
+    exported = snugtune("export", run_dir.name, "--merged", str(tmp_path / "merged"))
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "merged" / "config.json").is_file() and "merged model:" in exported.stdout
+
 
 
 @pytest.mark.slow
