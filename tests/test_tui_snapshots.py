@@ -114,3 +114,24 @@ def test_save_preset_prompt(snap_compare, wizard_env):
         await pilot.press("ctrl+s")
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_settings_step_no_color(snap_compare, wizard_env, monkeypatch):
+    # NO_COLOR: the bar's parts, the verdicts and the errors must still read (characters, words)
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = demo_app("gtx-1650", ["model.name_or_path='Qwen/Qwen2.5-1.5B'", "data.max_seq_len=4096"])
+
+    async def run_before(pilot):
+        await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
+        pin_estimate(app, "does not fit", 5.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_gpu_step_with_a_detected_card(snap_compare, wizard_env):
+    from core.gpu import GpuInfo
+
+    card = GpuInfo(index=0, name="NVIDIA GeForce RTX 3060", total_gib=11.76, used_gib=0.9, free_gib=10.86,
+                   compute_capability=(8, 6), bf16=True, driver="550.54",
+                   processes=[(1234, "Xorg", 0.6), (2345, "firefox", 0.3)])
+    assert snap_compare(SnugtuneApp(gpus=[card], check_runs=False), terminal_size=SIZE)

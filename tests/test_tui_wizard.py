@@ -314,3 +314,32 @@ async def test_preset_jumps_to_settings_filled_in(wizard_env):
         hints = [str(h.render()) for h in app.screen.query(".hint")]
         assert any("LoRA rank" in h for h in hints)
         assert any("Micro-batches summed" in h for h in hints)
+
+
+async def test_detected_card_is_listed_first_with_its_processes(wizard_env):
+    from core.gpu import GpuInfo
+
+    card = GpuInfo(index=0, name="NVIDIA GeForce RTX 3060", total_gib=11.76, used_gib=0.9, free_gib=10.86,
+                   compute_capability=(8, 6), bf16=True, driver="550.54", processes=[(1234, "Xorg", 0.6)])
+    app = SnugtuneApp(gpus=[card], check_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        detected = str(app.screen.query_one("#detected", Static).render())
+        assert "RTX 3060" in detected and "10.9 free" in detected and "cc 8.6" in detected
+        assert "Xorg (pid 1234)" in detected
+        choices = app.screen.query_one("#choices", OptionList)
+        assert choices.get_option_at_index(choices.highlighted).id == "detected:0"
+        await pilot.press("ctrl+n")
+        assert app.get_value("gpu.profile") == "auto" and app.get_value("gpu.device_index") == 0
+
+
+async def test_no_color_still_tells_parts_apart(wizard_env, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = demo_app("gtx-1650")
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.no_color
+        await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
+        bar = str(app.screen.query_one("#vram").render())
+        # each component has its own fill character in the legend, so colour is not needed
+        legend = [line.split()[0] for line in bar.splitlines()[2:]]
+        assert len(legend) >= 4 and len(set(legend[:8])) == len(legend[:8])
+        assert "fits" in str(app.screen.query_one("#totals").render())
