@@ -245,7 +245,11 @@ def part_train(a, path, dev):
             emit(part="profile", **tag, error=repr(e)[:200])
     if not a.get("mixed", True):
         return
-    _mixed(a, m, opt, vocab, ours, dev, tag)
+    if ours:
+        for pl in a.get("pack_lens", [4096, 16384]):
+            _mixed(dict(a, pack_len=pl), m, opt, vocab, ours, dev, tag)
+    else:
+        _mixed(a, m, opt, vocab, ours, dev, tag)
 
 
 def _profile(a, m, opt, vocab, seq, ours, dev, g, tag):
@@ -314,7 +318,7 @@ def _mixed(a, m, opt, vocab, ours, dev, tag):
         train_step(m, opt, {k: v.to(dev) for k, v in b.items()}, ours, dev)
     sync()
     dt = time.perf_counter() - t0
-    emit(part="mixed", **tag, samples=len(samples), useful_tokens=useful, processed_tokens=padded,
+    emit(part="mixed", **tag, pack_len=a.get("pack_len", 4096) if ours else None, samples=len(samples), useful_tokens=useful, processed_tokens=padded,
          steps=len(batches), useful_tok_s=round(useful / dt, 1), s=round(dt, 2), **mem())
 
 

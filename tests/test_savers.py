@@ -284,7 +284,8 @@ def test_real_4bit_llama_through_peft_loss_falls(tmp_path):
         assert abs(a - b) / a < 0.01, runs
 
 
-def test_fused_lora_4bit_matches_peft(tmp_path):
+@pytest.mark.parametrize("cache_absmax", [False, True])
+def test_fused_lora_4bit_matches_peft(tmp_path, cache_absmax):
     """The fused NF4 + LoRA node gives peft's outputs and gradients (x, A, B), biases included."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
@@ -300,7 +301,7 @@ def test_fused_lora_4bit_matches_peft(tmp_path):
     m = _lora(m)
     layer = m.base_model.model.model.layers[0].self_attn.q_proj
     ref = copy.deepcopy(layer)
-    assert savers.fuse_lora_4bit(m) == 7
+    assert savers.fuse_lora_4bit(m, cache_absmax=cache_absmax) == 7
     assert "forward" in layer.__dict__ and layer.base_layer.bias is not None
     x = torch.randn(2, 9, 64, dtype=torch.bfloat16, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
