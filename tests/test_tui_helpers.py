@@ -119,8 +119,14 @@ def fixed_estimate(verdict: str = "fits", total: float = 2.6, budget: float = 3.
     return est, plain
 
 
-def pin_estimate(app, verdict: str = "fits", total: float = 2.6) -> None:
-    """Show fixed_estimate() on the settings screen (after the real one has been computed)."""
+async def pin_estimate(pilot, app, verdict: str = "fits", total: float = 2.6) -> None:
+    """Show fixed_estimate() on the settings screen, once the real one (and any debounced
+    refresh from the fields' first Changed events) is done, so nothing overwrites it."""
+    from tui.screens.settings import DEBOUNCE_S
+
+    await pilot.pause(DEBOUNCE_S + 0.3)
     est, plain = fixed_estimate(verdict, total)
     screen = app.screen
+    if screen._timer is not None:
+        screen._timer.stop()
     screen.render_estimate(est, plain, 0.8, app.estimate_config())

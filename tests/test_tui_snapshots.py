@@ -50,7 +50,7 @@ def test_settings_step(snap_compare, wizard_env):
 
     async def run_before(pilot):
         await wait_for(pilot, lambda: "fits" in str(app.screen.query_one("#totals").render()), what="the estimate")
-        pin_estimate(app)
+        await pin_estimate(pilot, app)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -63,7 +63,7 @@ def test_settings_step_with_errors(snap_compare, wizard_env):
         app.screen.query_one("#lora-r", Input).value = "0"
         await pilot.pause(0.5)
         await wait_for(pilot, lambda: app.screen.query_one("#lora-r-error").display, what="the field error")
-        pin_estimate(app, "does not fit", 9.4)
+        await pin_estimate(pilot, app, "does not fit", 9.4)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -73,7 +73,7 @@ def test_train_ready(snap_compare, wizard_env):
 
     async def run_before(pilot):
         await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
-        pin_estimate(app)
+        await pin_estimate(pilot, app)
         await pilot.press("ctrl+n")
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -110,7 +110,7 @@ def test_save_preset_prompt(snap_compare, wizard_env):
 
     async def run_before(pilot):
         await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
-        pin_estimate(app)
+        await pin_estimate(pilot, app)
         await pilot.press("ctrl+s")
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -123,7 +123,7 @@ def test_settings_step_no_color(snap_compare, wizard_env, monkeypatch):
 
     async def run_before(pilot):
         await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
-        pin_estimate(app, "does not fit", 5.2)
+        await pin_estimate(pilot, app, "does not fit", 5.2)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 

@@ -99,8 +99,9 @@ class SnugtuneApp(App[int]):
         data = copy.deepcopy(self.cfg_data)
         if not data.get("data", {}).get("path"):
             data.setdefault("data", {})["path"] = "(not chosen yet)"
-        if self.spec is not None and not data.get("model", {}).get("name_or_path"):
-            data.setdefault("model", {})["name_or_path"] = attr(self.spec, "id", "name_or_path", "name")
+        if not data.get("model", {}).get("name_or_path"):
+            data.setdefault("model", {})["name_or_path"] = (attr(self.spec, "id", default="(not chosen yet)")
+                                                            if self.spec is not None else "(not chosen yet)")
         return RunConfig.from_dict(data)
 
     def gpu_target(self) -> Any:

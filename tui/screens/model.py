@@ -77,7 +77,7 @@ class ModelScreen(StepScreen):
     STEP = 1
 
     def compose_body(self):
-        yield Label("Which model? Browse, search, or type a Hub id / local path and press Enter.", classes="title")
+        yield Label("Which model? Type to filter, ↑↓ to pick, Enter; or a Hub id / local path.", classes="title")
         with Horizontal(classes="row"):
             yield Input(self.app.get_value("model.name_or_path", ""), placeholder="search or model id", id="query",
                         compact=True)
@@ -95,10 +95,11 @@ class ModelScreen(StepScreen):
         table.add_column("model", key="model", width=33)
         table.add_column("params", key="params", width=6)
         table.add_column("fit", key="fit", width=7)
+        self.searched: str | None = None
         self.load_source("catalog")
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.resolve(self.app.get_value("model.name_or_path"))
-        table.focus()
+        self.query_one("#query", Input).focus()
 
     # ---- listing -------------------------------------------------------------------
 
@@ -109,9 +110,12 @@ class ModelScreen(StepScreen):
         if source == "catalog":
             specs = list(catalog.builtin_catalog())
             if query and not self._looks_like_id(query):
-                specs = [s for s in specs if query.lower() in spec_id(s).lower()] or specs
+                specs = [s for s in specs if query.lower() in spec_id(s).lower()
+                         or query.lower() in str(attr(s, "model_type", default="")).lower()]
             self.show_specs(specs)
-            self.set_status(f"{len(specs)} models in the built-in catalog · Enter on a row chooses it")
+            self.set_status(f"{len(specs)} models in the built-in catalog"
+                            + (f" matching {query!r}" if query and not self._looks_like_id(query) else "")
+                            + " · Enter on a row chooses it")
         elif source == "cache":
             self.set_status("scanning the local Hugging Face cache…")
             self.list_cache()
@@ -206,16 +210,39 @@ class ModelScreen(StepScreen):
         self.app.set_value("model.name_or_path", spec_id(spec))
         self.query_one("#query", Input).value = spec_id(spec)
 
+    @on(Input.Changed, "#query")
+    def _typed(self, event: Input.Changed) -> None:
+        # the catalog filters as the user types (pure Python, instant); cache and Hub wait for Enter
+        if self.query_one("#source", Select).value == "catalog" and not self._looks_like_id(event.value.strip()):
+            self.load_source("catalog")
+
     @on(Input.Submitted, "#query")
     def _submitted(self, event: Input.Submitted) -> None:
         text = event.value.strip()
         if not text:
             return
+        source = self.query_one("#source", Select).value
         if self._looks_like_id(text):
             self.set_status(f"looking up {text}…")
             self.resolve(text)
+        elif source != "catalog" and text != self.searched:
+            self.searched = text
+            self.load_source(source)
         else:
-            self.load_source(self.query_one("#source", Select).value)
+            self._choose_highlighted()
+
+    def _choose_highlighted(self) -> None:
+        table = self.query_one("#models", DataTable)
+        if self.specs and table.row_count:
+            self.choose(self.specs[table.cursor_row])
+            self.app.action_next_step()
+
+    def on_key(self, event) -> None:
+        # up/down in the search box move through the list: type, arrow, Enter
+        if self.focused is self.query_one("#query", Input) and event.key in ("up", "down"):
+            table = self.query_one("#models", DataTable)
+            table.action_cursor_down() if event.key == "down" else table.action_cursor_up()
+            event.stop()
 
     @work(thread=True, exit_on_error=False, name="model lookup", exclusive=True, group="resolve")
     def resolve(self, text: str) -> None:
@@ -243,7 +270,7 @@ class ModelScreen(StepScreen):
     def save_state(self) -> None:
         table = self.query_one("#models", DataTable)
         # the highlighted row is the choice when the user presses Next from the table
-        if self.specs and table.row_count and (self.app.spec is None or self.focused is table):
+        if self.specs and table.row_count and (self.app.spec is None or self.focused is not None):
             self.choose(self.specs[table.cursor_row])
 
     def leave_problem(self) -> str | None:
