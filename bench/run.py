@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--shapes", default="llama-3.2-1b,smollm2-1.7b,qwen2.5-0.5b,qwen2.5-1.5b,gemma-2-2b,qwen2.5-3b")
     ap.add_argument("--up-trials", type=int, default=1, help="lengths tried above the target once it fits")
     ap.add_argument("--deadline-s", type=float, default=520, help="stop starting trials after this many seconds")
+    ap.add_argument("--loss-steps", type=int, default=20, help="steps of the per-step loss comparison (c)")
     ap.add_argument("--profile", action="store_true", help="write a per-op profile of two steps for each system")
     ap.add_argument("--plain-check", action="store_true", help="re-verify the plain recipe's limits (slow)")
     ap.add_argument("--variants", default="snugtune,snugtune-compile",
@@ -95,10 +96,12 @@ def main():
                                   cap_gib=CAP_GIB, time_s=60), 300, log)
     if args.part in ("all", "train"):
         shape = "qwen2.5-1.5b"
-        results += run_trial(dict(part="train", system="plain", shape=shape, root=root, profile=args.profile),
+        results += run_trial(dict(part="train", system="plain", shape=shape, root=root, profile=args.profile,
+                                  loss_steps=args.loss_steps),
                              min(240, left()), log)
         for v in [x for x in args.variants.split(",") if x]:
             spec = dict(part="train", system="snugtune", variant=v, shape=shape, root=root, cap_gib=CAP_GIB,
+                        loss_steps=args.loss_steps,
                         mixed=(v == "snugtune"))
             if v == "snugtune-keep0":
                 spec["env"] = {"SNUGTUNE_KEEP_LAYERS": "0"}
