@@ -125,7 +125,8 @@ class SettingsScreen(StepScreen):
         self.gpu = self.app.gpu_target()
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.resolve(self.app.get_value("model.name_or_path"))
-        self.refresh_estimate()
+        # the fields paint first; the estimate (and the estimator's import) follows a frame later
+        self.call_after_refresh(self.refresh_estimate)
         self.query_one(f"#{field_id(TEXT_FIELDS[0][0])}", Input).focus()
 
     @work(thread=True, exit_on_error=False, name="model lookup", exclusive=True, group="resolve")
