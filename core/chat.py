@@ -180,7 +180,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--compare", action="store_true", help="also answer with the base model (adapter off)")
     args = p.parse_args(argv)
-    return serve(args.run_dir, sys.stdin, sys.stdout, compare=args.compare)
+    # stdout carries the protocol alone: whatever a library prints goes to stderr instead.
+    protocol = sys.stdout
+    sys.stdout = sys.stderr
+    return serve(args.run_dir, sys.stdin, protocol, compare=args.compare)
 
 
 if __name__ == "__main__":

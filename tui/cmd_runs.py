@@ -202,6 +202,8 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
     except Exception:  # noqa: BLE001 - a slow exit is not the user's problem
         pass
     print(f"run directory: {run_dir}")
+    if last is not None and last.get("event") == "run_finished":
+        print(f"try it: snugtune chat {run_dir.name} --compare")
     return _exit_code(last)
 
 
