@@ -53,6 +53,47 @@ def _hub_module():
     return hub
 
 
+class Cancelled(Exception):
+    """The screen that started a command went away (the wizard quit or moved on)."""
+
+
+def run_command(cmd: list[str], timeout_s: float, *, keep_on_cancel: bool = False,
+                poll_s: float = 0.2) -> tuple[int, str, str]:
+    """Run a command from a worker thread: (exit code, stdout, stderr).
+
+    Unlike subprocess.run, it notices when its worker is cancelled (the wizard quitting must not
+    wait minutes for a tokenizer): the command is then killed, or with `keep_on_cancel` (an
+    export half-way through a write) left to finish in its own session. Raises Cancelled, or
+    subprocess.TimeoutExpired after `timeout_s`.
+    """
+    import subprocess
+    import tempfile
+    import time
+
+    from textual.worker import get_current_worker
+
+    worker = get_current_worker()
+    # output to files, not pipes: nothing has to read while we poll
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=keep_on_cancel)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            if worker.is_cancelled:
+                if not keep_on_cancel:
+                    proc.kill()
+                    proc.wait()
+                raise Cancelled()
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(cmd, timeout_s)
+            worker.cancelled_event.wait(poll_s)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+
+
 def fmt_gib(x: Any) -> str:
     return "?" if x is None else f"{float(x):.1f} GiB"
 

@@ -18,7 +18,7 @@ from textual.widgets import Input, Label, Select, Static
 
 from core.config import field_help
 from tui.messages import DataInspected
-from tui.screens.base import StepScreen, attr
+from tui.screens.base import Cancelled, StepScreen, attr, run_command
 from tui.widgets.histogram import render_histogram
 
 FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("text", "text")]
@@ -203,24 +203,25 @@ class DataScreen(StepScreen):
     def run_inspect(self, path: str, fmt: str, columns: dict[str, str], request: int) -> None:
         cmd = self.inspect_command(path, fmt, columns)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=INSPECT_TIMEOUT_S,
-                                  stdin=subprocess.DEVNULL)
+            returncode, stdout, stderr = run_command(cmd, INSPECT_TIMEOUT_S)
+        except Cancelled:
+            return
         except subprocess.TimeoutExpired:
             self.post_message(DataInspected(path, request=request, error=f"reading the data took over {INSPECT_TIMEOUT_S}s; try max_samples"))
             return
-        if proc.returncode != 0:
+        if returncode != 0:
             # the CLI prints one `snugtune: error: ...` line for a UserError: show it as it is
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
             errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
             message = (errs[0].removeprefix("snugtune: error: ") + "".join("\n" + ln for ln in lines[lines.index(errs[0]) + 1:])
-                       if errs else (lines[-1] if lines else f"exit code {proc.returncode}"))
+                       if errs else (lines[-1] if lines else f"exit code {returncode}"))
             self.post_message(DataInspected(path, request=request, error=message))
             return
         try:
-            report = json.loads(proc.stdout)
+            report = json.loads(stdout)
         except json.JSONDecodeError:
             self.post_message(DataInspected(path, request=request, error="data inspect printed something that is not JSON: "
-                                            + proc.stdout[:200]))
+                                            + stdout[:200]))
             return
         self.post_message(DataInspected(path, request=request, report=report))
 

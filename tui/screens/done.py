@@ -16,7 +16,7 @@ from textual.containers import Horizontal
 from textual.widgets import Checkbox, Input, RichLog, Static
 
 from tui.messages import ChatReply, JobDone
-from tui.screens.base import StepScreen, attr
+from tui.screens.base import Cancelled, StepScreen, attr, run_command
 
 # Loading a model for chat takes seconds on a GPU, longer on the CPU; a reply longer than this
 # means the chat process is stuck, and the user is told so rather than waiting forever.
@@ -204,14 +204,17 @@ class DoneScreen(StepScreen):
         self.post_message(JobDone("export-started", True, directory))
         cmd = [sys.executable, "-m", "tui.cli", "export", str(self.app.run_dir), "--merged", directory]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+            # an export the wizard quits during finishes on its own: a half-merged model is worse
+            returncode, stdout, stderr = run_command(cmd, EXPORT_TIMEOUT_S, keep_on_cancel=True)
+        except Cancelled:
+            return
         except subprocess.TimeoutExpired:
             self.post_message(JobDone("export", False, f"export took over {EXPORT_TIMEOUT_S}s and was stopped"))
             return
-        lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
-        if proc.returncode != 0:
+        lines = [ln for ln in (stderr + stdout).strip().splitlines() if ln.strip()]
+        if returncode != 0:
             errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
-            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {proc.returncode}"])[0]))
+            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {returncode}"])[0]))
         else:
             self.post_message(JobDone("export", True, directory))
 
