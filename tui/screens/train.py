@@ -84,6 +84,7 @@ class TrainScreen(StepScreen):
         self.device: dict = {}
         self.gpu_stats: dict = {}
         self.failure: dict | None = None
+        self.setup_message = ""
         plot = self.query_one("#loss", LossPlot)
         plot.train.clear()
         plot.evals.clear()
@@ -205,6 +206,8 @@ class TrainScreen(StepScreen):
             resumed = e.get("resumed_from")
             self.set_status(f"training{' (resumed from ' + Path(str(resumed)).name + ')' if resumed else ''} · "
                             "ctrl+x stops and saves a checkpoint")
+        elif kind == "setup_progress":
+            self.setup_message = str(e.get("message") or "")
         elif kind == "data_prepared":
             self.last["samples"] = e.get("train_samples")
         elif kind == "step_logged":
@@ -267,6 +270,8 @@ class TrainScreen(StepScreen):
         total = self.total_steps
         title = Text(f"Run {run_dir.name if run_dir else '?'} · ", style="bold")
         title.append(self.state, style="bold reverse" if self.state in ("failed", "finished") else "bold")
+        if self.state in ("starting", "running") and not self.last.get("step") and self.setup_message:
+            title.append(f" · {self.setup_message}", style="dim")
         if total:
             title.append(f" · step {step}/{total}")
         if self.last.get("epoch") is not None:
@@ -297,7 +302,7 @@ class TrainScreen(StepScreen):
         est = self.app.last_estimate
         est_total = attr(est, "total_gib") if est is not None else None
         used = self.gpu_stats.get("used_gib")
-        mem = last.get("mem_reserved_gib") if used is None else used
+        mem = (last.get("mem_peak_gib") or last.get("mem_reserved_gib")) if used is None else used
         if mem is not None:
             row("memory", f"{float(mem):.2f} GiB" + (f" / est {float(est_total):.2f}" if est_total else ""))
         elif est_total:
