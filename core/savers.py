@@ -952,13 +952,14 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
             if hasattr(lyr, "gradient_checkpointing"):
                 lyr.gradient_checkpointing = False
         mode = _cfg_get(cfg, "train.offload_activations", "auto")
-        kept_bytes = L * T * H * 2
-        if mode == "on":  # on the CPU this runs the same autograd path with a plain reference
-            offload = True
-        elif mode == "off" or not on_cuda:
-            offload = False
-        else:
-            offload = budget is not None and kept_bytes > AUTO_OFFLOAD_SHARE * budget
+
+        def wants_offload(tokens: int) -> bool:
+            # decided per micro-batch size too: a row longer than max_seq_len (or an auto-sized
+            # batch) must not keep L inputs on the GPU because the configured size did not need to
+            return offload_decision(mode, on_cuda, L, tokens, H, budget)
+
+        offload = wants_offload(T)
+        offloader = ActivationOffloader(dev) if (mode == "on" or (mode == "auto" and on_cuda)) else None
         env_keep = os.environ.get("SNUGTUNE_KEEP_LAYERS")  # bench/diagnostics override
         compiled = bool(_cfg_get(cfg, "train.compile", False)) and on_cuda
         used = torch.cuda.memory_allocated(dev) if on_cuda else 0  # weights + adapters, now
@@ -976,9 +977,8 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
 
         keep = L - upto(torch.empty((T, max(H, 1)), device="meta"))
         state = {
-            "offloader": ActivationOffloader(dev) if offload else None,
-            # short rows (an eval batch, the tail of an epoch) are not worth copying out
-            "offload_now": (lambda h: offload and (not on_cuda or h.numel() * h.element_size() * L > 0.02 * (budget or 1))),
+            "offloader": offloader,
+            "offload_now": (lambda h: offloader is not None and wants_offload(h.numel() // h.shape[-1])),
             "keep_rng": _has_dropout(hf),
             "upto": upto,
             "compiled": {},
@@ -1016,6 +1016,19 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
                 n += 1
         applied["mlp_tiling"] = f"tiles of {_mlp_tile_tokens(I)} tokens beyond {2 * _mlp_tile_tokens(I)}" if n else "off"
     return applied
+
+
+def offload_decision(mode: str, on_cuda: bool, L: int, tokens: int, H: int, budget: Optional[int]) -> bool:
+    """Whether block inputs go to pinned CPU memory for a micro-batch of `tokens` tokens.
+
+    "on" always (on the CPU the same autograd path runs with a plain reference), "off" never,
+    "auto" on CUDA when the L kept inputs (L x tokens x H x 2 bytes) would exceed 10% of the budget.
+    """
+    if mode == "on":
+        return True
+    if mode == "off" or not on_cuda or budget is None:
+        return False
+    return L * tokens * H * 2 > AUTO_OFFLOAD_SHARE * budget
 
 
 def _selective_keep(L, T, H, I, budget, on_cuda, used) -> int:

@@ -316,3 +316,23 @@ def test_fused_lora_4bit_matches_peft(tmp_path, cache_absmax):
         pa = getattr(layer, name)["default"].weight
         pb = getattr(ref, name)["default"].weight
         assert pa.grad.dtype == torch.float32 and _rel(pa.grad, pb.grad) < 2e-2, name
+
+
+def test_auto_decisions_follow_the_micro_batch_size():
+    """offload/selective checkpointing are re-decided per micro-batch: a longer row than max_seq_len offloads."""
+    m = _lora(_tiny_llama())
+    savers.install_savers(m, _cfg(offload_activations="auto"), {"type": "cpu"})
+    st = savers._unwrap(m)._snug_ckpt_state
+    assert st["offloader"] is None and not st["offload_now"](torch.empty(1, 4096, 64))  # CPU: auto is off
+    m2 = _lora(_tiny_llama())
+    savers.install_savers(m2, _cfg(offload_activations="on"), {"type": "cpu"})
+    st2 = savers._unwrap(m2)._snug_ckpt_state
+    assert st2["offload_now"](torch.empty(1, 8, 64)) and st2["upto"](torch.empty(1, 8, 64)) == 2
+    # the CUDA rule: Qwen2.5-1.5B (28 layers, H 1536) under a 3.65 GiB cap
+    cap = int(3.65 * 2**30)
+    assert not savers.offload_decision("auto", True, 28, 1024, 1536, cap)  # 84 MiB of inputs: keep them
+    assert savers.offload_decision("auto", True, 28, 16384, 1536, cap)  # 1.3 GiB: offload
+    assert not savers.offload_decision("off", True, 28, 16384, 1536, cap)
+    assert not savers._selective_keep(28, 1024, 1536, 8960, cap, False, 0)  # never on the CPU
+    assert savers._selective_keep(28, 1024, 1536, 8960, cap, True, int(1.2 * 2**30)) > \
+        savers._selective_keep(28, 4096, 1536, 8960, cap, True, int(1.2 * 2**30))  # longer rows keep fewer
