@@ -27,9 +27,21 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
    the budget), each block input is copied to pinned CPU memory on a side stream right
    after the block's forward; in backward it is copied back one block ahead (prefetch),
    so ~2 block inputs (2 x T x H x 2 bytes) live on the GPU instead of L. Host RAM: L x T x H
-   x 2 bytes pinned. Selective checkpointing: when the budget allows (short sequences),
-   the last `keep` blocks run without checkpointing (they keep all activations,
-   ~ T x (10 H + 4 I) x 2 bytes each, plus fp32 copies of the LoRA inputs) to skip their recompute.
+   x 2 bytes pinned. Both offload ("auto": offload_decision()) and selective checkpointing
+   are decided per micro-batch size T, not once. Selective checkpointing: when the budget
+   allows (short rows), the last `keep` blocks run without checkpointing to skip their
+   recompute; each keeps all its activations, ~ T x (8 H + 4 I) x 2 bytes (measured 95 MiB
+   a block at 1,024 tokens on Qwen2.5-1.5B); `keep` = _selective_keep(): blocks that fit in
+   0.78 x budget - weights - the checkpointed path's peak (x0.6 with train.compile). At the
+   4 GiB cap that is 12-13 blocks of Qwen2.5-1.5B at 1,024 tokens, 4 at 2,048, 0 from 4,096.
+
+3b. Fused NF4 + LoRA linear (every LoRA'd Linear4bit, plain setups): one autograd node that
+   keeps only its input x (the same tensor for q/k/v and for gate/up, so no copy) and x A^T
+   (T x r); peft keeps a 16-bit copy of x per adapter and clones the output. The dequantized
+   weight (out x in, 2 bytes) exists transiently in forward and again in backward. When some
+   blocks are un-checkpointed (spare memory), the double-quantized block scales are kept
+   expanded in fp32 (+1/8 of the 4-bit weight bytes, ~80 MiB on Qwen2.5-1.5B) to make each
+   dequantization one kernel.
 
 4. MLP tiling: when T x I x 2 bytes x 4 exceeds MLP_TILE_BYTES (256 MiB), the MLP runs
    in sequence tiles of `tile` tokens; each tile's intermediates (gate, up, act, product:
