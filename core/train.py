@@ -211,10 +211,12 @@ class Engine:
             return EXIT_USER
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
             if _is_oom(exc):
+                recovery = "" if self.cfg is None or self.cfg.train.oom_recovery else \
+                    ", or turn on train.oom_recovery (smaller micro-batches, same effective batch)"
                 self._failed(
                     f"CUDA out of memory at micro-batch {self.micro_batch}: {str(exc).splitlines()[0]}",
                     "oom",
-                    hint="lower data.max_seq_len or lora.r, set a smaller model, or turn on train.oom_recovery",
+                    hint=f"lower data.max_seq_len or lora.r, or choose a smaller model{recovery}",
                 )
                 return EXIT_OOM
             if isinstance(exc, KeyboardInterrupt):
@@ -363,28 +365,39 @@ class Engine:
         while True:
             self.trainer = self._make_trainer()
             resume = last_checkpoint(self.run_dir)
+            out_of_memory = False
             try:
                 self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             except BaseException as exc:  # noqa: BLE001
                 if not (_is_oom(exc) and self.cfg.train.oom_recovery):
                     raise
-                nxt = oom_fallback(self.micro_batch, self.grad_accum)
-                if nxt is None:
-                    raise UserError(
-                        "CUDA out of memory even at micro-batch 1",
-                        hint="lower data.max_seq_len, lora.r, or choose a smaller model; "
-                        "`snugtune estimate` shows what fits",
-                    ) from None
-                step = self.trainer.state.global_step
-                self._free_model()
-                self.micro_batch, self.grad_accum = nxt
-                self.events.emit("oom_recovered", step=step, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
-                                 resume_from=str(last_checkpoint(self.run_dir) or "") or None)
-                # A fresh model: the weights in memory moved past the last checkpoint, which the
-                # Trainer restores (adapter, optimizer, scheduler, data position) when it exists.
-                self._load_model()
-                continue
-            break
+                out_of_memory = True
+            if not out_of_memory:
+                break
+            # Recovery happens here, outside the except block: the exception's traceback holds
+            # the frames of the failed step, and with them its activations, until the block ends.
+            self._recover_from_oom()
+        self._finish_training()
+
+    def _recover_from_oom(self) -> None:
+        nxt = oom_fallback(self.micro_batch, self.grad_accum)
+        if nxt is None:
+            raise UserError(
+                "CUDA out of memory even at micro-batch 1",
+                hint="lower data.max_seq_len or lora.r, or choose a smaller model; `snugtune estimate` shows what fits",
+            )
+        step = self.trainer.state.global_step
+        self._free_model()
+        self.micro_batch, self.grad_accum = nxt
+        ckpt = last_checkpoint(self.run_dir)
+        freed_to = round(torch.cuda.memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+        self.events.emit("oom_recovered", step=step, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
+                         resume_from=str(ckpt) if ckpt else None, mem_allocated_after_free_gib=freed_to)
+        # A fresh model: the weights in memory moved past the last checkpoint, which the Trainer
+        # restores (adapter, optimizer, scheduler, data position) when there is one.
+        self._load_model()
+
+    def _finish_training(self) -> None:
         state = self.trainer.state
         if self.stopped and state.max_steps and state.global_step >= state.max_steps:
             self.stopped = False  # the stop came with the last step: the run is simply finished
@@ -397,9 +410,10 @@ class Engine:
     def _free_model(self) -> None:
         self.trainer = None
         self.model = None
-        gc.collect()
+        gc.collect()  # the Trainer, its accelerator and optimizer hold the model in reference cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
     # ---- stage 3: save --------------------------------------------------------------------
 
