@@ -199,7 +199,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     if deriv is not None:
                         p.mul_(deriv)
                         del deriv
-                    p.div_(divisor)
+                    # the 1/divisor is applied in backward, in fp32: dividing here first would
+                    # push small probabilities under fp16's range (fp16 cards, GradScaler)
                     p16 = p.to(wdt)
                     del p, z
                     if need_h:
@@ -210,6 +211,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 del h
         ctx.save_for_backward(*(t for t in (gh, gw) if t is not None))
         ctx.has = (need_h, need_w)
+        ctx.divisor = divisor
         return total / divisor
 
     @staticmethod
@@ -217,12 +219,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
         need_h, need_w = ctx.has
         gh = gw = None
         it = iter(ctx.saved_tensors)
+        factor = grad_out.float() / ctx.divisor
         if need_h:
             g = next(it)
-            gh = g * grad_out.to(g.dtype)
+            # bf16/fp32: scale in place (no T x H temporary); fp16: through fp32 for its range
+            gh = (g.float() * factor).to(g.dtype) if g.dtype == torch.float16 else g.mul_(factor.to(g.dtype))
         if need_w:
             g = next(it)
-            gw = g * grad_out
+            gw = g * factor.to(g.dtype)
         return gh, gw, None, None, None, None
 
 

@@ -336,3 +336,20 @@ def test_auto_decisions_follow_the_micro_batch_size():
     assert not savers._selective_keep(28, 1024, 1536, 8960, cap, False, 0)  # never on the CPU
     assert savers._selective_keep(28, 1024, 1536, 8960, cap, True, int(1.2 * 2**30)) > \
         savers._selective_keep(28, 4096, 1536, 8960, cap, True, int(1.2 * 2**30))  # longer rows keep fewer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_loss_16bit_close_to_hf(dtype):
+    """16-bit hidden states and head (the training setting): loss and gradient within 16-bit rounding."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 64, 32, generator=g).to(dtype)
+    weight = (torch.randn(300, 32, generator=g) * 0.2).to(dtype)
+    labels = torch.randint(0, 300, (1, 64), generator=g)
+    h1 = hidden.clone().requires_grad_(True)
+    ref = _hf_loss(h1, weight, labels, num_items_in_batch=2000)  # a large divisor: tiny gradients
+    (ref * 1024).backward()  # as a GradScaler would
+    h2 = hidden.clone().requires_grad_(True)
+    ours = savers.chunked_lm_loss(h2, weight, labels, num_items_in_batch=2000, chunk_tokens=16)
+    (ours * 1024).backward()
+    assert abs(float(ours.detach()) - float(ref.detach())) / float(ref.detach()) < 1e-2
+    assert h2.grad.dtype == dtype and _rel(h2.grad.float(), h1.grad.float()) < 2e-2
