@@ -353,3 +353,36 @@ def test_chunked_loss_16bit_close_to_hf(dtype):
     (ours * 1024).backward()
     assert abs(float(ours.detach()) - float(ref.detach())) / float(ref.detach()) < 1e-2
     assert h2.grad.dtype == dtype and _rel(h2.grad.float(), h1.grad.float()) < 2e-2
+
+
+@pytest.mark.slow
+def test_through_hf_trainer_same_losses(tmp_path):
+    """HF Trainer (gradient accumulation passes num_items_in_batch; evaluation reads outputs.loss)."""
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(0, 211, (48,), generator=g)
+        lab = ids.clone()
+        lab[:10] = -100  # an unlearned prompt, different token counts per row
+        lab[torch.randint(10, 48, (5,), generator=g)] = -100
+        rows.append({"input_ids": ids, "labels": lab, "position_ids": torch.cat([torch.arange(20), torch.arange(28)])})
+    logs = {}
+    for use in (False, True):
+        m = _lora(_tiny_llama())
+        if use:
+            savers.install_savers(m, _cfg(), {"type": "cpu"})
+        args = TrainingArguments(output_dir=str(tmp_path / str(use)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-3, logging_steps=1,
+                                 use_cpu=True, report_to=[], save_strategy="no", seed=0, data_seed=0,
+                                 per_device_eval_batch_size=2)
+        tr = Trainer(model=m, args=args, train_dataset=rows, eval_dataset=rows[:4])
+        tr.train()
+        ev = tr.evaluate()
+        logs[use] = ([h["loss"] for h in tr.state.log_history if "loss" in h], ev["eval_loss"])
+    (a, ea), (b, eb) = logs[False], logs[True]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert abs(x - y) / x < 1e-3, logs
+    assert abs(ea - eb) / ea < 1e-3, logs
