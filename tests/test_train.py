@@ -315,3 +315,51 @@ def test_bad_data_fails_the_run_with_a_user_error_and_no_adapter(tiny_run_config
     assert "missing.jsonl" in events[-1]["error"]
     assert not (run_dir / "adapter").exists() and not (run_dir / "adapter.tmp").exists()
     assert runs.run_status(run_dir)["status"] == "failed"
+
+
+class _OutOfMemoryOnce:
+    """Raises the error CUDA raises when memory runs out, once, before a given step.
+
+    The CPU cannot run out of GPU memory; this puts the same exception where a real one
+    comes from (inside the training loop), so the engine's whole recovery runs for real.
+    """
+
+    def __new__(cls, before_step: int):
+        from transformers import TrainerCallback
+
+        class OutOfMemoryOnce(TrainerCallback):
+            fired = False
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if not OutOfMemoryOnce.fired and state.global_step == before_step - 1:
+                    OutOfMemoryOnce.fired = True
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+        return OutOfMemoryOnce()
+
+
+@pytest.mark.slow
+def test_out_of_memory_halves_the_micro_batch_and_resumes_from_the_checkpoint(tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=6", "train.save_steps=2", "data.eval_fraction=0")
+    run_dir = runs.create_run_dir(cfg)
+    assert Engine(run_dir, callbacks=[_OutOfMemoryOnce(before_step=4)]).run() == 0
+    events = read_events(run_dir)
+    recovered = [e for e in events if e["event"] == "oom_recovered"]
+    assert len(recovered) == 1
+    assert (recovered[0]["micro_batch"], recovered[0]["grad_accum"]) == (2, 2)  # same effective batch, 4
+    assert recovered[0]["step"] == 3 and recovered[0]["resume_from"].endswith("checkpoint-2")
+    steps = [(e["step"], e["micro_batch"], e["grad_accum"]) for e in events if e["event"] == "step_logged"]
+    # Steps 1-3 at micro-batch 4; step 3 is redone from checkpoint-2 at micro-batch 2 x 2.
+    assert steps == [(1, 4, 1), (2, 4, 1), (3, 4, 1), (3, 2, 2), (4, 2, 2), (5, 2, 2), (6, 2, 2)]
+    assert events[-1]["event"] == "run_finished" and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_out_of_memory_without_recovery_fails_with_kind_oom(tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=3", "train.oom_recovery=false", "data.eval_fraction=0")
+    run_dir = runs.create_run_dir(cfg)
+    assert Engine(run_dir, callbacks=[_OutOfMemoryOnce(before_step=2)]).run() == 3
+    failed = read_events(run_dir)[-1]
+    assert failed["event"] == "run_failed" and failed["kind"] == "oom"
+    assert "micro-batch 4" in failed["error"] and "train.oom_recovery" in failed["error"]
+    assert not (run_dir / "adapter").exists()
