@@ -343,3 +343,13 @@ async def test_no_color_still_tells_parts_apart(wizard_env, monkeypatch):
         legend = [line.split()[0] for line in bar.splitlines()[2:]]
         assert len(legend) >= 4 and len(set(legend[:8])) == len(legend[:8])
         assert "fits" in str(app.screen.query_one("#totals").render())
+
+
+def test_unknown_preset_is_refused_before_the_screen_opens(wizard_env):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tui.cli", "--preset", "no-such-preset"], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert "unknown preset 'no-such-preset'" in proc.stderr and "demo" in proc.stderr

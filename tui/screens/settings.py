@@ -113,7 +113,7 @@ class SettingsScreen(StepScreen):
                                id="train-gradient_checkpointing", compact=True)
                 yield Static(field_help("train.gradient_checkpointing"), classes="hint")
             with Vertical(id="estimate-panel"):
-                yield Label("Peak GPU memory (estimate)", classes="panel-title")
+                yield Label("Peak memory (estimate)", classes="panel-title", id="estimate-title")
                 yield VramBar(id="vram")
                 yield Static("", id="totals")
                 yield Static("", id="timing")
@@ -252,6 +252,7 @@ class SettingsScreen(StepScreen):
         total = float(attr(est, "total_gib", default=sum(components.values())))
         plain_total = float(attr(plain, "total_gib", default=0.0))
         self.query_one("#vram", VramBar).show(components, budget, total, plain_total)
+        self.query_one("#estimate-title", Label).update(f"Peak memory on {attr(self.gpu, 'name', default='the GPU')}")
         self.verdict = str(attr(est, "verdict", default="?"))
         out = Text()
         out.append(f"snugtune     {total:5.2f} GiB  ")
@@ -259,8 +260,7 @@ class SettingsScreen(StepScreen):
         out.append(f"\nplain recipe {plain_total:5.2f} GiB  ")
         out.append_text(fit_badge(attr(plain, "verdict")))
         if budget:
-            out.append(f"\nbudget       {float(budget):5.2f} GiB ({attr(self.gpu, 'name', default='GPU')})",
-                       style="dim")
+            out.append(f"\nbudget       {float(budget):5.2f} GiB", style="dim")
         self.query_one("#totals", Static).update(out)
         self.query_one("#timing", Static).update(self.timing_text(step_s, cfg))
         if not self.field_errors:
@@ -274,7 +274,8 @@ class SettingsScreen(StepScreen):
         if step_s is None:
             return Text("")
         steps = self.steps_per_epoch(cfg)
-        out = Text(f"≈ {step_s:.2f} s per step", style="bold")
+        out = Text(f"≈ {step_s:.2f} s per step" if step_s < 90 else f"≈ {fmt_duration(step_s)} per step",
+                   style="bold")
         if steps:
             out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({steps} steps)", style="bold")
         if cfg.train.max_steps:

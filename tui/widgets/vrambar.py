@@ -7,8 +7,9 @@ from textual.widget import Widget
 
 # Each component gets a fill character as well as a colour, so the bar stays readable with
 # 16 colours and with NO_COLOR (where only the characters tell the parts apart).
-FILLS = ["█", "▓", "▒", "░", "▞", "▚", "■", "▪"]
-COLOURS = ["blue", "magenta", "cyan", "green", "yellow", "bright_blue", "bright_magenta", "bright_cyan"]
+FILLS = ["█", "▓", "▒", "░", "▞", "▚", "■", "▪", "▄", "▀"]
+COLOURS = ["blue", "magenta", "cyan", "green", "yellow", "bright_blue", "bright_magenta", "bright_cyan",
+           "bright_green", "bright_yellow"]
 
 
 class VramBar(Widget):
