@@ -916,6 +916,7 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
     "type" ("cuda"/"cpu") and "total_gib". Returns what was applied (for the event log).
     """
     device_info = device_info or {}
+    uninstall_savers(model)  # idempotent: a second install replaces the first instead of stacking on it
     hf = _unwrap(model)
     applied: dict[str, Any] = {}
     hfc = hf.config

@@ -145,7 +145,11 @@ def test_install_savers_same_loss_and_lora_grads(offload, tied):
     ours = copy.deepcopy(base)
     batch = _batch(211)
     ref = _loss_and_grads(base, batch)
-    applied = savers.install_savers(ours, _cfg(offload_activations=offload), {"type": "cpu"})
+    savers.install_savers(ours, _cfg(offload_activations="off"), {"type": "cpu"})
+    applied = savers.install_savers(ours, _cfg(offload_activations=offload), {"type": "cpu"})  # replaces, not stacks
+    for mod in savers._unwrap(ours).modules():
+        f = mod.__dict__.get("forward")
+        assert f is None or not hasattr(getattr(f, "_snug_orig", None), "_snug_orig")
     assert applied["loss"].startswith("chunked") and applied["attention"].startswith("snug")
     assert applied["offload"] is (offload == "on")
     _assert_same(ref, _loss_and_grads(ours, batch))
