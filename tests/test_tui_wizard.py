@@ -353,3 +353,26 @@ def test_unknown_preset_is_refused_before_the_screen_opens(wizard_env):
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert "unknown preset 'no-such-preset'" in proc.stderr and "demo" in proc.stderr
+
+
+async def test_file_tree_picks_a_data_file(wizard_env):
+    from tui.screens.modals import FilePickerScreen
+
+    folder = wizard_env["tmp"] / "data"
+    folder.mkdir()
+    data = write_jsonl(folder / "qa.jsonl", QA_ROWS)
+    (folder / "notes.md").write_text("not data")  # filtered out of the tree
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+b")
+        await type_into(pilot, "#path", str(folder))
+        await pilot.press("ctrl+o")
+        assert isinstance(app.screen, FilePickerScreen)
+        tree = app.screen.query_one("#tree")
+        await wait_for(pilot, lambda: len(tree.root.children) == 1, what="the tree to load")
+        assert tree.root.children[0].data.path.name == "qa.jsonl"
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DataScreen), what="the picker to close")
+        assert app.screen.query_one("#path", Input).value == str(data)
+        await wait_for(pilot, lambda: "Paris" in str(app.screen.query_one("#samples", Static).render()),
+                       what="the preview of the picked file")

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.text import Text
 from textual import on, work
+from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import Suggester
 from textual.widgets import Input, Label, Select, Static
@@ -117,6 +118,19 @@ def render_samples(samples: list[Any]) -> Text:
 
 class DataScreen(StepScreen):
     STEP = 2
+    BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+o", "browse", "Browse files", priority=True)]
+
+    def action_browse(self) -> None:
+        from tui.screens.modals import FilePickerScreen
+
+        typed = Path(self.query_one("#path", Input).value.strip() or ".").expanduser()
+        root = typed if typed.is_dir() else typed.parent if typed.parent.is_dir() else Path.cwd()
+        self.app.push_screen(FilePickerScreen(root.resolve(), DATA_SUFFIXES), self._picked)
+
+    def _picked(self, path: str | None) -> None:
+        if path:
+            self.query_one("#path", Input).value = path
+            self.inspect()
 
     def compose_body(self):
         yield Label("Training data: a .jsonl .json .csv .parquet .txt file or a Hub dataset id", classes="title")

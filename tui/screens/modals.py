@@ -89,3 +89,35 @@ class RunsScreen(ModalScreen[Path | None]):
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
+
+
+class FilePickerScreen(ModalScreen[str | None]):
+    """A file tree to pick a data file from (directories and data files only)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, root: str | Path, suffixes: set[str]):
+        super().__init__()
+        self.root, self.suffixes = Path(root), suffixes
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import DirectoryTree
+
+        suffixes = self.suffixes
+
+        class DataTree(DirectoryTree):
+            def filter_paths(self, paths):
+                return [p for p in paths if not p.name.startswith(".")
+                        and (p.is_dir() or p.suffix.lower() in suffixes)]
+
+        with Vertical(classes="dialog", id="picker"):
+            yield Label(f"Pick a data file under {self.root}", classes="dialog-title")
+            yield DataTree(self.root, id="tree")
+            yield Static("Enter: open a folder / pick a file · Escape: cancel", classes="hint")
+        yield Footer()
+
+    def on_directory_tree_file_selected(self, event) -> None:
+        self.dismiss(str(event.path))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
