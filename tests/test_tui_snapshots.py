@@ -4,7 +4,6 @@ synthetic event log, tiny local data. Update with `pytest --snapshot-update` aft
 change, and look at the report it writes."""
 from __future__ import annotations
 
-import pytest
 from textual.widgets import Input, Static
 
 from test_tui_helpers import (QA_ROWS, demo_app, finished_run, pin_estimate, wait_for, wizard_env,  # noqa: F401

@@ -4,7 +4,6 @@ fit, an engine that fails to start) staying on screen with the reason."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, Input, OptionList, Static
@@ -305,7 +304,7 @@ async def test_save_preset_refuses_overwrite_unless_confirmed(wizard_env):
 
 async def test_preset_jumps_to_settings_filled_in(wizard_env):
     app = demo_app()
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE):
         assert isinstance(app.screen, SettingsScreen)
         assert app.screen.query_one("#data-max_seq_len", Input).value == "256"
         assert app.screen.query_one("#train-max_steps", Input).value == "60"

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from rich.text import Text
 from textual import on, work
@@ -16,7 +15,7 @@ from textual.containers import Horizontal
 from textual.widgets import Checkbox, Input, RichLog, Static
 
 from tui.messages import ChatReply, JobDone
-from tui.screens.base import Cancelled, StepScreen, attr, run_command
+from tui.screens.base import Cancelled, StepScreen, run_command
 
 # Loading a model for chat takes seconds on a GPU, longer on the CPU; a reply longer than this
 # means the chat process is stuck, and the user is told so rather than waiting forever.

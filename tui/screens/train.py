@@ -106,7 +106,7 @@ class TrainScreen(StepScreen):
             f"gpu        {attr(self.gpu, 'label', 'name', default=cfg.gpu.profile)}",
             f"LoRA       r={cfg.lora.r} alpha={cfg.lora.alpha:g} targets={cfg.lora.target_modules}",
             f"batch      {cfg.train.micro_batch} x {cfg.train.grad_accum} accum, seq {cfg.data.max_seq_len}",
-            f"length     " + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"),
+            "length     " + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"),
         ]
         if est is not None:
             lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB")
