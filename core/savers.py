@@ -321,6 +321,9 @@ class _Null:
         return False
 
 
+_NULL = _Null()
+
+
 # ---------------------------------------------------------------------------------------
 # Activation offload to pinned CPU memory
 # ---------------------------------------------------------------------------------------
@@ -436,18 +439,21 @@ class _CheckpointBlock(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 class _QSpec:
-    """What dequantizing one NF4 weight needs, looked up once instead of on every call.
+    """What one NF4 weight's dequantization needs, looked up once instead of on every call.
 
     With `absmax` given (the double-quantized block scales already expanded to fp32: 4 bytes per
     64 weights, +12.5% over the 4-bit weights) a dequantization is one kernel instead of three.
     """
 
-    __slots__ = ("weight", "absmax")
+    __slots__ = ("weight", "absmax", "dtype", "bias")
 
-    def __init__(self, weight, cache_absmax: bool):
+    def __init__(self, weight, bias, cache_absmax: bool):
         self.weight = weight
         self.absmax = None
         qs = weight.quant_state
+        self.dtype = qs.dtype
+        # the frozen bias in the compute dtype, once (Qwen2's q/k/v have one)
+        self.bias = bias.detach().to(qs.dtype) if bias is not None else None
         if cache_absmax and getattr(qs, "nested", False):
             import bitsandbytes.functional as bnbf
 
@@ -472,50 +478,54 @@ class _LoRA4bitLinear(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T with W in NF4, as one autograd node.
 
     Same math as peft's Linear4bit (bitsandbytes dequantizes W and runs a 16-bit matmul), with
-    fewer kernels and no Python per-op overhead: W is dequantized once in forward and once in
+    fewer kernels and less Python per call: W is dequantized once in forward and once in
     backward, the adapters (fp32 masters) run in the compute dtype, and only x (shared by the
     projections that read the same input) and x A^T (T x r) are kept for backward; peft keeps
-    a 16-bit copy of x per adapter and clones the output.
+    a 16-bit copy of x per adapter and clones the output. On a launch-bound GPU the Python per
+    call is the cost, so the body avoids context managers and attribute chains.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, base, scale, spec):
-        dt = base.weight.quant_state.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dt)
-            W = _dequant(spec).to(dt)
-            bias = base.bias.to(dt) if base.bias is not None else None
-            out = F.linear(xc, W, bias)
+    def forward(ctx, x, A, B, spec, scale):
+        dt = spec.dtype
+        xc = x if x.dtype == dt else x.to(dt)
+        W = _dequant(spec)
+        # every operand is already in dt, so an ambient autocast of dt changes nothing; any
+        # other autocast (a different dtype) is switched off around the matmuls
+        guard = x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != dt
+        with (torch.autocast("cuda", enabled=False) if guard else _NULL):
+            out = F.linear(xc, W, spec.bias)
             del W
-            xa = F.linear(xc, A.to(dt))
-            o2 = out.view(-1, out.shape[-1])
-            o2.addmm_(xa.view(-1, xa.shape[-1]), B.to(dt).t(), alpha=scale)
+            a16 = A.to(dt)
+            xa = F.linear(xc, a16)
+            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.to(dt).t(), alpha=scale)
         ctx.save_for_backward(xc, xa, A, B)
         ctx.spec, ctx.scale, ctx.xdtype = spec, scale, x.dtype
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
+        # backward runs outside any autocast region (autograd's engine threads), no guard needed
         xc, xa, A, B = ctx.saved_tensors
         dt = xc.dtype
-        with torch.autocast(g.device.type, enabled=False):
-            g2 = g.reshape(-1, g.shape[-1]).to(dt)
-            x2 = xc.reshape(-1, xc.shape[-1])
-            xa2 = xa.reshape(-1, xa.shape[-1])
-            b16 = B.to(dt)
-            gxa = (g2 @ b16).mul_(ctx.scale)  # d loss / d (x A^T)
-            dB = dA = dx = None
-            if ctx.needs_input_grad[2]:
-                dB = (g2.t() @ xa2).mul_(ctx.scale).to(B.dtype)
-            if ctx.needs_input_grad[1]:
-                dA = (gxa.t() @ x2).to(A.dtype)
-            if ctx.needs_input_grad[0]:
-                W = _dequant(ctx.spec).to(dt)
-                dx = g2 @ W
-                del W
-                dx.addmm_(gxa, A.to(dt))
-                dx = dx.view(xc.shape).to(ctx.xdtype)
-        return dx, dA, dB, None, None, None
+        g2 = g.reshape(-1, g.shape[-1])
+        if g2.dtype != dt:
+            g2 = g2.to(dt)
+        x2 = xc.reshape(-1, xc.shape[-1])
+        gxa = torch.mm(g2, B.to(dt)).mul_(ctx.scale)  # d loss / d (x A^T)
+        dB = dA = dx = None
+        need = ctx.needs_input_grad
+        if need[2]:
+            dB = torch.mm(g2.t(), xa.reshape(-1, xa.shape[-1])).mul_(ctx.scale).to(B.dtype)
+        if need[1]:
+            dA = torch.mm(gxa.t(), x2).to(A.dtype)
+        if need[0]:
+            dx = torch.mm(g2, _dequant(ctx.spec))
+            dx.addmm_(gxa, A.to(dt))
+            dx = dx.view(xc.shape)
+            if dx.dtype != ctx.xdtype:
+                dx = dx.to(ctx.xdtype)
+        return dx, dA, dB, None, None
 
 
 def fuse_lora_4bit(model, cache_absmax: bool = False) -> int:
@@ -530,7 +540,7 @@ def fuse_lora_4bit(model, cache_absmax: bool = False) -> int:
         if w is None or w.__class__.__name__ != "Params4bit" or getattr(w, "quant_state", None) is None:
             continue
         orig = mod.forward
-        spec = _QSpec(w, cache_absmax)
+        spec = _QSpec(w, base.bias, cache_absmax)
 
         def forward(x, *args, _mod=mod, _orig=orig, _spec=spec, **kwargs):
             m = _mod
@@ -545,8 +555,8 @@ def fuse_lora_4bit(model, cache_absmax: bool = False) -> int:
             if (isinstance(drop, torch.nn.Dropout) and drop.p > 0 and m.training) or \
                     m.lora_B[name].bias is not None:
                 return _orig(x, *args, **kwargs)
-            return _LoRA4bitLinear.apply(x, m.lora_A[name].weight, m.lora_B[name].weight, m.base_layer,
-                                         float(m.scaling[name]), _spec)
+            return _LoRA4bitLinear.apply(x, m.lora_A[name].weight, m.lora_B[name].weight, _spec,
+                                         float(m.scaling[name]))
 
         forward._snug_orig = orig
         mod.forward = forward
