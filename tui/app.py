@@ -57,6 +57,7 @@ class SnugtuneApp(App[int]):
         self.preset_name = preset_name
         self.detected_gpus = gpus  # None: not asked yet
         self.gpu_error: str | None = None
+        self._gpu_targets: dict[tuple, Any] = {}
         self.spec: Any = None  # core.catalog.ModelSpec of the chosen model
         self.data_report: dict | None = None  # the last `data inspect --json` report
         self.run_dir: Path | None = Path(attach) if attach else None
@@ -109,11 +110,14 @@ class SnugtuneApp(App[int]):
         from core import gpu
 
         gpu_cfg = self.cfg_data.get("gpu", {})
-        try:
-            return gpu.resolve_gpu(gpu_cfg.get("profile", "auto"), gpu_cfg.get("vram_budget_gib"),
-                                   gpu_cfg.get("device_index", 0))
-        except UserError:
-            return None
+        key = (gpu_cfg.get("profile", "auto"), gpu_cfg.get("vram_budget_gib"), gpu_cfg.get("device_index", 0))
+        # 'auto' asks NVML each time (tens of ms on the UI thread): once per choice is enough
+        if key not in self._gpu_targets:
+            try:
+                self._gpu_targets[key] = gpu.resolve_gpu(*key)
+            except UserError:
+                return None
+        return self._gpu_targets[key]
 
     # ---- moving between steps ---------------------------------------------------------
 
