@@ -375,3 +375,22 @@ async def test_file_tree_picks_a_data_file(wizard_env):
         assert app.screen.query_one("#path", Input).value == str(data)
         await wait_for(pilot, lambda: "Paris" in str(app.screen.query_one("#samples", Static).render()),
                        what="the preview of the picked file")
+
+
+async def test_targets_that_match_no_layer_stay_with_reason(wizard_env):
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await type_into(pilot, "#lora-target_modules", "['foo_proj']")
+        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: app.screen.query_one("#lora-target_modules-error").display,
+                       what="the estimator's complaint beside the field")
+        assert "foo_proj" in str(app.screen.query_one("#lora-target_modules-error").render())
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, SettingsScreen)
+        await type_into(pilot, "#lora-target_modules", "q_proj, v_proj")
+        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: not app.screen.query_one("#lora-target_modules-error").display,
+                       what="the error to clear")
+        assert app.get_value("lora.target_modules") == ["q_proj", "v_proj"]
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, TrainScreen)

@@ -43,9 +43,11 @@ def _optional_int(text: str) -> int | None:
 
 
 def _targets(text: str) -> str | list[str]:
-    if text in ("", "all-linear"):
+    # "q_proj, v_proj" or the TOML list the help text shows, ['q_proj', 'v_proj']
+    text = text.strip().strip("[]")
+    if text.strip("'\" ") in ("", "all-linear"):
         return "all-linear"
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip().strip("'\"").strip() for t in text.split(",") if t.strip().strip("'\"").strip()]
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n)]
     if bad:
         raise ValueError(f"{bad[0]!r} is not a module name; use all-linear or names like q_proj, v_proj")
@@ -122,6 +124,7 @@ class SettingsScreen(StepScreen):
         self._timer: Timer | None = None
         self.field_errors: dict[str, str] = {}
         self.verdict: str | None = None
+        self.estimate_error: str | None = None
         self.gpu = self.app.gpu_target()
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.resolve(self.app.get_value("model.name_or_path"))
@@ -232,8 +235,18 @@ class SettingsScreen(StepScreen):
             est = est_mod.estimate(spec, cfg, self.gpu)
             plain = est_mod.estimate(spec, cfg, self.gpu, recipe="plain")
         except UserError as exc:
+            # e.g. targets that match no layer of this model: said here, and Next waits for a fix
+            self.estimate_error = str(exc)
             totals.update(Text(str(exc), style="red"))
+            key = str(exc).split(" ", 1)[0]
+            if key in {d for d, *_ in TEXT_FIELDS}:  # the estimator names the field: show it there
+                box = self.query_one(f"#{field_id(key)}-error", Static)
+                box.update(Text("✗ " + str(exc).split(" ", 1)[1].splitlines()[0], style="bold red"))
+                box.display = True
+            if not self.field_errors:
+                self.set_status(str(exc).splitlines()[0], "error")
             return
+        self.estimate_error = None
         step_s = None
         if hasattr(est_mod, "estimate_step_time"):
             try:
@@ -337,6 +350,8 @@ class SettingsScreen(StepScreen):
             self.app.config()
         except ConfigError as exc:
             return str(exc)
+        if self.estimate_error:
+            return self.estimate_error.splitlines()[0]
         if self.verdict is not None and fit_badge_word(self.verdict) == "too big":
             return "these settings do not fit the card's memory: ctrl+f auto-fits them"
         return None
