@@ -33,6 +33,9 @@ from core.runs import CONFIG_FILE, STOP_FILE, last_checkpoint
 EXIT_USER = 2
 EXIT_OOM = 3
 EXIT_INTERNAL = 1
+# Non-finite steps in a row after which a run is declared diverged: one can be a fluke the
+# optimizer skips (fp16 loss scaling does that), three in a row are not.
+DIVERGED_AFTER = 3
 
 
 # ---- pure decisions (tested without a GPU) -----------------------------------------------------
@@ -343,6 +346,8 @@ class Engine:
             data_seed=cfg.train.seed,
             report_to="none",
             disable_tqdm=True,
+            # Report a NaN loss as NaN: the default filter logs a made-up finite value instead.
+            logging_nan_inf_filter=False,
             remove_unused_columns=False,  # rows are plain dicts the collate function reads
             dataloader_num_workers=0,
             dataloader_pin_memory=dev["type"] == "cuda",
@@ -410,6 +415,15 @@ class Engine:
     def _free_model(self) -> None:
         self.trainer = None
         self.model = None
+        try:
+            import bitsandbytes as bnb
+
+            # The Trainer registers every embedding module with bitsandbytes' global optimizer
+            # manager (to keep their states in 32 bits); that registry would keep the old model's
+            # embeddings (0.25 GiB for Qwen2.5-0.5B) alive through every retry.
+            bnb.optim.GlobalOptimManager.get_instance().initialize()
+        except Exception:  # noqa: BLE001 - no bitsandbytes, or another layout: nothing to release
+            pass
         gc.collect()  # the Trainer, its accelerator and optimizer hold the model in reference cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -452,6 +466,7 @@ class EventCallback(_trainer_callback_base()):
         self._step0 = 0
         self._last_t = None
         self._last_tokens = 0
+        self._bad_steps = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last_t = time.monotonic()
@@ -493,6 +508,9 @@ class EventCallback(_trainer_callback_base()):
                 "mem_peak_gib": round(torch.cuda.max_memory_reserved(idx) / 2**30, 3),
             }
         self.engine.last_loss = logs["loss"]
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v)
+                     for v in (logs["loss"], logs.get("grad_norm", 0.0)) if v is not None)
+        self._bad_steps = 0 if finite else self._bad_steps + 1
         ev.emit(
             "step_logged",
             step=state.global_step,
@@ -508,6 +526,13 @@ class EventCallback(_trainer_callback_base()):
             grad_accum=self.engine.grad_accum,
             **mem,
         )
+        if self._bad_steps >= DIVERGED_AFTER:
+            raise UserError(
+                f"training diverged: the loss or gradient norm is not a number for {self._bad_steps} steps in a row "
+                f"(step {state.global_step})",
+                hint="lower train.learning_rate, keep train.max_grad_norm at 1.0, or use model.compute_dtype = 'bf16' "
+                "where the GPU has it; resume from the last checkpoint with the fix in a new run",
+            )
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -363,3 +363,25 @@ def test_out_of_memory_without_recovery_fails_with_kind_oom(tiny_run_config):
     assert failed["event"] == "run_failed" and failed["kind"] == "oom"
     assert "micro-batch 4" in failed["error"] and "train.oom_recovery" in failed["error"]
     assert not (run_dir / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_a_diverged_run_fails_with_a_clear_message_instead_of_training_on(tiny_run_config):
+    from transformers import TrainerCallback
+
+    class PoisonAdapter(TrainerCallback):
+        """Puts a NaN into one adapter weight after step 1: what a diverging run looks like."""
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    run_dir = runs.create_run_dir(tiny_run_config("train.max_steps=8", "data.eval_fraction=0"))
+    assert Engine(run_dir, callbacks=[PoisonAdapter()]).run() == 2
+    events = read_events(run_dir)
+    steps = [e for e in events if e["event"] == "step_logged"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]  # three non-finite steps in a row, then it stops
+    assert all(e["loss"] != e["loss"] for e in steps[1:])  # NaN is logged as NaN, not filtered to a number
+    assert events[-1]["event"] == "run_failed" and "diverged" in events[-1]["error"]
+    assert not (run_dir / "adapter").exists()
