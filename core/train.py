@@ -28,7 +28,7 @@ import torch
 from core.config import RunConfig
 from core.errors import UserError
 from core.events import EventWriter
-from core.runs import CONFIG_FILE, STOP_FILE, last_checkpoint
+from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, last_checkpoint
 
 EXIT_USER = 2
 EXIT_OOM = 3
@@ -191,6 +191,10 @@ class Engine:
                   "start a new run with `snugtune train`", file=sys.stderr)
             return EXIT_USER
         self.events = EventWriter(self.run_dir / "events.jsonl")
+        if self.install_signal_handlers:
+            # Our own pid, for viewers' liveness checks, also when started without runs.spawn
+            # (`python -m core.train RUN_DIR` by hand or from a benchmark).
+            (self.run_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         self._install_handlers()
         started = time.time()
         try:
