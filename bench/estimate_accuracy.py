@@ -20,6 +20,8 @@ estimate_accuracy.md (config, measured, estimated, error %) into $OUT (default b
     PYTHONPATH=. python bench/estimate_accuracy.py            # ~4-6 min on one H200
     BENCH_JOBS=1 ...                                          # one case at a time (exact NVML)
     BENCH_ONLY=qwen2.5-0.5b ...                               # a subset, by model name
+    python bench/estimate_accuracy.py --rescore bench/results/estimate_accuracy.json
+                                  # today's estimator against the stored measurements (no GPU)
 """
 from __future__ import annotations
 
@@ -185,16 +187,45 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(results: list[dict], md: Path, meta: dict | None = None) -> Path:
+    header = "# snugtune estimate accuracy\n\n"
+    if meta:
+        header += "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n"
+    md.write_text(header + markdown_table(results) + "\n")
+    return md
+
+
 def write_report(results: list[dict], out_dir: Path, meta: dict | None = None) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "estimate_accuracy.json"
     md = out_dir / "estimate_accuracy.md"
     js.write_text(json.dumps({"meta": meta or {}, "results": results}, indent=2))
-    header = "# snugtune estimate accuracy\n\n"
-    if meta:
-        header += "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n"
-    md.write_text(header + markdown_table(results) + "\n")
+    write_markdown(results, md, meta)
     return js, md
+
+
+def rescore(path: Path) -> Path:
+    """Recompute every row's estimate with the current core.estimate from the stored
+    configuration, keep the GPU's measurements as they are, and rewrite the .md beside the
+    JSON (the JSON itself, the GPU's record, is not touched). Needs no GPU."""
+    try:
+        data = json.loads(Path(path).read_text())
+        results = data["results"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{path}: not a bench result file ({exc})")
+    rows = []
+    for r in results:
+        row = dict(r)
+        try:
+            row["estimated"] = estimate_case(Case(**r["config"]), r["recipe"], r.get("total_memory_gib", 139.81))
+        except Exception as exc:  # noqa: BLE001 (report the row, keep going)
+            row["estimated"] = None
+            row["estimate_error"] = repr(exc)
+        rows.append(row)
+    meta = dict(data.get("meta") or {})
+    meta["estimates"] = f"rescored from the stored measurements by the current code: " \
+                        f"python bench/estimate_accuracy.py --rescore {Path(path).name}"
+    return write_markdown(rows, Path(path).with_suffix(".md"), meta)
 
 
 # ---- GPU side (subprocesses) -------------------------------------------------------------------------
@@ -460,7 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="a short probe on this machine's card: store measured/estimated per recipe, which "
                     "`snugtune estimate --gpu auto` then applies (about a minute)")
+    ap.add_argument("--rescore", metavar="FILE.json",
+                    help="recompute the estimates of a stored run with the current code and rewrite "
+                    "the .md beside it (measurements unchanged; no GPU needed)")
     args = ap.parse_args(argv)
+
+    if args.rescore:
+        md = rescore(Path(args.rescore))
+        print(md.read_text())
+        print(f"wrote {md}")
+        return 0
 
     if args.build:
         build_models(Path(args.models_root), args.build.split(","))

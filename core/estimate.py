@@ -54,11 +54,18 @@ ATTN_TILE_ELEMS = 2**24  # query-tiled attention (softcapping, sliding windows):
 CHUNKABLE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"}
 TILED_ATTENTION = {"gemma2", "gemma3_text"}  # attention softcapping / sliding windows: SDPA cannot
 
-# Plain recipe's allocator overhead: the fp32 cast frees the bf16 copies of the embedding
-# (and head, norms), which stay cached; and large token x vocab blocks fragment the cache by
-# about 0.6 of a block. max() of the two fits BASELINE.md's reserved-allocated gaps
-# (0.21-1.01 GiB) within ~0.1 GiB.
-PLAIN_FRAGMENT_SHARE = 0.6
+# Plain recipe's allocator overhead with memory to spare (max_memory_reserved - allocated).
+# The fp32 cast frees the bf16 copies of the embedding (and head, norms) into the cache, and
+# later allocations reuse part of them; the step's large blocks fragment the cache a little.
+# Two sets of measurements bound it: BASELINE.md (10 steps in one long-lived process: gaps
+# 0.21-1.01 GiB, about the bf16 copies) and the H200 bench (3 steps, a fresh process per
+# case: 0.07-0.36 GiB at the loss moment). Half the copies + 0.1 of a token x vocab block
+# sits inside +-10% of both. When the peak is a block's backward (long sequences, small
+# vocabularies), the large transients there (fp32 attention scores) are allocated and freed
+# once a block, and most of one stays cached: SmolLM2-360M at 4,096 tokens, 0.82 GiB above
+# allocated with 0.94 GiB score tensors; the same 0.8 of a block as the need below.
+PLAIN_COPIES_CACHED = 0.5
+PLAIN_FRAGMENT_SHARE = 0.1
 # Under memory pressure the caching allocator gives cached blocks back and retries before it
 # reports OOM, so the cached bf16 copies are not a need; but near the limit the token x vocab
 # blocks fragment what is left: BASELINE.md's 4 GiB runs ran out with 0.36-0.44 GiB still free
@@ -70,6 +77,49 @@ PLAIN_NEED_FRAGMENT_SHARE = 0.8
 # largest transient block. Conservative until the GPU bench calibrates it.
 SNUG_OVERHEAD_SHARE = 0.05
 SNUG_FRAGMENT_SHARE = 0.25
+# With the model's own (unchunked) loss, token x vocab tensors of two sizes (2- and 4-byte
+# logits) come and go each step and about one 4-byte block stays unusable even with
+# expandable segments: measured 0.37 and 0.66 GiB above allocated with 0.38 GiB blocks
+# (StableLM-2 slm-1024 and slm-256-b4 on the H200; the 0.25 share gave 0.10-0.26), i.e.
+# 0.6 of a block beside the 5% share.
+SNUG_OWN_LOSS_FRAGMENT_SHARE = 0.6
+
+# The chunked loss keeps 10 bytes a logit of one chunk alive, not the 8 the savers size their
+# chunks by (fp32 logits 4 + 2-byte matmul output 2 + 2-byte probabilities 2): every loss-phase
+# snugtune run of the H200 bench (5 models, 152k/128k/49k vocabularies, all ~33.5M-logit
+# chunks) peaked 0.055-0.061 GiB above the 8-byte sum, i.e. one more 2-byte copy of the chunk
+# (the probabilities' gradient on its way into the hidden-state gradient matmul).
+CE_LIVE_BYTES = 10
+# A model's own loss on 16-bit logits (the engine cannot chunk it, e.g. StableLM): bf16 logits
+# held by the output (2), fp32 upcast / log_softmax output / its gradient / the logits'
+# gradient (4 + 4 + 4), and the previous step's output, which a training loop written as
+# `out = model(...)` (the bench, /work/shared/reference/qlora_probe.py) still references
+# while the next forward runs (2): 16 bytes a logit. Measured: slm-1024 snugtune, 3.04 GiB
+# allocated where 14 bytes a logit gave 2.89. HF Trainer drops the output, so the engine
+# needs up to 2 bytes a logit less: conservative.
+OWN_LOSS_BYTES = 16
+# Attention scores in the plain recipe. Its q/k/v are fp32 (the upcast residual stream), so
+# SDPA cannot use flash attention; with grouped-query attention transformers passes
+# enable_gqa, which the memory-efficient kernel refuses, so SDPA falls back to the math
+# kernel: fp32 scores B x Hq x S x S. A block keeps one (softmax's output, also matmul's
+# input); recomputing it holds scores + softmax output + a 1-byte -inf mask + the masked
+# copy (_safe_softmax) = 3.25 at once, and its backward 3. Measured: SmolLM2-360M (15 heads,
+# 5 kv) at 4,096 tokens, 5.49 GiB allocated where the O(T) assumption gave 3.89; Qwen3-0.6B
+# without checkpointing (B=2 x 512), 1.03 GiB over 28 blocks ~ one fp32 score tensor a block.
+# Gemma-2 (attention softcapping) runs eager attention: tanh's output and softmax's output
+# are kept (2), 3 live in the recompute.
+MATH_ATTN_KEPT, MATH_ATTN_PEAK = 1.0, 3.25
+EAGER_ATTN_KEPT, EAGER_ATTN_PEAK = 2.0, 3.0
+EAGER_PLAIN = {"gemma2", "gemma3_text"}
+
+# Memory outside PyTorch's allocator (CUDA context, lazily loaded kernels, cuBLAS handles),
+# measured where we could: bench/results/estimate_accuracy.json, NVML's per-process used memory
+# minus max_memory_reserved on an H200 (torch 2.11, CUDA 13): 0.725 GiB for the plain recipe,
+# 0.74-0.81 GiB for snugtune (more distinct kernels: chunked loss, SDPA backward). The larger
+# one is used for Hopper cards (H100 assumed like the H200: same architecture and libraries).
+# Other cards keep their profile's number: ~0.35 GiB on consumer cards is BASELINE.md's
+# assumption (it caps the allocator at 4 - 0.35 GiB), not a measurement.
+MEASURED_CONTEXT_GIB = {(9, 0): 0.81}
 
 # Verdict thresholds: "tight" when the headroom is under this share of the budget (a
 # desktop opening a browser tab, allocator noise, a longer-than-usual batch can eat 5%).
@@ -160,6 +210,15 @@ def check_inputs(spec: ModelSpec, cfg, recipe: str = "snugtune") -> None:
         )
 
 
+def context_gib(gpu: GpuTarget) -> float:
+    """Memory the process holds outside PyTorch's allocator on this card (GiB): measured for
+    Hopper (MEASURED_CONTEXT_GIB), the profile's assumption elsewhere."""
+    if gpu.is_cpu:
+        return 0.0
+    measured = MEASURED_CONTEXT_GIB.get(tuple(gpu.compute_capability or ()))
+    return max(gpu.cuda_context_gib, measured) if measured else gpu.cuda_context_gib
+
+
 # ---- the model ---------------------------------------------------------------------------------------
 
 def _ce_chunk_tokens(vocab: int, softcap: bool, budget_bytes: Optional[int], chunk_bytes: int) -> int:
@@ -240,18 +299,33 @@ def estimate(
     # -- activations ---------------------------------------------------------------------------------
     use_offload = False
     tile = T
+    # Qwen3 / Gemma-3 normalise each head's q and k: the RMSNorm keeps its input upcast to fp32
+    # (pow and x * rsqrt save it), 4 bytes per q and k element; its output replaces the raw
+    # projection as rope's input, and the weight product saves nothing (frozen weight). Same
+    # 4 bytes in both recipes (plain: the raw fp32 projection is kept, plus the norm's output).
+    qk_norm_bytes = T * 4 * (q + kv) if spec.qk_norm else 0
+    held_logits = 0  # logits the output object holds through the backward
     if plain:
-        kept = L * T * h * s if gc_on else 0
+        k_layer = T * h * s  # a checkpointed block's input (fp32 stream)
         # One block's saved tensors a token (fp32 stream, bf16 copies that bitsandbytes saves):
         # attention 10h + 14q + 8kv (norm out, 3 bf16 input copies, q/k/v, rope outputs, sdpa
         # output and its reshape, o_proj's bf16 input), MLP 12h + 18I (residual, norm out, 2 bf16
         # copies; gate, up, act, product in fp32 and the product's bf16 copy).
-        block = T * (22 * h + 14 * q + 8 * kv + 18 * I)
+        block = T * (22 * h + 14 * q + 8 * kv + 18 * I) + qk_norm_bytes
         transient = T * (8 * I + 8 * h)  # the block's backward: fp32 grads of gate/up, hidden grads
+        score = B * spec.num_heads * seq * seq * 4  # one fp32 attention-score tensor
+        if spec.model_type in EAGER_PLAIN:
+            block += EAGER_ATTN_KEPT * score
+            transient += (EAGER_ATTN_PEAK - EAGER_ATTN_KEPT) * score
+        elif spec.num_kv_heads < spec.num_heads:
+            block += MATH_ATTN_KEPT * score
+            transient += (MATH_ATTN_PEAK - MATH_ATTN_KEPT) * score
         loss_copies = 4 + (1 if softcap else 0)
         loss_ws = T * V * 4 * loss_copies
         loss_hidden = 2 * T * h * s  # final norm's output and the head's input, kept for backward
         largest_block = T * V * 4
+        held_logits = T * V * 4  # the fp32 logits stay referenced by the output during backward
+        kept = L * k_layer if gc_on else 0
     else:
         if offload is None:
             mode = cfg.train.offload_activations
@@ -264,7 +338,21 @@ def estimate(
         else:
             use_offload = bool(offload) and not cpu
         use_offload = use_offload and gc_on
-        kept = 0 if not gc_on else (2 if use_offload else L) * T * h * s
+        # LayerNorm models (StableLM) under autocast: layer_norm runs in fp32 (autocast's fp32
+        # list), so each projection reading a norm gets an fp32 input. The engine's fused
+        # NF4+LoRA node (core/savers.py::_LoRA4bitLinear) then makes and keeps its own 2-byte
+        # copy per projection (q, k, v: 2 more than RMSNorm's one shared 2-byte input; gate,
+        # up: 1 more: +6h bytes a token) and returns its output in the input's dtype, fp32:
+        # gate, up and SiLU's output are kept in fp32 (+2 bytes each: +6I), and down_proj's
+        # fp32 output turns the residual stream fp32 (4-byte block inputs). Rope's products
+        # with cos/sin save only the frozen cos/sin, so q and k add nothing. Measured without
+        # checkpointing (slm-256-b4-r32-nogc-8bit): 6.06 GiB allocated where the RMSNorm
+        # formula gave 5.44; this count gives 6.55 (safe side: the copies may be shorter-lived).
+        ln_fp32 = spec.norm == "layer" and not cpu
+        if ln_fp32:
+            s = 4
+        k_layer = T * h * s
+        kept = 0 if not gc_on else (2 if use_offload else L) * k_layer
         if use_offload:
             notes.append(f"activation offload on: {L * T * h * s / GIB:.2f} GiB of block inputs in pinned CPU memory")
         if gc_on:
@@ -274,8 +362,15 @@ def estimate(
         # path (16-bit weights, LoRA under autocast as the Trainer runs it): the RMSNorms' fp32
         # internals 2 x 4h, six h-wide projection inputs, q and attention output, k and v, and
         # the MLP's gate, up, act and product: 8h + s(6h + 2q + 2kv) + 4I s (tiled: per tile).
-        block = T * (8 * h + s * (6 * h + 2 * q + 2 * kv)) + tile * 4 * I * s
-        transient = tile * 4 * I * s + T * 2 * h * s
+        block = T * (8 * h + c * (6 * h + 2 * q + 2 * kv)) + tile * 4 * I * c + qk_norm_bytes
+        if ln_fp32:
+            block += T * 6 * h + tile * 6 * I
+        # The MLP's backward: of gate, up, act and product (in `block`), the product is freed
+        # once down_proj's backward has used it, while the gradients of product, act and up
+        # exist: 3 + 3 I-wide tensors at most, i.e. 2 above the block's 4 (the hidden-state
+        # gradients 2h s beside them). Measured: with 4 (the old count) every backward-peaked
+        # H200 run was overestimated, by up to 10% (l1-512-b4-r64).
+        transient = tile * 2 * I * (4 if ln_fp32 else c) + T * 2 * h * s
         if spec.model_type in TILED_ATTENTION:
             # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention)
             transient += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
@@ -285,36 +380,51 @@ def estimate(
             notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
         if use_chunks:
             chunk = _ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
-            per_logit = 8 + (4 if softcap else 0)
+            per_logit = CE_LIVE_BYTES + (4 if softcap else 0)
             loss_ws = min(chunk, T) * V * per_logit
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
-            largest_block = loss_ws
+            largest_block = min(chunk, T) * V * 8
         else:
-            # the model's own loss on 16-bit logits: bf16 logits (kept by the output), their fp32
-            # upcast, log_softmax's output and two fp32 gradients: 2 + 4 + 4 + 4 bytes a logit
-            loss_ws = T * V * (14 + (4 if softcap else 0))
+            loss_ws = T * V * (OWN_LOSS_BYTES + (4 if softcap else 0))
             loss_hidden = 2 * T * h * s
             largest_block = T * V * 4
+            held_logits = T * V * 2  # the 16-bit logits stay referenced by the output during backward
             if cfg.train.chunked_loss is False or chunked_loss is False:
                 notes.append("chunked loss off: the full logits are materialised (the largest cost at big vocabularies)")
         if keep_layers:
             kept += keep_layers * (block - T * h * s)
-    largest_block = max(largest_block, tile * I * s)
+    largest_bwd = tile * I * s  # the backward's largest transient: an MLP tensor, or a score tensor
+    if plain and (spec.model_type in EAGER_PLAIN or spec.num_kv_heads < spec.num_heads):
+        largest_bwd = max(largest_bwd, score)
+    largest_block = max(largest_block, largest_bwd)
 
+    # The backward walks the blocks from the last to the first: at block j's backward the
+    # stored activations of blocks 0..j remain and the LoRA gradients of blocks j..L-1 exist.
+    # Both are linear in j, so the worst is one end: the last block (everything stored, one
+    # block's gradients) or the first (one block's store, all gradients). With gradient
+    # accumulation all gradients exist from the second micro-batch on.
     if not gc_on:
         # Every block keeps all its activations until the backward reaches it.
         kept = L * block
         block_phase_act = transient
+        per_block_store = block
         notes.append("gradient checkpointing off: every block keeps its activations (fast, memory-hungry)")
     else:
         block_phase_act = block + transient
+        per_block_store = kept if use_offload else k_layer  # offload: ~2 inputs on the card throughout
+    if accum > 1:
+        store_g = (kept, grads)
+    else:
+        last_end = (kept, grads / L)
+        first_end = (per_block_store + (kept - L * k_layer if (gc_on and keep_layers) else 0), grads)
+        store_g = max(last_end, first_end, key=sum)
 
     loss_phase = {
         "activations": kept + loss_hidden,
         "logits": loss_ws,
         "gradients": grads if accum > 1 else 0,  # zeroed (set to None) after each optimizer step
     }
-    block_phase = {"activations": kept + block_phase_act, "logits": 0, "gradients": grads}
+    block_phase = {"activations": store_g[0] + block_phase_act, "logits": held_logits, "gradients": store_g[1]}
     phase_name, phase = max(
         (("loss", loss_phase), ("backward", block_phase)), key=lambda kv_: sum(kv_[1].values())
     )
@@ -335,14 +445,19 @@ def estimate(
     if cpu:
         overhead = cached = 0.0
     elif plain:
-        share = PLAIN_FRAGMENT_SHARE if overhead_share is None else overhead_share
-        cached = max(spec.params_other * 2, share * largest_block)
+        if phase_name == "loss":
+            share = PLAIN_FRAGMENT_SHARE if overhead_share is None else overhead_share
+            cached = PLAIN_COPIES_CACHED * spec.params_other * 2 + share * T * V * 4
+        else:
+            share = PLAIN_NEED_FRAGMENT_SHARE if overhead_share is None else overhead_share
+            cached = PLAIN_COPIES_CACHED * spec.params_other * 2 + share * largest_bwd
         overhead = PLAIN_NEED_FRAGMENT_SHARE * largest_block
     else:
         share = SNUG_OVERHEAD_SHARE if overhead_share is None else overhead_share
-        overhead = cached = share * allocated + SNUG_FRAGMENT_SHARE * largest_block
+        frag = SNUG_FRAGMENT_SHARE if use_chunks else SNUG_OWN_LOSS_FRAGMENT_SHARE
+        overhead = cached = share * allocated + frag * largest_block
     comp_bytes["allocator_overhead"] = overhead
-    comp_bytes["cuda_context"] = 0 if cpu else gpu.cuda_context_gib * GIB
+    comp_bytes["cuda_context"] = 0 if cpu else context_gib(gpu) * GIB
     if calibration != 1.0:
         for k in ("weights", "adapters", "gradients", "activations", "logits", "workspace"):
             comp_bytes[k] *= calibration
@@ -383,7 +498,11 @@ def estimate(
         headroom_gib=headroom,
         allocated_gib=allocated / GIB,
         reserved_gib=(allocated + cached) / GIB,
-        device_gib=total + max(0.0, cached - overhead) / GIB,
+        # NVML's per-process number: the allocator's reserve and the context. Paged optimizer
+        # states (cudaMallocManaged) are not in it: the plain recipe's outside-allocator memory
+        # measured 0.725 GiB with paged 8-bit AdamW and with torch's AdamW alike.
+        device_gib=(allocated + cached) / GIB + comp_bytes["cuda_context"] / GIB
+        + (comp_bytes.get("margin", 0.0) / GIB),
         peak_phase=phase_name,
         notes=notes,
         knobs={

@@ -56,25 +56,31 @@ def test_plain_components_by_hand():
     assert c["adapters"] == pytest.approx(16384 * 4)
     assert c["optimizer"] == pytest.approx(16384 * (2 + 8 / 256))  # 8-bit Adam, two states + absmax
     # T=128 tokens. Kept block inputs (fp32 stream): 2 layers * 128 * 64 * 4 = 65536.
-    # One block (22h + 14q + 8kv + 18I bytes a token) = 128 * 4864 = 622592;
-    # its backward's transients 128 * (8*128 + 8*64) = 196608.
+    # 4 query heads on 2 kv heads (GQA) with fp32 q/k/v: SDPA's math kernel, fp32 scores
+    # 1 x 4 x 128 x 128 x 4 = 262144 bytes; a block keeps one, its recompute holds 3.25.
+    # One block (22h + 14q + 8kv + 18I bytes a token) = 128 * 4864 = 622592, + 262144;
+    # its backward's transients 128 * (8*128 + 8*64) = 196608, + 2.25 * 262144 = 589824.
     # Loss moment: 65536 + 2*128*64*4 (final hidden) + 4 fp32 copies of 128 x 256 = 655360
-    # Backward moment: 65536 + 622592 + 196608 + LoRA grads 65536 = 950272  -> the peak
+    # Backward moment (the last block: all inputs stored, one block's LoRA grads 32768; the
+    # first block's end is the same sum): 65536 + 884736 + 786432, the fp32 logits the output
+    # still holds (131072), grads 32768 -> the peak
     assert est.peak_phase == "backward"
-    assert c["activations"] == pytest.approx(65536 + 622592 + 196608)
-    assert c["gradients"] == pytest.approx(16384 * 4)
-    assert c["logits"] == 0
+    assert c["activations"] == pytest.approx(65536 + 884736 + 786432)
+    assert c["logits"] == pytest.approx(128 * 256 * 4)
+    assert c["gradients"] == pytest.approx(16384 * 4 / 2)
     assert c["workspace"] == pytest.approx(E.WORKSPACE_GIB * GIB)
-    # reserved above allocated with memory to spare: max(bf16 copies freed by the fp32 cast, 0.6 x
-    # the 128x256 fp32 logits block); the part needed under pressure: 0.8 of a logits block
-    assert c["allocator_overhead"] == pytest.approx(0.8 * 131072)
+    # the part needed under pressure: 0.8 of the largest block (here a score tensor)
+    assert c["allocator_overhead"] == pytest.approx(0.8 * 262144)
     assert c["cuda_context"] == pytest.approx(0.35 * GIB)
     assert est.total_gib == pytest.approx(sum(est.components.values()))
     # paged optimizer states are outside PyTorch's allocator
-    alloc = c["weights"] + c["adapters"] + c["gradients"] + c["activations"] + c["workspace"]
+    alloc = c["weights"] + c["adapters"] + c["gradients"] + c["activations"] + c["logits"] + c["workspace"]
     assert est.allocated_gib * GIB == pytest.approx(alloc)
-    assert est.reserved_gib * GIB == pytest.approx(alloc + max(16704 * 2, 0.6 * 131072))
-    assert est.device_gib * GIB == pytest.approx(est.total_gib * GIB + max(0, max(16704 * 2, 0.6 * 131072) - 0.8 * 131072))
+    # reserved with memory to spare: half the bf16 copies the fp32 cast freed + 0.8 of a score block
+    cached = 0.5 * 16704 * 2 + 0.8 * 262144
+    assert est.reserved_gib * GIB == pytest.approx(alloc + cached)
+    # NVML's per-process number: reserved + context, without the paged (managed) states
+    assert est.device_gib * GIB == pytest.approx(alloc + cached + 0.35 * GIB)
 
 
 def test_snugtune_components_by_hand():
@@ -84,13 +90,16 @@ def test_snugtune_components_by_hand():
     # kept inputs, 2-byte stream: 2 * 128 * 64 * 2 = 32768 (offload: 32 KiB < 10% of 4 GiB -> off)
     # one block: 128 * (8*64 + 2*(6*64 + 2*64 + 2*32)) + 128 * 4*128*2 = 212992 + 131072 = 344064
     # (MLP tile = 256 MiB / (8 * 128) tokens, far above 128: not tiled)
-    # transients: 128 * 4*128*2 + 128 * 2*64*2 = 163840
+    # transients: 2 more I-wide tensors in the MLP's backward 128 * 2*128*2 + 128 * 2*64*2 = 98304
     assert est.knobs["offload"] is False and est.knobs["mlp_tile_tokens"] is None
-    # loss chunk: min(256 MiB, 4 GiB / 16) / (256 vocab * 8 bytes) tokens, capped by T=128:
-    # 128 * 256 * 8 = 262144 at the loss moment, below the backward moment
+    # loss chunk: min(256 MiB, 4 GiB / 16) / (256 vocab * 8 bytes) tokens, capped by T=128;
+    # 10 bytes a logit live: 128 * 256 * 10 = 327680 at the loss moment, below the backward's
     assert est.knobs["ce_chunk_tokens"] == 256 * 2**20 // (256 * 8)
     assert est.peak_phase == "backward"
-    assert c["activations"] == pytest.approx(32768 + 344064 + 163840)
+    # the first block's backward is the worse end: one stored input (16384) and all LoRA
+    # grads (65536), against all inputs (32768) and one block's grads (32768)
+    assert c["activations"] == pytest.approx(16384 + 344064 + 98304)
+    assert c["gradients"] == pytest.approx(16384 * 4)
     alloc = c["weights"] + c["adapters"] + c["gradients"] + c["activations"] + c["workspace"]
     assert c["allocator_overhead"] == pytest.approx(E.SNUG_OVERHEAD_SHARE * alloc + E.SNUG_FRAGMENT_SHARE * 262144)
 
@@ -297,8 +306,8 @@ def test_bench_matrix_covers_what_the_issue_asks(bench):
     for c in cases:  # every case estimates under both recipes
         for r in ("plain", "snugtune"):
             e = bench.estimate_case(c, r)
-            assert e["device_gib"] >= e["total_gib"] > e["allocated_gib"] > 0
-            assert e["reserved_gib"] >= e["allocated_gib"]
+            assert e["total_gib"] > e["allocated_gib"] > 0
+            assert e["device_gib"] > e["reserved_gib"] >= e["allocated_gib"]
 
 
 def test_bench_builds_configs_transformers_accepts(bench):
@@ -348,3 +357,90 @@ def test_bench_calibration_factor_takes_the_worst_run(bench):
     assert bench.calibration_factor([(1.1, 1.0), (2.0, 2.0)]) == pytest.approx(1.1)
     with pytest.raises(ValueError):
         bench.calibration_factor([(None, 1.0)])
+
+
+# ---- the H200 bench's measurements (bench/results/estimate_accuracy.json) ---------------------------
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "estimate_accuracy.json"
+TOLERANCE = 10.0  # % of the measured value, either way (the issue's target)
+# (case, recipe, quantity) left out of the +-10% assertion, each with its reason. They are
+# still checked against a looser bound below, so they fail visibly if they get worse.
+NOT_WITHIN_10 = {
+    ("slm-256-b4-r32-nogc-8bit", "plain", "allocated"): (
+        "+10.4%, an overestimate (the safe side): the plain recipe's per-block formula is fitted "
+        "to RMSNorm models; StableLM-2's LayerNorm/full-head block without checkpointing keeps "
+        "~16h bytes a token less in fp32. One measurement, mechanism not traced, so no term added."
+    ),
+}
+LOOSE = 15.0
+
+
+def _bench_rows():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import estimate_accuracy as bench
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for r in json.loads(RESULTS.read_text())["results"]:
+        if r.get("error"):
+            continue
+        m = r["measured"]
+        e = bench.estimate_case(bench.Case(**r["config"]), r["recipe"], r.get("total_memory_gib", 139.81))
+        rows.append((r["case"], r["recipe"], {
+            "allocated": bench.error_pct(m["peak_alloc_gib"], e["allocated_gib"]),
+            "reserved": bench.error_pct(m["peak_reserved_gib"], e["reserved_gib"]),
+            "device": bench.error_pct(m.get("nvml_process_gib"), e["device_gib"]),
+        }))
+    return rows
+
+
+def test_estimates_within_10_percent_of_the_h200_measurements():
+    rows = _bench_rows()
+    assert len(rows) == 28 and {r for _, r, _ in rows} == {"plain", "snugtune"}
+    bad = []
+    for case, recipe, errs in rows:
+        for what in ("allocated", "reserved", "device"):
+            err = errs[what]
+            if err is None:
+                continue
+            limit = LOOSE if (case, recipe, what) in NOT_WITHIN_10 else TOLERANCE
+            if abs(err) > limit:
+                bad.append(f"{case} {recipe} {what}: {err:+.1f}% (limit {limit}%)")
+    assert not bad, "\n".join(bad)
+    # the exceptions are still exceptions (drop them from NOT_WITHIN_10 once they are within 10%)
+    for (case, recipe, what), reason in NOT_WITHIN_10.items():
+        err = next(e[what] for c, r, e in rows if (c, r) == (case, recipe))
+        assert abs(err) > TOLERANCE and err > 0, (case, recipe, what, err, reason)
+    reserved = [abs(e["reserved"]) for _, _, e in rows]
+    assert sum(reserved) / len(reserved) < 5.0  # mean reserved error (was 8.5% before the fixes)
+
+
+def test_cuda_context_measured_on_hopper_assumed_on_consumer_cards():
+    assert E.context_gib(resolve_gpu("h200")) == pytest.approx(0.81)  # NVML - reserved on the H200
+    assert E.context_gib(resolve_gpu("h100")) == pytest.approx(0.81)  # same architecture
+    assert E.context_gib(resolve_gpu("gtx-1650")) == pytest.approx(0.35)  # BASELINE.md's assumption
+    assert E.context_gib(resolve_gpu("cpu")) == 0
+    spec = catalog_lookup("Qwen/Qwen2.5-0.5B")
+    est = E.estimate(spec, cfg(seq=512, r=16), resolve_gpu("h200"))
+    assert est.components["cuda_context"] == pytest.approx(0.81)
+    assert est.device_gib == pytest.approx(est.reserved_gib + 0.81)
+
+
+def test_bench_rescore_rewrites_the_markdown_from_stored_measurements(bench, tmp_path):
+    data = json.loads(RESULTS.read_text())
+    row = next(r for r in data["results"] if r["case"] == "q05-512" and r["recipe"] == "snugtune")
+    row = dict(row, estimated={"reserved_gib": 99.0, "allocated_gib": 99.0, "device_gib": 99.0})  # stale
+    path = tmp_path / "estimate_accuracy.json"
+    path.write_text(json.dumps({"meta": {"steps": 3}, "results": [row]}))
+    before = path.read_text()
+    assert bench.main(["--rescore", str(path)]) == 0
+    md = (tmp_path / "estimate_accuracy.md").read_text()
+    fresh = bench.estimate_case(bench.Case(**row["config"]), "snugtune", row["total_memory_gib"])
+    assert f"| q05-512 | snugtune | {row['measured']['peak_reserved_gib']:.2f} | {fresh['reserved_gib']:.2f} |" in md
+    assert "99.00" not in md and "--rescore" in md
+    assert path.read_text() == before  # the GPU's record is left as it is
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a bench result file"):
+        bench.main(["--rescore", str(bad)])
