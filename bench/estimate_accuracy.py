@@ -184,6 +184,12 @@ def markdown_table(results: list[dict]) -> str:
     if errs:
         lines.append("")
         lines.append(f"Reserved-memory error: max {max(errs):.1f}%, mean {sum(errs) / len(errs):.1f}% over {len(errs)} runs.")
+    for label, mk, ek in (("Allocated", "peak_alloc_gib", "allocated_gib"), ("NVML", "nvml_process_gib", "device_gib")):
+        more = [abs(x) for r in results if not r.get("error")
+                for x in [error_pct((r.get("measured") or {}).get(mk), (r.get("estimated") or {}).get(ek))]
+                if x is not None]
+        if more:
+            lines.append(f"{label} error: max {max(more):.1f}%, mean {sum(more) / len(more):.1f}%.")
     return "\n".join(lines)
 
 
@@ -224,7 +230,7 @@ def rescore(path: Path) -> Path:
         rows.append(row)
     meta = dict(data.get("meta") or {})
     meta["estimates"] = f"rescored from the stored measurements by the current code: " \
-                        f"python bench/estimate_accuracy.py --rescore {Path(path).name}"
+                        f"python bench/estimate_accuracy.py --rescore {path}"
     return write_markdown(rows, Path(path).with_suffix(".md"), meta)
 
 
