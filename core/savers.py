@@ -370,6 +370,10 @@ class ActivationOffloader:
             return
         view, ev, shape, dtype = self.saved[i]
         gpu = torch.empty(shape, dtype=dtype, device=self.device)  # on the main stream's pool
+        # `gpu` may reuse memory that kernels already queued on the main stream still read
+        # (the allocator hands freed blocks back in main-stream order); the side stream must
+        # not write it before they ran. Work queued after this point still overlaps the copy.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ev)
             gpu.copy_(view, non_blocking=True)
