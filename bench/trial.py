@@ -149,12 +149,17 @@ def part_maxctx(a, path, dev):
         try:
             # 2 steps: the paged 8-bit optimizer's states live outside PyTorch's allocator, so the
             # second step already shows the steady-state peak (the reference ran 3)
+            losses = []
             for _ in range(a.get("steps", 2)):
                 ids = torch.randint(0, vocab, (1, seq), device=dev)
-                train_step(m, opt, {"input_ids": ids, "labels": ids}, True, dev)
+                losses.append(float(train_step(m, opt, {"input_ids": ids, "labels": ids}, True, dev)))
             sync()
-            r = dict(ok=True, seq=seq, s_per_step=round((time.time() - t0) / a.get("steps", 2), 3), **mem(),
-                     applied=info)
+            # a length only counts if it trains: a NaN loss (step 2 sees step 1's update) is a failure
+            finite = all(math.isfinite(x) for x in losses)
+            r = dict(ok=finite, seq=seq, s_per_step=round((time.time() - t0) / a.get("steps", 2), 3), **mem(),
+                     losses=[round(x, 4) for x in losses], applied=info)
+            if not finite:
+                r["error"] = "non-finite loss"
         except torch.OutOfMemoryError as e:
             opt.zero_grad(set_to_none=True)
             r = dict(ok=False, seq=seq, **mem(), error=str(e).split("\n")[0][:200], applied=info)
