@@ -7,7 +7,8 @@ Two recipes are modelled:
   residual stream is fp32 too (bitsandbytes casts its output back to its input's dtype); the
   model's own loss keeps ~4 token x vocab fp32 tensors alive at the start of backward (the
   logits held by the output object, log_softmax's output, its gradient, the logits' gradient),
-  one more with Gemma-2's softcapping. Calibrated on every number of /work/shared/BASELINE.md
+  one more with Gemma-2's softcapping. fp32 q/k/v with grouped-query attention send SDPA to
+  its math kernel (fp32 S x S scores per head); Gemma-2 runs eager attention. Calibrated on every number of /work/shared/BASELINE.md
   (see tests/test_estimate.py).
 * "snugtune": our engine with core/savers.py's savers: 16-bit non-quantized weights, a 2-byte
   residual stream, chunked linear+cross-entropy (no full logits), per-block checkpointing
@@ -15,10 +16,13 @@ Two recipes are modelled:
   (chunk and tile sizes, auto offload) are mirrored here without importing torch; a test
   checks the constants still match core/savers.py.
 
-The peak is the larger of two moments of a step: the end of the forward (the loss's working
-set on top of the kept activations) and the backward of the first block (one block's
-recomputed activations plus all LoRA gradients). Components describe the peak moment and sum
-to the total. Allocator overhead (PyTorch's reserved minus allocated) is its own component;
+The peak is the largest of three moments of a step: the end of the forward (the loss's
+working set on top of the kept activations), the backward of the last block (all stored block
+inputs, that block's recomputed activations, one block's LoRA gradients) and the backward of
+the first block (one stored input, all LoRA gradients). Components describe the peak moment
+and sum to the total. Every term was checked against the H200 bench
+(bench/results/estimate_accuracy.json, 14 configurations x 2 recipes; tests/test_estimate.py
+keeps each within 10%) and BASELINE.md; the comments on the constants cite what was measured. Allocator overhead (PyTorch's reserved minus allocated) is its own component;
 the CUDA context (outside PyTorch's allocator) is another; paged 8-bit optimizer states live
 in CUDA unified memory, outside the allocator but on the card.
 
