@@ -123,6 +123,8 @@ async def pin_estimate(pilot, app, verdict: str = "fits", total: float = 2.6) ->
     refresh from the fields' first Changed events) is done, so nothing overwrites it."""
     from tui.screens.settings import DEBOUNCE_S
 
+    # the model lookup runs in a worker and re-estimates when it lands: wait for it first
+    await wait_for(pilot, lambda: app.spec is not None and app.last_estimate is not None, what="the estimate")
     await pilot.pause(DEBOUNCE_S + 0.3)
     est, plain = fixed_estimate(verdict, total)
     screen = app.screen

@@ -126,9 +126,10 @@ class SettingsScreen(StepScreen):
         self.verdict: str | None = None
         self.estimate_error: str | None = None
         self.gpu = self.app.gpu_target()
+        # the fields paint first; the model lookup and the estimate (and their imports, which
+        # would hold the GIL against the first paint) follow a frame later
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
-            self.resolve(self.app.get_value("model.name_or_path"))
-        # the fields paint first; the estimate (and the estimator's import) follows a frame later
+            self.call_after_refresh(self.resolve, self.app.get_value("model.name_or_path"))
         self.call_after_refresh(self.refresh_estimate)
         self.query_one(f"#{field_id(TEXT_FIELDS[0][0])}", Input).focus()
 
