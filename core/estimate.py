@@ -318,12 +318,20 @@ def estimate(
         block = T * (22 * h + 14 * q + 8 * kv + 18 * I) + qk_norm_bytes
         transient = T * (8 * I + 8 * h)  # the block's backward: fp32 grads of gate/up, hidden grads
         score = B * spec.num_heads * seq * seq * 4  # one fp32 attention-score tensor
+        # The 14q above includes the math kernel's own fp32 copies, each saved by its matmuls:
+        # q x scale, and k x scale and v repeated to all query heads (12q; every GQA model
+        # measured takes this path). Eager attention (Gemma-2) repeats k and v (8q: 4q less);
+        # full multi-head attention (StableLM-2, SmolLM2-1.7B) runs the memory-efficient
+        # kernel on q/k/v as they are (12q less). Measured without checkpointing: StableLM-2
+        # (slm-256-b4 plain) 7.48 GiB allocated where keeping the 12q gave 8.25.
         if spec.model_type in EAGER_PLAIN:
-            block += EAGER_ATTN_KEPT * score
+            block += EAGER_ATTN_KEPT * score - T * 4 * q
             transient += (EAGER_ATTN_PEAK - EAGER_ATTN_KEPT) * score
         elif spec.num_kv_heads < spec.num_heads:
             block += MATH_ATTN_KEPT * score
             transient += (MATH_ATTN_PEAK - MATH_ATTN_KEPT) * score
+        else:
+            block -= T * 12 * q
         loss_copies = 4 + (1 if softcap else 0)
         loss_ws = T * V * 4 * loss_copies
         loss_hidden = 2 * T * h * s  # final norm's output and the head's input, kept for backward
@@ -344,14 +352,15 @@ def estimate(
         use_offload = use_offload and gc_on
         # LayerNorm models (StableLM) under autocast: layer_norm runs in fp32 (autocast's fp32
         # list), so each projection reading a norm gets an fp32 input. The engine's fused
-        # NF4+LoRA node (core/savers.py::_LoRA4bitLinear) then makes and keeps its own 2-byte
-        # copy per projection (q, k, v: 2 more than RMSNorm's one shared 2-byte input; gate,
-        # up: 1 more: +6h bytes a token) and returns its output in the input's dtype, fp32:
-        # gate, up and SiLU's output are kept in fp32 (+2 bytes each: +6I), and down_proj's
-        # fp32 output turns the residual stream fp32 (4-byte block inputs). Rope's products
-        # with cos/sin save only the frozen cos/sin, so q and k add nothing. Measured without
-        # checkpointing (slm-256-b4-r32-nogc-8bit): 6.06 GiB allocated where the RMSNorm
-        # formula gave 5.44; this count gives 6.55 (safe side: the copies may be shorter-lived).
+        # NF4+LoRA node (core/savers.py::_LoRA4bitLinear) returns its output in the input's
+        # dtype, fp32: gate, up and SiLU's output are kept in fp32 (+2 bytes each: +6I a
+        # token), and down_proj's fp32 output turns the residual stream fp32 (4-byte block
+        # inputs). Each node keeps its own 2-byte copy of the fp32 input (5 x 2h); these take
+        # the place of the 2-byte norm outputs the RMSNorm formula counts among its six h-wide
+        # inputs (nothing saves LayerNorm's fp32 output itself), so they are not added: with
+        # them the one measurement was overestimated by 0.28 GiB. Rope's products with cos/sin
+        # save only the frozen cos/sin, so q and k add nothing. Measured without checkpointing
+        # (slm-256-b4-r32-nogc-8bit): 6.06 GiB allocated where the RMSNorm formula gave 5.44.
         ln_fp32 = spec.norm == "layer" and not cpu
         if ln_fp32:
             s = 4
@@ -368,7 +377,7 @@ def estimate(
         # the MLP's gate, up, act and product: 8h + s(6h + 2q + 2kv) + 4I s (tiled: per tile).
         block = T * (8 * h + c * (6 * h + 2 * q + 2 * kv)) + tile * 4 * I * c + qk_norm_bytes
         if ln_fp32:
-            block += T * 6 * h + tile * 6 * I
+            block += tile * 6 * I
         # The MLP's backward: of gate, up, act and product (in `block`), the product is freed
         # once down_proj's backward has used it, while the gradients of product, act and up
         # exist: 3 + 3 I-wide tensors at most, i.e. 2 above the block's 4 (the hidden-state
