@@ -61,6 +61,21 @@ def _check_hub_model(repo_id: str, revision: Optional[str]) -> None:
     from huggingface_hub import errors as hf_errors
 
     where = f"model.name_or_path = {repo_id!r}"
+    from core.hub import HubUnreachable, check_reachable
+
+    try:
+        # A quick TCP probe first: offline, the client retries for ~30 s before giving up, and the
+        # model may well be in the local cache, which needs no network at all.
+        check_reachable()
+    except HubUnreachable:
+        try:
+            hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=True)
+            return
+        except Exception:  # noqa: BLE001 - not cached: say the Hub is unreachable, below
+            raise UserError(
+                f"{where}: the Hugging Face Hub cannot be reached and the model is not in the local cache",
+                hint="connect to the network (or check HF_ENDPOINT / proxy settings), or give a local model directory",
+            ) from None
     try:
         hf_hub_download(repo_id, "config.json", revision=revision)
     except hf_errors.HFValidationError:

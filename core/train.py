@@ -289,8 +289,10 @@ class Engine:
         )
         self.events.emit(
             "data_prepared",
-            train_samples=len(self.train_rows),
-            eval_samples=len(self.eval_rows),
+            # samples, not packed rows: the user counts the records of their file
+            train_samples=self.data_info.get("train_samples", len(self.train_rows)),
+            eval_samples=self.data_info.get("eval_samples", len(self.eval_rows)),
+            train_rows=len(self.train_rows),
             format=self.data_info.get("format"),
             length_stats=self.data_info.get("length_stats"),
             info=self.data_info,
@@ -320,7 +322,20 @@ class Engine:
         compute = pick_compute_dtype(cfg.model.compute_dtype, dev)
         total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs, cfg.train.max_steps)
         has_eval = bool(self.eval_rows)
+        extra = {}
+        if not cfg.data.packing:
+            # Unpacked rows are padded per batch: sampling rows of like length keeps the padding
+            # small (core.data sorts them, but the Trainer's random sampler would undo that).
+            # The argument's name changed within transformers 5.x.
+            import dataclasses
+
+            names = {f.name for f in dataclasses.fields(TrainingArguments)}
+            if "train_sampling_strategy" in names:
+                extra["train_sampling_strategy"] = "group_by_length"
+            elif "group_by_length" in names:
+                extra["group_by_length"] = True
         return TrainingArguments(
+            **extra,
             output_dir=str(self.run_dir / "checkpoints"),
             per_device_train_batch_size=self.micro_batch,
             per_device_eval_batch_size=self.micro_batch,
