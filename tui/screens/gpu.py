@@ -99,8 +99,8 @@ class GpuScreen(StepScreen):
                     lines.append(f"   held by {pname} (pid {pid}){' ' + fmt_gib(used) if used is not None else ''}")
             detected.update("\n".join(lines))
         else:
-            reason = f" ({error})" if error else ""
-            detected.update(f"No NVIDIA GPU found{reason}. Plan with a card's profile (estimates only), "
+            reason = f": {error}" if error else ""
+            detected.update(f"No NVIDIA GPU found{reason}.\nPlan with a card's profile (estimates only), "
                             "or train on the CPU (the demo).")
         options: list[Option] = []
         for i, g in enumerate(gpus):

@@ -75,9 +75,11 @@ class RunsScreen(ModalScreen[Path | None]):
             options = []
             for i, run in enumerate(self.runs):
                 path = Path(attr(run, "run_dir", "path", "dir", default=str(run)))
-                step = attr(run, "step", default="?")
-                total = attr(run, "total_steps", default="?")
-                options.append(Option(f"{path.name}  step {step}/{total}", id=str(i)))
+                step, total = attr(run, "step", default=0), attr(run, "total_steps")
+                where = f"step {step}/{total}" if total else "starting"
+                loss = attr(run, "loss")
+                options.append(Option(f"{path.name}  {where}" + (f"  loss {loss:.3f}" if isinstance(loss, float) else ""),
+                                      id=str(i)))
             yield OptionList(*options, id="runs")
             yield Static("Enter: attach · Escape: set up a new run", classes="hint")
         yield Footer()
