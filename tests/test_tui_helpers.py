@@ -125,9 +125,21 @@ async def pin_estimate(pilot, app, verdict: str = "fits", total: float = 2.6) ->
 
     # the model lookup runs in a worker and re-estimates when it lands: wait for it first
     await wait_for(pilot, lambda: app.spec is not None and app.last_estimate is not None, what="the estimate")
+    # and the data statistics the settings step reads in the background (time per epoch)
+    await wait_for(pilot, lambda: not app.screen.data_pending, what="the data statistics")
     await pilot.pause(DEBOUNCE_S + 0.3)
     est, plain = fixed_estimate(verdict, total)
     screen = app.screen
     if screen._timer is not None:
         screen._timer.stop()
     screen.render_estimate(est, plain, 0.8, app.estimate_config())
+
+
+async def steady(pilot) -> None:
+    """Stop the text cursor blinking, so a screenshot does not depend on when it is taken."""
+    from textual.widgets import Input
+
+    for screen in pilot.app.screen_stack:
+        for widget in screen.query(Input):
+            widget.cursor_blink = False
+    await pilot.pause()

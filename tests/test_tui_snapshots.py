@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from textual.widgets import Input, Static
 
-from test_tui_helpers import (QA_ROWS, demo_app, finished_run, pin_estimate, wait_for, wizard_env,  # noqa: F401
-                              write_jsonl)
+from test_tui_helpers import (QA_ROWS, demo_app, finished_run, pin_estimate, steady, wait_for,  # noqa: F401
+                              wizard_env, write_jsonl)
 from tui.app import SnugtuneApp
 
 SIZE = (80, 24)
@@ -24,6 +24,7 @@ def test_model_step(snap_compare, wizard_env):
         await pilot.press("ctrl+b", "ctrl+b")  # settings -> data -> model
         await wait_for(pilot, lambda: app.spec is not None, what="the demo model")
         await pilot.press("down", "down")  # a catalog row's details
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -40,6 +41,7 @@ def test_data_step(snap_compare, wizard_env):
         app.screen.query_one("#path", Input).value = "qa.jsonl"
         app.screen.set_status("qa.jsonl: instruction format, 4 samples", "ok")
         app.set_focus(None)
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -50,6 +52,7 @@ def test_settings_step(snap_compare, wizard_env):
     async def run_before(pilot):
         await wait_for(pilot, lambda: "fits" in str(app.screen.query_one("#totals").render()), what="the estimate")
         await pin_estimate(pilot, app)
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -63,6 +66,7 @@ def test_settings_step_with_errors(snap_compare, wizard_env):
         await pilot.pause(0.5)
         await wait_for(pilot, lambda: app.screen.query_one("#lora-r-error").display, what="the field error")
         await pin_estimate(pilot, app, "does not fit", 9.4)
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -74,6 +78,7 @@ def test_train_ready(snap_compare, wizard_env):
         await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
         await pin_estimate(pilot, app)
         await pilot.press("ctrl+n")
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -86,6 +91,7 @@ def test_train_live_panel(snap_compare, wizard_env):
         await wait_for(pilot, lambda: app.screen.state == "finished", what="the replayed run")
         await pilot.pause(0.7)  # the plot redraws on a timer
         app.screen.set_status("finished · ctrl+n: chat, export, save")
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -100,6 +106,7 @@ def test_done_step(snap_compare, wizard_env):
         info = app.screen.query_one("#adapter-info", Static)
         # the tmp path differs per run; the text around it is what is pinned
         info.update(str(info.render()).replace(str(wizard_env["runs"]), "RUNS"))
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -111,6 +118,7 @@ def test_save_preset_prompt(snap_compare, wizard_env):
         await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
         await pin_estimate(pilot, app)
         await pilot.press("ctrl+s")
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -123,6 +131,7 @@ def test_settings_step_no_color(snap_compare, wizard_env, monkeypatch):
     async def run_before(pilot):
         await wait_for(pilot, lambda: app.last_estimate is not None, what="the estimate")
         await pin_estimate(pilot, app, "does not fit", 5.2)
+        await steady(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 

@@ -115,6 +115,45 @@ def render_samples(samples: list[Any]) -> Text:
     return out
 
 
+def inspect_command(app, path: str, fmt: str, columns: dict[str, str]) -> list[str]:
+    """`snugtune data inspect --json` for the data on screen, with the model's tokenizer."""
+    cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", path, "--json",
+           "--format", fmt, "--seq", str(app.get_value("data.max_seq_len", 1024))]
+    template = app.get_value("data.template")
+    if template:
+        cmd += ["--template", template]
+    model = app.get_value("model.name_or_path")
+    if model:
+        cmd += ["--model", model]
+    for key, value in columns.items():
+        cmd += ["--column", f"{key}={value}"]
+    return cmd
+
+
+def inspect_data(app, path: str, fmt: str, columns: dict[str, str]) -> tuple[dict | None, str | None]:
+    """Run the inspection from a worker: (report, None), (None, the CLI's message), or
+    (None, None) when the worker was cancelled."""
+    cmd = inspect_command(app, path, fmt, columns)
+    try:
+        returncode, stdout, stderr = run_command(cmd, INSPECT_TIMEOUT_S)
+    except Cancelled:
+        return None, None
+    except subprocess.TimeoutExpired:
+        return None, f"reading the data took over {INSPECT_TIMEOUT_S}s; try data.max_samples"
+    if returncode != 0:
+        # the CLI prints one `snugtune: error: ...` line (and a hint) for a UserError: show it as it is
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
+        if errs:
+            at = lines.index(errs[0])
+            return None, errs[0].removeprefix("snugtune: error: ") + "".join("\n" + ln for ln in lines[at + 1:])
+        return None, lines[-1] if lines else f"exit code {returncode}"
+    try:
+        return json.loads(stdout), None
+    except json.JSONDecodeError:
+        return None, "data inspect printed something that is not JSON: " + stdout[:200]
+
+
 class DataScreen(StepScreen):
     STEP = 2
     BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+o", "browse", "Browse files", priority=True)]
@@ -199,44 +238,11 @@ class DataScreen(StepScreen):
         self.request += 1
         self.run_inspect(path, self.query_one("#format", Select).value, columns, self.request)
 
-    def inspect_command(self, path: str, fmt: str, columns: dict[str, str]) -> list[str]:
-        cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", path, "--json",
-               "--format", fmt, "--seq", str(self.app.get_value("data.max_seq_len", 1024))]
-        template = self.app.get_value("data.template")
-        if template:
-            cmd += ["--template", template]
-        model = self.app.get_value("model.name_or_path")
-        if model:
-            cmd += ["--model", model]
-        for key, value in columns.items():
-            cmd += ["--column", f"{key}={value}"]
-        return cmd
-
     @work(thread=True, exit_on_error=False, name="data preview", exclusive=True, group="inspect")
     def run_inspect(self, path: str, fmt: str, columns: dict[str, str], request: int) -> None:
-        cmd = self.inspect_command(path, fmt, columns)
-        try:
-            returncode, stdout, stderr = run_command(cmd, INSPECT_TIMEOUT_S)
-        except Cancelled:
-            return
-        except subprocess.TimeoutExpired:
-            self.post_message(DataInspected(path, request=request, error=f"reading the data took over {INSPECT_TIMEOUT_S}s; try max_samples"))
-            return
-        if returncode != 0:
-            # the CLI prints one `snugtune: error: ...` line for a UserError: show it as it is
-            lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-            errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
-            message = (errs[0].removeprefix("snugtune: error: ") + "".join("\n" + ln for ln in lines[lines.index(errs[0]) + 1:])
-                       if errs else (lines[-1] if lines else f"exit code {returncode}"))
-            self.post_message(DataInspected(path, request=request, error=message))
-            return
-        try:
-            report = json.loads(stdout)
-        except json.JSONDecodeError:
-            self.post_message(DataInspected(path, request=request, error="data inspect printed something that is not JSON: "
-                                            + stdout[:200]))
-            return
-        self.post_message(DataInspected(path, request=request, report=report))
+        report, error = inspect_data(self.app, path, fmt, columns)
+        if report is not None or error is not None:  # (None, None): cancelled
+            self.post_message(DataInspected(path, request=request, report=report, error=error))
 
     @on(DataInspected)
     def _inspected(self, msg: DataInspected) -> None:

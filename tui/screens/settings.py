@@ -14,7 +14,7 @@ from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from core.config import ConfigError, RunConfig, field_help
 from core.errors import UserError
-from tui.messages import ModelResolved
+from tui.messages import DataInspected, ModelResolved
 from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors
 from tui.widgets.vrambar import VramBar
 
@@ -125,12 +125,17 @@ class SettingsScreen(StepScreen):
         self.field_errors: dict[str, str] = {}
         self.verdict: str | None = None
         self.estimate_error: str | None = None
+        self.data_error: str | None = None
         self.gpu = self.app.gpu_target()
         # the fields paint first; the model lookup and the estimate (and their imports, which
         # would hold the GIL against the first paint) follow a frame later
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.call_after_refresh(self.resolve, self.app.get_value("model.name_or_path"))
         self.call_after_refresh(self.refresh_estimate)
+        self.data_pending = self.app.data_report is None and bool(self.app.get_value("data.path"))
+        if self.data_pending:
+            # samples and lengths give the time per epoch; read them in the background
+            self.call_after_refresh(self.read_data)
         self.query_one(f"#{field_id(TEXT_FIELDS[0][0])}", Input).focus()
 
     @work(thread=True, exit_on_error=False, name="model lookup", exclusive=True, group="resolve")
@@ -141,6 +146,25 @@ class SettingsScreen(StepScreen):
             self.post_message(ModelResolved(name, spec=catalog.resolve_model(name)))
         except hub_errors() as exc:
             self.post_message(ModelResolved(name, error=str(exc)))
+
+    @work(thread=True, exit_on_error=False, name="data statistics", exclusive=True, group="inspect")
+    def read_data(self) -> None:
+        from tui.screens.data import inspect_data
+
+        path = self.app.get_value("data.path")
+        report, error = inspect_data(self.app, path, self.app.get_value("data.format", "auto"),
+                                     self.app.get_value("data.columns", {}) or {})
+        if report is not None or error is not None:
+            self.post_message(DataInspected(path, report=report, error=error))
+
+    @on(DataInspected)
+    def _data_read(self, msg: DataInspected) -> None:
+        self.data_pending = False
+        self.data_error = msg.error.splitlines()[0] if msg.error else None
+        if msg.report is not None:
+            self.app.data_report = msg.report
+        # the data step shows an error in full; here the timing panel says why epochs are unknown
+        self.show_estimate()
 
     @on(ModelResolved)
     def _resolved(self, msg: ModelResolved) -> None:
@@ -292,6 +316,8 @@ class SettingsScreen(StepScreen):
                    style="bold")
         if steps:
             out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({steps} steps)", style="bold")
+        elif self.data_error:
+            out.append(f"\nper epoch: unknown, the data could not be read ({self.data_error})", style="dim")
         if cfg.train.max_steps:
             out.append(f"\nmax_steps {cfg.train.max_steps}: ≈ {fmt_duration(step_s * cfg.train.max_steps)}")
         return out
