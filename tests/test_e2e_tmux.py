@@ -66,7 +66,7 @@ def test_wizard_walks_the_demo_to_an_adapter(tmp_path):
     cmd = f"cd {ROOT} && env {exports} {sys.executable} -m tui.cli --preset demo; echo $? > {status}"
     tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "24", cmd)
     try:
-        shown = wait_screen(session, "Peak GPU memory", 30)
+        shown = wait_screen(session, "Peak memory", 30)
         assert "4 Settings" in shown and "LoRA rank" in shown
         # the focus starts on LoRA rank; eight tabs reach "Max steps": make the run 2 steps long
         keys(session, *["Tab"] * 8, "End", "C-u", "2")
