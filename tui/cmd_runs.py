@@ -269,6 +269,12 @@ def cmd_attach(args) -> int:
     from core import runs
 
     run_dir = runs.resolve_run(args.run)
+    if not args.json and not args.text and sys.stdin.isatty() and sys.stdout.isatty():
+        # In a terminal, the wizard's live panel (the same one the Train step shows);
+        # piped or with --text, one progress line, so scripts and `ssh host snugtune attach` work.
+        from tui.app import run_attach
+
+        return run_attach(run_dir)
     print(f"run directory: {run_dir}", flush=True)
     if args.json:
         from core.events import follow
@@ -393,6 +399,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("attach", help="follow a run's progress live until it ends")
     p.add_argument("run", help="run name (or a unique prefix) or directory")
     p.add_argument("--json", action="store_true", help="print the raw events, one JSON object a line")
+    p.add_argument("--text", action="store_true",
+                   help="one progress line instead of the live panel (the default when not in a terminal)")
     p.set_defaults(func=cmd_attach)
 
     p = subparsers.add_parser("stop", help="ask a run to save a checkpoint and stop")
