@@ -133,19 +133,27 @@ def follow(
     pid: Optional[int] = None,
     poll_s: float = 0.25,
     start_grace_s: float = 10.0,
+    after_offset: int = 0,
+    cancelled: Optional[Callable[[], bool]] = None,
+    wait: Optional[Callable[[float], object]] = None,
 ) -> Iterator[dict]:
     """Yield a run's events from the start, then new ones as the engine appends them.
 
-    Stops after a terminal event. If the engine process is gone and the log has no terminal
-    event, yields one synthetic `run_failed` event with kind "died" and stops. Liveness comes
-    from `alive()` if given, else `pid`, else the run directory's `pid` file (a run directory
-    with no pid file yet is given `start_grace_s` seconds to get one).
+    Stops after a terminal event whose line ends past byte `after_offset` (a resumed run's
+    log holds the earlier session's `run_stopped`: pass the log's size at the resume). If the
+    engine process is gone and the log has no such event, yields one synthetic `run_failed`
+    event with kind "died" and stops. Liveness comes from `alive()` if given, else `pid`, else
+    the run directory's `pid` file (a run directory with no pid file yet is given
+    `start_grace_s` seconds to get one). `cancelled()` ends the follow early; `wait(seconds)`
+    replaces the sleep between polls (a worker's cancellable wait).
     """
     p = _events_path(path)
     run_dir = p.parent
-    offset = 0
-    buf = ""
+    offset = 0  # bytes read so far
+    base = 0  # byte offset where `buf` starts
+    buf = b""
     started = time.monotonic()
+    pause = wait or time.sleep
 
     def engine_alive() -> bool:
         if alive is not None:
@@ -155,31 +163,35 @@ def follow(
             return time.monotonic() - started < start_grace_s
         return pid_alive(the_pid)
 
-    while True:
+    def ends_run(event: dict, line_end: int) -> bool:
+        return event.get("event") in TERMINAL_EVENTS and line_end > after_offset
+
+    while cancelled is None or not cancelled():
         # Check liveness before reading, so that events written just before death are read.
         was_alive = engine_alive()
         try:
-            with open(p, "r", encoding="utf-8") as fh:
+            with open(p, "rb") as fh:
                 fh.seek(offset)
                 chunk = fh.read()
                 offset = fh.tell()
         except FileNotFoundError:
-            chunk = ""
+            chunk = b""
         buf += chunk
-        *lines, buf = buf.split("\n")
+        *lines, buf = buf.split(b"\n")
         for line in lines:
-            event = _parse(line)
+            base += len(line) + 1
+            event = _parse(line.decode("utf-8", "replace"))
             if event is None:
                 continue
             yield event
-            if event.get("event") in TERMINAL_EVENTS:
+            if ends_run(event, base):
                 return
         if not was_alive:
             # Maybe the last line lacks its newline (killed mid-write): take it if it parses.
-            event = _parse(buf)
+            event = _parse(buf.decode("utf-8", "replace"))
             if event is not None:
                 yield event
-                if event.get("event") in TERMINAL_EVENTS:
+                if ends_run(event, offset):
                     return
             yield {
                 "v": SCHEMA_VERSION,
@@ -191,4 +203,4 @@ def follow(
                 "synthetic": True,
             }
             return
-        time.sleep(poll_s)
+        pause(poll_s)

@@ -51,6 +51,30 @@ def test_follow_yields_events_appended_later_and_stops_at_the_terminal_one(tmp_p
     assert got[-1]["event"] in TERMINAL_EVENTS
 
 
+def test_follow_after_a_resume_passes_the_earlier_sessions_end(tmp_path):
+    w = EventWriter(tmp_path)
+    w.emit("run_started")
+    w.emit("run_stopped", step=2)  # the first session ended here
+    resumed_at = (tmp_path / "events.jsonl").stat().st_size
+    w.emit("run_started", resumed_from="checkpoint-2")
+    w.emit("step_logged", step=3)
+    w.emit("run_finished", steps=3)
+    got = list(follow(tmp_path, alive=lambda: True, poll_s=0.01, after_offset=resumed_at))
+    assert [e["event"] for e in got] == ["run_started", "run_stopped", "run_started", "step_logged", "run_finished"]
+    # without the offset the follower stops at the first session's end
+    assert [e["event"] for e in follow(tmp_path, alive=lambda: True, poll_s=0.01)][-1] == "run_stopped"
+
+
+def test_follow_can_be_cancelled_while_the_run_goes_on(tmp_path):
+    EventWriter(tmp_path).emit("run_started")
+    stop = threading.Event()
+    seen = []
+    for event in follow(tmp_path, alive=lambda: True, poll_s=0.01, cancelled=stop.is_set, wait=stop.wait):
+        seen.append(event["event"])
+        stop.set()  # a viewer detaching: the generator ends at its next poll
+    assert seen == ["run_started"]
+
+
 def test_follow_reports_a_dead_engine_that_left_no_terminal_event(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -5,9 +5,7 @@ SSH session, does not stop it; the wizard (or `snugtune attach`) can follow it a
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -150,48 +148,16 @@ class TrainScreen(StepScreen):
     @work(thread=True, exit_on_error=False, name="run follower", exclusive=True, group="follow")
     def follow_events(self, run_dir: Path, resume_offset: int = 0) -> None:
         """Post every event of the log, then new ones, until a terminal event written after
-        `resume_offset` (a resumed run's log holds the earlier session's run_stopped first).
-        core.events.follow stops at the first terminal event, so this reads by offset itself."""
+        `resume_offset` (a resumed run's log holds the earlier session's run_stopped first)."""
         from core import events
 
         worker = get_current_worker()
-        path = run_dir / events.EVENTS_FILE
-        offset, buf = 0, ""
-        started = time.monotonic()
-        while not worker.is_cancelled:
-            pid = events.read_pid(run_dir)
-            # liveness before reading, so events written just before the engine died are read
-            alive = events.pid_alive(pid) if pid is not None else time.monotonic() - started < PID_GRACE_S
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
-                    offset = fh.tell()
-            except FileNotFoundError:
-                chunk = ""
-            buf += chunk
-            *lines, buf = buf.split("\n")
-            pos = offset - len(buf.encode())
-            ends = []
-            # byte offset where each complete line ends, to tell this session's events apart
-            for line in reversed(lines):
-                ends.append(pos)
-                pos -= len(line.encode()) + 1
-            for line, end in zip(lines, reversed(ends)):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn line from a killed engine
-                if not isinstance(event, dict):
-                    continue
-                self.post_message(RunEvent(event))
-                if event.get("event") in events.TERMINAL_EVENTS and end > resume_offset:
-                    return
-            if not alive:
-                self.post_message(RunEvent({"event": "run_failed", "kind": "died", "error": events.ENGINE_DIED,
-                                            "synthetic": True, "log_tail": log_tail(run_dir)}))
-                return
-            worker.cancelled_event.wait(FOLLOW_POLL_S)
+        for event in events.follow(run_dir, poll_s=FOLLOW_POLL_S, start_grace_s=PID_GRACE_S,
+                                   after_offset=resume_offset, cancelled=lambda: worker.is_cancelled,
+                                   wait=worker.cancelled_event.wait):
+            if event.get("synthetic"):
+                event = {**event, "log_tail": log_tail(run_dir)}
+            self.post_message(RunEvent(event))
 
     @on(RunEvent)
     def _event(self, msg: RunEvent) -> None:
