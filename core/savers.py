@@ -169,7 +169,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
     """sum over rows of CE(softcap(h @ W^T), y) / divisor, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, softcap, chunk):
+    def forward(ctx, hidden, weight, targets, divisor, softcap, chunk, weights=None):
+        # weights (optional, n floats of 0/1): the static-shape path keeps every token and zeroes
+        # the ignored ones instead of selecting the valid rows (a selection's size needs a sync)
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         n = hidden.shape[0]
@@ -192,10 +194,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
                         deriv = 1.0 - z * z  # d(cap*tanh(x/cap))/dx
                     z.mul_(softcap)
                 lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+                w8 = weights[s:s + chunk] if weights is not None else None
+                nll = lse - z.gather(1, y[:, None]).squeeze(1)
+                total += (nll * w8).sum() if w8 is not None else nll.sum()
                 if need_h or need_w:
                     p = z.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
                     p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+                    if w8 is not None:
+                        p.mul_(w8[:, None])
                     if deriv is not None:
                         p.mul_(deriv)
                         del deriv
@@ -227,7 +233,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if need_w:
             g = next(it)
             gw = g * factor.to(g.dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -268,6 +274,36 @@ def chunked_lm_loss(
     if chunk_tokens is None:
         chunk_tokens = _ce_chunk_tokens(weight.shape[0], softcap is not None)
     return _ChunkedLinearCE.apply(hs, weight, ys, divisor, softcap, int(chunk_tokens))
+
+
+def chunked_lm_loss_static(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    div_given: torch.Tensor,
+    div_per_token: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: Optional[float] = None,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """chunked_lm_loss with shapes and control flow fixed by the input's shape alone (no host sync),
+    so that it can be captured in a CUDA graph and replayed on other data of the same shape.
+
+    Every token goes through the head; ignored ones weigh 0. The divisor is a device tensor:
+    div_given + div_per_token x (valid tokens, at least 1), so the caller sets (num_items, 0)
+    when the Trainer passes num_items_in_batch, or (0, accumulation steps) when it does not.
+    """
+    shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = shift.reshape(-1).to(h.device)
+    valid = y != ignore_index
+    wts = valid.to(torch.float32)
+    divisor = div_given.float() + div_per_token.float() * wts.sum().clamp(min=1.0)
+    yc = torch.where(valid, y, torch.zeros_like(y))
+    if chunk_tokens is None:
+        chunk_tokens = _ce_chunk_tokens(weight.shape[0], softcap is not None)
+    return _ChunkedLinearCE.apply(h, weight, yc, divisor, softcap, int(chunk_tokens), wts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -646,6 +682,30 @@ class _PackState:
     # Per micro-batch: the sample boundaries of each row, set by the patched forward and read
     # by the attention (including during the backward's recompute of the same micro-batch).
     segments: Optional[list] = None  # per row: list of (start, end); None when no row is packed
+    # Static mode (CUDA-graph steps, core.graphs): no host sync anywhere, so the boundaries stay
+    # on the device as a sample id per token, and the loss is the static one with this divisor.
+    static: bool = False
+    seg_ids: Optional[torch.Tensor] = None  # (B, T) int, or None for unpacked, unpadded rows
+    div_given: Optional[torch.Tensor] = None
+    div_per_token: Optional[torch.Tensor] = None
+
+
+def _segment_ids(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
+    """_row_segments without leaving the device: a (B, T) sample index per token (no sync)."""
+    if position_ids is None and attention_mask is None:
+        return None
+    if position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    ref = position_ids if position_ids is not None else attention_mask
+    B, T = ref.shape[0], ref.shape[-1]
+    starts = torch.zeros((B, T), dtype=torch.int32, device=ref.device)
+    if position_ids is not None:
+        pid = position_ids.expand(B, T) if position_ids.shape[0] != B else position_ids
+        starts[:, 1:] |= (pid[:, 1:] != pid[:, :-1] + 1).int()
+    if attention_mask is not None and attention_mask.dim() == 2:
+        am = attention_mask.bool()
+        starts[:, 1:] |= (am[:, 1:] != am[:, :-1]).int()
+    return starts.cumsum(-1, dtype=torch.int32)
 
 
 def _row_segments(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
@@ -714,7 +774,10 @@ def _tiled_attention(query, key, value, scaling, softcap, window, segments):
     B, Hq, Tq, D = query.shape
     Hkv, Tk = key.shape[1], key.shape[-2]
     g = Hq // Hkv
-    seg = torch.zeros((B, Tk), dtype=torch.int32, device=query.device)
+    if torch.is_tensor(segments):  # static mode: sample ids per token already
+        seg, segments = segments, None
+    else:
+        seg = torch.zeros((B, Tk), dtype=torch.int32, device=query.device)
     if segments is not None:
         for b, row in enumerate(segments):
             for n, (s0, s1) in enumerate(row):
@@ -747,9 +810,13 @@ def snug_attention(module, query, key, value, attention_mask=None, dropout: floa
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     Tq, Tk = query.shape[-2], key.shape[-2]
-    segments = _PackState.segments if Tq == Tk else None
-    if segments is not None and len(segments) != query.shape[0]:
-        segments = None
+    if _PackState.static:
+        seg = _PackState.seg_ids if Tq == Tk else None
+        segments = seg if (seg is not None and seg.shape[0] == query.shape[0]) else None
+    else:
+        segments = _PackState.segments if Tq == Tk else None
+        if segments is not None and len(segments) != query.shape[0]:
+            segments = None
     window = sliding_window if (sliding_window and Tk > sliding_window) else None
     if not module.training:
         dropout = 0.0
@@ -758,6 +825,13 @@ def snug_attention(module, query, key, value, attention_mask=None, dropout: floa
         return out.transpose(1, 2).contiguous(), None
     g = query.shape[1] // key.shape[1]
     k, v = _repeat_kv(key, g), _repeat_kv(value, g)
+    if torch.is_tensor(segments):
+        # static mode, packed or padded rows: one SDPA call with a causal, same-sample mask built on
+        # the device (B x T x T booleans; static mode is only used for short rows, see core.graphs)
+        pos = torch.arange(Tq, device=query.device)
+        mask = (pos[None, :, None] >= pos[None, None, :]) & (segments[:, :, None] == segments[:, None, :])
+        o = F.scaled_dot_product_attention(query, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling)
+        return o.transpose(1, 2).contiguous(), None
     if segments is None:
         if Tq != Tk and attention_mask is not None and torch.is_tensor(attention_mask):
             o = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask[..., :Tk].bool()
@@ -863,7 +937,12 @@ def _patch_loss(hf) -> tuple[bool, str]:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
                 num_items_in_batch=None, shift_labels=None, logits_to_keep=0, **kwargs):
-        _PackState.segments = _row_segments(position_ids, attention_mask)
+        static = _PackState.static and labels is not None and shift_labels is None
+        if static:
+            _PackState.segments = None
+            _PackState.seg_ids = _segment_ids(position_ids, attention_mask)
+        else:
+            _PackState.segments = _row_segments(position_ids, attention_mask)
         if labels is None and shift_labels is None:
             return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         logits_to_keep=logits_to_keep, **kwargs)
@@ -874,8 +953,13 @@ def _patch_loss(hf) -> tuple[bool, str]:
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         w = self.get_output_embeddings().weight
-        loss = chunked_lm_loss(hidden, w, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                               softcap=softcap, chunk_tokens=self._snug_ce_chunk)
+        if static:
+            loss = chunked_lm_loss_static(hidden, w, labels, _PackState.div_given, _PackState.div_per_token,
+                                          softcap=softcap, chunk_tokens=self._snug_ce_chunk)
+        else:
+            loss = chunked_lm_loss(hidden, w, labels, shift_labels=shift_labels,
+                                   num_items_in_batch=num_items_in_batch, softcap=softcap,
+                                   chunk_tokens=self._snug_ce_chunk)
         return CausalLMOutputWithPast(loss=loss, logits=None,
                                       past_key_values=getattr(out, "past_key_values", None),
                                       hidden_states=getattr(out, "hidden_states", None),
