@@ -157,6 +157,12 @@ class TrainSettings(_Section):
         description="Compile each decoder block with torch.compile (CUDA only): fewer kernel launches, "
         "faster on small models; the first steps wait for the compiler.",
     )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="Replay each training micro-batch from a CUDA graph (one launch instead of thousands): "
+        "much faster for small models on fast GPUs. 'auto' uses it on CUDA for rows up to 8,192 tokens "
+        "without dropout, and falls back to normal steps (saying why) where it cannot.",
+    )
     logging_steps: int = Field(1, ge=1, description="Log loss, speed and memory every N optimizer steps.")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (default: at the end of each epoch).")
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")

@@ -800,17 +800,21 @@ def pack(examples: list[dict], max_seq_len: int) -> list[dict]:
     return packed
 
 
-def collate(rows: list[dict], pad_token_id: int) -> dict:
+def collate(rows: list[dict], pad_token_id: int, pad_packed_to: int = 0) -> dict:
     """A micro-batch of rows as tensors for the model, padded on the right to the longest row.
 
     Packed rows (they carry position_ids): no attention_mask; padding gets position_ids that
-    restart at 0, so it is a sample of its own that no real token attends to. Unpacked rows:
-    an attention_mask (0 on padding). Labels are -100 on padding either way.
+    restart at 0, so it is a sample of its own that no real token attends to; with
+    `pad_packed_to` they are padded to that width (one shape for every micro-batch, which
+    CUDA-graph steps need). Unpacked rows: an attention_mask (0 on padding). Labels are -100
+    on padding either way.
     """
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)
     packed = all("position_ids" in r for r in rows)
+    if packed and pad_packed_to > width:
+        width = pad_packed_to
     ids, labels, pos, mask = [], [], [], []
     for r in rows:
         n = len(r["input_ids"])

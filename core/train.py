@@ -102,15 +102,16 @@ class _TokenCounter:
     dataloader fetches batches ahead of time.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_packed_to: int = 0):
         from core.data import collate
 
         self._collate = collate
         self.pad_token_id = pad_token_id
+        self.pad_packed_to = pad_packed_to  # CUDA-graph steps: every packed micro-batch one shape
         self.tokens = 0  # real tokens trained on so far in this engine process
 
     def __call__(self, rows: list[dict]) -> dict:
-        batch = self._collate(rows, self.pad_token_id)
+        batch = self._collate(rows, self.pad_token_id, self.pad_packed_to)
         # Rows arrive unpadded: their lengths are exactly the tokens the model really reads.
         batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
         return batch
@@ -120,6 +121,40 @@ def _counting_trainer(counter: _TokenCounter):
     from transformers import Trainer
 
     class CountingTrainer(Trainer):
+        snug_graphs = None  # core.graphs.CudaGraphStep, set by the engine when train.cuda_graphs allows
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            gs = self.snug_graphs
+            if gs is not None and gs.disabled is None:
+                if gs.model is None:
+                    gs.bind(model)  # the accelerate-wrapped model: its forward carries the autocast
+                model.train()
+                prepared = self._prepare_inputs(dict(inputs))
+                n = prepared.pop(REAL_TOKENS_KEY, None)
+                loss = gs.step(prepared, num_items_in_batch,
+                               accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1) or 1,
+                               last_in_window=bool(getattr(self.accelerator, "sync_gradients", False)))
+                if loss is not None:
+                    if n is not None:
+                        counter.tokens += int(n)
+                    return loss
+            if gs is None or not gs.graphs:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # An eager step (another shape: the epoch's last, short micro-batch) beside a graph's
+            # memory pool may not fit where the graph alone did: free the graph and retry once,
+            # when no gradient of this window was lost with the failed step.
+            fresh = all(p.grad is None for p in gs.params)
+            try:
+                return super().training_step(model, dict(inputs), num_items_in_batch)
+            except torch.OutOfMemoryError:
+                if not fresh:
+                    gs.release("out of memory in an eager step beside the graph")
+                    raise
+            gs.release("out of memory in an eager step beside the graph: graphs freed, steps run eagerly")
+            for p in gs.params:
+                p.grad = None
+            return super().training_step(model, inputs, num_items_in_batch)
+
         def compute_loss(self, model, inputs, *args, **kwargs):
             n = inputs.pop(REAL_TOKENS_KEY, None)
             if n is not None and model.training:
@@ -373,7 +408,13 @@ class Engine:
         )
 
     def _make_trainer(self):
-        self.counter = _TokenCounter(self.tokenizer.pad_token_id)
+        from core.model import pick_compute_dtype
+
+        graphs = (self.cfg.train.cuda_graphs == "auto" and self.device.get("type") == "cuda"
+                  and pick_compute_dtype(self.cfg.model.compute_dtype, self.device) == "bf16")
+        # graphed steps replay one shape: packed rows (nearly full anyway) are padded to full length
+        self.counter = _TokenCounter(self.tokenizer.pad_token_id,
+                                     self.cfg.data.max_seq_len if graphs and self.cfg.data.packing else 0)
         trainer = _counting_trainer(self.counter)(
             model=self.model,
             args=self._training_args(),
@@ -383,6 +424,10 @@ class Engine:
             processing_class=self.tokenizer,
             callbacks=[EventCallback(self), *self.extra_callbacks],
         )
+        if graphs:
+            from core.graphs import CudaGraphStep
+
+            trainer.snug_graphs = CudaGraphStep()
         return trainer
 
     def train(self) -> None:
@@ -543,6 +588,7 @@ class EventCallback(_trainer_callback_base()):
             eta_s=round(eta, 1) if eta is not None else None,
             micro_batch=self.engine.micro_batch,
             grad_accum=self.engine.grad_accum,
+            cuda_graphs=getattr(self.engine.trainer, "snug_graphs", None) and self.engine.trainer.snug_graphs.status,
             **mem,
         )
         if self._bad_steps >= DIVERGED_AFTER:
