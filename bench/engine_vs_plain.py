@@ -7,6 +7,7 @@ own process. A second engine run forces activation offload under a 2 GiB cap at 
 the setting that once gave a NaN gradient norm, and checks every logged loss is finite.
 
     PYTHONPATH=. python bench/engine_vs_plain.py      # ~3 min on one H200; writes $OUT/engine_vs_plain.{json,md}
+    PYTHONPATH=. python bench/engine_vs_plain.py --edge SHAPE SEQ BUDGET_GIB   # the engine alone at a budget's edge
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def engine_run(model: Path, runs: Path, name: str, sets: list[str]) -> dict:
         peak_reserved_gib=max((e.get("mem_reserved_gib") or 0) for e in steps) if steps else None,
         peak_gib=max((e.get("mem_peak_gib") or 0) for e in steps) if steps else None,
         savers=started.get("savers"),
+        last_cuda_graphs=steps[-1].get("cuda_graphs") if steps else None,
         terminal=events[-1]["event"] if events else None,
     )
     if p.returncode != 0:
@@ -95,7 +97,26 @@ def engine_run(model: Path, runs: Path, name: str, sets: list[str]) -> dict:
     return res
 
 
+def edge(shape: str, seq: int, budget: float) -> int:
+    """--edge: the engine alone at the edge of a budget (CUDA graphs on by default there too)."""
+    global SHAPE, SEQ
+    SHAPE, SEQ = shape, seq
+    out = Path(os.environ.get("OUT") or REPO / "bench" / "results")
+    root = Path(tempfile.mkdtemp(prefix="snug-edge-"))
+    model = build_model(root)
+    runs = root / "runs"
+    runs.mkdir()
+    res = engine_run(model, runs, "edge", [f"gpu.vram_budget_gib={budget}", "train.max_steps=12"])
+    res["cuda_graphs"] = res.pop("last_cuda_graphs", None)
+    print("edge", json.dumps({k: v for k, v in res.items()}), flush=True)
+    (out / f"engine_edge_{shape}_{seq}.json").write_text(json.dumps(dict(res, shape=shape, seq=seq, budget_gib=budget,
+        command=f"PYTHONPATH=. python bench/engine_vs_plain.py --edge {shape} {seq} {budget}"), indent=1))
+    return 0 if res.get("rc") == 0 and res.get("all_finite") else 1
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--edge":
+        return edge(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     out = Path(os.environ.get("OUT") or REPO / "bench" / "results")
     root = Path(tempfile.mkdtemp(prefix="snug-evp-"))
     model = build_model(root)

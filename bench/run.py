@@ -75,7 +75,8 @@ def main():
     ap.add_argument("--plain-check", action="store_true", help="re-verify the plain recipe's limits (slow)")
     ap.add_argument("--variants", default="snugtune,snugtune-compile",
                     help="snugtune variants in the train part: snugtune (auto), snugtune-keep0 "
-                    "(every block checkpointed), snugtune-compile")
+                    "(every block checkpointed), snugtune-compile, snugtune-graphs (CUDA-graph steps), "
+                    "snugtune-graphs-keep0")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -102,9 +103,11 @@ def main():
         for v in [x for x in args.variants.split(",") if x]:
             spec = dict(part="train", system="snugtune", variant=v, shape=shape, root=root, cap_gib=CAP_GIB,
                         loss_steps=args.loss_steps,
-                        mixed=(v == "snugtune"))
-            if v == "snugtune-keep0":
+                        mixed=(v in ("snugtune", "snugtune-graphs")))
+            if v.endswith("keep0"):
                 spec["env"] = {"SNUGTUNE_KEEP_LAYERS": "0"}
+            if v.startswith("snugtune-graphs"):
+                spec["graphs"] = True
             if v == "snugtune-compile":
                 spec["compile"] = True
             if args.profile:
@@ -193,7 +196,8 @@ def render(meta, results) -> str:
         for r in mxd:
             ratio = f"{r['useful_tok_s'] / base['useful_tok_s']:.2f}" if base else ""
             pl = f" (rows of {r['pack_len']:,})" if r.get("pack_len") else " (batches of 4, padded)"
-            L.append(f"| {r['system']}{pl} | {r['samples']} | {r['useful_tokens']:,} | "
+            name = r.get("variant") or r["system"]
+            L.append(f"| {name}{pl} | {r['samples']} | {r['useful_tokens']:,} | "
                      f"{r['processed_tokens']:,} | {r['steps']} | {r['useful_tok_s']:,.0f} | "
                      f"{r.get('peak_reserved_gib', '')} | {ratio} |")
         L.append("")

@@ -81,14 +81,20 @@ def make_opt(m, lr):
     return torch.optim.AdamW(params, lr=lr)
 
 
+GRAPHS = None  # core.graphs.CudaGraphStep for the snugtune-graphs variant
+
+
 def train_step(m, opt, batch, ours, dev):
-    ctx = torch.autocast(dev, dtype=torch.bfloat16) if ours else contextlib.nullcontext()
-    with ctx:
-        out = m(**batch)
-    out.loss.backward()
+    loss = GRAPHS.step(batch) if (ours and GRAPHS is not None) else None
+    if loss is None:
+        ctx = torch.autocast(dev, dtype=torch.bfloat16) if ours else contextlib.nullcontext()
+        with ctx:
+            out = m(**batch)
+        out.loss.backward()
+        loss = out.loss.detach()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out.loss.detach()
+    return loss
 
 
 def sync():
@@ -222,6 +228,11 @@ def part_train(a, path, dev):
     loaded = mem()
     vocab = m.config.vocab_size
     tag = dict(system=a["system"], shape=a["shape"], variant=a.get("variant", ""))
+    global GRAPHS
+    if ours and a.get("graphs") and dev == "cuda":
+        from core.graphs import CudaGraphStep
+
+        GRAPHS = CudaGraphStep(m, forward_ctx=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     # (c) loss
     opt = make_opt(m, a.get("lr", 1e-3))
     losses = []
@@ -229,6 +240,8 @@ def part_train(a, path, dev):
     for b in markov_batches(vocab, a.get("loss_steps", 20), seq):
         b = b.to(dev)
         losses.append(float(train_step(m, opt, {"input_ids": b, "labels": b}, ours, dev)))
+    if GRAPHS is not None:
+        info = dict(info, cuda_graphs=GRAPHS.status)
     emit(part="loss", **tag, seq=seq, losses=losses, s=round(time.time() - t0, 2), applied=info, loaded=loaded)
     # (b) speed at a fixed length, random tokens
     cleanup()
@@ -242,7 +255,8 @@ def part_train(a, path, dev):
         train_step(m, opt, {"input_ids": ids, "labels": ids}, ours, dev)
     sync()
     dt = time.perf_counter() - t0
-    emit(part="speed", **tag, seq=seq, tok_s=round(steps * seq / dt, 1), s_per_step=round(dt / steps, 4), **mem())
+    emit(part="speed", **tag, seq=seq, tok_s=round(steps * seq / dt, 1), s_per_step=round(dt / steps, 4), **mem(),
+         cuda_graphs=GRAPHS.status if GRAPHS is not None else None)
     if a.get("profile") and os.environ.get("OUT") and dev == "cuda":
         try:
             _profile(a, m, opt, vocab, seq, ours, dev, g, tag)
@@ -280,6 +294,12 @@ def _profile(a, m, opt, vocab, seq, ours, dev, g, tag):
 
 def _mixed(a, m, opt, vocab, ours, dev, tag):
     # (b') mixed-length instruction-style set: ours packs, plain pads a batch of 4
+    global GRAPHS
+    if GRAPHS is not None:  # as a new engine run with this row length would: its own graph
+        from core.graphs import CudaGraphStep
+
+        GRAPHS.release("next part")
+        GRAPHS = CudaGraphStep(m, forward_ctx=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     cleanup()
     lengths = mixed_lengths(a.get("mixed_n", 128))
     rg = torch.Generator().manual_seed(3)
@@ -295,11 +315,18 @@ def _mixed(a, m, opt, vocab, ours, dev, tag):
             cur.append(s)
         rows.append(cur)
         for row in rows:
+            padn = row_len - sum(len(x) for x in row) if GRAPHS is not None else 0
+            if padn > 0:
+                # as the engine does with graphs on: rows padded to the full length (one shape),
+                # the padding a sample of its own whose labels are ignored
+                row = row + [torch.zeros(padn, dtype=torch.long)]
             ids = torch.cat(row)[None]
             lab = ids.clone()
             pos = torch.cat([torch.arange(len(x)) for x in row])[None]
             starts = torch.tensor([0] + [len(x) for x in row[:-1]]).cumsum(0)
             lab[0, starts] = -100  # no sample's first token is predicted from the previous sample
+            if padn > 0:
+                lab[0, -padn:] = -100
             batches.append({"input_ids": ids, "labels": lab, "position_ids": pos})
     else:
         bs = a.get("pad_batch", 4)
@@ -324,7 +351,8 @@ def _mixed(a, m, opt, vocab, ours, dev, tag):
     sync()
     dt = time.perf_counter() - t0
     emit(part="mixed", **tag, pack_len=a.get("pack_len", 4096) if ours else None, samples=len(samples), useful_tokens=useful, processed_tokens=padded,
-         steps=len(batches), useful_tok_s=round(useful / dt, 1), s=round(dt, 2), **mem())
+         steps=len(batches), useful_tok_s=round(useful / dt, 1), s=round(dt, 2), **mem(),
+         cuda_graphs=GRAPHS.status if GRAPHS is not None else None)
 
 
 def main():
