@@ -666,8 +666,26 @@ def autofit(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", **kn
 # kernel launches and 4-bit dequantisation, not arithmetic (BASELINE.md: an H200 runs the
 # plain recipe at ~1-6k tokens/s). Rough on purpose: "time per epoch" to the nearest factor ~1.5.
 MFU = 0.25
-KERNEL_OVERHEAD_S = 12e-6  # per launched kernel
+# Host time per launched kernel in an eager step (Python, autograd, dispatch): measured on the
+# H200's host, ~220 ms of a 270 ms Qwen2.5-1.5B step over 28 blocks x 3 passes (bench run 2).
+KERNEL_OVERHEAD_S = 40e-6
 KERNELS_PER_BLOCK = 60  # forward of one block with LoRA on 7 projections (plus recompute, backward)
+# CUDA-graph steps (core.graphs: CUDA, bf16, rows up to GRAPH_MAX_TOKENS, no offload) replay a
+# micro-batch in one launch; what stays on the host is the optimizer: ~30 us per adapter tensor.
+GRAPH_MAX_TOKENS = 8192
+OPTIMIZER_HOST_S_PER_TENSOR = 30e-6
+
+
+def graphed_steps(spec: ModelSpec, cfg, gpu: GpuTarget) -> bool:
+    """Whether the engine would replay this configuration's steps from a CUDA graph."""
+    T = cfg.data.max_seq_len * cfg.train.micro_batch
+    if gpu.is_cpu or not gpu.bf16 or getattr(cfg.train, "cuda_graphs", "auto") == "off" or T > GRAPH_MAX_TOKENS:
+        return False
+    if cfg.lora.dropout > 0 or getattr(cfg.train, "compile", False):
+        return False
+    off = cfg.train.offload_activations
+    kept = spec.num_layers * T * spec.hidden_size * 2
+    return off == "off" or (off == "auto" and kept <= AUTO_OFFLOAD_SHARE * gpu.budget_gib * 2**30)
 
 
 def estimate_step_time(spec: ModelSpec, cfg, gpu: GpuTarget) -> float:
@@ -682,8 +700,13 @@ def estimate_step_time(spec: ModelSpec, cfg, gpu: GpuTarget) -> float:
     compute_s = flops / (gpu.fp16_tflops * 1e12 * MFU)
     # every pass dequantises the 4-bit weights: read 0.5 B + write/read 2 B a weight
     mem_s = spec.params_quantizable * 4.5 * passes / (gpu.bandwidth_gbs * 1e9)
+    targets = cfg.lora.target_modules
+    per_layer = 7 if isinstance(targets, str) else len(targets)
+    optimizer_s = OPTIMIZER_HOST_S_PER_TENSOR * 2 * per_layer * spec.num_layers
+    if graphed_steps(spec, cfg, gpu):
+        return accum * (compute_s + mem_s) + optimizer_s
     launch_s = KERNEL_OVERHEAD_S * KERNELS_PER_BLOCK * spec.num_layers * passes
-    return accum * (compute_s + mem_s + launch_s)
+    return accum * (compute_s + mem_s + launch_s) + optimizer_s
 
 
 # ---- presentation ----------------------------------------------------------------------------------
