@@ -8,6 +8,7 @@ the setting that once gave a NaN gradient norm, and checks every logged loss is 
 
     PYTHONPATH=. python bench/engine_vs_plain.py      # ~3 min on one H200; writes $OUT/engine_vs_plain.{json,md}
     PYTHONPATH=. python bench/engine_vs_plain.py --edge SHAPE SEQ BUDGET_GIB   # the engine alone at a budget's edge
+    PYTHONPATH=. python bench/engine_vs_plain.py --graphs-parity   # graphs on vs off: same losses (accumulation 4)
 """
 from __future__ import annotations
 
@@ -114,7 +115,32 @@ def edge(shape: str, seq: int, budget: float) -> int:
     return 0 if res.get("rc") == 0 and res.get("all_finite") else 1
 
 
+def parity() -> int:
+    """--graphs-parity: the engine twice on the same data and seed, CUDA-graph steps on and off, with
+    micro-batch 2 and gradient accumulation 4 (the graph's gradients accumulated over micro-batches)."""
+    out = Path(os.environ.get("OUT") or REPO / "bench" / "results")
+    root = Path(tempfile.mkdtemp(prefix="snug-par-"))
+    model = build_model(root)
+    runs = root / "runs"
+    runs.mkdir()
+    common = ["train.micro_batch=2", "train.grad_accum=4", "train.max_steps=8", "train.learning_rate=1e-3"]
+    on = engine_run(model, runs, "graphs", common + ["train.cuda_graphs=auto"])
+    off = engine_run(model, runs, "eager", common + ["train.cuda_graphs=off"])
+    pairs = list(zip(on.get("losses") or [], off.get("losses") or []))
+    worst = max((abs(a - b) / abs(b) for a, b in pairs), default=None)
+    res = {"graphs": on, "eager": off, "max_rel_loss_diff": worst, "steps_compared": len(pairs),
+           "command": "PYTHONPATH=. python bench/engine_vs_plain.py --graphs-parity"}
+    print("parity", json.dumps({"max_rel_loss_diff": worst, "steps": len(pairs),
+                                "graphs": on.get("last_cuda_graphs"), "tok_s_graphs": on.get("tokens_per_s_median"),
+                                "tok_s_eager": off.get("tokens_per_s_median"), "rc": [on.get("rc"), off.get("rc")],
+                                "err": (on.get("error") or off.get("error") or "")[-600:]}), flush=True)
+    (out / "engine_graphs_parity.json").write_text(json.dumps(res, indent=1))
+    return 0 if worst is not None and worst < 0.01 else 1
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--graphs-parity"]:
+        return parity()
     if len(sys.argv) == 5 and sys.argv[1] == "--edge":
         return edge(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     out = Path(os.environ.get("OUT") or REPO / "bench" / "results")

@@ -131,9 +131,10 @@ def _counting_trainer(counter: _TokenCounter):
                 model.train()
                 prepared = self._prepare_inputs(dict(inputs))
                 n = prepared.pop(REAL_TOKENS_KEY, None)
-                loss = gs.step(prepared, num_items_in_batch,
-                               accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1) or 1,
-                               last_in_window=bool(getattr(self.accelerator, "sync_gradients", False)))
+                accum = getattr(self, "current_gradient_accumulation_steps", 1) or 1
+                # the graph's gradient buffers are lent as .grad only when each micro-batch is a whole
+                # window (nothing accumulates into them before the optimizer reads them); otherwise copied
+                loss = gs.step(prepared, num_items_in_batch, accumulation_steps=accum, last_in_window=accum == 1)
                 if loss is not None:
                     if n is not None:
                         counter.tokens += int(n)
