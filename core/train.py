@@ -478,6 +478,9 @@ class Engine:
             self.trainer.evaluate()
 
     def _free_model(self) -> None:
+        gs = getattr(self.trainer, "snug_graphs", None)
+        if gs is not None:  # a captured graph holds its own memory pool until released
+            gs.release("model freed")
         self.trainer = None
         self.model = None
         try:
