@@ -108,7 +108,13 @@ def test_spawn_starts_the_engine_in_its_own_session_with_the_allocator_setting(t
     d = runs.create_run_dir(_cfg(tmp_path / "runs"))
     proc = runs.spawn(d)
     try:
-        env = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
+        # right after the fork, before exec, /proc shows an empty environment: wait for the exec
+        deadline = time.monotonic() + 30
+        while True:
+            env = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
+            if len(env) > 1 or time.monotonic() > deadline or proc.poll() is not None:
+                break
+            time.sleep(0.05)
         sid = os.getsid(proc.pid)
     finally:
         proc.kill()  # only its start matters here (the model id does not exist anyway)
