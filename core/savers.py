@@ -690,26 +690,9 @@ class _PackState:
     div_per_token: Optional[torch.Tensor] = None
 
 
-def _segment_ids(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
-    """_row_segments without leaving the device: a (B, T) sample index per token (no sync)."""
-    if position_ids is None and attention_mask is None:
-        return None
-    if position_ids is not None and position_ids.dim() == 1:
-        position_ids = position_ids[None]
-    ref = position_ids if position_ids is not None else attention_mask
-    B, T = ref.shape[0], ref.shape[-1]
-    starts = torch.zeros((B, T), dtype=torch.int32, device=ref.device)
-    if position_ids is not None:
-        pid = position_ids.expand(B, T) if position_ids.shape[0] != B else position_ids
-        starts[:, 1:] |= (pid[:, 1:] != pid[:, :-1] + 1).int()
-    if attention_mask is not None and attention_mask.dim() == 2:
-        am = attention_mask.bool()
-        starts[:, 1:] |= (am[:, 1:] != am[:, :-1]).int()
-    return starts.cumsum(-1, dtype=torch.int32)
-
-
-def _row_segments(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
-    """Sample boundaries per row from position ids that restart per sample (and padding)."""
+def _sample_starts(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
+    """(B, T) booleans, True where a new sample starts: position ids that do not continue, or
+    where the attention mask changes (padding). None when neither is given. No host sync."""
     if position_ids is None and attention_mask is None:
         return None
     if position_ids is not None and position_ids.dim() == 1:
@@ -723,6 +706,21 @@ def _row_segments(position_ids: Optional[torch.Tensor], attention_mask: Optional
     if attention_mask is not None and attention_mask.dim() == 2:
         am = attention_mask.bool()
         starts[:, 1:] |= am[:, 1:] != am[:, :-1]
+    return starts
+
+
+def _segment_ids(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
+    """_row_segments without leaving the device: a (B, T) sample index per token (no sync)."""
+    starts = _sample_starts(position_ids, attention_mask)
+    return None if starts is None else starts.cumsum(-1, dtype=torch.int32)
+
+
+def _row_segments(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
+    """Sample boundaries per row from position ids that restart per sample (and padding)."""
+    starts = _sample_starts(position_ids, attention_mask)
+    if starts is None:
+        return None
+    B, T = starts.shape
     if not bool(starts.any()):
         return None
     rows = []
