@@ -239,6 +239,18 @@ def _mlp_tile_tokens(intermediate: int, batch: int, tile_bytes: int) -> int:
     return max(256, int(t) // 256 * 256)
 
 
+def offloads(spec: ModelSpec, cfg, gpu: GpuTarget, tokens: int) -> bool:
+    """The engine's offload rule (core/savers.py offload_decision) for a micro-batch of `tokens`:
+    'on' always, 'off' never, 'auto' when the L kept block inputs exceed 10% of the budget;
+    never on the CPU or without gradient checkpointing."""
+    mode = cfg.train.offload_activations
+    if gpu.is_cpu or not cfg.train.gradient_checkpointing or mode == "off":
+        return False
+    if mode == "on":
+        return True
+    return spec.num_layers * tokens * spec.hidden_size * 2 > AUTO_OFFLOAD_SHARE * int(gpu.budget_gib * GIB)
+
+
 def estimate(
     spec: ModelSpec,
     cfg,
@@ -340,16 +352,9 @@ def estimate(
         kept = L * k_layer if gc_on else 0
     else:
         if offload is None:
-            mode = cfg.train.offload_activations
-            if mode == "on":
-                use_offload = True
-            elif mode == "off" or cpu:
-                use_offload = False
-            else:  # the engine's auto rule (core/savers.py)
-                use_offload = L * T * h * 2 > AUTO_OFFLOAD_SHARE * budget_bytes
+            use_offload = offloads(spec, cfg, gpu, T)
         else:
-            use_offload = bool(offload) and not cpu
-        use_offload = use_offload and gc_on
+            use_offload = bool(offload) and not cpu and gc_on
         # LayerNorm models (StableLM) under autocast: layer_norm runs in fp32 (autocast's fp32
         # list), so each projection reading a norm gets an fp32 input. The engine's fused
         # NF4+LoRA node (core/savers.py::_LoRA4bitLinear) returns its output in the input's
@@ -683,9 +688,7 @@ def graphed_steps(spec: ModelSpec, cfg, gpu: GpuTarget) -> bool:
         return False
     if cfg.lora.dropout > 0 or getattr(cfg.train, "compile", False):
         return False
-    off = cfg.train.offload_activations
-    kept = spec.num_layers * T * spec.hidden_size * 2
-    return off == "off" or (off == "auto" and kept <= AUTO_OFFLOAD_SHARE * gpu.budget_gib * 2**30)
+    return not offloads(spec, cfg, gpu, T)
 
 
 def estimate_step_time(spec: ModelSpec, cfg, gpu: GpuTarget) -> float:
