@@ -7,7 +7,7 @@ graph records the forward and backward of one micro-batch once and replays them 
 single launch, so the step costs what the GPU needs.
 
 What a replay needs is the same shapes and no host synchronisation. The savers have a
-static mode for that (core.savers._PackState.static): the loss keeps every token and
+static mode for that (core.savers.static_mode): the loss keeps every token and
 weighs the ignored ones 0 (no selection of the valid rows), the divisor is a device
 tensor, and packed or padded rows attend through a causal, same-sample mask built on the
 device. Static mode runs for every micro-batch this class handles, captured or not, so
@@ -42,17 +42,6 @@ GRAPH_MAX_TOKENS = 8192
 # Eager runs of a shape before it is captured.
 WARMUP_STEPS = 2
 _ALLOWED_KEYS = {"input_ids", "labels", "position_ids", "attention_mask"}
-
-
-@contextlib.contextmanager
-def static_mode(div_given: torch.Tensor, div_per_token: torch.Tensor):
-    """Run the savers' static-shape path: no host sync; loss = sum / (div_given + div_per_token x valid)."""
-    st = savers._PackState
-    st.static, st.div_given, st.div_per_token = True, div_given, div_per_token
-    try:
-        yield
-    finally:
-        st.static, st.seg_ids, st.div_given, st.div_per_token = False, None, None, None
 
 
 def model_support(model) -> tuple[bool, str]:
@@ -161,7 +150,7 @@ class CudaGraphStep:
             self.div_per_token.fill_(float(accumulation_steps))
 
     def _forward_backward(self, inputs: dict) -> torch.Tensor:
-        with static_mode(self.div_given, self.div_per_token):
+        with savers.static_mode(self.div_given, self.div_per_token):
             with self.forward_ctx():
                 loss = self.model(**inputs).loss
             loss.backward()

@@ -64,6 +64,7 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import types
@@ -688,6 +689,18 @@ class _PackState:
     seg_ids: Optional[torch.Tensor] = None  # (B, T) int, or None for unpacked, unpadded rows
     div_given: Optional[torch.Tensor] = None
     div_per_token: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def static_mode(div_given: torch.Tensor, div_per_token: torch.Tensor):
+    """Run the static-shape path (CUDA-graph steps, core.graphs): no host sync anywhere;
+    loss = sum / (div_given + div_per_token x valid tokens). Restores the normal path on exit."""
+    st = _PackState
+    st.static, st.div_given, st.div_per_token = True, div_given, div_per_token
+    try:
+        yield
+    finally:
+        st.static, st.seg_ids, st.div_given, st.div_per_token = False, None, None, None
 
 
 def _sample_starts(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):

@@ -62,7 +62,7 @@ def test_segment_ids_match_row_segments():
 def _static_loss_and_grads(model, batch):
     b = dict(batch)
     nib = b.pop("num_items_in_batch", None)
-    with graphs.static_mode(torch.tensor(float(nib or 0)), torch.tensor(0.0 if nib else 1.0)):
+    with savers.static_mode(torch.tensor(float(nib or 0)), torch.tensor(0.0 if nib else 1.0)):
         return _loss_and_grads(model, b)
 
 
