@@ -145,6 +145,7 @@ def _counting_trainer(counter: _TokenCounter):
             # memory pool may not fit where the graph alone did: free the graph and retry once,
             # when no gradient of this window was lost with the failed step.
             fresh = all(p.grad is None for p in gs.params)
+            counted = counter.tokens
             try:
                 return super().training_step(model, dict(inputs), num_items_in_batch)
             except torch.OutOfMemoryError:
@@ -152,6 +153,7 @@ def _counting_trainer(counter: _TokenCounter):
                     gs.release("out of memory in an eager step beside the graph")
                     raise
             gs.release("out of memory in an eager step beside the graph: graphs freed, steps run eagerly")
+            counter.tokens = counted  # the failed attempt's tokens are counted by the retry
             for p in gs.params:
                 p.grad = None
             return super().training_step(model, inputs, num_items_in_batch)
