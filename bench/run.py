@@ -149,6 +149,11 @@ def main():
     print(md)
 
 
+def _label(r: dict) -> str:
+    """A result's row name: its variant (snugtune, snugtune-graphs, ...) or its system (plain)."""
+    return r.get("variant") or r["system"]
+
+
 def render(meta, results) -> str:
     L = [f"Command: `{meta['command']}` — {meta.get('gpu', '?')}, torch {meta.get('torch')}, transformers "
          f"{meta.get('transformers')}, peft {meta.get('peft')}, bitsandbytes {meta.get('bitsandbytes')}; "
@@ -182,7 +187,7 @@ def render(meta, results) -> str:
               "| system | tokens/s | s/step | peak reserved GiB | ratio |", "|---|---|---|---|---|"]
         for r in sp:
             ratio = f"{r['tok_s'] / base['tok_s']:.2f}" if base else ""
-            L.append(f"| {r['system']} {r.get('variant', '')} | {r['tok_s']:,.0f} | {r['s_per_step']} | "
+            L.append(f"| {_label(r)} | {r['tok_s']:,.0f} | {r['s_per_step']} | "
                      f"{r.get('peak_reserved_gib', '')} | {ratio} |")
         L.append("")
     mxd = [r for r in results if r.get("part") == "mixed"]
@@ -196,8 +201,7 @@ def render(meta, results) -> str:
         for r in mxd:
             ratio = f"{r['useful_tok_s'] / base['useful_tok_s']:.2f}" if base else ""
             pl = f" (rows of {r['pack_len']:,})" if r.get("pack_len") else " (batches of 4, padded)"
-            name = r.get("variant") or r["system"]
-            L.append(f"| {name}{pl} | {r['samples']} | {r['useful_tokens']:,} | "
+            L.append(f"| {_label(r)}{pl} | {r['samples']} | {r['useful_tokens']:,} | "
                      f"{r['processed_tokens']:,} | {r['steps']} | {r['useful_tok_s']:,.0f} | "
                      f"{r.get('peak_reserved_gib', '')} | {ratio} |")
         L.append("")
@@ -205,7 +209,7 @@ def render(meta, results) -> str:
     base = next((r for r in ls if r["system"] == "plain"), None)
     if base:
         L += ["### (c) Loss per step, same data (Markov-chain tokens) and seed, lr 1e-3", "",
-              "| step | plain | " + " | ".join(f"{r['system']} {r.get('variant', '')}" for r in ls if r is not base)
+              "| step | plain | " + " | ".join(_label(r) for r in ls if r is not base)
               + " | max rel. diff |", "|---|---|" + "---|" * (len(ls) - 1) + "---|"]
         worst = 0.0
         for i, lp in enumerate(base["losses"]):
