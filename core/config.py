@@ -77,15 +77,30 @@ class DataConfig(_Section):
         description="Training data: a local .jsonl, .json, .csv, .parquet or .txt file, or a Hub dataset id "
         "(e.g. 'tatsu-lab/alpaca').",
     )
-    format: Literal["auto", "instruction", "chat", "text"] = Field(
+    format: Literal["auto", "instruction", "chat", "segments", "text"] = Field(
         "auto",
-        description="Sample format: 'instruction' (instruction/input/output), 'chat' (a list of role/content "
-        "messages, or sharegpt from/value), 'text' (plain text); 'auto' detects it from the columns.",
+        description="Sample format: 'instruction' (instruction/input/output, alpaca system/history), 'chat' (a "
+        "list of role/content messages, or sharegpt from/value; tool calls included), 'segments' (axolotl's "
+        "template-free {label, text} segments), 'text' (plain text); 'auto' detects it from the columns.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map the format's fields to your columns, e.g. {instruction = 'question', output = 'answer'}, "
-        "{messages = 'conversation'} or {text = 'body'}.",
+        "{messages = 'conversation', system = 'sys', tools = 'functions'} or {text = 'body'}. Fields: "
+        "instruction, input, output, system, history (instruction); messages, system, tools, reply (chat); "
+        "segments; text.",
+    )
+    text_split: Literal["auto", "paragraph", "line", "document"] = Field(
+        "auto",
+        description="How a .txt file becomes samples: 'paragraph' (blank lines separate samples), 'line' (one "
+        "sample a line), 'document' (the whole file is one sample); 'auto' takes paragraphs when the file "
+        "has blank lines, else lines.",
+    )
+    long_samples: Literal["split", "truncate"] = Field(
+        "split",
+        description="Plain-text samples longer than max_seq_len: 'split' into consecutive windows of "
+        "max_seq_len tokens (nothing is thrown away), or 'truncate' (keep the first max_seq_len tokens). "
+        "Instruction and chat samples are always truncated (a reply cut from its prompt teaches nothing).",
     )
     split: str = Field("train", description="Which split of a Hub dataset to train on.")
     subset: Optional[str] = Field(None, description="The configuration (subset) of a Hub dataset, if it has several.")
@@ -94,7 +109,7 @@ class DataConfig(_Section):
         description="How samples become text: 'auto' uses the tokenizer's chat template when it has one, "
         "else snugtune's built-in template; 'builtin' always uses the built-in one.",
     )
-    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Longest sequence in tokens; longer samples are truncated.")
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Longest sequence in tokens; longer samples are truncated (plain text: split, see data.long_samples).")
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on the response tokens only; the prompt is read but not learned."
     )

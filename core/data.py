@@ -28,6 +28,8 @@ that need them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import functools
 import json
@@ -35,7 +37,7 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Optional
 
@@ -46,24 +48,36 @@ IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and HF models) skip
 
 FILE_TYPES = {".jsonl": "JSON lines", ".json": "JSON", ".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet", ".txt": "text"}
 
-# Field names per format, and the column names each is recognised under (first match wins).
+# Field names per format, and the column names each is recognised under (first match wins;
+# matched case-insensitively, so INSTRUCTION/RESPONSE are found too). message_1/message_2 are
+# CAMEL's columns, article/summary the summarisation sets' (CNN/DailyMail and its kin).
 INSTRUCTION_ALIASES = {
-    "instruction": ["instruction", "prompt", "question", "query"],
+    "instruction": ["instruction", "prompt", "question", "query", "message_1", "article"],
     "input": ["input", "context"],
-    "output": ["output", "response", "answer", "completion"],
+    "output": ["output", "response", "answer", "completion", "message_2", "summary"],
     "system": ["system", "system_prompt"],
+    "history": ["history"],
 }
 CHAT_COLUMNS = ["messages", "conversations", "conversation", "chat", "dialog"]
+# Columns beside a chat column: a ShareGPT file's `system` and `tools` (LLaMA-Factory's
+# glaive_toolcall demo), OpenAI's top-level `tools`. `reply` (a final assistant message kept in
+# its own column, as LLaMA-Factory's DPO files keep `chosen`) is only ever mapped.
+CHAT_EXTRA_ALIASES = {"system": ["system", "system_prompt"], "tools": ["tools"], "reply": []}
 TEXT_COLUMNS = ["text", "content", "body", "document"]
 FIELDS = {
-    "instruction": {"required": ["instruction", "output"], "optional": ["input", "system"]},
-    "chat": {"required": ["messages"], "optional": []},
+    "instruction": {"required": ["instruction", "output"], "optional": ["input", "system", "history"]},
+    "chat": {"required": ["messages"], "optional": ["system", "tools", "reply"]},
+    "segments": {"required": ["segments"], "optional": []},
     "text": {"required": ["text"], "optional": []},
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
-                  "system": "system"}
-CHAT_ROLES = {"system", "user", "assistant"}
+# Message roles as written by OpenAI/transformers (role/content) and ShareGPT (from/value).
+# ShareGPT's function_call is an assistant turn calling a tool; observation is the tool's result.
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+         "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+         "function_call": "tool_call"}
+# Per-turn training flags: OpenAI's `weight`, axolotl's `train`/`training`, LLaMA-Factory's `loss_weight`.
+TURN_FLAGS = ("weight", "train", "training", "loss_weight")
 
 # How many rows detection looks at: enough to see optional columns, cheap on big sets.
 DETECT_ROWS = 100
@@ -84,7 +98,7 @@ class Segment(NamedTuple):
 class DataFormat:
     """What the samples are and where their fields live.
 
-    kind: 'instruction', 'chat' or 'text'. columns: format field -> dataset column
+    kind: 'instruction', 'chat', 'segments' or 'text'. columns: format field -> dataset column
     (e.g. {'instruction': 'question', 'output': 'answer'}). message_keys: for chat, the
     (role, content) keys inside each message: ('role', 'content') or sharegpt's ('from', 'value').
     """
@@ -93,6 +107,8 @@ class DataFormat:
     columns: dict[str, str]
     reason: str
     message_keys: Optional[tuple[str, str]] = None
+    tools: bool = False  # some sample has tool definitions, tool calls or tool results
+    label_column: Optional[str] = None  # KTO's true/false label: rows marked false are left out
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -112,7 +128,7 @@ def load_records(data_cfg: DataConfig) -> list[dict]:
         path = demo.resolve_builtin(path)
     local = Path(path).expanduser()
     if local.exists() or _looks_like_a_path(path):
-        records = _load_file(local, data_cfg.max_samples)
+        records = _load_file(local, data_cfg.max_samples, data_cfg.text_split)
         source = str(local)
     else:
         records = _load_hub(path, data_cfg)
@@ -135,7 +151,7 @@ def _looks_like_a_path(path: str) -> bool:
     )
 
 
-def _load_file(path: Path, max_samples: Optional[int]) -> list[dict]:
+def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto") -> list[dict]:
     if not path.exists():
         raise UserError(f"{path}: file not found", hint="check the path (data.path), or give a Hub dataset id as owner/name")
     if path.is_dir():
@@ -155,13 +171,32 @@ def _load_file(path: Path, max_samples: Optional[int]) -> list[dict]:
             return _read_csv(path, "\t" if ext == ".tsv" else ",", max_samples)
         if ext == ".parquet":
             return _read_parquet(path)
-        return _read_txt(path)
+        return _read_txt(path, text_split)
     except PermissionError:
         raise UserError(f"{path}: cannot read the file (permission denied)") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: not a readable {FILE_TYPES[ext]} file ({exc})") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def _not_utf8(path: Path) -> UserError:
+    """Where the first byte that is not UTF-8 is, in the whole file. (The decoder's own offset counts
+    from the start of the chunk it was decoding, 8 KB or so, not from the start of the file.)"""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        return UserError(
+            f"{path}, line {line}: not UTF-8 text (byte {exc.start} of the file, column {col} of the line: "
+            f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})",
+            hint="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`, or your editor's 'save with encoding')",
+        )
+    return UserError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _read_jsonl(path: Path, max_samples: Optional[int]) -> list[dict]:
@@ -207,7 +242,14 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
+# The csv module refuses fields over 131,072 characters by default (a `_csv.Error`); a long
+# document in one cell is ordinary training data. The C long's maximum is the largest it takes.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _read_csv(path: Path, delimiter: str, max_samples: Optional[int]) -> list[dict]:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     records = []
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
@@ -233,9 +275,20 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _read_txt(path: Path) -> list[dict]:
+def _read_txt(path: Path, split: str = "auto") -> list[dict]:
+    """Samples of a .txt file: per paragraph, line or the whole document (data.text_split). 'auto'
+    takes paragraphs when the file has a blank line, else lines: a file of one document a line
+    (LLaMA-Factory's wiki demo) would otherwise be one sample of hundreds of thousands of tokens."""
     text = path.read_text(encoding="utf-8-sig")
-    return [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if split == "auto":
+        split = "paragraph" if re.search(r"\n[ \t\r\f\v]*\n", text.strip()) else "line"
+    if split == "document":
+        parts = [text]
+    elif split == "line":
+        parts = text.splitlines()
+    else:
+        parts = re.split(r"\n\s*\n", text)
+    return [{"text": p.strip()} for p in parts if p.strip()]
 
 
 def _load_hub(dataset_id: str, data_cfg: DataConfig) -> list[dict]:
@@ -346,6 +399,35 @@ def _scrub(text: str) -> str:
 
 # ---- format detection --------------------------------------------------------------------------
 
+# Which command a hint is for: each names its own syntax for mapping columns (a `train` user has
+# no --column flag, a wizard user types into the Columns box). core.train leaves the default.
+_HINT_SYNTAX: contextvars.ContextVar[str] = contextvars.ContextVar("snugtune_hint_syntax", default="train")
+HINT_SYNTAXES = ("train", "inspect", "wizard")
+
+
+@contextlib.contextmanager
+def hint_syntax(style: str):
+    """Within this block, column-mapping hints use `style`'s syntax ('train', 'inspect', 'wizard')."""
+    if style not in HINT_SYNTAXES:
+        raise ValueError(f"hint syntax {style!r}; expected one of {HINT_SYNTAXES}")
+    token = _HINT_SYNTAX.set(style)
+    try:
+        yield
+    finally:
+        _HINT_SYNTAX.reset(token)
+
+
+def columns_hint(example: dict[str, str]) -> str:
+    """How to map `example` (field -> column) in the syntax of the command at hand."""
+    style = _HINT_SYNTAX.get()
+    if style == "inspect":
+        return " ".join(f"--column {f}={c}" for f, c in example.items())
+    if style == "wizard":
+        return "type " + ", ".join(f"{f}={c}" for f, c in example.items()) + " in the Columns box"
+    q = lambda c: f"'{c}'" if "'" not in c else json.dumps(c)  # noqa: E731 - TOML literal or basic string
+    inner = ", ".join(f"{f}={q(c)}" for f, c in example.items())
+    return f'--set "data.columns={{{inner}}}" (in a preset: columns = {{{inner}}} under [data])'
+
 
 def _columns_of(records: list[dict]) -> list[str]:
     cols: dict[str, None] = {}
@@ -354,12 +436,20 @@ def _columns_of(records: list[dict]) -> list[str]:
     return list(cols)
 
 
+def _by_lower(columns: list[str]) -> dict[str, str]:
+    """lower-cased name -> column (the first of several that differ only in case)."""
+    out: dict[str, str] = {}
+    for c in columns:
+        out.setdefault(str(c).lower(), c)
+    return out
+
+
 def _message_keys(value: Any) -> Optional[tuple[str, str]]:
     """('role','content') or ('from','value') if `value` is a list of message dicts, else None."""
     if not isinstance(value, list) or not value or not isinstance(value[0], dict):
         return None
     first = value[0]
-    if "role" in first and "content" in first:
+    if "role" in first and ("content" in first or "tool_calls" in first):
         return ("role", "content")
     if "from" in first and "value" in first:
         return ("from", "value")
@@ -374,15 +464,23 @@ def _first_value(records: list[dict], column: str) -> Any:
     return None
 
 
+def _is_segments(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and "text" in value[0] and "label" in value[0])
+
+
 def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
     """Which format the samples are in and which columns hold each field.
 
     `data_cfg.columns` (field -> column) is taken as given and checked; `data_cfg.format`
-    other than 'auto' forces the kind. Otherwise: a column of message lists means chat, an
-    instruction/output pair (or an alias such as prompt/response) means instruction, and a
-    text column means text, in that order.
+    other than 'auto' forces the kind. Otherwise: data that is not supervised fine-tuning data
+    (preference pairs, KTO labels, images) is refused by name; a column of message lists means
+    chat, axolotl's `segments` means segments, an instruction/output pair (or an alias such as
+    prompt/response) means instruction, and a text column means text, in that order. Column
+    names are matched case-insensitively.
     """
     columns = _columns_of(records)
+    lower = _by_lower(columns)
     mapping = dict(data_cfg.columns)
     kind = data_cfg.format
     allowed_fields = sorted({f for spec in FIELDS.values() for f in spec["required"] + spec["optional"]})
@@ -392,25 +490,42 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
         if col not in columns:
             raise UserError(
                 f"data.columns maps {fld!r} to column {col!r}, which the data does not have; "
-                f"its columns are: {', '.join(columns)}"
+                f"its columns are: {', '.join(map(str, columns))}"
             )
+    _refuse_multimodal_columns(records, lower)
+    reason_prefix = "detected"
     if kind == "auto" and mapping:
-        kinds = {k for k, spec in FIELDS.items() if set(mapping) & set(spec["required"] + spec["optional"])}
-        if len(kinds) > 1:
-            raise UserError(f"data.columns mixes fields of different formats ({', '.join(sorted(kinds))}); map one format's fields")
-        kind = kinds.pop()
+        kinds = {k for k, spec in FIELDS.items() if set(mapping) <= set(spec["required"] + spec["optional"])}
+        if not kinds:
+            touched = {k for k, spec in FIELDS.items() if set(mapping) & set(spec["required"] + spec["optional"])}
+            raise UserError(f"data.columns mixes fields of different formats ({', '.join(sorted(touched))}); "
+                            "map one format's fields")
         reason_prefix = "from data.columns"
-    else:
-        reason_prefix = "set by data.format" if kind != "auto" else ""
-        if kind != "auto":
-            spec = FIELDS[kind]
-            stray = sorted(set(mapping) - set(spec["required"] + spec["optional"]))
-            if stray:
-                raise UserError(f"data.columns maps {', '.join(map(repr, stray))}, which {kind} data does not have; "
-                                f"its fields are {', '.join(spec['required'] + spec['optional'])}")
+        if len(kinds) == 1:
+            kind = kinds.pop()
+        # else only fields several formats share (e.g. system): detect the kind, apply the mapping
+    elif kind != "auto":
+        reason_prefix = "set by data.format"
+        spec = FIELDS[kind]
+        stray = sorted(set(mapping) - set(spec["required"] + spec["optional"]))
+        if stray:
+            raise UserError(f"data.columns maps {', '.join(map(repr, stray))}, which {kind} data does not have; "
+                            f"its fields are {', '.join(spec['required'] + spec['optional'])}")
+    if not mapping and kind == "auto":
+        _refuse_preference(records, lower)
 
+    label_col = _kto_label_column(records, lower)
     found_chat = [(c, _message_keys(_first_value(records, c))) for c in columns]
     found_chat = [(c, keys) for c, keys in found_chat if keys]
+
+    def pick(aliases: list[str], taken=()) -> Optional[str]:
+        return next((lower[a] for a in aliases if a in lower and lower[a] not in taken), None)
+
+    def finish(fmt: DataFormat) -> DataFormat:
+        if label_col and label_col not in fmt.columns.values():
+            fmt = replace(fmt, label_column=label_col,
+                          reason=fmt.reason + f"; rows whose {label_col!r} is false are left out")
+        return fmt
 
     def chat_format(col: str, why: str) -> DataFormat:
         keys = _message_keys(_first_value(records, col))
@@ -419,11 +534,16 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
                 f"column {col!r} does not hold a list of messages ({{\"role\", \"content\"}} or sharegpt "
                 f"{{\"from\", \"value\"}}); got {_preview(_first_value(records, col))}"
             )
+        cols = {"messages": col}
+        taken = [col, *mapping.values()]
+        for f, aliases in CHAT_EXTRA_ALIASES.items():
+            c = mapping.get(f) or pick(aliases, taken=taken)
+            if c:
+                cols[f] = c
+                taken.append(c)
         style = "sharegpt from/value" if keys == ("from", "value") else "role/content"
-        return DataFormat("chat", {"messages": col}, f"{why}: column {col!r} holds {style} message lists", keys)
-
-    def pick(aliases: list[str], taken=()) -> Optional[str]:
-        return next((a for a in aliases if a in columns and a not in taken), None)
+        extra = "".join(f", {f}={c!r}" for f, c in cols.items() if f != "messages")
+        return DataFormat("chat", cols, f"{why}: column {col!r} holds {style} message lists{extra}", keys)
 
     def instruction_format(why: str) -> Optional[DataFormat]:
         found: dict[str, Optional[str]] = {}
@@ -434,6 +554,13 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
         cols = {f: c for f, c in found.items() if c}
         shown = ", ".join(f"{f}={c!r}" for f, c in cols.items())
         return DataFormat("instruction", cols, f"{why}: {shown}")
+
+    def segments_format(why: str) -> Optional[DataFormat]:
+        col = mapping.get("segments") or pick(["segments"])
+        if col is None or (not mapping.get("segments") and not _is_segments(_first_value(records, col))):
+            return None
+        return DataFormat("segments", {"segments": col},
+                          f"{why}: column {col!r} holds axolotl template-free segments (label true = learned)")
 
     def text_format(why: str) -> Optional[DataFormat]:
         col = mapping.get("text") or pick(TEXT_COLUMNS)
@@ -446,31 +573,85 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
         return DataFormat("text", {"text": col}, f"{why}: column {col!r} holds plain text")
 
     if kind == "chat":
-        col = mapping.get("messages") or next((c for c in CHAT_COLUMNS if c in columns), None)
+        col = mapping.get("messages") or pick(CHAT_COLUMNS)
         col = col or (found_chat[0][0] if found_chat else None)
         if col is None:
             raise _no_format_error("chat", columns)
-        return chat_format(col, reason_prefix)
-    if kind == "instruction":
-        fmt = instruction_format(reason_prefix)
+        return finish(chat_format(col, reason_prefix))
+    makers = {"instruction": instruction_format, "segments": segments_format, "text": text_format}
+    if kind in makers:
+        fmt = makers[kind](reason_prefix)
         if fmt is None:
-            raise _no_format_error("instruction", columns)
-        return fmt
-    if kind == "text":
-        fmt = text_format(reason_prefix)
-        if fmt is None:
-            raise _no_format_error("text", columns)
-        return fmt
+            raise _no_format_error(kind, columns)
+        return finish(fmt)
 
-    # auto, nothing mapped
+    # auto (nothing mapped, or only shared fields)
     if found_chat:
-        preferred = next((c for c in CHAT_COLUMNS if c in dict(found_chat)), found_chat[0][0])
-        return chat_format(preferred, "detected")
-    for make in (instruction_format, text_format):
-        fmt = make("detected")
+        preferred = next((lower[c] for c in CHAT_COLUMNS if c in lower and lower[c] in dict(found_chat)),
+                         found_chat[0][0])
+        return finish(chat_format(preferred, reason_prefix))
+    for make in (segments_format, instruction_format, text_format):
+        fmt = make(reason_prefix)
         if fmt is not None:
-            return fmt
+            return finish(fmt)
     raise _no_format_error(None, columns)
+
+
+MULTIMODAL_COLUMNS = ["images", "image", "videos", "video", "audios", "audio"]
+MULTIMODAL_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "audio_url", "video",
+                    "video_url", "file", "input_file"}
+MULTIMODAL_PLACEHOLDERS = re.compile(r"<(image|video|audio)>")
+MULTIMODAL = "multimodal data: snugtune trains text-only models"
+
+
+def _refuse_multimodal_columns(records: list[dict], lower: dict[str, str]) -> None:
+    for name in MULTIMODAL_COLUMNS:
+        col = lower.get(name)
+        if col is not None and any(r.get(col) not in (None, "", [], {}) for r in records[:DETECT_ROWS]):
+            raise UserError(f"{MULTIMODAL} (column {col!r} holds {name.rstrip('s')} data)",
+                            hint="train on text data, or drop the column (its placeholders too) to train on the text alone")
+
+
+def _kto_label_column(records: list[dict], lower: dict[str, str]) -> Optional[str]:
+    for name in ("label", "kto_tag"):
+        col = lower.get(name)
+        if col is not None and isinstance(_first_value(records, col), bool):
+            return col
+    return None
+
+
+def _refuse_preference(records: list[dict], lower: dict[str, str]) -> None:
+    """Preference (DPO) and KTO data, refused by name with the mapping that trains on their good side."""
+    chosen, rejected = lower.get("chosen"), lower.get("rejected")
+    if chosen and rejected:
+        value = _first_value(records, chosen)
+        if _message_keys(value):
+            shape, example = "each a whole conversation", {"messages": chosen}
+        elif isinstance(value, dict):
+            conv = next((lower[c] for c in CHAT_COLUMNS if c in lower), None)
+            shape = "each the last reply of a shared conversation"
+            example = {"messages": conv, "reply": chosen} if conv else {"messages": "my_conversation", "reply": chosen}
+        else:
+            prompt = next((lower[c] for c in INSTRUCTION_ALIASES["instruction"] if c in lower), None)
+            shape = "each an answer to a prompt" if prompt else "each a whole text"
+            example = {"instruction": prompt, "output": chosen} if prompt else {"text": chosen}
+        raise UserError(
+            f"preference (DPO) data: columns {chosen!r} and {rejected!r} pair a preferred and a rejected answer "
+            f"({shape}); snugtune does supervised fine-tuning, not preference optimisation",
+            hint=f"to fine-tune on the preferred answers (SFT on the chosen side), map them: {columns_hint(example)}",
+        )
+    label = _kto_label_column(records, lower)
+    if label:
+        conv = next((lower[c] for c in CHAT_COLUMNS if c in lower), None)
+        prompt = next((lower[c] for c in INSTRUCTION_ALIASES["instruction"] if c in lower), None)
+        answer = next((lower[c] for c in INSTRUCTION_ALIASES["output"] if c in lower), None)
+        example = {"messages": conv} if conv else {"instruction": prompt or "my_prompt", "output": answer or "my_answer"}
+        raise UserError(
+            f"KTO data: column {label!r} marks each answer desirable (true) or not (false); snugtune does "
+            "supervised fine-tuning, not KTO",
+            hint=f"to fine-tune on the answers marked true only, map the columns: {columns_hint(example)}; "
+            f"rows whose {label!r} is false are then left out (and counted)",
+        )
 
 
 def _no_format_error(kind: Optional[str], columns: list[str]) -> UserError:
@@ -478,18 +659,19 @@ def _no_format_error(kind: Optional[str], columns: list[str]) -> UserError:
         "instruction": "an instruction column (instruction/prompt/question/query) and an answer column "
         "(output/response/answer/completion)",
         "chat": "a column of message lists (messages/conversations)",
+        "segments": "a column of axolotl segments ({\"label\", \"text\"} lists)",
         "text": "a text column (text/content/body/document)",
     }
-    what = needs[kind] if kind else "; or ".join(needs.values())
+    what = needs[kind] if kind else "; or ".join(needs[k] for k in ("instruction", "chat", "text"))
     example = {
-        "instruction": "data.columns = {instruction = 'my_question', output = 'my_answer'}",
-        "chat": "data.columns = {messages = 'my_dialogue'}",
-        "text": "data.columns = {text = 'my_text'}",
+        "instruction": {"instruction": "my_question", "output": "my_answer"},
+        "chat": {"messages": "my_dialogue"},
+        "segments": {"segments": "my_segments"},
+        "text": {"text": "my_text"},
     }
     return UserError(
-        f"cannot tell the data's format: it needs {what}; its columns are: {', '.join(columns) or '(none)'}",
-        hint="map your columns, e.g. " + (example[kind] if kind else example["instruction"])
-        + " (CLI: --column instruction=my_question)",
+        f"cannot tell the data's format: it needs {what}; its columns are: {', '.join(map(str, columns)) or '(none)'}",
+        hint="map your columns, e.g. " + columns_hint(example[kind or "instruction"]),
     )
 
 
@@ -498,101 +680,334 @@ def _preview(value: Any, width: int = 60) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
-def check_records(records: list[dict], fmt: DataFormat) -> None:
-    """Raise a UserError naming the rows (1-based) and field if any row lacks what its format needs."""
+# ---- rows: checked, and turned into conversations ----------------------------------------------
+
+
+class _RowProblem(Exception):
+    """What makes one row unusable (collected per row by check_records)."""
+
+
+class Conversation(NamedTuple):
+    """A chat or instruction sample as the chat template takes it, plus what is learned.
+
+    messages: role/content dicts (assistant messages may carry `tool_calls`, tool results have
+    role 'tool'); learned: per message, whether its text is learned; tools: the tool
+    definitions offered to the model (OpenAI/transformers JSON-schema form) or None.
+    """
+
+    messages: list[dict]
+    learned: list[bool]
+    tools: Optional[list[dict]]
+
+
+def check_records(records: list[dict], fmt: DataFormat, source: str = "") -> DataFormat:
+    """Raise a UserError naming the file, the rows (1-based) and field if any row lacks what its
+    format needs; return the format, marked `tools` when any sample has tool calls or tools."""
     bad: list[tuple[int, str]] = []
+    tools = False
     for i, r in enumerate(records, 1):
-        problem = _row_problem(r, fmt)
-        if problem:
-            bad.append((i, problem))
-    if not bad:
-        return
-    shown = "; ".join(f"row {i}: {p}" for i, p in bad[:LIST_BAD_ROWS])
-    more = f" (and {len(bad) - LIST_BAD_ROWS} more rows)" if len(bad) > LIST_BAD_ROWS else ""
-    raise UserError(
-        f"{len(bad)} of {len(records)} samples cannot be used as {fmt.kind} data: {shown}{more}",
-        hint="fix or remove those rows, or map the right columns (data.columns)",
-    )
+        try:
+            tools |= _check_row(r, fmt)
+        except _RowProblem as exc:
+            if str(exc).startswith(MULTIMODAL):
+                where = f"{source}, row {i}" if source else f"row {i}"
+                raise UserError(f"{exc} ({where})", hint="train on text data; snugtune cannot read images, "
+                                "audio or video") from None
+            bad.append((i, str(exc)))
+    if bad:
+        shown = "; ".join(f"row {i}: {p}" for i, p in bad[:LIST_BAD_ROWS])
+        more = f" (and {len(bad) - LIST_BAD_ROWS} more rows)" if len(bad) > LIST_BAD_ROWS else ""
+        where = f"{source}: " if source else ""
+        raise UserError(
+            f"{where}{len(bad)} of {len(records)} samples cannot be used as {fmt.kind} data: {shown}{more}",
+            hint="fix or remove those rows, or map the right columns (data.columns)",
+        )
+    return replace(fmt, tools=tools) if tools != fmt.tools else fmt
 
 
-def _row_problem(r: dict, fmt: DataFormat) -> Optional[str]:
-    if fmt.kind == "chat":
-        col = fmt.columns["messages"]
-        msgs = r.get(col)
-        if not isinstance(msgs, list) or not msgs:
-            return f"field {col!r} is missing or not a list of messages"
-        rk, ck = fmt.message_keys or ("role", "content")
-        has_answer = False
-        for j, m in enumerate(msgs, 1):
-            if not isinstance(m, dict) or rk not in m or ck not in m:
-                return f"message {j} of {col!r} lacks {rk!r} or {ck!r}"
-            role = _norm_role(m[rk], fmt)
-            if role is None:
-                return f"message {j} of {col!r} has unknown role {m[rk]!r} (expected system, user or assistant)"
-            if not isinstance(m[ck], str):
-                return f"message {j} of {col!r}: {ck!r} is not text"
-            has_answer |= role == "assistant"
-        if not has_answer:
-            return f"{col!r} has no assistant message (nothing to learn)"
+def _check_row(r: dict, fmt: DataFormat) -> bool:
+    """Raise _RowProblem if the row cannot be used; return whether it involves tools."""
+    if fmt.kind in ("chat", "instruction"):
+        conv = to_conversation(r, fmt)
+        if fmt.kind == "chat" and not any(m["role"] == "assistant" for m in conv.messages):
+            raise _RowProblem(f"{fmt.columns['messages']!r} has no assistant message (nothing to learn)")
+        for m in conv.messages:  # where LLaMA-Factory puts them: the prompt side (answers may quote HTML)
+            if m["role"] in ("user", "system"):
+                _no_placeholder(m["content"])
+        return bool(conv.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in conv.messages)
+    if fmt.kind == "segments":
+        _segments_of(r, fmt)
+        return False
+    col = fmt.columns["text"]
+    v = r.get(col)
+    if v is None:
+        raise _RowProblem(f"field 'text' (column {col!r}) is missing")
+    _field_text(v, "text", col)
+    return False
+
+
+def _no_placeholder(text: str) -> None:
+    m = MULTIMODAL_PLACEHOLDERS.search(text)
+    if m:
+        raise _RowProblem(f"{MULTIMODAL} (an {m.group(0)} placeholder in the text)")
+
+
+def _field_text(v: Any, fld: str, col: str) -> str:
+    """A field's text. A number is read as its text, deliberately: answers such as 5 or 3.5 are
+    common in arithmetic and extraction sets, and JSON/Parquet/pyarrow hand them over typed; the
+    digits are what the model should write. true/false, lists and objects are refused: they have
+    no one obvious text (a list could be turns, parts or several answers)."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise _RowProblem(f"field {fld!r} (column {col!r}) is not text: {_preview(v, 40)}")
+
+
+def _norm_role(role: Any) -> Optional[str]:
+    if not isinstance(role, str):
         return None
-    required = FIELDS[fmt.kind]["required"]
-    for fld in required + [f for f in FIELDS[fmt.kind]["optional"] if f in fmt.columns]:
-        col = fmt.columns.get(fld)
-        if col is None:
-            continue
-        v = r.get(col)
-        if v is None:
-            if fld in required:
-                return f"field {fld!r} (column {col!r}) is missing"
-            continue
-        if isinstance(v, (list, dict)):
-            return f"field {fld!r} (column {col!r}) is not text: {_preview(v, 40)}"
+    return ROLES.get(role.strip().lower())
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or content parts [{"type": "text", "text"|"value": ...}]
+    joined (as chat templates concatenate text parts); any image/audio/video part is refused."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, (int, float)) and not isinstance(content, bool):
+        return str(content)
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for p in content:
+            kind = str(p.get("type", "text")).lower()
+            if kind in MULTIMODAL_PARTS:
+                raise _RowProblem(f"{MULTIMODAL} (an {kind!r} content part in {where})")
+            text = p.get("text", p.get("value", p.get("content")))
+            if kind != "text" or not isinstance(text, str):
+                raise _RowProblem(f"{where}: content part of type {kind!r} is not text")
+            texts.append(text)
+        return "".join(texts)
+    raise _RowProblem(f"{where}: the content is not text: {_preview(content, 40)}")
+
+
+def _turn_learned(m: dict, where: str) -> Optional[bool]:
+    """A message's own training flag: OpenAI `weight` (0/1), axolotl `train`/`training`,
+    LLaMA-Factory `loss_weight`; None when it has none. A weight above 0 counts as learned: the
+    loss mask is on or off per token, so 0.5 learns like 1."""
+    for key in TURN_FLAGS:
+        if key in m and m[key] is not None:
+            v = m[key]
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, (int, float)) and v >= 0:
+                return v > 0
+            raise _RowProblem(f"{where}: {key!r} must be true/false or a number >= 0, got {_preview(v, 20)}")
     return None
 
 
-def _norm_role(role: Any, fmt: DataFormat) -> Optional[str]:
-    if not isinstance(role, str):
+def _json_value(v: Any, where: str) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError as exc:
+            raise _RowProblem(f"{where}: not valid JSON ({exc.msg}): {_preview(v, 40)}") from None
+    return v
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """Tool calls in the form chat templates take: [{"type": "function", "function": {"name", "arguments"}}],
+    `arguments` a dict (templates print it with tojson: a JSON string would come out quoted twice)."""
+    value = _json_value(value, where)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _RowProblem(f"{where}: expected a tool call {{\"name\": ..., \"arguments\": ...}}, got {_preview(value, 40)}")
+    calls = []
+    for call in value:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _RowProblem(f"{where}: a tool call without a name: {_preview(call, 40)}")
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass  # arguments that are not JSON stay the text they are
+        out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and call.get("id"):
+            out["id"] = call["id"]
+        calls.append(out)
+    return calls
+
+
+def _tools(value: Any, col: str) -> Optional[list[dict]]:
+    """Tool definitions (a JSON string or a list, bare functions or {"type": "function", ...}) in the
+    JSON-schema form transformers' apply_chat_template(tools=...) takes; None when there are none."""
+    if value is None or value == "":
         return None
-    role = role.strip().lower()
-    if fmt.message_keys == ("from", "value"):
-        return SHAREGPT_ROLES.get(role)
-    return role if role in CHAT_ROLES else SHAREGPT_ROLES.get(role)
+    value = _json_value(value, f"column {col!r}")
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise _RowProblem(f"column {col!r}: expected a list of tools, got {_preview(value, 40)}")
+    out = []
+    for t in value:
+        if not isinstance(t, dict):
+            raise _RowProblem(f"column {col!r}: a tool is not an object: {_preview(t, 40)}")
+        fn = t.get("function") if t.get("type") == "function" else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _RowProblem(f"column {col!r}: a tool without a name: {_preview(t, 40)}")
+        out.append({"type": "function", "function": fn})
+    return out or None
 
 
-def _text(v: Any) -> str:
-    return "" if v is None else v if isinstance(v, str) else str(v)
+def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
+    """A chat or instruction sample as a Conversation; raises _RowProblem for an unusable row."""
+    c = fmt.columns
+    system = _field_text(record.get(c["system"]), "system", c["system"]) if "system" in c else ""
+    msgs: list[dict] = []
+    learned: list[bool] = []
+    if system.strip():
+        msgs.append({"role": "system", "content": system})
+        learned.append(False)
+    tools = _tools(record.get(c["tools"]), c["tools"]) if "tools" in c else None
+    if fmt.kind == "instruction":
+        for fld in ("instruction", "output"):
+            if record.get(c[fld]) is None:
+                raise _RowProblem(f"field {fld!r} (column {c[fld]!r}) is missing")
+        for q, a in _history(record, fmt):
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            learned += [False, True]
+        instruction = _field_text(record.get(c["instruction"]), "instruction", c["instruction"])
+        extra = _field_text(record.get(c["input"]), "input", c["input"]) if "input" in c else ""
+        # Only the parts that hold text: an empty instruction leaves no blank lines before the input.
+        user = "\n\n".join(p for p in (instruction, extra) if p.strip())
+        msgs += [{"role": "user", "content": user},
+                 {"role": "assistant", "content": _field_text(record.get(c["output"]), "output", c["output"])}]
+        learned += [False, True]
+        return Conversation(msgs, learned, tools)
+    if fmt.kind != "chat":
+        raise ValueError(f"{fmt.kind} samples have no messages")
+    col = c["messages"]
+    turns = record.get(col)
+    if isinstance(turns, str):  # a CSV/Parquet cell holding the JSON of the list
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(turns, list) or not turns:
+        raise _RowProblem(f"field {col!r} is missing or not a list of messages")
+    rk, ck = fmt.message_keys or ("role", "content")
+    for j, m in enumerate(turns, 1):
+        where = f"message {j} of {col!r}"
+        if not isinstance(m, dict) or rk not in m:
+            raise _RowProblem(f"{where} lacks {rk!r} or {ck!r}")
+        role = _norm_role(m[rk])
+        if role is None:
+            raise _RowProblem(f"{where} has unknown role {m[rk]!r} (expected system, user, assistant or tool; "
+                              "sharegpt: human, gpt, function_call, observation)")
+        if role == "tool_call":  # sharegpt's function_call turn: the assistant calls a tool
+            msg = {"role": "assistant", "content": "", "tool_calls": _tool_calls(m.get(ck), where)}
+        else:
+            calls = m.get("tool_calls") if role == "assistant" else None
+            if m.get(ck) is None and not calls:
+                raise _RowProblem(f"{where} lacks {rk!r} or {ck!r}")
+            msg = {"role": role, "content": _content_text(m.get(ck), where)}
+            if calls:
+                msg["tool_calls"] = _tool_calls(calls, where)
+            if role == "tool":
+                for key in ("name", "tool_call_id"):
+                    if isinstance(m.get(key), str):
+                        msg[key] = m[key]
+        flag = _turn_learned(m, where)
+        if role == "system" and msgs and msgs[0]["role"] == "system" and j == 1 and system:
+            msgs[0] = msg  # the row's own system message wins over the system column
+            continue
+        msgs.append(msg)
+        learned.append(flag if flag is not None else msg["role"] == "assistant")
+    if "reply" in c:
+        reply = record.get(c["reply"])
+        if isinstance(reply, dict):
+            reply = reply.get(ck, reply.get("content", reply.get("value")))
+        msgs.append({"role": "assistant", "content": _content_text(reply, f"column {c['reply']!r}")})
+        learned.append(True)
+    return Conversation(msgs, learned, tools)
+
+
+def _history(record: dict, fmt: DataFormat) -> list[tuple[str, str]]:
+    """Alpaca `history`: earlier [instruction, answer] pairs, oldest first."""
+    col = fmt.columns.get("history")
+    value = record.get(col) if col else None
+    if value in (None, "", []):
+        return []
+    value = _json_value(value, f"column {col!r}")
+    pairs = []
+    for pair in value if isinstance(value, list) else [None]:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise _RowProblem(f"column {col!r}: expected a list of [instruction, answer] pairs, got {_preview(value, 40)}")
+        pairs.append((_field_text(pair[0], "history", col), _field_text(pair[1], "history", col)))
+    return pairs
 
 
 def to_messages(record: dict, fmt: DataFormat) -> list[dict]:
     """A sample as role/content messages (instruction samples become system?/user/assistant)."""
-    if fmt.kind == "chat":
-        rk, ck = fmt.message_keys or ("role", "content")
-        return [{"role": _norm_role(m[rk], fmt), "content": _text(m[ck])} for m in record[fmt.columns["messages"]]]
-    if fmt.kind != "instruction":
-        raise ValueError("text samples have no messages")
-    c = fmt.columns
-    user = _text(record.get(c["instruction"]))
-    extra = _text(record.get(c["input"])) if "input" in c else ""
-    if extra.strip():
-        user = f"{user}\n\n{extra}"
-    msgs = []
-    system = _text(record.get(c["system"])) if "system" in c else ""
-    if system.strip():
-        msgs.append({"role": "system", "content": system})
-    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record.get(c["output"]))}]
-    return msgs
+    try:
+        return to_conversation(record, fmt).messages
+    except _RowProblem as exc:
+        raise UserError(str(exc)) from None
+
+
+def _segments_of(record: dict, fmt: DataFormat) -> list[Segment]:
+    col = fmt.columns["segments"]
+    value = _json_value(record.get(col), f"column {col!r}")
+    if not isinstance(value, list) or not value:
+        raise _RowProblem(f"field 'segments' (column {col!r}) is missing or not a list")
+    out = []
+    for k, s in enumerate(value, 1):
+        if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+            raise _RowProblem(f"segment {k} of {col!r} has no text")
+        out.append(Segment(s["text"], bool(s.get("label", True))))
+    return out
 
 
 # ---- rendering ---------------------------------------------------------------------------------
 
 
 def template_name(fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> str:
-    """How samples of this format become text: 'chat_template' (the tokenizer's), 'builtin' or 'text'."""
-    if fmt.kind == "text":
-        return "text"
+    """How samples of this format become text: 'chat_template' (the tokenizer's), 'builtin', 'text'
+    (plain text) or 'segments' (axolotl's, as given). Data with tool calls takes the built-in
+    template where the tokenizer's cannot render tools (it would drop them silently)."""
+    if fmt.kind in ("text", "segments"):
+        return fmt.kind
     if data_cfg.template == "auto" and getattr(tokenizer, "chat_template", None):
-        return "chat_template"
+        if not fmt.tools or template_supports_tools(tokenizer):
+            return "chat_template"
     return "builtin"
+
+
+@functools.lru_cache(maxsize=8)
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tool definitions, tool calls and tool results:
+    a probe conversation, rendered, must show all three (a template without tool support renders
+    without error and leaves them out)."""
+    tools = [{"type": "function", "function": {"name": "snugtune_probe_tool", "description": "probe",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "snugtune_probe_call", "arguments": {"x": 1}}}]},
+            {"role": "tool", "content": "snugtune_probe_result"}]
+    try:
+        out = tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that raises on tools does not support them
+        return False
+    return all(s in out for s in ("snugtune_probe_tool", "snugtune_probe_call", "snugtune_probe_result"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -608,54 +1023,106 @@ def _adds_bos(tokenizer) -> bool:
 def render(record: dict, fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> list[Segment]:
     """The sample as text segments, each trained or masked, exactly in the order the model reads them.
 
-    Text: all trained. Instruction and chat: every assistant reply trained (with the end-of-
-    sequence token that tells the model to stop), everything else masked. The tokenizer's chat
-    template is used when `template='auto'` and it has one; else snugtune's built-in template.
+    Text: all trained. Segments: as given (axolotl's template-free format carries its own BOS/EOS).
+    Instruction and chat: every assistant reply (tool calls included) trained, with the end-of-
+    sequence token that tells the model to stop, unless the turn's weight says otherwise;
+    everything else (system prompt, tool definitions, user turns, tool results) masked. The
+    tokenizer's chat template is used when `template='auto'` and it has one; else snugtune's
+    built-in template.
     """
     eos = tokenizer.eos_token or ""
     head = [Segment(tokenizer.bos_token, False)] if _adds_bos(tokenizer) else []
     if fmt.kind == "text":
         text = _text(record.get(fmt.columns["text"]))
-        return head + [Segment(text + eos, True)]
+        return head + [Segment(text + eos, True)] if text.strip() else []
+    if fmt.kind == "segments":
+        return _segments_of(record, fmt)
+    try:
+        conv = to_conversation(record, fmt)
+    except _RowProblem as exc:
+        raise UserError(str(exc)) from None
     if template_name(fmt, tokenizer, data_cfg) == "chat_template":
-        segments = _render_chat_template(to_messages(record, fmt), tokenizer)
-        if eos and not any(s.trained and eos in s.text for s in segments):
+        segments = _render_chat_template(conv, tokenizer)
+        if eos and any(s.trained for s in segments) and not any(s.trained and eos in s.text for s in segments):
             # The template ends a turn with its own marker (e.g. <|im_end|>) while generation stops
             # at another EOS: teach that EOS too, or the tuned model would not stop.
             segments.append(Segment(eos, True))
         return segments
     if fmt.kind == "instruction":
         return head + _render_builtin_instruction(record, fmt, eos)
-    return head + _render_builtin_chat(to_messages(record, fmt), eos)
+    return head + _render_builtin_chat(conv, eos)
+
+
+def _text(v: Any) -> str:
+    return "" if v is None else v if isinstance(v, str) else str(v)
 
 
 def _render_builtin_instruction(record: dict, fmt: DataFormat, eos: str) -> list[Segment]:
-    # The Alpaca layout: widely known, and readable in a preview.
+    # The Alpaca layout: widely known, and readable in a preview. Earlier turns (alpaca `history`)
+    # come first, each in the same layout, each answer learned as multi-turn chat replies are.
     c = fmt.columns
     system = _text(record.get(c["system"])) if "system" in c else ""
-    extra = _text(record.get(c["input"])) if "input" in c else ""
-    prompt = f"{system}\n\n" if system.strip() else ""
-    prompt += f"### Instruction:\n{_text(record.get(c['instruction']))}\n\n"
-    if extra.strip():
-        prompt += f"### Input:\n{extra}\n\n"
-    prompt += "### Response:\n"
-    return [Segment(prompt, False), Segment(_text(record.get(c["output"])) + eos, True)]
-
-
-def _render_builtin_chat(messages: list[dict], eos: str) -> list[Segment]:
     segs: list[Segment] = []
-    headers = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+    pending = f"{system}\n\n" if system.strip() else ""
+    for q, a in _history(record, fmt):
+        pending += f"### Instruction:\n{q}\n\n### Response:\n"
+        segs += [Segment(pending, False), Segment(a + eos, True)]
+        pending = "\n\n"
+    instruction = _text(record.get(c["instruction"]))
+    extra = _text(record.get(c["input"])) if "input" in c else ""
+    if instruction.strip():
+        pending += f"### Instruction:\n{instruction}\n\n"
+        if extra.strip():
+            pending += f"### Input:\n{extra}\n\n"
+    elif extra.strip():  # no instruction: the input is the instruction (no empty block, no blank lines)
+        pending += f"### Instruction:\n{extra}\n\n"
+    pending += "### Response:\n"
+    return segs + [Segment(pending, False), Segment(_text(record.get(c["output"])) + eos, True)]
+
+
+BUILTIN_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n",
+                   "tool": "### Tool result:\n"}
+
+
+def _tool_call_text(call: dict) -> str:
+    fn = call.get("function", call)
+    return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": fn.get("arguments", {})},
+                                        ensure_ascii=False) + "\n</tool_call>"
+
+
+def _render_builtin_chat(conv: Conversation, eos: str) -> list[Segment]:
+    """snugtune's built-in chat layout (documented in the README's "Your data"):
+
+        ### System:\\n{system}\\n\\n### Tools:\\n{one JSON tool definition a line}\\n\\n
+        ### User:\\n{text}\\n\\n### Assistant:\\n{reply}<tool_call>\\n{"name", "arguments"}\\n</tool_call>{eos}
+        \\n\\n### Tool result:\\n{result}\\n\\n### Assistant:\\n...
+
+    Replies (and their tool calls) learned; everything else read only."""
+    segs: list[Segment] = []
     pending = ""
-    for m in messages:
+    msgs, learned = list(conv.messages), list(conv.learned)
+    if msgs and msgs[0]["role"] == "system":
+        pending += f"{BUILTIN_HEADERS['system']}{msgs[0]['content']}\n\n"
+        msgs, learned = msgs[1:], learned[1:]
+    if conv.tools:
+        pending += "### Tools:\n" + "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in conv.tools) + "\n\n"
+    for m, learn in zip(msgs, learned):
         if m["role"] == "assistant":
-            segs.append(Segment(pending + headers["assistant"], False))
-            segs.append(Segment(m["content"] + eos, True))
+            body = m["content"]
+            calls = "\n".join(_tool_call_text(c) for c in m.get("tool_calls") or [])
+            if calls:
+                body = f"{body}\n{calls}" if body.strip() else calls
+            segs.append(Segment(pending + BUILTIN_HEADERS["assistant"], False))
+            segs.append(Segment(body + eos, learn))
             pending = "\n\n"
+        elif learn:
+            segs += [Segment(pending, False), Segment(f"{BUILTIN_HEADERS[m['role']]}{m['content']}\n\n", True)]
+            pending = ""
         else:
-            pending += f"{headers[m['role']]}{m['content']}\n\n"
+            pending += f"{BUILTIN_HEADERS[m['role']]}{m['content']}\n\n"
     if pending.strip():
         segs.append(Segment(pending, False))
-    return segs
+    return [s for s in segs if s.text]
 
 
 def render_prompt(tokenizer, data_cfg: DataConfig, messages: list[dict], kind: Optional[str] = None) -> str:
@@ -674,45 +1141,60 @@ def render_prompt(tokenizer, data_cfg: DataConfig, messages: list[dict], kind: O
     turns = [m for m in messages if m["role"] != "system"]
     if fmt_kind == "instruction" or (fmt_kind is None and len(turns) == 1):
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        record = {"instruction": turns[-1]["content"], "output": "", "system": system}
-        fmt = DataFormat("instruction", {"instruction": "instruction", "output": "output", "system": "system"}, "")
-        return head + _render_builtin_instruction(record, fmt, "")[0].text
-    return head + "".join(s.text for s in _render_builtin_chat(messages, tokenizer.eos_token or "")) + "### Assistant:\n"
+        earlier = [[q["content"], a["content"]] for q, a in zip(turns[:-1:2], turns[1:-1:2])]
+        record = {"instruction": turns[-1]["content"], "output": "", "system": system, "history": earlier}
+        fmt = DataFormat("instruction", {"instruction": "instruction", "output": "output", "system": "system",
+                                         "history": "history"}, "")
+        segs = _render_builtin_instruction(record, fmt, tokenizer.eos_token or "")
+        return head + "".join(s.text for s in segs[:-1])
+    conv = Conversation(messages, [m["role"] == "assistant" for m in messages], None)
+    return head + "".join(s.text for s in _render_builtin_chat(conv, tokenizer.eos_token or "")) + "### Assistant:\n"
 
 
-def _render_chat_template(messages: list[dict], tokenizer) -> list[Segment]:
+def _render_chat_template(conv: Conversation, tokenizer) -> list[Segment]:
     """Split the template's rendering into masked prompt and trained replies.
 
     For each assistant turn: the conversation before it with the generation prompt is the
-    prompt; the conversation through it, minus that prompt, is the reply. This only works when
-    rendering is append-only (an earlier rendering is a prefix of a later one), so it is checked.
+    prompt; the conversation through it, minus that prompt, is the reply (learned unless its
+    weight says not). A non-assistant turn flagged to be learned is the text it adds. This only
+    works when rendering is append-only (an earlier rendering is a prefix of a later one), so it
+    is checked.
     """
+    messages = conv.messages
 
     def apply(msgs: list[dict], gen: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            return tokenizer.apply_chat_template(msgs, tools=conv.tools, tokenize=False, add_generation_prompt=gen)
         except Exception as exc:  # jinja errors: e.g. a template that rejects a system message
             raise UserError(
                 f"the tokenizer's chat template cannot render this sample ({type(exc).__name__}: {exc})",
                 hint="set data.template = 'builtin' to use snugtune's built-in template",
             ) from None
 
+    def rewritten() -> UserError:
+        return UserError(
+            "the tokenizer's chat template renders a conversation differently once later turns are "
+            "added (e.g. it drops earlier reasoning), so prompts and replies cannot be told apart",
+            hint="set data.template = 'builtin' to use snugtune's built-in template",
+        )
+
     segs: list[Segment] = []
     done = last_full = ""
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] == "assistant":
+            prompt = apply(messages[:i], True)
+            full = apply(messages[: i + 1], False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise rewritten()
+            segs += [Segment(prompt[len(done):], False), Segment(full[len(prompt):], conv.learned[i])]
+        elif conv.learned[i]:
+            full = apply(messages[: i + 1], False)
+            if not full.startswith(done):
+                raise rewritten()
+            segs.append(Segment(full[len(done):], True))
+        else:
             continue
-        prompt = apply(messages[:i], True)
-        full = apply(messages[: i + 1], False)
-        last_full = full
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise UserError(
-                "the tokenizer's chat template renders a conversation differently once later turns are "
-                "added (e.g. it drops earlier reasoning), so prompts and replies cannot be told apart",
-                hint="set data.template = 'builtin' to use snugtune's built-in template",
-            )
-        segs += [Segment(prompt[len(done):], False), Segment(full[len(prompt):], True)]
-        done = full
+        done = last_full = full
     # Usually the conversation ends with the last reply, rendered already (one template call saved).
     whole = last_full if messages and messages[-1]["role"] == "assistant" else apply(messages, False)
     rest = whole[len(done):]
@@ -896,12 +1378,72 @@ def _round_up(x: float) -> int:
 # ---- the whole pipeline ------------------------------------------------------------------------
 
 
-def prepare(data_cfg: DataConfig) -> tuple[DataFormat, list[dict]]:
-    """Load, detect and check: the format and the records."""
+def prepare(data_cfg: DataConfig) -> tuple[DataFormat, list[dict], int]:
+    """Load, detect and check: the format, the records to use and how many were left out (KTO
+    rows whose label is false: never learned)."""
     records = load_records(data_cfg)
     fmt = detect_format(records, data_cfg)
-    check_records(records, fmt)
-    return fmt, records
+    fmt = check_records(records, fmt, source=data_cfg.path)
+    if not fmt.label_column:
+        return fmt, records, 0
+    kept = [r for r in records if r.get(fmt.label_column) in (True, 1, "true", "True")]
+    if not kept:
+        raise UserError(f"{data_cfg.path}: every one of the {len(records)} samples has {fmt.label_column!r} "
+                        "false: there is nothing to learn from",
+                        hint="only answers marked true are trained on")
+    return fmt, kept, len(records) - len(kept)
+
+
+def _examples(tokenized: list[tuple[list[int], list[int]]], fmt: DataFormat, data_cfg: DataConfig):
+    """Samples cut to max_seq_len (plain text split into windows unless data.long_samples =
+    'truncate'), those with nothing to learn left out; with the untruncated lengths and a count
+    of everything cut or dropped. Returns (examples, full_lengths, counts, windows per sample)."""
+    n = data_cfg.max_seq_len
+    split = fmt.kind == "text" and data_cfg.long_samples == "split"
+    counts = {"empty": 0, "no_target": 0, "truncated": 0, "split": 0, "windows": 0}
+    examples, full_lengths, per_sample = [], [], []
+    for ids, labels in tokenized:
+        full_lengths.append(len(ids))
+        if not ids:
+            counts["empty"] += 1
+            per_sample.append(0)
+            continue
+        if len(ids) > n and split:
+            # A last window of a single token predicts nothing (its one label is never predicted):
+            # it is left off rather than counted as a sample dropped.
+            windows = [(ids[k:k + n], labels[k:k + n]) for k in range(0, len(ids), n) if len(ids) - k > 1]
+            counts["split"] += 1
+            counts["windows"] += len(windows)
+        else:
+            counts["truncated"] += len(ids) > n
+            windows = [(ids[:n], labels[:n])]
+        kept = 0
+        for w_ids, w_labels in windows:
+            # A label at position 0 is never predicted (nothing comes before it), so it doesn't count.
+            if all(x == IGNORE_INDEX for x in w_labels[1:]):
+                counts["no_target"] += 1
+                continue
+            examples.append({"input_ids": w_ids, "labels": w_labels})
+            kept += 1
+        per_sample.append(kept)
+    return examples, full_lengths, counts, per_sample
+
+
+def dropped_and_cut(counts: dict) -> list[str]:
+    """One phrase for each kind of sample dropped or cut (the console, `data inspect`, the wizard)."""
+    n = counts.get("max_seq_len")
+    out = []
+    if counts.get("filtered"):
+        out.append(f"{counts['filtered']} left out (KTO label false: never learned)")
+    if counts.get("empty"):
+        out.append(f"{counts['empty']} dropped: empty")
+    if counts.get("no_target"):
+        out.append(f"{counts['no_target']} dropped: nothing to learn within max_seq_len={n}")
+    if counts.get("truncated"):
+        out.append(f"{counts['truncated']} cut at max_seq_len={n} (the rest is not trained on)")
+    if counts.get("split"):
+        out.append(f"{counts['split']} longer than max_seq_len={n} split into {counts['windows']} windows")
+    return out
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
@@ -909,27 +1451,22 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
 
     Samples are shuffled with data_cfg.seed, then eval_fraction of them held out. Train rows
     are packed when data_cfg.packing, else ordered so neighbours have similar lengths; eval
-    rows are never packed. Samples with nothing left to learn after truncation are dropped
-    (and counted). info: format, format_detail, template, samples, train_samples,
-    eval_samples, train_rows, eval_rows, truncated, dropped_no_target, packing,
-    packing_efficiency, length_stats.
+    rows are never packed. Long plain-text samples become several windows (data.long_samples);
+    samples with nothing left to learn after truncation are dropped; both counted. info: format,
+    format_detail, template, samples, train_samples, eval_samples, train_rows, eval_rows,
+    truncated, dropped_no_target, counts (everything dropped or cut, see dropped_and_cut),
+    packing, packing_efficiency, length_stats.
     """
-    fmt, records = prepare(data_cfg)
-    examples, full_lengths = [], []
-    dropped = 0
+    fmt, records, filtered = prepare(data_cfg)
     rendered = [render(r, fmt, tokenizer, data_cfg) for r in records]
-    for ids, labels in _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only):
-        full_lengths.append(len(ids))
-        ids, labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
-        # A label at position 0 is never predicted (nothing comes before it), so it doesn't count.
-        if all(x == IGNORE_INDEX for x in labels[1:]):
-            dropped += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
+    tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
+    examples, full_lengths, counts, _ = _examples(tokenized, fmt, data_cfg)
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
     if not examples:
         raise UserError(
-            f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}",
-            hint="raise data.max_seq_len, or shorten the prompts",
+            f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}"
+            + (f" ({'; '.join(dropped_and_cut(counts))})" if dropped_and_cut(counts) else ""),
+            hint="raise data.max_seq_len, or shorten the prompts (a turn with weight 0 or train = false is not learned)",
         )
     rng = random.Random(data_cfg.seed)
     rng.shuffle(examples)
@@ -950,14 +1487,16 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
         "format": fmt.kind,
         "format_detail": fmt.to_dict(),
         "template": template_name(fmt, tokenizer, data_cfg),
-        "samples": len(records),
+        "samples": len(records) + filtered,
         "train_samples": len(train_ex),
         "eval_samples": len(eval_ex),
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "train_tokens": tokens,
-        "truncated": sum(1 for n in full_lengths if n > data_cfg.max_seq_len),
-        "dropped_no_target": dropped,
+        "truncated": counts["truncated"],
+        "dropped_no_target": counts["no_target"],
+        "counts": counts,
+        "dropped_and_cut": dropped_and_cut(counts),
         "packing": data_cfg.packing,
         "packing_efficiency": round(tokens / (len(train_rows) * data_cfg.max_seq_len), 4) if data_cfg.packing else None,
         "length_stats": length_stats(full_lengths, data_cfg.max_seq_len),
@@ -977,43 +1516,102 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     return engine_load_tokenizer(resolve_model_source(name_or_path, revision), cfg)
 
 
-def inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int = 3) -> dict:
-    """A JSON-able preview: format, columns, the first n samples as the model sees them, lengths.
+def inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int = 3, syntax: str = "inspect") -> dict:
+    """A JSON-able preview: format, columns, the first n samples as the model sees them, lengths,
+    and everything that would be dropped or cut.
 
     `tokenizer_source`: a model id or path, a `builtin:` name, or a tokenizer object. Each
-    sample's `segments` are the decoded tokens after truncation, split where masking changes:
-    [{"text": ..., "trained": bool}]. Length statistics cover up to INSPECT_LENGTH_SAMPLES samples.
+    sample's `segments` are the decoded tokens after truncation (the first window, for a long
+    text that is split), split where masking changes: [{"text": ..., "trained": bool}]; its
+    `context` says what else it holds (system prompt, earlier turns, tool calls and results,
+    turns not learned). Lengths and counts cover up to INSPECT_LENGTH_SAMPLES samples.
+    `syntax`: whose syntax hints use ('inspect', 'wizard' or 'train').
     """
+    with hint_syntax(syntax):
+        return _inspect(data_cfg, tokenizer_source, n)
+
+
+def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     tokenizer = load_tokenizer(tokenizer_source) if isinstance(tokenizer_source, str) else tokenizer_source
-    fmt, records = prepare(data_cfg)
+    fmt, records, filtered = prepare(data_cfg)
     samples = []
     measured = records[:INSPECT_LENGTH_SAMPLES]
-    lengths = []
     rendered = [render(r, fmt, tokenizer, data_cfg) for r in measured]
-    for i, (ids, labels) in enumerate(_tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)):
-        lengths.append(len(ids))
-        if i < n:
-            kept, kept_labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
-            samples.append({
-                "index": i,
-                "tokens": len(kept),
-                "trained_tokens": sum(1 for x in kept_labels if x != IGNORE_INDEX),
-                "truncated": len(ids) > len(kept),
-                "segments": _decoded_segments(kept, kept_labels, tokenizer),
-            })
+    tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
+    _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
+    for i, (ids, labels) in enumerate(tokenized[:n]):
+        kept, kept_labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
+        split = fmt.kind == "text" and data_cfg.long_samples == "split" and len(ids) > len(kept)
+        samples.append({
+            "index": i,
+            "tokens": len(kept),
+            "trained_tokens": sum(1 for x in kept_labels[1:] if x != IGNORE_INDEX),
+            "truncated": len(ids) > len(kept) and not split,
+            "windows": per_sample[i] if split else 1,
+            "full_tokens": len(ids),
+            "context": _context(records[i], fmt),
+            "segments": _decoded_segments(kept, kept_labels, tokenizer),
+        })
+    template = template_name(fmt, tokenizer, data_cfg)
+    note = None
+    if fmt.tools and template == "builtin" and data_cfg.template == "auto" and getattr(tokenizer, "chat_template", None):
+        note = "the tokenizer's chat template cannot render tools: snugtune's built-in template is used"
     return {
         "path": data_cfg.path,
-        "samples_total": len(records),
-        "columns": _columns_of(records),
+        "samples_total": len(records) + filtered,
+        "columns": [str(c) for c in _columns_of(records)],
         "format": fmt.to_dict(),
-        "template": template_name(fmt, tokenizer, data_cfg),
+        "template": template,
+        "template_note": note,
         "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
         "max_seq_len": data_cfg.max_seq_len,
         "train_on_responses_only": data_cfg.train_on_responses_only,
         "samples": samples,
+        "counts": counts,
+        "dropped_and_cut": dropped_and_cut(counts),
+        "counts_sampled": len(measured) < len(records),
         "length_stats": length_stats(lengths, data_cfg.max_seq_len),
         "length_stats_sampled": len(measured) < len(records),
     }
+
+
+def _context(record: dict, fmt: DataFormat) -> dict:
+    """What a sample holds besides its last exchange, for the preview: system prompt, earlier
+    turns, tools offered, tool calls, tool results, turns not learned (weight 0 / train false)."""
+    if fmt.kind not in ("chat", "instruction"):
+        return {}
+    conv = to_conversation(record, fmt)
+    msgs = conv.messages
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=0)
+    out = {
+        "system": next((m["content"] for m in msgs if m["role"] == "system"), ""),
+        "earlier_turns": sum(1 for m in msgs[:last_user] if m["role"] == "user"),
+        "tools": [t["function"].get("name") for t in conv.tools or []],
+        "tool_calls": sum(len(m.get("tool_calls") or []) for m in msgs),
+        "tool_results": sum(1 for m in msgs if m["role"] == "tool"),
+        "not_learned": sum(1 for m, learn in zip(msgs, conv.learned) if m["role"] == "assistant" and not learn),
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def context_summary(context: dict) -> str:
+    """The context of a sample in words, e.g. 'system prompt; 2 earlier turns; 1 tool call'."""
+    bits = []
+    if context.get("system"):
+        bits.append("system prompt")
+    if context.get("earlier_turns"):
+        bits.append(f"{context['earlier_turns']} earlier turn{'s' * (context['earlier_turns'] != 1)}")
+    if context.get("tools"):
+        bits.append("tools " + ", ".join(map(str, context["tools"])))
+    if context.get("tool_calls"):
+        bits.append(f"{context['tool_calls']} tool call{'s' * (context['tool_calls'] != 1)} (learned)")
+    if context.get("tool_results"):
+        bits.append(f"{context['tool_results']} tool result{'s' * (context['tool_results'] != 1)} (read, not learned)")
+    if context.get("not_learned"):
+        bits.append(f"{context['not_learned']} repl{'ies' if context['not_learned'] != 1 else 'y'} "
+                    "not learned (weight 0)")
+    return "; ".join(bits)
 
 
 def _decoded_segments(ids: list[int], labels: list[int], tokenizer) -> list[dict]:

@@ -325,7 +325,15 @@ def test_column_mapping_to_absent_column_lists_columns():
 def test_undetectable_format_lists_columns_and_how_to_map():
     with pytest.raises(UserError, match=r"cannot tell the data's format.*its columns are: id, score") as exc:
         detect_format([{"id": 1, "score": 0.5}], cfg())
-    assert "--column" in str(exc.value)
+    # The hint names the syntax of the command it appears in: train's --set by default.
+    assert '--set "data.columns={instruction=\'my_question\', output=\'my_answer\'}"' in str(exc.value)
+    assert "--column" not in str(exc.value)
+    from core.data import hint_syntax
+
+    with hint_syntax("inspect"), pytest.raises(UserError, match="--column instruction=my_question --column output=my_answer"):
+        detect_format([{"id": 1, "score": 0.5}], cfg())
+    with hint_syntax("wizard"), pytest.raises(UserError, match="type instruction=my_question, output=my_answer in the Columns box"):
+        detect_format([{"id": 1, "score": 0.5}], cfg())
     with pytest.raises(UserError, match=r"needs a column of message lists"):
         detect_format([{"id": 1, "score": 0.5}], cfg(format="chat"))
 
