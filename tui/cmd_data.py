@@ -29,13 +29,19 @@ def register(subparsers) -> None:
     )
     ins.add_argument("preset", nargs="?", metavar="PRESET", help="a preset name or TOML path whose [data] to inspect")
     ins.add_argument("--path", metavar="FILE", help="a data file or Hub dataset id (instead of a preset)")
-    ins.add_argument("--format", choices=["auto", "instruction", "chat", "text"], help="force the sample format")
+    ins.add_argument("--format", choices=["auto", "instruction", "chat", "segments", "text"], help="force the sample format")
     ins.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                      help="map a format field to a column, e.g. --column instruction=question (repeatable)")
     ins.add_argument("--model", metavar="ID", help=f"whose tokenizer and chat template to use "
                      f"(default: the preset's model, or {DEFAULT_MODEL} with --path)")
     ins.add_argument("--seq", type=int, metavar="N", help="max sequence length in tokens (data.max_seq_len)")
     ins.add_argument("--template", choices=["auto", "builtin"], help="the tokenizer's chat template, or the built-in one")
+    ins.add_argument("--text-split", choices=["auto", "paragraph", "line", "document"],
+                     help="how a .txt file becomes samples (data.text_split)")
+    ins.add_argument("--long-samples", choices=["split", "truncate"],
+                     help="plain text longer than --seq: split into windows or truncate (data.long_samples)")
+    # Whose syntax the hints use: the wizard runs this command and has a Columns box, not --column.
+    ins.add_argument("--hint-syntax", choices=["inspect", "wizard", "train"], default="inspect", help=argparse.SUPPRESS)
     ins.add_argument("-n", "--samples", type=int, default=3, metavar="N", help="how many samples to show (default 3)")
     ins.add_argument("--json", action="store_true", help="print the inspection as one JSON object")
     ins.set_defaults(func=cmd_inspect)
@@ -65,6 +71,10 @@ def _data_config(args):
         data["template"] = args.template
     if args.seq is not None:
         data["max_seq_len"] = args.seq
+    if args.text_split:
+        data["text_split"] = args.text_split
+    if args.long_samples:
+        data["long_samples"] = args.long_samples
     if args.column:
         columns = dict(data.get("columns") or {})
         for item in args.column:
@@ -85,7 +95,7 @@ def cmd_inspect(args) -> int:
     data_cfg, model = _data_config(args)
     from core.data import inspect  # loads transformers: only now
 
-    report = inspect(data_cfg, model, n=max(0, args.samples))
+    report = inspect(data_cfg, model, n=max(0, args.samples), syntax=args.hint_syntax)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -103,7 +113,10 @@ OPEN, CLOSE = "«", "»"  # marks masked text when there is no colour
 def format_report(report: dict, color: bool = False) -> str:
     fmt = report["format"]
     template = {"chat_template": "the tokenizer's chat template", "builtin": "snugtune's built-in template",
-                "text": "plain text (no template)"}[report["template"]]
+                "text": "plain text (no template)",
+                "segments": "axolotl segments, as given (no template)"}[report["template"]]
+    if report.get("template_note"):
+        template += f" ({report['template_note']})"
     out = [
         f"data:     {report['path']} ({report['samples_total']} samples; columns: {', '.join(report['columns'])})",
         f"format:   {fmt['kind']} - {fmt['reason']}",
@@ -111,16 +124,27 @@ def format_report(report: dict, color: bool = False) -> str:
         f"loss on:  {'responses only (the prompt is read, not learned)' if report['train_on_responses_only'] else 'every token'}",
     ]
     legend = f"{DIM}dimmed{RESET}" if color else f"{OPEN}marked{CLOSE}"
+    from core.data import context_summary, dropped_and_cut
+
     for s in report["samples"]:
         trunc = f", truncated to {report['max_seq_len']}" if s["truncated"] else ""
+        if s.get("windows", 1) > 1:
+            trunc = f" of {s['full_tokens']}, split into {s['windows']} windows (the first shown)"
         out += ["", f"--- sample {s['index'] + 1}: {s['tokens']} tokens, {s['trained_tokens']} learned{trunc} "
                     f"(masked prompt {legend}) ---"]
+        context = context_summary(s.get("context") or {})
+        if context:
+            out.append(f"[{context}]")
         body = "".join(
             seg["text"] if seg["trained"] else (f"{DIM}{seg['text']}{RESET}" if color else f"{OPEN}{seg['text']}{CLOSE}")
             for seg in s["segments"]
         )
         out.append(body.rstrip("\n"))
     out += ["", *format_length_stats(report["length_stats"], sampled=report.get("length_stats_sampled", False))]
+    counts = report.get("counts") or {}
+    cut = dropped_and_cut(counts)
+    of = f"first {report['length_stats']['count']} samples" if report.get("counts_sampled") else "samples"
+    out.append(f"dropped or cut ({of}): " + ("; ".join(cut) if cut else "none"))
     return "\n".join(out)
 
 

@@ -86,6 +86,9 @@ class Printer:
         elif kind == "data_prepared":
             self._line(f"  data: {ev.get('train_samples')} train / {ev.get('eval_samples')} eval samples, "
                        f"format {ev.get('format')}")
+            cut = (ev.get("info") or {}).get("dropped_and_cut")  # core.data: everything dropped or cut
+            if cut:
+                self._line("  data dropped or cut: " + "; ".join(cut))
         elif kind == "step_logged":
             self._progress(progress_line(ev))
         elif kind == "eval_logged":

@@ -21,8 +21,9 @@ from tui.messages import DataInspected
 from tui.screens.base import Cancelled, StepScreen, attr, run_command
 from tui.widgets.histogram import render_histogram
 
-FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("text", "text")]
-DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("segments", "segments"),
+           ("text", "text")]
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"}
 # A subprocess tokenizing a large file may take a while; beyond this the user is told and can retry.
 INSPECT_TIMEOUT_S = 300
 
@@ -94,6 +95,12 @@ def render_samples(samples: list[Any]) -> Text:
     for n, sample in enumerate(samples):
         out.append(f"── sample {n + 1} ", style="bold")
         out.append("(dim · = prompt, masked; underlined ▌ = trained)\n" if n == 0 else "\n", style="dim")
+        context = attr(sample, "context", default=None)
+        if isinstance(context, dict) and context:
+            # what the sample holds besides its last exchange: system prompt, history, tool calls
+            from core.data import context_summary
+
+            out.append(f"  [{context_summary(context)}]\n", style="italic")
         segments = attr(sample, "segments", default=None)
         if segments is None:
             segments = [{"text": str(attr(sample, "text", default=sample)), "trained": True}]
@@ -117,7 +124,7 @@ def render_samples(samples: list[Any]) -> Text:
 
 def inspect_command(app, path: str, fmt: str, columns: dict[str, str]) -> list[str]:
     """`snugtune data inspect --json` for the data on screen, with the model's tokenizer."""
-    cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", path, "--json",
+    cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", path, "--json", "--hint-syntax", "wizard",
            "--format", fmt, "--seq", str(app.get_value("data.max_seq_len", 1024))]
     template = app.get_value("data.template")
     if template:
@@ -291,6 +298,8 @@ class DataScreen(StepScreen):
             share = float(frac)
             out.append(f"cut at {max_len}: {share:.0%} of samples\n",
                        style="bold red" if share > 0.05 else "bold")  # >5% cut is worth a warning colour
+        for line in attr(report, "dropped_and_cut", default=None) or []:
+            out.append(f"{line}\n", style="bold yellow")  # everything dropped or cut, counted
         hist = attr(stats, "histogram", default=None) or {}
         edges = attr(hist, "edges", "bins", default=[])
         counts = attr(hist, "counts", default=[])
