@@ -429,6 +429,22 @@ def columns_hint(example: dict[str, str]) -> str:
     return f'--set "data.columns={{{inner}}}" (in a preset: columns = {{{inner}}} under [data])'
 
 
+# `data inspect`'s flags for the settings it has one for; the others it reads from a preset.
+INSPECT_FLAGS = {"template": "--template", "max_seq_len": "--seq", "format": "--format",
+                 "text_split": "--text-split", "long_samples": "--long-samples"}
+
+
+def setting_hint(key: str, value: Any) -> str:
+    """How to set data.`key` to `value` in the syntax of the command at hand."""
+    style = _HINT_SYNTAX.get()
+    if style == "inspect" and key in INSPECT_FLAGS:
+        return f"{INSPECT_FLAGS[key]} {value}"
+    if style == "wizard":
+        return f"data.{key} = {value!r} (Settings step)" if key != "format" else f"Format: {value}"
+    shown = f"'{value}'" if isinstance(value, str) else value
+    return f"--set data.{key}={shown} (in a preset: {key} = {json.dumps(value)} under [data])"
+
+
 def _columns_of(records: list[dict]) -> list[str]:
     cols: dict[str, None] = {}
     for r in records[:DETECT_ROWS]:
@@ -511,7 +527,7 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
         if stray:
             raise UserError(f"data.columns maps {', '.join(map(repr, stray))}, which {kind} data does not have; "
                             f"its fields are {', '.join(spec['required'] + spec['optional'])}")
-    if not mapping and kind == "auto":
+    if not mapping:  # a mapping is the user choosing what to train on; a forced format is not
         _refuse_preference(records, lower)
 
     label_col = _kto_label_column(records, lower)
@@ -613,6 +629,10 @@ def _refuse_multimodal_columns(records: list[dict], lower: dict[str, str]) -> No
 
 
 def _kto_label_column(records: list[dict], lower: dict[str, str]) -> Optional[str]:
+    # KTO's true/false label beside a prompt and answer or a conversation (TRL's prompt/completion/
+    # label, LLaMA-Factory's kto_tag); a text classification set's label alone is not one.
+    if not any(c in lower for c in CHAT_COLUMNS + INSTRUCTION_ALIASES["output"]):
+        return None
     for name in ("label", "kto_tag"):
         col = lower.get(name)
         if col is not None and isinstance(_first_value(records, col), bool):
@@ -797,6 +817,10 @@ def _content_text(content: Any, where: str) -> str:
     raise _RowProblem(f"{where}: the content is not text: {_preview(content, 40)}")
 
 
+def _is_parts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(p, dict) and "type" in p for p in value)
+
+
 def _turn_learned(m: dict, where: str) -> Optional[bool]:
     """A message's own training flag: OpenAI `weight` (0/1), axolotl `train`/`training`,
     LLaMA-Factory `loss_weight`; None when it has none. A weight above 0 counts as learned: the
@@ -916,10 +940,14 @@ def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
         if role == "tool_call":  # sharegpt's function_call turn: the assistant calls a tool
             msg = {"role": "assistant", "content": "", "tool_calls": _tool_calls(m.get(ck), where)}
         else:
-            calls = m.get("tool_calls") if role == "assistant" else None
+            # OpenAI's tool_calls, or its older single function_call
+            calls = (m.get("tool_calls") or m.get("function_call")) if role == "assistant" else None
             if m.get(ck) is None and not calls:
                 raise _RowProblem(f"{where} lacks {rk!r} or {ck!r}")
-            msg = {"role": role, "content": _content_text(m.get(ck), where)}
+            content = m.get(ck)
+            if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
+                content = json.dumps(content, ensure_ascii=False)  # a structured result, as the tool returned it
+            msg = {"role": role, "content": _content_text(content, where)}
             if calls:
                 msg["tool_calls"] = _tool_calls(calls, where)
             if role == "tool":
@@ -1168,14 +1196,14 @@ def _render_chat_template(conv: Conversation, tokenizer) -> list[Segment]:
         except Exception as exc:  # jinja errors: e.g. a template that rejects a system message
             raise UserError(
                 f"the tokenizer's chat template cannot render this sample ({type(exc).__name__}: {exc})",
-                hint="set data.template = 'builtin' to use snugtune's built-in template",
+                hint=f"use snugtune's built-in template: {setting_hint('template', 'builtin')}",
             ) from None
 
     def rewritten() -> UserError:
         return UserError(
             "the tokenizer's chat template renders a conversation differently once later turns are "
             "added (e.g. it drops earlier reasoning), so prompts and replies cannot be told apart",
-            hint="set data.template = 'builtin' to use snugtune's built-in template",
+            hint=f"use snugtune's built-in template: {setting_hint('template', 'builtin')}",
         )
 
     segs: list[Segment] = []
@@ -1466,7 +1494,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
         raise UserError(
             f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}"
             + (f" ({'; '.join(dropped_and_cut(counts))})" if dropped_and_cut(counts) else ""),
-            hint="raise data.max_seq_len, or shorten the prompts (a turn with weight 0 or train = false is not learned)",
+            hint=f"raise max_seq_len ({setting_hint('max_seq_len', 2 * data_cfg.max_seq_len)}), or shorten the prompts "
+            "(a turn with weight 0 or train = false is not learned)",
         )
     rng = random.Random(data_cfg.seed)
     rng.shuffle(examples)

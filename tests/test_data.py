@@ -433,7 +433,7 @@ def test_template_that_rewrites_history_is_refused(tiny_tokenizer_no_template):
     tok = copy.deepcopy(tiny_tokenizer_no_template)
     # Renders only the last two messages: earlier text changes as turns are added.
     tok.chat_template = "{% for m in messages[-2:] %}{{ m['content'] + '\n' }}{% endfor %}"
-    with pytest.raises(UserError, match="(?s)renders a conversation differently.*data.template = 'builtin'"):
+    with pytest.raises(UserError, match="(?s)renders a conversation differently.*--set data.template='builtin'"):
         render(MULTI_TURN, detect_format([MULTI_TURN], cfg()), tok, cfg())
 
 

@@ -533,3 +533,55 @@ def test_train_console_prints_what_was_dropped_or_cut():
     printer.event({"event": "data_prepared", "train_samples": 2, "eval_samples": 0, "format": "instruction",
                    "info": {"dropped_and_cut": ["2 left out (KTO label false: never learned)"]}})
     assert "data dropped or cut: 2 left out (KTO label false: never learned)" in stream.getvalue()
+
+
+def test_a_true_false_label_beside_text_alone_is_not_kto():
+    rows = [{"text": "Nice film.", "label": True}, {"text": "Dull.", "label": False}]
+    fmt = detect_format(rows, cfg("x"))
+    assert (fmt.kind, fmt.label_column) == ("text", None)  # nothing left out
+
+
+def test_forcing_a_format_does_not_slip_preference_data_through(shapes):
+    with pytest.raises(UserError, match=r"preference \(DPO\) data"):
+        detect_format(load_records(cfg(shapes / "dpo_messages.jsonl")), cfg("x", format="chat"))
+
+
+def test_legacy_function_call_and_structured_tool_results(tiny_tokenizer):
+    rows = [{"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"role": "function", "name": "get_weather", "content": {"temp": 4, "sky": "rain"}},
+        {"role": "assistant", "content": "4 C and rain."}]}]
+    fmt = check_records(rows, detect_format(rows, cfg("x")))
+    segs = render(rows[0], fmt, tiny_tokenizer, cfg("x"))
+    assert '{"name": "get_weather", "arguments": {"city": "Oslo"}}' in _learned(segs)
+    assert '### Tool result:\n{"temp": 4, "sky": "rain"}' in _read(segs)
+
+
+def test_other_hints_use_the_command_syntax_too(tmp_path, tiny_tokenizer):
+    from core.data import hint_syntax
+
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "word " * 80, "output": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"--set data.max_seq_len=64"):
+        build_datasets(cfg(path, max_seq_len=32), tiny_tokenizer)
+    with hint_syntax("inspect"), pytest.raises(UserError, match=r"raise max_seq_len \(--seq 64\)"):
+        build_datasets(cfg(path, max_seq_len=32), tiny_tokenizer)
+
+
+def test_the_wizard_preview_shows_context_and_counts():
+    from tui.screens.data import render_samples
+
+    text = render_samples([{"context": {"system": "Be brief.", "earlier_turns": 2, "tool_calls": 1},
+                            "segments": [{"text": "Hi", "trained": False}, {"text": "Hello", "trained": True}]}])
+    assert "[system prompt; 2 earlier turns; 1 tool call (learned)]" in text.plain
+
+
+def test_the_wizard_lengths_panel_shows_what_is_dropped_or_cut(shapes, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from tui.screens.data import DataScreen
+
+    report = inspect(cfg(shapes / "kto_mapped.jsonl", columns=MAPPED["kto_mapped.jsonl"]), tiny_tokenizer)
+    screen = SimpleNamespace(app=SimpleNamespace(get_value=lambda key, default=None: default))
+    assert "2 left out (KTO label false: never learned)" in DataScreen.lengths_text(screen, report).plain
