@@ -109,7 +109,7 @@ class DataConfig(_Section):
         description="How samples become text: 'auto' uses the tokenizer's chat template when it has one, "
         "else snugtune's built-in template; 'builtin' always uses the built-in one.",
     )
-    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Longest sequence in tokens; longer samples are truncated (plain text: split, see data.long_samples).")
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Longest sequence in tokens; longer samples are truncated.")
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on the response tokens only; the prompt is read but not learned."
     )

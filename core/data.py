@@ -1585,7 +1585,7 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     template = template_name(fmt, tokenizer, data_cfg)
     note = None
     if fmt.tools and template == "builtin" and data_cfg.template == "auto" and getattr(tokenizer, "chat_template", None):
-        note = "the tokenizer's chat template cannot render tools: snugtune's built-in template is used"
+        note = "the tokenizer's chat template cannot render tools"
     return {
         "path": data_cfg.path,
         "samples_total": len(records) + filtered,
