@@ -20,8 +20,19 @@ samples, so training must run with `model.config.use_cache = False` (tests/test_
 both the isolation and this trap). Evaluation rows are never packed (they are padded, with an
 attention mask), so eval loss is right whatever the cache setting.
 
-Rows with a missing required field are an error naming the row and the field, never skipped
-silently: a dataset half of whose rows lack an answer should be fixed, not trained on.
+Rows with a missing required field are an error naming the file, the row and the field, never
+skipped silently: a dataset half of whose rows lack an answer should be fixed, not trained on.
+What is left out on purpose (KTO rows labelled false, empty texts, samples with nothing to learn
+within max_seq_len) and what is cut (truncated samples, long texts split into windows) is
+counted (`dropped_and_cut`), and shown by `data inspect`, `train` and the wizard.
+
+Chat samples become a Conversation (to_conversation): role/content messages as transformers'
+chat templates take them — ShareGPT's function_call/observation turns and OpenAI's tool_calls/
+tool messages as assistant `tool_calls` and `tool` messages, content parts joined, a `system`
+column as the first message — plus what is learned per message (assistant turns, unless a
+per-turn weight says not) and the tool definitions, passed as `tools=`. Data that is not
+supervised fine-tuning data (preference pairs, KTO labels, images/audio/video) is refused by
+name in detect_format, with the mapping that would train on its good side.
 
 Nothing heavy at module level: torch, transformers and datasets are imported by the functions
 that need them.
@@ -645,7 +656,10 @@ def _refuse_preference(records: list[dict], lower: dict[str, str]) -> None:
     chosen, rejected = lower.get("chosen"), lower.get("rejected")
     if chosen and rejected:
         value = _first_value(records, chosen)
-        if _message_keys(value):
+        prompt_col = lower.get("prompt")
+        if _message_keys(value) and prompt_col and _message_keys(_first_value(records, prompt_col)):
+            shape, example = "each the reply to a shared prompt conversation", {"messages": prompt_col, "reply": chosen}
+        elif _message_keys(value):
             shape, example = "each a whole conversation", {"messages": chosen}
         elif isinstance(value, dict):
             conv = next((lower[c] for c in CHAT_COLUMNS if c in lower), None)
@@ -665,7 +679,12 @@ def _refuse_preference(records: list[dict], lower: dict[str, str]) -> None:
         conv = next((lower[c] for c in CHAT_COLUMNS if c in lower), None)
         prompt = next((lower[c] for c in INSTRUCTION_ALIASES["instruction"] if c in lower), None)
         answer = next((lower[c] for c in INSTRUCTION_ALIASES["output"] if c in lower), None)
-        example = {"messages": conv} if conv else {"instruction": prompt or "my_prompt", "output": answer or "my_answer"}
+        if conv:
+            example = {"messages": conv}
+        elif prompt and answer and _message_keys(_first_value(records, prompt)):
+            example = {"messages": prompt, "reply": answer}  # TRL's conversational KTO
+        else:
+            example = {"instruction": prompt or "my_prompt", "output": answer or "my_answer"}
         raise UserError(
             f"KTO data: column {label!r} marks each answer desirable (true) or not (false); snugtune does "
             "supervised fine-tuning, not KTO",
@@ -929,6 +948,28 @@ def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
     if not isinstance(turns, list) or not turns:
         raise _RowProblem(f"field {col!r} is missing or not a list of messages")
     rk, ck = fmt.message_keys or ("role", "content")
+    had_system = bool(system.strip())
+    _append_turns(turns, col, rk, ck, msgs, learned, had_system)
+    if "reply" in c:
+        rcol = c["reply"]
+        reply = record.get(rcol)
+        if isinstance(reply, list) and reply and all(isinstance(m, dict) for m in reply):
+            # a list of messages (TRL's conversational preference data: prompt, then chosen)
+            keys = _message_keys(reply) or (rk, ck)
+            _append_turns(reply, rcol, keys[0], keys[1], msgs, learned, False)
+        else:
+            if isinstance(reply, dict):
+                reply = reply.get(ck, reply.get("content", reply.get("value")))
+            if reply is None:
+                raise _RowProblem(f"field 'reply' (column {rcol!r}) is missing")
+            msgs.append({"role": "assistant", "content": _content_text(reply, f"column {rcol!r}")})
+            learned.append(True)
+    return Conversation(msgs, learned, tools)
+
+
+def _append_turns(turns: list, col: str, rk: str, ck: str, msgs: list[dict], learned: list[bool],
+                  had_system: bool) -> None:
+    """Each message of `turns` normalised onto msgs (and whether it is learned onto learned)."""
     for j, m in enumerate(turns, 1):
         where = f"message {j} of {col!r}"
         if not isinstance(m, dict) or rk not in m:
@@ -955,18 +996,11 @@ def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
                     if isinstance(m.get(key), str):
                         msg[key] = m[key]
         flag = _turn_learned(m, where)
-        if role == "system" and msgs and msgs[0]["role"] == "system" and j == 1 and system:
+        if role == "system" and j == 1 and had_system:
             msgs[0] = msg  # the row's own system message wins over the system column
             continue
         msgs.append(msg)
         learned.append(flag if flag is not None else msg["role"] == "assistant")
-    if "reply" in c:
-        reply = record.get(c["reply"])
-        if isinstance(reply, dict):
-            reply = reply.get(ck, reply.get("content", reply.get("value")))
-        msgs.append({"role": "assistant", "content": _content_text(reply, f"column {c['reply']!r}")})
-        learned.append(True)
-    return Conversation(msgs, learned, tools)
 
 
 def _history(record: dict, fmt: DataFormat) -> list[tuple[str, str]]:

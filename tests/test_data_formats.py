@@ -585,3 +585,16 @@ def test_the_wizard_lengths_panel_shows_what_is_dropped_or_cut(shapes, tiny_toke
     report = inspect(cfg(shapes / "kto_mapped.jsonl", columns=MAPPED["kto_mapped.jsonl"]), tiny_tokenizer)
     screen = SimpleNamespace(app=SimpleNamespace(get_value=lambda key, default=None: default))
     assert "2 left out (KTO label false: never learned)" in DataScreen.lengths_text(screen, report).plain
+
+
+def test_trl_conversational_preference_maps_to_prompt_plus_chosen(tiny_tokenizer):
+    from core.data import hint_syntax
+
+    rows = [{"prompt": [{"role": "user", "content": "Sky colour?"}],
+             "chosen": [{"role": "assistant", "content": "Blue."}],
+             "rejected": [{"role": "assistant", "content": "Green."}]}]
+    with hint_syntax("inspect"), pytest.raises(UserError, match="--column messages=prompt --column reply=chosen"):
+        detect_format(rows, cfg("x"))
+    fmt = check_records(rows, detect_format(rows, cfg("x", columns={"messages": "prompt", "reply": "chosen"})))
+    assert _texts(render(rows[0], fmt, tiny_tokenizer, cfg("x"))) == [
+        ("<|user|>\nSky colour?</s>\n<|assistant|>\n", False), ("Blue.</s>\n", True)]
