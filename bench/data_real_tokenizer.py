@@ -3,9 +3,9 @@
 
 CI has no real weights; this is the check on one. For each shape file of tests/test_data_formats.py
 (written again here into a temp dir) it runs the data pipeline with the real tokenizer twice: as
-it is (Gemma 3 270M is a base model: no chat template, so the built-in template), and with the
+it is (Gemma 3 270M is a base model: no chat template, so the built-in template), with the
 Qwen2.5-style tool template of the tests set on a copy (the chat-template path, tool calls
-included). Per shape it records the template used, the learned and read token counts of the first
+included), and with a Gemma-3-instruct-style template (BOS in the template, no tools) on another. Per shape it records the template used, the learned and read token counts of the first
 sample, whether BOS leads it exactly once, whether the first learned piece decodes back to the
 text it came from, and whether tokenizing the segments one by one gave the same ids as tokenizing
 the sample whole (a merge across a prompt/response boundary would make them differ). Refused
@@ -24,6 +24,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
+# Gemma 3 instruction-tuned style, written for this check: BOS first, the system prompt folded into
+# the first user turn, roles user/model, no tool support (so tool data takes the built-in layout).
+GEMMA_STYLE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (first if loop.first else '') + m['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default="/work/gemma/hf")
@@ -40,6 +56,8 @@ def main() -> int:
     base = load_tokenizer(args.tokenizer)
     tool = copy.deepcopy(base)
     tool.chat_template = TOOL_TEMPLATE
+    gemma = copy.deepcopy(base)
+    gemma.chat_template = GEMMA_STYLE
     out = {"tokenizer": args.tokenizer, "vocab": len(base), "has_chat_template": bool(base.chat_template),
            "bos": base.bos_token, "eos": base.eos_token, "shapes": {}}
     with tempfile.TemporaryDirectory() as d:
@@ -47,7 +65,7 @@ def main() -> int:
             path = _write(Path(d) / name, spec[0], spec[1])
             data_cfg = DataConfig(path=str(path), columns=MAPPED.get(name, {}), max_seq_len=512, eval_fraction=0.0)
             row: dict = {}
-            for label, tok in (("as_is", base), ("tool_template", tool)):
+            for label, tok in (("as_is", base), ("tool_template", tool), ("gemma_style", gemma)):
                 try:
                     fmt, records, _ = prepare(data_cfg)
                     segs = render(records[0], fmt, tok, data_cfg)
@@ -70,7 +88,8 @@ def main() -> int:
                 except UserError as exc:
                     row[label] = {"refused": exc.message.replace(d, "<tmp>")}
             out["shapes"][name] = row
-    out["template_supports_tools"] = {"as_is": template_supports_tools(base), "tool_template": template_supports_tools(tool)}
+    out["template_supports_tools"] = {"as_is": template_supports_tools(base), "tool_template": template_supports_tools(tool),
+                                      "gemma_style": template_supports_tools(gemma)}
     Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for name, row in out["shapes"].items():
         for label, r in row.items():
