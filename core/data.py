@@ -471,8 +471,19 @@ def _by_lower(columns: list[str]) -> dict[str, str]:
     return out
 
 
+def _json_list(value: Any) -> Any:
+    """A CSV/TSV cell holding the JSON of a list (messages, segments), parsed; anything else as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
 def _message_keys(value: Any) -> Optional[tuple[str, str]]:
     """('role','content') or ('from','value') if `value` is a list of message dicts, else None."""
+    value = _json_list(value)
     if not isinstance(value, list) or not value or not isinstance(value[0], dict):
         return None
     first = value[0]
@@ -492,6 +503,7 @@ def _first_value(records: list[dict], column: str) -> Any:
 
 
 def _is_segments(value: Any) -> bool:
+    value = _json_list(value)
     return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
             and "text" in value[0] and "label" in value[0])
 
@@ -939,12 +951,7 @@ def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
     if fmt.kind != "chat":
         raise ValueError(f"{fmt.kind} samples have no messages")
     col = c["messages"]
-    turns = record.get(col)
-    if isinstance(turns, str):  # a CSV/Parquet cell holding the JSON of the list
-        try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError:
-            pass
+    turns = _json_list(record.get(col))  # a CSV cell may hold the JSON of the list
     if not isinstance(turns, list) or not turns:
         raise _RowProblem(f"field {col!r} is missing or not a list of messages")
     rk, ck = fmt.message_keys or ("role", "content")

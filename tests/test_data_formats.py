@@ -598,3 +598,14 @@ def test_trl_conversational_preference_maps_to_prompt_plus_chosen(tiny_tokenizer
     fmt = check_records(rows, detect_format(rows, cfg("x", columns={"messages": "prompt", "reply": "chosen"})))
     assert _texts(render(rows[0], fmt, tiny_tokenizer, cfg("x"))) == [
         ("<|user|>\nSky colour?</s>\n<|assistant|>\n", False), ("Blue.</s>\n", True)]
+
+
+def test_a_csv_of_json_message_lists_is_chat(tmp_path, tiny_tokenizer):
+    path = tmp_path / "chat.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "messages"])
+        w.writerow(["1", json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])])
+    records = load_records(cfg(path))
+    fmt = check_records(records, detect_format(records, cfg(path)))
+    assert fmt.kind == "chat" and _learned(render(records[0], fmt, tiny_tokenizer, cfg(path))) == "Hello.</s>\n"
