@@ -1680,7 +1680,7 @@ def context_summary(context: dict) -> str:
         bits.append(f"{context['tool_results']} tool result{'s' * (context['tool_results'] != 1)} (read, not learned)")
     if context.get("not_learned"):
         bits.append(f"{context['not_learned']} repl{'ies' if context['not_learned'] != 1 else 'y'} "
-                    "not learned (weight 0)")
+                    "not learned (weight 0 / train false)")
     return "; ".join(bits)
 
 
