@@ -609,3 +609,30 @@ def test_a_csv_of_json_message_lists_is_chat(tmp_path, tiny_tokenizer):
     records = load_records(cfg(path))
     fmt = check_records(records, detect_format(records, cfg(path)))
     assert fmt.kind == "chat" and _learned(render(records[0], fmt, tiny_tokenizer, cfg(path))) == "Hello.</s>\n"
+
+
+def test_system_and_history_columns_can_be_mapped(tiny_tokenizer_no_template):
+    rows = [{"q": "And now?", "a": "Sun.", "persona": "You report weather.", "before": [["Rain?", "Yes."]]}]
+    mapping = {"instruction": "q", "output": "a", "system": "persona", "history": "before"}
+    fmt = check_records(rows, detect_format(rows, cfg("x", columns=mapping)))
+    text = "".join(s.text for s in render(rows[0], fmt, tiny_tokenizer_no_template, cfg("x")))
+    assert text == ("You report weather.\n\n### Instruction:\nRain?\n\n### Response:\nYes.</s>\n\n"
+                    "### Instruction:\nAnd now?\n\n### Response:\nSun.</s>")
+
+
+def test_the_train_hint_is_a_working_set_option(shapes):
+    import shlex
+
+    from core.config import RunConfig
+
+    records = load_records(cfg(shapes / "dpo_sharegpt.json"))
+    with pytest.raises(UserError) as exc:
+        detect_format(records, cfg("x"))
+    hint = str(exc.value).split("map them: ", 1)[1].split(" (in a preset")[0]
+    args = shlex.split(hint)
+    assert args[0] == "--set"
+    run_cfg = RunConfig.from_dict({"model": {"name_or_path": DEMO}, "data": {"path": str(shapes / "dpo_sharegpt.json")}})
+    data_cfg = run_cfg.with_overrides([args[1]]).data
+    assert data_cfg.columns == {"messages": "conversations", "reply": "chosen"}
+    fmt = check_records(records, detect_format(records, data_cfg))
+    assert fmt.kind == "chat" and fmt.columns["reply"] == "chosen"
