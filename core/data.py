@@ -1529,7 +1529,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     fmt, records, filtered = prepare(data_cfg)
     rendered = [render(r, fmt, tokenizer, data_cfg) for r in records]
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
-    examples, full_lengths, counts, _ = _examples(tokenized, fmt, data_cfg)
+    examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
     counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
     if not examples:
         raise UserError(
@@ -1539,13 +1539,25 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
             "(a turn with weight 0 or train = false is not learned)",
         )
     rng = random.Random(data_cfg.seed)
-    rng.shuffle(examples)
+    # The windows of one long text stay together, all in training or all held out: a window
+    # evaluated beside its neighbours trained on would flatter the eval loss.
+    groups, k = [], 0
+    for kept in per_sample:
+        if kept:
+            groups.append(examples[k:k + kept])
+            k += kept
+    if len(groups) < 2:  # one text: its windows are all there is to hold out from
+        groups = [[e] for e in examples]
+    rng.shuffle(groups)
     n_eval = round(len(examples) * data_cfg.eval_fraction)
     if data_cfg.eval_fraction > 0 and len(examples) >= 2:
         n_eval = min(max(n_eval, 1), len(examples) - 1)  # keep at least one of each
     else:
         n_eval = 0
-    eval_ex, train_ex = examples[:n_eval], examples[n_eval:]
+    eval_ex, train_ex = [], []
+    for i, group in enumerate(groups):
+        # held out until n_eval windows are, never the last group (training keeps at least one)
+        (eval_ex if len(eval_ex) < n_eval and i < len(groups) - 1 else train_ex).extend(group)
     if data_cfg.packing:
         train_rows = pack(train_ex, data_cfg.max_seq_len)
         rng.shuffle(train_rows)

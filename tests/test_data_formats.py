@@ -636,3 +636,14 @@ def test_the_train_hint_is_a_working_set_option(shapes):
     assert data_cfg.columns == {"messages": "conversations", "reply": "chosen"}
     fmt = check_records(records, detect_format(records, data_cfg))
     assert fmt.kind == "chat" and fmt.columns["reply"] == "chosen"
+
+
+def test_the_windows_of_one_text_are_all_trained_or_all_held_out(tmp_path, tiny_tokenizer):
+    path = tmp_path / "docs.jsonl"
+    docs = [" ".join([f"What does {w} do?"] * 20) for w in ["len", "zip", "sum", "max", "open", "print"]]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    train, evl, info = build_datasets(cfg(path, max_seq_len=32, eval_fraction=0.3, packing=False), tiny_tokenizer)
+    assert info["counts"]["split"] == 6 and evl and train
+    words = lambda rows: {w for r in rows for w in ("len", "zip", "sum", "max", "open", "print")  # noqa: E731
+                          if f" {w} " in tiny_tokenizer.decode(r["input_ids"])}
+    assert not words(train) & words(evl)
