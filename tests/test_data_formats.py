@@ -647,3 +647,38 @@ def test_the_windows_of_one_text_are_all_trained_or_all_held_out(tmp_path, tiny_
     words = lambda rows: {w for r in rows for w in ("len", "zip", "sum", "max", "open", "print")  # noqa: E731
                           if f" {w} " in tiny_tokenizer.decode(r["input_ids"])}
     assert not words(train) & words(evl)
+
+
+async def test_the_wizard_data_step_names_its_own_syntax_and_shows_tool_calls(shapes, tmp_path, monkeypatch):
+    """The wizard's data step on a DPO file (the hint is for its Columns box) and on a tool-calling
+    file (the preview names the system prompt, tools and tool calls)."""
+    from textual.widgets import Input, Static
+
+    from test_tui_helpers import demo_app, status_text, wait_for
+
+    for var, sub in (("SNUGTUNE_RUNS_DIR", "runs"), ("SNUGTUNE_CONFIG_DIR", "config")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = demo_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+b")
+
+        async def show(path):
+            box = app.screen.query_one("#path", Input)
+            box.focus()
+            box.value = str(path)
+            await pilot.press("enter")
+
+        await show(shapes / "dpo_prompt.jsonl")
+        await wait_for(pilot, lambda: "preference (DPO) data" in str(app.screen.query_one("#samples", Static).render()),
+                       timeout=180, what="the preference refusal")  # a subprocess loading transformers
+        assert "type instruction=prompt, output=chosen in the Columns box" in str(
+            app.screen.query_one("#samples", Static).render())
+        assert "--column" not in str(app.screen.query_one("#samples", Static).render())
+        await show(shapes / "glaive_toolcall.json")
+        await wait_for(pilot, lambda: "tool call" in str(app.screen.query_one("#samples", Static).render()),
+                       timeout=180, what="the tool-calling preview")
+        preview = str(app.screen.query_one("#samples", Static).render())
+        assert "[system prompt; tools get_weather; 1 tool call (learned)" in preview
+        assert '"arguments": {"city": "Paris"}' in preview and "chat" in status_text(app)
