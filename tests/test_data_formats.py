@@ -493,8 +493,8 @@ def test_each_shape_gives_rows_to_learn_from_with_the_demo_tokenizer(name, shape
 # Two-step runs cost ~8 s each on 2 shared cores (model load, 4-bit quantisation, two steps, the
 # adapter's save), so the engine runs once per distinct path through the data code: tools in
 # sharegpt with a system column (built-in rendering), per-turn weights, axolotl segments, a .txt of
-# one document a line. All twelve shapes trained this way by hand
-# (issue 12's report); the test above shows every shape gives the engine rows to learn from.
+# one document a line. All twelve shapes train this way in bench/data_shapes_train.py
+# (results in bench/results/); the test above shows every shape gives the engine rows to learn from.
 TRAINED_SHAPES = ["glaive_toolcall.json", "weights.jsonl", "segments.jsonl", "wiki_lines.txt"]
 
 
