@@ -520,7 +520,8 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
     """
     columns = _columns_of(records)
     lower = _by_lower(columns)
-    mapping = dict(data_cfg.columns)
+    # A mapped name that differs from a column only in case means that column.
+    mapping = {f: c if c in columns else lower.get(c.lower(), c) for f, c in data_cfg.columns.items()}
     kind = data_cfg.format
     allowed_fields = sorted({f for spec in FIELDS.values() for f in spec["required"] + spec["optional"]})
     for fld, col in mapping.items():

@@ -682,3 +682,9 @@ async def test_the_wizard_data_step_names_its_own_syntax_and_shows_tool_calls(sh
         preview = str(app.screen.query_one("#samples", Static).render())
         assert "[system prompt; tools get_weather; 1 tool call (learned)" in preview
         assert '"arguments": {"city": "Paris"}' in preview and "chat" in status_text(app)
+
+
+def test_a_mapping_matches_column_names_whatever_their_case():
+    rows = [{"Question": "Why?", "Reply": "Because."}]
+    assert detect_format(rows, cfg("x", columns={"instruction": "question", "output": "reply"})).columns == \
+        {"instruction": "Question", "output": "Reply"}
