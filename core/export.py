@@ -41,22 +41,6 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def quiet_transformers() -> None:
-    """No "Loading weights" bars or FutureWarnings in chat and export output: they are noise to
-    a user who asked for an answer or a file (the wizard reads these streams too)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-
 def _umask_mode(mode: int = 0o666) -> int:
     old = os.umask(0)
     os.umask(old)
@@ -123,6 +107,12 @@ def sixteen_bit_dtype(run_dir: Path, cfg: RunConfig, base_config: dict) -> str:
         return compute
     own = str(base_config.get("dtype") or base_config.get("torch_dtype") or "")
     return "fp16" if own in ("float16", "fp16") else "bf16"
+
+
+def quiet_transformers() -> None:
+    from core.chat import quiet_transformers as quiet
+
+    quiet()
 
 
 def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precision: bool = False) -> Merged:

@@ -293,6 +293,13 @@ def _write_arch_keys(w, gguf, cfg: dict, arch: Arch) -> None:
     if arch.gguf_arch in ("GEMMA2", "GEMMA3"):
         if cfg.get("sliding_window"):
             w.add_sliding_window(int(cfg["sliding_window"]))
+    if arch.gguf_arch == "GEMMA3":
+        # local (sliding-window) layers rotate with their own base: 10000 in the released models
+        rp = cfg.get("rope_parameters")
+        if isinstance(rp, dict) and isinstance(rp.get("sliding_attention"), dict):
+            w.add_rope_freq_base_swa(_rope_theta(cfg, "sliding_attention"))
+        elif cfg.get("rope_local_base_freq"):
+            w.add_rope_freq_base_swa(float(cfg["rope_local_base_freq"]))
     if arch.gguf_arch == "GEMMA2":
         if cfg.get("attn_logit_softcapping"):
             w.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
