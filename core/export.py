@@ -222,13 +222,14 @@ def _go_escape(s: str) -> str:
     return s
 
 
-def go_from_chat_template(tok) -> tuple[str, bool]:
+def go_from_chat_template(tok) -> tuple[str, bool, str]:
     """Ollama's Go-template form of a tokenizer's Jinja chat template, found by rendering probe
     conversations and cutting the text around each message: HEAD, then per message
     PRE[role] content SUF[role], then the generation prompt. The result is checked against the
     Jinja rendering of a longer conversation; a template that does more (folds the system prompt
     into the first user turn, drops earlier reasoning) raises ValueError, or renders without
-    system messages (returned flag False) when only those differ."""
+    system messages (returned flag False) when only those differ. Third: the text that ends an
+    assistant turn (where its end-of-turn token is)."""
     U1, A1, U2, A2, U3, S1 = "\x01u1\x01", "\x01a1\x01", "\x01u2\x01", "\x01a2\x01", "\x01u3\x01", "\x01s1\x01"
     u1 = [{"role": "user", "content": U1}]
     ua = u1 + [{"role": "assistant", "content": A1}]
@@ -295,9 +296,13 @@ def trained_template(m: Merged) -> Template:
         eot = None
         try:
             go, system_ok, suf_a = go_from_chat_template(tok)
-        except ValueError as exc:
+        except Exception:  # noqa: BLE001 - ValueError from the checks, or the template's own jinja errors: no Ollama TEMPLATE (save_ollama says so)
             go, system_ok, suf_a = None, False, ""
-            _stderr(f"note: the tokenizer's chat template cannot be written in Ollama's syntax ({exc})")
+            try:  # the end-of-turn marker still matters to the GGUF
+                conv = [{"role": "user", "content": "\x01u\x01"}, {"role": "assistant", "content": "\x01a\x01"}]
+                suf_a = _render(tok, conv, False).partition("\x01a\x01")[2]
+            except Exception:  # noqa: BLE001
+                pass
         for t in tok.all_special_tokens:
             if t and t in suf_a and t not in stops:
                 stops.append(t)
@@ -378,7 +383,9 @@ def save_gguf(m: Merged, out_path: Path, quant: str = "q4_k_m", progress: Progre
         if inter != quant:
             progress(f"quantizing to {quant} with llama.cpp ...")
             tmp_q = _tmp_beside(out_path, is_dir=False)
-            ge.quantize(tmp, tmp_q, quant)
+            for warning in ge.quantize(tmp, tmp_q, quant):
+                # e.g. rows not a multiple of 256 cannot be k-quants: llama.cpp used another type there
+                progress(f"llama.cpp: {warning}")
             tmp.unlink()
             tmp, tmp_q = tmp_q, None
         os.chmod(tmp, _umask_mode(0o666))

@@ -171,6 +171,8 @@ def test_gguf_sizes_types_and_the_k_quant_fallback(exported):
     assert types["blk.0.ffn_down.weight"] in ("Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1"), types
     assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
     assert types["blk.0.attn_norm.weight"] == "F32"
+    _, _, printed = exported
+    assert any("fallback quantization" in line for line in printed), printed  # and the user is told
     assert {os.stat(f).st_mode & 0o777 for f in files.values()} == {0o666 & ~_umask()}
 
 
