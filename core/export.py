@@ -476,7 +476,7 @@ def export(run_dir: str | Path, merged: Optional[str] = None, gguf: Optional[str
         out(f"  ollama run {ollama_name(m.run_dir)}")
     if paths[0]:
         written.append(save_merged(m, paths[0], progress))
-        out(f"merged model ({m.dtype}): {paths[0]}")
+        out(f"merged model: {paths[0]}  ({m.dtype})")
     return written
 
 

@@ -287,7 +287,7 @@ def test_merged_weights_are_16_bit_with_normal_file_modes(exported):
     assert dtypes == {"BF16"}
     want = 0o666 & ~_umask()
     assert {p.stat().st_mode & 0o777 for p in merged.iterdir()} == {want}
-    assert any(line.startswith("merged model (bf16)") for line in printed)
+    assert any(line.startswith("merged model:") and line.endswith("(bf16)") for line in printed)
 
 
 # ---- the built-in template, as Jinja and as an Ollama template ----------------------------------
