@@ -224,12 +224,14 @@ def _go_escape(s: str) -> str:
 
 def go_from_chat_template(tok) -> tuple[str, bool, str]:
     """Ollama's Go-template form of a tokenizer's Jinja chat template, found by rendering probe
-    conversations and cutting the text around each message: HEAD, then per message
-    PRE[role] content SUF[role], then the generation prompt. The result is checked against the
-    Jinja rendering of a longer conversation; a template that does more (folds the system prompt
-    into the first user turn, drops earlier reasoning) raises ValueError, or renders without
-    system messages (returned flag False) when only those differ. Third: the text that ends an
-    assistant turn (where its end-of-turn token is)."""
+    conversations and cutting the text around each message: a head (with the system prompt, or
+    the template's default when there is none, as Qwen's has), then PRE content SUF per user and
+    assistant message, then the generation prompt. The system prompt is taken from Ollama's
+    `.System` (the SYSTEM line or the conversation's system messages), not from the messages.
+    The result is checked against the Jinja rendering of a longer conversation, with and without
+    a system prompt: a template that does more (drops earlier reasoning) raises ValueError; one
+    that folds the system prompt into the first user turn (Gemma's) renders without system
+    prompts (the returned flag False). Third: the text that ends an assistant turn."""
     U1, A1, U2, A2, U3, S1 = "\x01u1\x01", "\x01a1\x01", "\x01u2\x01", "\x01a2\x01", "\x01u3\x01", "\x01s1\x01"
     u1 = [{"role": "user", "content": U1}]
     ua = u1 + [{"role": "assistant", "content": A1}]
@@ -247,36 +249,46 @@ def go_from_chat_template(tok) -> tuple[str, bool, str]:
         raise ValueError("user turns render differently")
     head = head_pre[: len(head_pre) - len(pre_u)]
     pre_a, _, suf_a = b[len(a):].partition(A1)
-    pre_s = suf_s = None
+    sys_head = None
     try:
         s = _render(tok, [{"role": "system", "content": S1}] + u1, False)
-        if s.startswith(head) and S1 in s and s.endswith(pre_u + U1 + suf_u):
-            pre_s, _, suf_s = s[len(head): len(s) - len(pre_u + U1 + suf_u)].partition(S1)
-    except Exception:  # jinja raising on a system message: the template has no system role
+        tail = pre_u + U1 + suf_u
+        if s.endswith(tail) and s.count(S1) == 1 and S1 in s[: len(s) - len(tail)]:
+            sys_head = s[: len(s) - len(tail)].partition(S1)
+    except Exception:  # noqa: BLE001 - jinja raising on a system message: the template has no system role
         pass
-    system_ok = pre_s is not None
 
     def emulate(msgs, gen_prompt=True):
-        out = head
+        system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+        out = (sys_head[0] + system + sys_head[2]) if system else head
         for m in msgs:
-            pre, suf = {"user": (pre_u, suf_u), "assistant": (pre_a, suf_a), "system": (pre_s, suf_s)}[m["role"]]
-            out += pre + m["content"] + suf
+            if m["role"] != "system":
+                pre, suf = (pre_u, suf_u) if m["role"] == "user" else (pre_a, suf_a)
+                out += pre + m["content"] + suf
         return out + (gen if gen_prompt else "")
 
     probe = uau + [{"role": "assistant", "content": A2}, {"role": "user", "content": U3}]
     if emulate(probe) != _render(tok, probe, True):
         raise ValueError("a longer conversation renders differently")
+    system_ok = sys_head is not None
     if system_ok:
         sp = [{"role": "system", "content": S1}] + probe
-        if emulate(sp) != _render(tok, sp, True):
-            system_ok = False
-    body = (f'{{{{ if eq .Role "user" }}}}{_go_escape(pre_u)}{{{{ .Content }}}}{_go_escape(suf_u)}'
-            + (f'{{{{ else if eq .Role "system" }}}}{_go_escape(pre_s)}{{{{ .Content }}}}{_go_escape(suf_s)}' if system_ok else "")
-            + f'{{{{ else if eq .Role "assistant" }}}}{_go_escape(pre_a)}{{{{ .Content }}}}{_go_escape(suf_a)}{{{{ end }}}}')
+        system_ok = emulate(sp) == _render(tok, sp, True)
     bos = tok.bos_token or ""
-    if bos and head.startswith(bos):
-        head = head[len(bos):]  # llama.cpp and Ollama put BOS in front themselves (tokenizer.ggml.add_bos_token)
-    go = f"{_go_escape(head)}{{{{ range .Messages }}}}{body}{{{{ end }}}}{_go_escape(gen)}"
+
+    def no_bos(text: str) -> str:
+        # llama.cpp and Ollama put BOS in front themselves (tokenizer.ggml.add_bos_token)
+        return _go_escape(text[len(bos):] if bos and text.startswith(bos) else text)
+
+    if system_ok:
+        start = (f"{{{{ if .System }}}}{no_bos(sys_head[0])}{{{{ .System }}}}{_go_escape(sys_head[2])}"
+                 f"{{{{ else }}}}{no_bos(head)}{{{{ end }}}}")
+    else:
+        start = no_bos(head)
+    go = (f'{start}{{{{ range .Messages }}}}'
+          f'{{{{ if eq .Role "user" }}}}{_go_escape(pre_u)}{{{{ .Content }}}}{_go_escape(suf_u)}'
+          f'{{{{ else if eq .Role "assistant" }}}}{_go_escape(pre_a)}{{{{ .Content }}}}{_go_escape(suf_a)}{{{{ end }}}}'
+          f'{{{{ end }}}}{_go_escape(gen)}')
     return go, system_ok, suf_a
 
 

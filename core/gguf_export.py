@@ -525,20 +525,21 @@ def builtin_jinja(kind: str, eos: str) -> str:
 
 
 def builtin_go_template(kind: str, eos: str) -> str:
-    """The same layout in Ollama's Go-template syntax (a Modelfile TEMPLATE). No `{{-` trim
-    markers: they would also eat the blank lines the layout needs."""
+    """The same layout in Ollama's Go-template syntax (a Modelfile TEMPLATE). The system prompt
+    comes from `.System` (Ollama's SYSTEM line, or the conversation's system messages). No
+    `{{-` trim markers: they would also eat the blank lines the layout needs."""
     if kind == "instruction":
         return (
+            '{{ if .System }}{{ .System }}\n\n{{ end }}'
             '{{ range .Messages }}'
-            '{{ if eq .Role "system" }}{{ if .Content }}{{ .Content }}\n\n{{ end }}'
-            '{{ else if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n### Response:\n'
-            '{{ else }}{{ .Content }}' + eos + '\n\n{{ end }}'
+            '{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n### Response:\n'
+            '{{ else if eq .Role "assistant" }}{{ .Content }}' + eos + '\n\n{{ end }}'
             '{{ end }}'
         )
     return (
+        '{{ if .System }}### System:\n{{ .System }}\n\n{{ end }}'
         '{{ range .Messages }}'
         '{{ if eq .Role "assistant" }}### Assistant:\n{{ .Content }}' + eos + '\n\n'
-        '{{ else if eq .Role "system" }}### System:\n{{ .Content }}\n\n'
-        '{{ else }}### User:\n{{ .Content }}\n\n{{ end }}'
+        '{{ else if eq .Role "user" }}### User:\n{{ .Content }}\n\n{{ end }}'
         '{{ end }}### Assistant:\n'
     )

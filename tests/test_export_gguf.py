@@ -197,7 +197,7 @@ def test_gguf_carries_the_trained_chat_template_and_stop_token(exported, referen
 
 def _go_render(template: str, messages: list[dict]) -> str:
     """Just enough of Go's text/template to render the Modelfile templates snugtune writes:
-    range .Messages, if/else if/else on `eq .Role "x"` or `.Content`, .Content, end."""
+    range .Messages, if/else if/else on `eq .Role "x"`, `.Content` or `.System`, those two, end."""
     tokens = re.split(r"(\{\{.*?\}\})", template)
 
     def parse(i):
@@ -232,14 +232,17 @@ def _go_render(template: str, messages: list[dict]) -> str:
                 i += 1
         return nodes, i
 
+    # Ollama passes the system messages' text as .System (and its SYSTEM line when there are none)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+
     def truth(cond, m):
         if cond is None:
             return True
         mm = re.fullmatch(r'eq \.Role "(\w+)"', cond)
         if mm:
             return m["role"] == mm.group(1)
-        assert cond == ".Content", cond
-        return bool(m["content"])
+        assert cond in (".Content", ".System"), cond
+        return bool(system if cond == ".System" else m["content"])
 
     def run(nodes, m=None):
         out = ""
@@ -251,8 +254,8 @@ def _go_render(template: str, messages: list[dict]) -> str:
             elif kind == "if":
                 out += next((run(body, m) for cond, body in val if truth(cond, m)), "")
             else:
-                assert val == ".Content", val
-                out += m["content"]
+                assert val in (".Content", ".System"), val
+                out += system if val == ".System" else m["content"]
         return out
 
     nodes, _ = parse(0)
@@ -344,6 +347,7 @@ def test_unconvertible_architecture_and_missing_llama_cpp_are_one_message_each(m
 SNUGTUNE = [sys.executable, "-m", "tui.cli"]
 
 
+@pytest.mark.slow  # two CLI processes that load torch
 def test_cli_refuses_an_existing_output_and_leaves_nothing_when_the_disk_fills(demo_run, tmp_path):
     taken = tmp_path / "taken.gguf"
     taken.write_bytes(b"mine")
@@ -364,3 +368,47 @@ def test_cli_refuses_an_existing_output_and_leaves_nothing_when_the_disk_fills(d
     assert out.returncode == 2, out.stderr
     assert "snugtune: error: cannot write" in out.stderr and "Traceback" not in out.stderr
     assert list(target.iterdir()) == []
+
+
+# ---- a tokenizer's own chat template, as an Ollama template -------------------------------------
+
+# The shapes of the common families' templates (written for this test): ChatML with a default
+# system prompt (Qwen 2.5, SmolLM2), header blocks after BOS (Llama 3), and a system prompt folded
+# into the first user turn (Gemma), which Ollama's per-message template cannot express.
+CHATML_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+HEADERS_AFTER_BOS = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content']"
+    " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+SYSTEM_IN_FIRST_TURN = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+    "{% set msgs = messages[1:] %}{% else %}{% set first = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\\n'"
+    " + (first if loop.first else '') + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template,system_ok", [(CHATML_DEFAULT_SYSTEM, True), (HEADERS_AFTER_BOS, True),
+                                                (SYSTEM_IN_FIRST_TURN, False)])
+def test_a_tokenizers_chat_template_becomes_an_equivalent_ollama_template(template, system_ok):
+    from conftest import build_tiny_tokenizer
+    from core.export import go_from_chat_template
+
+    tok = build_tiny_tokenizer(chat_template=False)
+    tok.chat_template = template
+    go, ok, end_of_turn = go_from_chat_template(tok)
+    assert ok is system_ok
+    assert "{{ .Content }}" in go and end_of_turn.strip()
+    conv = [{"role": "user", "content": "What does len do?"}, {"role": "assistant", "content": "It counts."},
+            {"role": "user", "content": "And zip?"}]
+    convs = [conv[:1], conv] + ([[{"role": "system", "content": "Be brief."}] + conv] if system_ok else [])
+    for c in convs:
+        want = tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+        if want.startswith(tok.bos_token):
+            want = want[len(tok.bos_token):]  # llama.cpp / Ollama add BOS themselves
+        assert _go_render(go, c) == want

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from test_tui_helpers import finished_run, status_text, wait_for, wizard_env  # noqa: F401
 
 SIZE = (80, 24)
@@ -43,6 +45,7 @@ def test_export_sizes_come_from_the_logged_parameter_count(tmp_path):
     assert _size_label(None) == "size unknown" and _size_label(253_000_000) == "~253 MB"
 
 
+@pytest.mark.slow  # the export runs as `snugtune export` in a subprocess
 async def test_done_step_exports_merged_weights_and_refuses_an_existing_path(wizard_env):
     from textual.widgets import Input, OptionList
 
