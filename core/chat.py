@@ -24,6 +24,23 @@ from core.runs import CONFIG_FILE, last_checkpoint
 DEFAULT_MAX_NEW_TOKENS = 128  # a few sentences: enough to judge an answer, quick on a CPU
 
 
+def quiet_transformers() -> None:
+    """No "Loading weights" bars or FutureWarnings in chat and export output: noise to a user
+    who asked for an answer or a file (and the wizard reads these streams)."""
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes on the CPU logs that an optional kernels package is missing; nothing to act on
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def adapter_dir(run_dir: Path) -> Path:
     """The final adapter, or (for a stopped run) the newest checkpoint's adapter."""
     final = run_dir / "adapter"
@@ -59,6 +76,7 @@ class ChatSession:
     """A base model with a run's adapter loaded, answering prompts."""
 
     def __init__(self, run_dir: str | Path, device: Optional[str] = None):
+        quiet_transformers()  # before peft imports bitsandbytes, which logs as it loads
         from peft import PeftModel
 
         from core.model import load_base_model, load_tokenizer, pick_compute_dtype, resolve_model_source

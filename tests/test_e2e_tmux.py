@@ -89,11 +89,14 @@ def test_wizard_walks_the_demo_to_an_adapter(tmp_path):
         # "answered" is set only when a reply came back (an error shows "chat: ..." instead)
         shown = wait_screen(session, "answered", CHAT_LIMIT_S)
         assert "fine-tuned" in shown and "base model" in shown and "chat:" not in shown
-        # export: merge into the base weights, in a new directory under the run
+        # export: merged 16-bit weights (the last choice), in a new directory under the run
         keys(session, "C-e")
-        wait_screen(session, "Merge the adapter", 10)
+        wait_screen(session, "Export the fine-tuned model as", 10)
+        keys(session, "End")
         keys(session, "Enter")
-        wait_screen(session, "merged model saved", CHAT_LIMIT_S)
+        wait_screen(session, "Write the merged", 10)
+        keys(session, "Enter")
+        wait_screen(session, "exported:", CHAT_LIMIT_S)
         assert (adapters[0].parent.parent / "merged" / "config.json").is_file()
         keys(session, "C-q")
         deadline = time.monotonic() + 15

@@ -362,15 +362,14 @@ def cmd_export(args) -> int:
     from core import runs
 
     run_dir = runs.resolve_run(args.run)
-    out = Path(args.merged).expanduser()
-    if out.exists():  # say it before loading anything heavy
-        raise UserError(f"{out} already exists; snugtune does not overwrite it",
-                        hint="choose a new output directory")
-    print(f"merging the adapter of {run_dir.name} into its base model ...", file=sys.stderr)
-    from core.export import export_merged
+    if not (args.merged or args.gguf or args.ollama):
+        raise UserError("say what to export", hint="--merged DIR, --gguf FILE.gguf and/or --ollama DIR")
+    for out in (args.merged, args.gguf, args.ollama):
+        if out and Path(out).expanduser().exists():  # say it before loading anything heavy
+            raise UserError(f"{out} already exists; snugtune does not overwrite it", hint="choose a new name")
+    from core.export import export
 
-    path = export_merged(run_dir, out)
-    print(f"merged model: {path}")
+    export(run_dir, merged=args.merged, gguf=args.gguf, ollama=args.ollama, quant=args.quant)
     return 0
 
 
@@ -426,7 +425,14 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.set_defaults(func=cmd_chat)
 
-    p = subparsers.add_parser("export", help="merge a run's adapter into the base model and save it")
-    p.add_argument("run", help="run name or directory")
-    p.add_argument("--merged", metavar="OUT_DIR", required=True, help="new directory for the merged model")
+    p = subparsers.add_parser("export", help="merged 16-bit weights, a GGUF for llama.cpp / LM Studio, or an Ollama folder",
+                              description="Merge a run's adapter into its base model and write it out. Any of "
+                              "--merged, --gguf and --ollama, together if you like (one merge serves all). "
+                              "GGUF needs the extra: pip install 'snugtune[gguf]'.")
+    p.add_argument("run", help="run name or directory (an unfinished run exports its newest checkpoint)")
+    p.add_argument("--merged", metavar="OUT_DIR", help="new directory for the merged model (safetensors, 16-bit)")
+    p.add_argument("--gguf", metavar="OUT.gguf", help="new GGUF file for llama.cpp and LM Studio")
+    p.add_argument("--ollama", metavar="OUT_DIR", help="new directory with a GGUF and an Ollama Modelfile")
+    p.add_argument("--quant", default="q4_k_m", choices=["q4_k_m", "q5_k_m", "q8_0", "f16", "bf16"],
+                   help="GGUF weight type (default q4_k_m: about 5 bits a weight, the usual choice)")
     p.set_defaults(func=cmd_export)

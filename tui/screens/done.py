@@ -1,18 +1,20 @@
 """Step 6: where the adapter is, a quick chat with it (the base model beside it where memory
-allows), export (merge into the base weights), and saving the setup as a preset."""
+allows), export (merged 16-bit weights, a GGUF, an Ollama folder), and saving the setup as a preset."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import Checkbox, Input, RichLog, Static
+from textual.screen import ModalScreen
+from textual.widgets import Checkbox, Input, OptionList, RichLog, Static
 
 from tui.messages import ChatReply, JobDone
 from tui.screens.base import Cancelled, StepScreen, run_command
@@ -87,7 +89,7 @@ class ChatProcess:
 class DoneScreen(StepScreen):
     STEP = 5
     BINDINGS = StepScreen.BINDINGS + [
-        Binding("ctrl+e", "export", "Export merged", priority=True),
+        Binding("ctrl+e", "export", "Export", priority=True),
     ]
 
     def compose_body(self):
@@ -130,7 +132,7 @@ class DoneScreen(StepScreen):
         self.query_one("#chat-base", RichLog).border_title = "base model"
         self._show_compare(self.query_one("#compare", Checkbox).value)
         self.query_one("#chat-input", Input).focus()
-        self.set_status("Enter: send a prompt · ctrl+e: merge and export · ctrl+s: save as preset")
+        self.set_status("Enter: send a prompt · ctrl+e: export · ctrl+s: save as preset")
 
     def on_unmount(self) -> None:
         if self.chat is not None:
@@ -181,47 +183,164 @@ class DoneScreen(StepScreen):
             return
         target = "#chat-base" if msg.who == "base" else "#chat-adapter"
         self.query_one(target, RichLog).write(Text(msg.text))
-        self.set_status("answered · Enter: ask again · ctrl+e: merge and export · ctrl+s: save as preset")
+        self.set_status("answered · Enter: ask again · ctrl+e: export · ctrl+s: save as preset")
 
     # ---- export ------------------------------------------------------------------------
+    # Merged weights, a GGUF (quant choice, estimated size) or an Ollama folder, written by
+    # `snugtune export` in a subprocess (core/export.py); its progress lines are shown as they
+    # come. Nothing is overwritten: a destination that exists is refused before anything starts.
 
     def action_export(self) -> None:
-        from tui.screens.modals import PromptScreen
-
         if self.app.run_dir is None:
             return
-        default = str(self.app.run_dir / "merged")
-        self.app.push_screen(PromptScreen("Merge the adapter into the base model and save it to",
-                                          "a new directory", value=default),
-                             lambda d: self.export(d) if d else None)
+        self.app.push_screen(ExportChoiceScreen(self.app.run_dir), self._export_choice)
+
+    def _export_choice(self, choice: tuple[str, str] | None) -> None:
+        from tui.screens.modals import PromptScreen
+
+        if not choice:
+            return
+        kind, quant = choice
+        run_dir = self.app.run_dir
+        default = {"merged": run_dir / "merged", "gguf": run_dir / f"{run_dir.name}-{quant}.gguf",
+                   "ollama": run_dir / "ollama"}[kind]
+        what = {"merged": "the merged 16-bit model to (a new directory)",
+                "gguf": f"the {quant} GGUF to (a new file)",
+                "ollama": f"the Ollama folder ({quant} GGUF + Modelfile) to (a new directory)"}[kind]
+        self.app.push_screen(PromptScreen(f"Write {what}", "a path that does not exist yet", value=str(default)),
+                             lambda d: self.export(kind, quant, d) if d else None)
 
     @work(thread=True, exit_on_error=False, name="export", exclusive=True, group="export")
-    def export(self, directory: str) -> None:
-        if Path(directory).exists():
-            self.post_message(JobDone("export", False, f"{directory} already exists; choose a new directory"))
+    def export(self, kind: str, quant: str, destination: str) -> None:
+        from textual.worker import get_current_worker
+
+        dest = Path(destination).expanduser()
+        if dest.exists():
+            self.post_message(JobDone("export", False, f"{dest} already exists; choose a new name"))
             return
-        self.post_message(JobDone("export-started", True, directory))
-        cmd = [sys.executable, "-m", "tui.cli", "export", str(self.app.run_dir), "--merged", directory]
-        try:
-            # an export the wizard quits during finishes on its own: a half-merged model is worse
-            returncode, stdout, stderr = run_command(cmd, EXPORT_TIMEOUT_S, keep_on_cancel=True)
-        except Cancelled:
-            return
-        except subprocess.TimeoutExpired:
-            self.post_message(JobDone("export", False, f"export took over {EXPORT_TIMEOUT_S}s and was stopped"))
-            return
-        lines = [ln for ln in (stderr + stdout).strip().splitlines() if ln.strip()]
-        if returncode != 0:
+        self.post_message(JobDone("export-started", True, str(dest)))
+        cmd = [sys.executable, "-m", "tui.cli", "export", str(self.app.run_dir), f"--{kind}", str(dest)]
+        if kind != "merged":
+            cmd += ["--quant", quant]
+        log_path = self.app.run_dir / "export.log"
+        worker = get_current_worker()
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            # its own session: an export the wizard quits during finishes on its own (a
+            # half-written model is worse), and its output goes to a file nothing has to drain
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + EXPORT_TIMEOUT_S
+        seen = start
+        while True:
+            done = proc.poll() is not None
+            try:
+                with open(log_path, "rb") as fh:
+                    fh.seek(seen)
+                    chunk = fh.read()
+            except OSError:
+                chunk = b""
+            if chunk:
+                seen += len(chunk)
+                lines = [ln for ln in chunk.decode(errors="replace").splitlines() if ln.strip()]
+                if lines and not done:
+                    self.post_message(JobDone("export-progress", True, lines[-1].strip()))
+            if done:
+                break
+            if worker.is_cancelled:
+                return
+            if time.monotonic() > deadline:
+                proc.kill()
+                self.post_message(JobDone("export", False, f"export took over {EXPORT_TIMEOUT_S}s and was stopped"))
+                return
+            worker.cancelled_event.wait(0.3)
+        text = log_path.read_bytes()[start:].decode(errors="replace")
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        if proc.returncode != 0:
             errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
-            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {returncode}"])[0]))
+            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {proc.returncode}"])[0]))
         else:
-            self.post_message(JobDone("export", True, directory))
+            run_line = next((ln.strip() for ln in lines if ln.strip().startswith(("ollama create", "run it:"))), "")
+            self.post_message(JobDone("export", True, str(dest), extra={"run": run_line}))
 
     @on(JobDone)
     def _job(self, msg: JobDone) -> None:
         if msg.what == "export-started":
-            self.set_status(f"merging into {msg.output}…")
+            self.set_status(f"exporting to {msg.output}…")
+        elif msg.what == "export-progress":
+            self.set_status(f"exporting: {msg.output}")
         elif msg.ok:
-            self.set_status(f"merged model saved in {msg.output}", "ok")
+            run = (msg.extra or {}).get("run")
+            self.set_status(f"exported: {msg.output}" + (f" · {run}" if run else ""), "ok")
         else:
             self.set_status(f"export failed: {msg.output}", "error")
+
+
+def _size_label(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "size unknown"
+    return f"~{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"~{n_bytes / 1e6:.0f} MB"
+
+
+def export_sizes(run_dir: Path) -> dict[str, int | None]:
+    """Estimated bytes of each export, from the parameter count the run logged (no torch here)."""
+    from core.events import read_events
+    from core.gguf_export import QUANTS, estimate_size_bytes
+
+    n = embed = None
+    for ev in read_events(run_dir):
+        if ev.get("event") == "run_started":
+            model = ev.get("model") or {}
+            n = model.get("total_params")
+            if n is not None:
+                n -= int(model.get("trainable_params") or 0)  # the adapter merges into the weights it sits on
+            try:
+                cfg = json.loads((Path(model["source"]) / "config.json").read_text(encoding="utf-8"))
+                embed = int(cfg["vocab_size"]) * int(cfg["hidden_size"])
+            except (KeyError, OSError, ValueError, TypeError):
+                embed = None
+    sizes: dict[str, int | None] = {"merged": None if n is None else 2 * n}
+    for q in QUANTS:
+        sizes[q] = None if n is None else estimate_size_bytes(n, q, embed or 0)
+    return sizes
+
+
+class ExportChoiceScreen(ModalScreen):
+    """What to export: merged weights, a GGUF at a chosen quant, or an Ollama folder."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    CHOICES = [
+        ("gguf:q4_k_m", "GGUF q4_k_m: llama.cpp, LM Studio (the usual choice)", "q4_k_m"),
+        ("gguf:q5_k_m", "GGUF q5_k_m: a little larger, a little closer to the original", "q5_k_m"),
+        ("gguf:q8_0", "GGUF q8_0: near-lossless", "q8_0"),
+        ("gguf:f16", "GGUF f16: unquantized", "f16"),
+        ("ollama:q4_k_m", "Ollama folder: q4_k_m GGUF + Modelfile", "q4_k_m"),
+        ("merged:bf16", "Merged 16-bit weights (safetensors, for transformers / vLLM)", "merged"),
+    ]
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def compose(self):
+        from textual.containers import Vertical
+        from textual.widgets import Footer, Label, OptionList
+        from textual.widgets.option_list import Option
+
+        try:
+            sizes = export_sizes(self.run_dir)
+        except Exception:  # an unreadable event log: offer the exports without sizes
+            sizes = {}
+        with Vertical(classes="dialog"):
+            yield Label("Export the fine-tuned model as", classes="dialog-title")
+            yield OptionList(*[Option(f"{label}  ({_size_label(sizes.get(key))})", id=cid)
+                               for cid, label, key in self.CHOICES], id="export-choice")
+            yield Static("Enter: choose · Escape: cancel · GGUF needs pip install 'snugtune[gguf]'", classes="hint")
+        yield Footer()
+
+    @on(OptionList.OptionSelected, "#export-choice")
+    def _chosen(self, event) -> None:
+        kind, _, quant = str(event.option.id).partition(":")
+        self.dismiss((kind, quant))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
