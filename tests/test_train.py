@@ -15,7 +15,8 @@ import torch
 from conftest import make_tiny_config
 from core import runs
 from core.events import read_events
-from core.train import Engine, oom_fallback, pick_optimizer, planned_steps
+from core.plan import optimizer as pick_optimizer
+from core.train import Engine, oom_fallback, planned_steps
 
 STEPS = 8
 STOP_AFTER = 4  # the interrupted run stops after this step; save_steps=5 so only the stop saves it
@@ -156,9 +157,9 @@ def test_planned_steps_and_optimizer_choice():
     assert planned_steps(100, 4, 2, 1.0, None) == 13  # 25 batches -> 12 full + 1 partial accumulation
     assert planned_steps(100, 4, 2, 2.0, None) == 26
     assert planned_steps(100, 4, 2, 1.0, 7) == 7
-    assert pick_optimizer("auto", "cuda") == "paged_adamw_8bit"
-    assert pick_optimizer("auto", "cpu") == "adamw_torch"
-    assert pick_optimizer("adamw_8bit", "cuda") == "adamw_8bit"
+    assert pick_optimizer("auto", True)[0] == "paged_adamw_8bit"
+    assert pick_optimizer("auto", False)[0] == "adamw_torch"
+    assert pick_optimizer("adamw_8bit", True)[0] == "adamw_8bit"
 
 
 # ---- training ---------------------------------------------------------------------------------------
