@@ -194,7 +194,9 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
     failed = next((e for e in events if e["event"] == "run_failed"), None)
     res.update(
         steps=len(steps),
-        oom_events=len(ooms) + int(bool(failed and failed.get("kind") == "oom")),
+        # an OOM the retry could not absorb ends as a user error ("out of memory even at micro-batch 1")
+        oom_events=len(ooms) + int(bool(failed and (failed.get("kind") == "oom"
+                                                    or "out of memory" in (failed.get("error") or "")))),
         measured_reserved_gib=max((e.get("mem_peak_gib") or 0) for e in steps) if steps else None,
         cuda_graphs=steps[-1].get("cuda_graphs") if steps else None,
         savers=started.get("savers"),
@@ -377,6 +379,9 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         for c in cards:
             for st in starts:
                 rows.append(plan_row(s, c, st, spec=specs[s], budget=cards[c], profile=_profile(smoke)))
+    only = {tuple(x.split(":")) for x in os.environ.get("FIT_ROWS", "").split(",") if x}
+    if only:
+        rows = [r for r in rows if (r["shape"], r["card"], r["start"]) in only]
     print(f"planned {len(rows)} rows in {time.time() - t0:.1f}s", flush=True)
     models: dict[str, Path] = {}
     built = {s: threading.Event() for s in shapes}
@@ -438,7 +443,8 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
     with ThreadPoolExecutor(max_workers=jobs) as ex:
         for s in shapes:  # bisections first: they take longest
             for c in cards:
-                tasks.append(ex.submit(do_bisect, s, c))
+                if any(r["shape"] == s and r["card"] == c and r["start"] == "full" for r in rows):
+                    tasks.append(ex.submit(do_bisect, s, c))
         for r in rows:
             tasks.append(ex.submit(do_engine, r))
         for t in tasks:
@@ -522,6 +528,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rescore(path: Path) -> dict:
+    """Today's estimator against stored measurements: each measured row re-estimated with the
+    decisions it ran with (kept blocks, offload), the measurement untouched. Needs no GPU."""
+    from core.catalog import catalog_lookup
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+    from core.plan import plan
+
+    res = json.loads(Path(path).read_text())
+    for r in res["rows"]:
+        if not r.get("fits"):
+            continue
+        spec = catalog_lookup(SHAPES[r["shape"]])
+        cfg = base_config(spec.id, r["seq"], r["micro_batch"], min(r["grad_accum"], 2), r["budget_gib"])
+        gpu = resolve_gpu(res["meta"].get("profile", PROFILE), r["budget_gib"])
+        ran = r.get("plan") or {}
+        p = plan(cfg, spec, gpu, keep=ran.get("keep_blocks", 0))
+        est = estimate(spec, cfg, gpu, plan=p, offload=ran.get("offload"))
+        r["est_reserved_gib"] = round(est.reserved_gib, 4)
+        r["est_total_gib"] = round(est.total_gib, 4)
+    res["meta"]["estimates"] = f"rescored by today's estimator: python bench/fit_truth.py --rescore {path}"
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="the tiny built-in model on the CPU (seconds)")
@@ -529,7 +559,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cards", default="", help="comma-separated cards (4gb,6gb,8gb)")
     ap.add_argument("--table", metavar="FILE.json", help="re-render the markdown of a result file")
     ap.add_argument("--jobs", type=int, default=15)
+    ap.add_argument("--rescore", metavar="FILE.json", help="today's estimator against a result file's measurements")
+    ap.add_argument("--rows", default=os.environ.get("FIT_ROWS", ""),
+                    help="only these rows, shape:card:start comma-separated (re-running failed rows)")
     a = ap.parse_args(argv)
+    if a.rescore:
+        res = rescore(Path(a.rescore))
+        print(markdown(res))
+        return 0
     if a.table:
         res = json.loads(Path(a.table).read_text())
         Path(a.table).with_suffix(".md").write_text(markdown(res))

@@ -347,7 +347,9 @@ def estimate(
             notes.append(f"activation offload on: {L * T * h * s / GIB:.2f} GiB of block inputs in pinned CPU memory")
         if gc_on:
             tm = P.mlp_tile_tokens(I, B, mlp_tile_bytes) * B
-            tile = tm if T > 2 * tm else T  # the engine tiles beyond two tiles' worth
+            # the savers tile rows of two tiles' worth and more (tiled_mlp_forward: T >= 2 x tile);
+            # `> 2 x tm` here once priced SmolLM2 at exactly 8,192 tokens untiled (+9% over measured)
+            tile = tm if T >= 2 * tm else T
         # One block's saved tensors a token, counted with saved_tensors_hooks on the engine's
         # path (16-bit weights, LoRA under autocast as the Trainer runs it): the RMSNorms' fp32
         # internals 2 x 4h, six h-wide projection inputs, q and attention output, k and v, and
@@ -360,7 +362,17 @@ def estimate(
         # exist: 3 + 3 I-wide tensors at most, i.e. 2 above the block's 4 (the hidden-state
         # gradients 2h s beside them). Measured: with 4 (the old count) every backward-peaked
         # H200 run was overestimated, by up to 10% (l1-512-b4-r64).
-        transient = tile * 2 * I * (4 if ln_fp32 else c) + T * 2 * h * s
+        # RMSNorm's backward runs in fp32: the upcast input's gradient and the normalised product
+        # (2 x 4 bytes an h-wide element) beside the hidden-state gradients. Invisible at 1-4k
+        # tokens (the MLP's terms dominate); at 16-33k tokens, where the MLP is tiled and the rest
+        # is O(T), it is what fit_truth run 1 measured above the estimate: 9-12 bytes per T x h
+        # element (Qwen2.5-0.5B/3B, Qwen3-1.7B, Gemma-3-1B; bench/results/fit_truth_run1.json),
+        # and what made auto-fit's 30,848 tokens for Qwen2.5-1.5B on a 4 GB card run out.
+        transient = tile * 2 * I * (4 if ln_fp32 else c) + T * 2 * h * s + T * 8 * h
+        if not plan.tiled_attention and spec.num_kv_heads < spec.num_heads:
+            # SDPA gets k and v repeated to every query head (core/savers.py::_repeat_kv): the
+            # recomputed block saves those copies, 2 x (q - kv) more than the kv-wide k and v
+            block += T * 2 * (q - kv) * c
         if plan.tiled_attention:
             # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention)
             transient += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
@@ -384,7 +396,15 @@ def estimate(
             keep_layers = plan.keep_blocks if gc_on else 0
         if keep_layers and gc_on:
             # an un-checkpointed block keeps its activations instead of its input alone
-            kept += keep_layers * (block - T * h * s)
+            # An un-checkpointed block keeps what its recompute would hold, less: its input (kept
+            # anyway), a tiled MLP's intermediates (_TiledMLP keeps only its input) and, on the fused
+            # 4-bit path, the 3 h-wide inputs that q/k/v and gate/up share (one tensor each, not
+            # one per projection). Measured with 8-28 kept blocks at 1,024 tokens (fit_truth run
+            # 1, preset rows): the full count was 3 h x 2 bytes a token a block too high.
+            per_kept = block - T * h * s - (tile * 4 * I * c if tile < T else 0)
+            if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
+                per_kept -= T * 3 * h * c
+            kept += keep_layers * per_kept
             if cfg.model.load_in_4bit and not cpu:
                 wq += spec.params_quantizable * CACHED_SCALE_BYTES  # expanded block scales (fused path)
                 notes.append(f"{keep_layers} of {L} blocks run un-checkpointed (spare memory, no recompute): "

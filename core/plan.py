@@ -428,6 +428,16 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
                        keep_why=f"{k} blocks un-checkpointed (set by the caller)" if k else p.keep_why)
     if not spare:
         return replace(p, keep_why="no spare memory used" + (f" ({retry_why.split(':')[0]})" if retry_why else ""))
+    if on_cuda and not off and t.offload_activations == "auto" and not _fits(p, cfg, spec, gpu):
+        # 'auto' also offloads when the block inputs are under 10% of the budget but the run does not
+        # fit without it and does with it: otherwise memory would not grow with length (a longer row
+        # crosses the 10% line and fits again), and auto-fit stopped at 40% of the length that
+        # trains (Gemma-2-2B, 4 GB card, fit_truth run 1)
+        q = replace(p, offload=True, offload_why="offload: the run fits only with the block inputs in CPU memory",
+                    cuda_graphs=False, cuda_graphs_why="activations are offloaded (side streams)" if p.cuda_graphs
+                    else p.cuda_graphs_why, offload_mode="on")
+        if _fits(q, cfg, spec, gpu):
+            return q
     if not on_cuda or off:
         return p
     k = _spare_keep(p, cfg, spec, gpu)
@@ -439,6 +449,12 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
     return replace(p, keep_blocks=k, cached_block_scales=fused,
                    keep_why=f"{k} of {spec.num_layers} blocks skip checkpointing (no recompute): spare memory "
                             f"within {KEEP_SHARE:.0%} of the budget, counted in the estimate")
+
+
+def _fits(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> bool:
+    from core.estimate import estimate  # noqa: PLC0415 (estimate imports this module)
+
+    return estimate(spec, cfg, gpu, "snugtune", plan=p).verdict == "fits"
 
 
 def _spare_keep(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> int:
