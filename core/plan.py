@@ -266,14 +266,14 @@ class Plan:
         if self.keep_blocks or self.cuda_graphs:
             what = " and ".join(w for w, on in (("un-checkpointed blocks", self.keep_blocks),
                                                  ("CUDA-graph steps", self.cuda_graphs)) if on)
-            return plan(cfg, self._spec, self._gpu, spare=False, attempt=self.attempt + 1,
+            return plan(cfg, self._spec, self._gpu, spare=False, graphs=False, attempt=self.attempt + 1,
                         retry_why=f"out of memory: retried without {what}, same micro-batch")
         nxt = oom_fallback(self.micro_batch, self.grad_accum)
         if nxt is None:
             return None
         mb, ga = nxt
         new_cfg = with_batch(cfg, micro_batch=mb, grad_accum=ga)
-        return plan(new_cfg, self._spec, self._gpu, spare=False, attempt=self.attempt + 1,
+        return plan(new_cfg, self._spec, self._gpu, spare=False, graphs=False, attempt=self.attempt + 1,
                     retry_why=f"out of memory at micro-batch {self.micro_batch}: micro-batch {mb} x "
                               f"accumulation {ga} (same effective batch)")
 
@@ -328,11 +328,12 @@ def with_batch(cfg, seq: Optional[int] = None, micro_batch: Optional[int] = None
 
 
 def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Optional[int] = None,
-         attempt: int = 0, retry_why: str = "") -> Plan:
+         graphs: bool = True, attempt: int = 0, retry_why: str = "") -> Plan:
     """Decide everything for training `spec` with `cfg` on `gpu`.
 
     `spare=False` uses no spare memory (no un-checkpointed blocks): what a run needs, and what an
     out-of-memory retry runs with. `keep` forces the number of un-checkpointed blocks (benchmarks).
+    `graphs=False` runs no CUDA-graph steps (their memory pool comes on top: a retry drops it).
     """
     check_budget(gpu)
     on_cuda = not gpu.is_cpu
@@ -382,8 +383,11 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
                  else "16-bit base weights: peft's own LoRA layers")
 
     # CUDA-graph steps
+    allow_graphs = graphs
     if t.cuda_graphs == "off":
         graphs, graphs_why = False, "train.cuda_graphs = 'off'"
+    elif not allow_graphs:
+        graphs, graphs_why = False, "off after an out-of-memory error (a graph's memory pool comes on top)"
     elif not on_cuda:
         graphs, graphs_why = False, "not on a CUDA device"
     elif dtype != "bf16":
