@@ -478,21 +478,37 @@ def _smoke_spec():
     return TINY_LLAMA
 
 
+def _status(e: dict) -> tuple[str, bool]:
+    """(what happened, ran out of memory) for one engine run's record."""
+    if e.get("skipped"):
+        return e["skipped"], False
+    oom = bool(e.get("oom_events")) or "out of memory" in (e.get("error") or "")
+    if oom:
+        return "OUT OF MEMORY", True
+    if e.get("rc") == 0:
+        return "ok", False
+    if e.get("steps"):
+        return f"{e['steps']} of 2 steps, then the call's time ran out", False
+    return f"no step logged (rc {e.get('rc')})", False
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         "# fit_truth: auto-fit's choices, trained for real",
         "",
-        f"Command: `{meta['command']}` ({meta.get('wall_s')} s). Cards: " +
+        f"Command: `{meta['command']}`. Cards: " +
         ", ".join(f"{k} = {v} GiB budget" for k, v in meta["cards_gib"].items()) +
         f", profile {meta['profile']} (allocator capped at budget - 0.35 GiB). Held out (never used to fit the "
-        f"estimator's constants): {', '.join(meta['held_out'])} (marked *).",
+        f"estimator's constants): {', '.join(meta['held_out'])} (marked *). `longest that trains`: the "
+        "longest length that trained at micro-batch 1 and, in brackets, the shortest that ran out; the "
+        "share is the choice over that range (the true longest lies in it).",
         "",
         "| model | card | start | choice (seq x mb x accum) | kept blocks | offload | est. reserved GiB | "
-        "measured GiB | error % | OOM | longest that trains | choice / longest |",
+        "measured GiB | error % | run | longest that trains | choice / longest |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    errs, ooms, ratios = [], 0, []
+    errs, ooms, lows, unknown = [], 0, [], 0
     for r in result["rows"]:
         e = r.get("engine") or {}
         plan = r.get("plan") or {}
@@ -500,31 +516,40 @@ def markdown(result: dict) -> str:
         err = 100 * (r["est_reserved_gib"] - meas) / meas if meas else None
         if err is not None:
             errs.append(abs(err))
-        oom = e.get("oom_events")
-        if oom or (e.get("rc") not in (0, None)):
-            ooms += 1 if oom else 0
-        lt = r.get("longest_trains")
-        ratio = None
-        if r["start"] == "full" and lt and r["fits"]:
-            ratio = r["seq"] / max(lt, r["seq"]) if r["seq"] <= lt else r["seq"] / lt
-            ratios.append(ratio)
+        status, oom = _status(e)
+        ooms += oom
+        lt, fa = r.get("longest_trains"), r.get("fails_at")
+        share = ""
+        if r["start"] == "full" and r["fits"]:
+            if lt and fa:
+                lo_share, hi_share = r["seq"] / fa, min(1.0, r["seq"] / lt)
+                lows.append(lo_share)
+                share = f"{lo_share:.0%}-{hi_share:.0%}"
+            elif lt and lt >= r["seq"] and lt == (r.get("plan") or {}).get("seq_len") and r["seq"] >= 8192:
+                share = "100% (position limit)" if r["seq"] == lt else ""
+            elif lt:
+                share = f"<= {min(1.0, r['seq'] / lt):.0%}"
+                unknown += 1
+            else:
+                unknown += 1
         star = "*" if r.get("held_out") else ""
         choice = f"{r['seq']} x {r['micro_batch']} x {r['grad_accum']}" if r["fits"] else "nothing fits"
-        lt_s = "-" if lt is None else (f"{lt}" + (f" (fails {r['fails_at']})" if r.get("fails_at") else ""))
-        status = e.get("skipped") or ("ok" if e.get("rc") == 0 and not oom else f"rc {e.get('rc')}, oom {oom}")
+        lt_s = "-" if lt is None else (f"{lt}" + (f" ({fa})" if fa else ""))
         lines.append(
             f"| {r['shape']}{star} | {r['card']} | {r['start']} | {choice} | {plan.get('keep_blocks', '-')} | "
             f"{'yes' if plan.get('offload') else 'no'} | {r['est_reserved_gib']:.2f} | "
             f"{'-' if meas is None else f'{meas:.2f}'} | {'-' if err is None else f'{err:+.1f}'} | {status} | "
-            f"{lt_s if r['start'] == 'full' else ''} | {'' if ratio is None else f'{ratio:.0%}'} |")
+            f"{lt_s if r['start'] == 'full' else ''} | {share} |")
     lines.append("")
     if errs:
+        within = sum(1 for x in errs if x <= 5.0)
         lines.append(f"Estimate vs measured peak reserved: max |error| {max(errs):.1f}%, mean {sum(errs) / len(errs):.1f}% "
-                     f"over {len(errs)} rows.")
-    lines.append(f"Runs with an out-of-memory event at auto-fit's choice: {ooms}.")
-    if ratios:
-        lines.append(f"Choice / longest length that trains (full-context rows): min {min(ratios):.0%}, "
-                     f"mean {sum(ratios) / len(ratios):.0%} over {len(ratios)} rows.")
+                     f"over {len(errs)} rows; {within} within 5%.")
+    lines.append(f"Runs that ran out of memory at auto-fit's choice: {ooms}.")
+    if lows:
+        lines.append(f"Choice / longest length that trains, lower bound (full-context rows with both ends measured): "
+                     f"min {min(lows):.0%} over {len(lows)} rows; {sum(1 for x in lows if x >= 0.85)} at 85% or more. "
+                     f"{unknown} full-context rows have no bracket.")
     return "\n".join(lines) + "\n"
 
 
@@ -552,6 +577,49 @@ def rescore(path: Path) -> dict:
     return res
 
 
+def combine(paths: list[Path]) -> dict:
+    """Today's auto-fit choices, each with the measurement of a run that trained exactly that setting
+    (the latest such run), re-estimated by today's code; the longest length that trains from every
+    try of every run (the longest that trained, the shortest that did not). Needs no GPU."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    tries: dict[tuple, list] = {}
+    ran: dict[tuple, list] = {}
+    for res in runs:
+        for r in res["rows"]:
+            key = (r["shape"], r["card"])
+            tries.setdefault(key, []).extend(r.get("bisect_tries") or [])
+            ran.setdefault((r["shape"], r["card"], r["start"]), []).append(r)
+    rows = []
+    for shape in SHAPES:
+        for card in CARDS:
+            for start in STARTS:
+                now = plan_row(shape, card, start)
+                p = now.get("plan") or {}
+                match = None
+                for old in ran.get((shape, card, start), []):
+                    op = old.get("plan") or {}
+                    if ((old["seq"], old["micro_batch"], op.get("keep_blocks"), op.get("offload"))
+                            == (now["seq"], now["micro_batch"], p.get("keep_blocks"), p.get("offload"))):
+                        match = old  # later runs override earlier ones
+                now["engine"] = dict(match["engine"]) if match else {"skipped": "this choice was not run"}
+                if match is None:
+                    now["engine"]["rc"] = None
+                t = list(tries.get((shape, card), []))
+                e = now["engine"]
+                if start == "full" and now["micro_batch"] == 1 and e.get("steps") and not e.get("oom_events"):
+                    t.append({"len": now["seq"], "ok": True})
+                ok = [x["len"] for x in t if x["ok"]]
+                bad = [x["len"] for x in t if not x["ok"]]
+                now["longest_trains"] = max(ok) if ok else None
+                now["fails_at"] = min(bad) if bad else None
+                now["bisect_tries"] = t
+                rows.append(now)
+    meta = dict(runs[-1]["meta"])
+    meta["command"] = ("python bench/fit_truth.py --combine " + " ".join(str(p) for p in paths) +
+                       " (measurements: " + "; ".join(r["meta"]["command"] for r in runs) + ")")
+    return {"meta": meta, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="the tiny built-in model on the CPU (seconds)")
@@ -559,10 +627,19 @@ def main(argv=None) -> int:
     ap.add_argument("--cards", default="", help="comma-separated cards (4gb,6gb,8gb)")
     ap.add_argument("--table", metavar="FILE.json", help="re-render the markdown of a result file")
     ap.add_argument("--jobs", type=int, default=15)
+    ap.add_argument("--combine", nargs="+", metavar="FILE.json",
+                    help="today's choices with the measurements of the runs that trained them")
     ap.add_argument("--rescore", metavar="FILE.json", help="today's estimator against a result file's measurements")
     ap.add_argument("--rows", default=os.environ.get("FIT_ROWS", ""),
                     help="only these rows, shape:card:start comma-separated (re-running failed rows)")
     a = ap.parse_args(argv)
+    if a.combine:
+        res = combine([Path(x) for x in a.combine])
+        out = Path(os.environ.get("OUT") or REPO / "bench" / "results")
+        (out / "fit_truth.json").write_text(json.dumps(res, indent=1))
+        (out / "fit_truth.md").write_text(markdown(res))
+        print(markdown(res))
+        return 0
     if a.rescore:
         res = rescore(Path(a.rescore))
         print(markdown(res))

@@ -57,6 +57,16 @@ ATTN_TILE_ELEMS = P.ATTN_TILE_ELEMS
 # A block left un-checkpointed makes the fused 4-bit path keep the double-quantized block scales
 # expanded to fp32 (core/savers.py::_QSpec): 4 bytes per 64 weights, 1/8 of the 4-bit weights.
 CACHED_SCALE_BYTES = 4 / 64
+# The block backward's transients that grow with the row once the MLP is tiled (see estimate()):
+# the attention's backward, bytes per q-wide element (the gradient arriving at its output, dq / dk
+# / dv for every query head, k and v being repeated to them, and part of the kernel's fp32 dq
+# accumulator), and RMSNorm's backward, which computes in fp32 (one 4-byte h-wide temporary).
+# Both chosen on fit_truth's measurements (runs 1 and 2, 35 rows at 1-33k tokens, 4-8 GB caps):
+# of the (attention, norm) pairs tried, (10, 4) leaves 3 rows outside +-5% and is over the cap at
+# every length that ran out of memory there; (12, 0) left 8 rows out, (0, 8) 7 and too long a
+# choice, (0, 0) 17 and said "fits" where Qwen2.5-1.5B ran out (bench/results/fit_truth.md).
+ATTN_BWD_BYTES = 10
+NORM_BWD_BYTES = 4
 
 # Plain recipe's allocator overhead with memory to spare (max_memory_reserved - allocated).
 # The fp32 cast frees the bf16 copies of the embedding (and head, norms) into the cache, and
@@ -119,9 +129,14 @@ EAGER_PLAIN = {"gemma2", "gemma3_text"}
 # The CUDA context outside PyTorch's allocator: core.plan.context_gib (measured for Hopper).
 MEASURED_CONTEXT_GIB = P.MEASURED_CONTEXT_GIB
 
-# Verdict thresholds: "tight" when the headroom is under this share of the budget (a
-# desktop opening a browser tab, allocator noise, a longer-than-usual batch can eat 5%).
+# Verdict thresholds: "tight" when the headroom is under this share of the budget. On a detected
+# card's free memory (shared with a desktop: a browser tab, allocator noise can eat 5%) 5%; on a
+# budget given for this run (a profile's memory, gpu.vram_budget_gib: the whole of it is the
+# run's) 3%: at the longest lengths that trained under 4 GB caps the estimated allocator peak was
+# -0.2% to +8% of the measured one (14 lengths, bench/results/fit_truth.md), so 3% on top keeps
+# the margin without giving up a tenth of the length on weight-heavy models.
 TIGHT_SHARE = 0.05
+TIGHT_SHARE_GIVEN = 0.03
 # Specs guessed from a parameter count or an unknown architecture get this extra margin.
 INEXACT_MARGIN = 0.25
 
@@ -362,21 +377,25 @@ def estimate(
         # exist: 3 + 3 I-wide tensors at most, i.e. 2 above the block's 4 (the hidden-state
         # gradients 2h s beside them). Measured: with 4 (the old count) every backward-peaked
         # H200 run was overestimated, by up to 10% (l1-512-b4-r64).
-        # RMSNorm's backward runs in fp32: the upcast input's gradient and the normalised product
-        # (2 x 4 bytes an h-wide element) beside the hidden-state gradients. Invisible at 1-4k
-        # tokens (the MLP's terms dominate); at 16-33k tokens, where the MLP is tiled and the rest
-        # is O(T), it is what fit_truth run 1 measured above the estimate: 9-12 bytes per T x h
-        # element (Qwen2.5-0.5B/3B, Qwen3-1.7B, Gemma-3-1B; bench/results/fit_truth_run1.json),
-        # and what made auto-fit's 30,848 tokens for Qwen2.5-1.5B on a 4 GB card run out.
-        transient = tile * 2 * I * (4 if ln_fp32 else c) + T * 2 * h * s + T * 8 * h
+        transient = tile * 2 * I * (4 if ln_fp32 else c) + T * 2 * h * s
+        # The attention's backward comes after the MLP's (whose tensors are freed by then), so the
+        # larger of the two counts; the MLP's wins at 1-4k tokens, and once it is tiled it stops
+        # growing while the attention's (ATTN_BWD_BYTES a q-wide element) does. Beside either,
+        # RMSNorm's fp32 backward temporary (NORM_BWD_BYTES an h-wide element). Without them
+        # auto-fit's 30,848 tokens for Qwen2.5-1.5B and 25,408 for Llama-3.2-1B on a 4 GB card
+        # ran out of memory (fit_truth run 1).
+        attn_bwd = T * q * ATTN_BWD_BYTES
+        if plan.tiled_attention:
+            # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention), during
+            # the attention's backward (the MLP's are gone by then: the larger counts, not the sum;
+            # the sum put Gemma-2-2B 5-8% over at 2.5-5k tokens under a 4 GB cap)
+            attn_bwd += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
+        transient = max(transient, attn_bwd) + T * h * NORM_BWD_BYTES
         if gc_on and not plan.tiled_attention and spec.num_kv_heads < spec.num_heads:
             # (without checkpointing the calibrated count already runs 6.5% over: not added there)
             # SDPA gets k and v repeated to every query head (core/savers.py::_repeat_kv): the
             # recomputed block saves those copies, 2 x (q - kv) more than the kv-wide k and v
             block += T * 2 * (q - kv) * c
-        if plan.tiled_attention:
-            # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention)
-            transient += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
         use_chunks = plan.chunked_loss if chunked_loss is None else chunked_loss
         if cfg.train.chunked_loss and not plan.chunked_loss:
             notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
@@ -493,9 +512,13 @@ def estimate(
     total = sum(components.values())
     budget = gpu.budget_gib
     headroom = budget - total
-    if headroom < 0:
+    # Paged optimizer states are CUDA managed memory: the driver moves them to host memory under
+    # pressure instead of failing, so they are shown in the total but are not part of the limit.
+    hard = total - (components["optimizer"] if opt_outside else 0.0)
+    share = TIGHT_SHARE if gpu.budget_source == "free" else TIGHT_SHARE_GIVEN
+    if hard > budget:
         verdict = "does not fit"
-    elif headroom < TIGHT_SHARE * budget:
+    elif budget - hard < share * budget or headroom < 0:
         verdict = "tight"
     else:
         verdict = "fits"
