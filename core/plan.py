@@ -527,3 +527,36 @@ def target_for_device(cfg, device: dict) -> GpuTarget:
         cuda_context_gib=ctx,
         budget_source="vram" if budget else "card",
     )
+
+
+# ---- for viewers (`snugtune runs`, the live panel) --------------------------------------------------
+
+PLAN_FILE = "plan.json"
+
+
+def read_plan(run_dir) -> Optional[dict]:
+    """The plan a run's engine executes (its run directory's plan.json), or None before it is written."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(run_dir) / PLAN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan_summary(d: Optional[dict]) -> str:
+    """One line for people from a plan dict (plan.json / run_started's `plan`)."""
+    if not d:
+        return ""
+    b = d.get("blocks") or {}
+    parts = [f"{d.get('seq_len')} x {d.get('micro_batch')} x {d.get('grad_accum')}",
+             f"{d.get('compute_dtype')}", f"{d.get('optimizer')}"]
+    if d.get("allocator_cap_gib") is not None:
+        parts.append(f"cap {d['allocator_cap_gib']:.2f} GiB")
+    parts.append(f"{b.get('checkpointed', '?')} checkpointed / {b.get('kept', 0)} kept"
+                 + (" / offloaded" if b.get("offloaded") else ""))
+    parts.append("CUDA graphs " + ("on" if d.get("cuda_graphs") else "off"))
+    if d.get("attempt"):
+        parts.append(f"retry {d['attempt']}: {d.get('retry_why', '')}")
+    return ", ".join(parts)

@@ -42,7 +42,7 @@ DIVERGED_AFTER = 3
 # these two are re-exported for the step accounting here.
 from core.plan import oom_fallback, planned_steps  # noqa: E402,F401
 
-PLAN_FILE = "plan.json"
+from core.plan import PLAN_FILE  # noqa: E402
 
 
 def write_plan(run_dir: Path, plan) -> Path:

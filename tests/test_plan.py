@@ -183,3 +183,17 @@ def test_the_savers_execute_the_plan_they_are_given():
     savers.install_savers(m, retry)
     st = savers._unwrap(m)._snug_ckpt_state
     assert st["upto"](torch.empty(2, 128, 64)) == spec.num_layers
+
+
+def test_viewers_read_the_plan_file(tmp_path):
+    from core.train import write_plan
+
+    p = P.plan(cfg(seq=512, mb=4, accum=2), Q15, card())
+    write_plan(tmp_path, p)
+    d = P.read_plan(tmp_path)
+    assert d == json.loads(json.dumps(p.to_dict()))
+    line = P.plan_summary(d)
+    assert line.startswith("512 x 4 x 2, bf16, paged_adamw_8bit, cap 7.44 GiB") and "kept" in line
+    write_plan(tmp_path, p.after_oom())  # the retry replaces it
+    assert P.read_plan(tmp_path)["attempt"] == 1 and "retry 1" in P.plan_summary(P.read_plan(tmp_path))
+    assert P.read_plan(tmp_path / "missing") is None and P.plan_summary(None) == ""
