@@ -514,10 +514,17 @@ def target_for_device(cfg, device: dict) -> GpuTarget:
     ctx = prof.cuda_context_gib if prof is not None else 0.4
     named = (cfg.gpu.profile or "").lower() in PROFILES
     budget = cfg.gpu.vram_budget_gib
+    free = device.get("free_gib")
+    if not budget and free is not None:
+        # no budget given: what is free now (a desktop may hold some) plus this process's own context,
+        # which is already allocated when the free memory is read
+        budget_gib, source = min(total, float(free) + ctx), "free"
+    else:
+        budget_gib, source = (float(budget), "vram") if budget else (total, "card")
     return GpuTarget(
         name=prof.name if (prof is not None and named) else device.get("name", "cuda"),
         label=device.get("name", "cuda"),
-        budget_gib=float(budget) if budget else total,
+        budget_gib=budget_gib,
         bf16=bool(device.get("bf16")),
         compute_capability=(prof.compute_capability if named else cap) if prof is not None else cap,
         fp16_tflops=prof.fp16_tflops if prof else 20.0,
@@ -525,7 +532,7 @@ def target_for_device(cfg, device: dict) -> GpuTarget:
         detected=not named,
         total_gib=total,
         cuda_context_gib=ctx,
-        budget_source="vram" if budget else "card",
+        budget_source=source,
     )
 
 

@@ -298,6 +298,10 @@ class Engine:
         self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
         cfg = self.cfg
         self.device = select_device(cfg)
+        if self.device["type"] == "cuda" and not cfg.gpu.vram_budget_gib:
+            # without a budget the run may use what is free on the card now (a desktop may hold some)
+            free, _ = torch.cuda.mem_get_info(self.device["index"])
+            self.device["free_gib"] = round(free / 2**30, 3)
         target = plan_mod.target_for_device(cfg, self.device)  # a budget above the card: UserError here
         self.events.emit("setup_progress", message="resolving the model")
         source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)

@@ -197,3 +197,12 @@ def test_viewers_read_the_plan_file(tmp_path):
     write_plan(tmp_path, p.after_oom())  # the retry replaces it
     assert P.read_plan(tmp_path)["attempt"] == 1 and "retry 1" in P.plan_summary(P.read_plan(tmp_path))
     assert P.read_plan(tmp_path / "missing") is None and P.plan_summary(None) == ""
+
+
+def test_without_a_budget_the_engine_plans_for_what_is_free():
+    c = RunConfig.from_dict({"model": {"name_or_path": "x"}, "data": {"path": "x"}})
+    device = {"type": "cuda", "name": "NVIDIA GeForce RTX 3060", "total_gib": 11.76, "capability": "8.6",
+              "bf16": True, "free_gib": 9.0}  # a desktop holds 2.4 GiB
+    t = P.target_for_device(c, device)
+    assert t.budget_source == "free" and t.budget_gib == pytest.approx(9.0 + 0.35)
+    assert P.plan(c, Q15, t).allocator_cap_gib == pytest.approx(9.0)
