@@ -499,11 +499,17 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{meta['command']}`. Cards: " +
         ", ".join(f"{k} = {v} GiB budget" for k, v in meta["cards_gib"].items()) +
-        f", profile {meta['profile']} (allocator capped at budget - 0.35 GiB). Held out (never used to fit the "
-        f"estimator's constants): {', '.join(meta['held_out'])} (marked *). `longest that trains`: the "
+        f", profile {meta['profile']} (allocator capped at budget - 0.35 GiB). Held out from every constant "
+        f"fitted before fit_truth (bench/results/estimate_accuracy.json's models): {', '.join(meta['held_out'])} "
+        f"(marked *); the two backward terms added after run 1 (ATTN_BWD_BYTES, NORM_BWD_BYTES in "
+        f"core/estimate.py) were chosen on runs 1-2, these rows included. `longest that trains`: the "
         "longest length that trained at micro-batch 1 and, in brackets, the shortest that ran out; the "
         "share is the choice over that range (the true longest lies in it).",
         "",
+    ]
+    if meta.get("estimates"):
+        lines += [f"Estimates: {meta['estimates']}.", ""]
+    lines += [
         "| model | card | start | choice (seq x mb x accum) | kept blocks | offload | est. reserved GiB | "
         "measured GiB | error % | run | longest that trains | choice / longest |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -615,6 +621,8 @@ def combine(paths: list[Path]) -> dict:
                 now["bisect_tries"] = t
                 rows.append(now)
     meta = dict(runs[-1]["meta"])
+    meta["estimates"] = ("today's code: each row is today's auto-fit choice, with the measurement of the latest run "
+                         "that trained exactly that setting (else 'not run')")
     meta["command"] = ("python bench/fit_truth.py --combine " + " ".join(str(p) for p in paths) +
                        " (measurements: " + "; ".join(r["meta"]["command"] for r in runs) + ")")
     return {"meta": meta, "rows": rows}
