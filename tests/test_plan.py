@@ -206,3 +206,16 @@ def test_without_a_budget_the_engine_plans_for_what_is_free():
     t = P.target_for_device(c, device)
     assert t.budget_source == "free" and t.budget_gib == pytest.approx(9.0 + 0.35)
     assert P.plan(c, Q15, t).allocator_cap_gib == pytest.approx(9.0)
+
+
+def test_snugtune_estimate_shows_the_plan(capsys):
+    from tui.cli import main
+
+    assert main(["estimate", "--model", "Qwen/Qwen2.5-1.5B", "--gpu", "gtx-1650", "--seq", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "plan (what the engine will do" in out and "allocator cap  3.47 GiB" in out and "CUDA graphs" in out
+    assert main(["estimate", "--model", "Qwen/Qwen2.5-1.5B", "--gpu", "gtx-1650", "--autofit", "--full-context",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["plan"]["compute_dtype"] == "fp16" and d["plan"]["optimizer_why"]
+    assert d["autofit"]["max_seq_len"] <= 131072 and d["plan"]["seq_len"] == d["autofit"]["max_seq_len"]
