@@ -143,7 +143,8 @@ def estimate_case(case: Case, recipe: str, total_gib: float = 139.81, context_gi
     gpu = replace(gpu, total_gib=total_gib, budget_gib=case.vram_gib or total_gib)
     if context_gib is not None:
         gpu = replace(gpu, cuda_context_gib=context_gib)
-    est = estimate(spec, run_config(case), gpu, recipe)
+    # the bench measured the need: every block checkpointed (keep_layers=0, as the runs were)
+    est = estimate(spec, run_config(case), gpu, recipe, keep_layers=0)
     return {"total_gib": est.total_gib, "allocated_gib": est.allocated_gib, "reserved_gib": est.reserved_gib,
             "device_gib": est.device_gib,
             "components": est.components, "peak_phase": est.peak_phase, "verdict": est.verdict, "knobs": est.knobs}
@@ -351,7 +352,12 @@ def snugtune_model(model_dir: str, case: Case):
     m = cm.load_base_model(model_dir, cfg, device)
     cm.prepare_for_training(m, cfg)
     m = cm.attach_lora(m, cfg)
-    applied = savers.install_savers(m, cfg, device) or {}
+    from core import plan as plan_mod
+    from core.train import source_spec
+
+    # the need: every block checkpointed (keep=0), what the estimate's verdict is about
+    pl = plan_mod.plan(cfg, source_spec(model_dir), plan_mod.target_for_device(cfg, device), keep=0)
+    applied = savers.install_savers(m, pl) or {}
     m.train()
     return m, applied
 

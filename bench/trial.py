@@ -38,13 +38,31 @@ def mem():
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3)}
 
 
-def cfg_ns(seq, budget, offload="auto", compile_=False):
-    # install_savers reads these fields; a namespace keeps pydantic/tomli_w off the GPU machine
-    return types.SimpleNamespace(
-        train=types.SimpleNamespace(chunked_loss=True, gradient_checkpointing=True, offload_activations=offload,
-                                    micro_batch=1, compile=compile_),
-        data=types.SimpleNamespace(max_seq_len=seq),
-        gpu=types.SimpleNamespace(vram_budget_gib=budget))
+def plan_for(path, seq, budget, offload="auto", compile_=False, device="cuda"):
+    """The core.plan.Plan the savers execute for this bench model at `seq` tokens.
+
+    `budget` is the allocator cap these trials set themselves (set_per_process_memory_fraction
+    below), so the plan's target has no CUDA context of its own (budget = cap). The bench's
+    SNUGTUNE_KEEP_LAYERS override (bench/run.py: "measure the need") forces the kept blocks."""
+    from core import plan as P
+    from core.catalog import spec_from_dir
+    from core.config import RunConfig
+    from core.gpu import GpuTarget, cpu_target
+
+    cfg = RunConfig.from_dict({
+        "model": {"name_or_path": str(path)}, "data": {"path": "(bench)", "max_seq_len": seq},
+        "train": {"chunked_loss": True, "gradient_checkpointing": True, "offload_activations": offload,
+                  "micro_batch": 1, "compile": compile_},
+    })
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory / GiB
+        target = GpuTarget(name="bench", label="bench", budget_gib=budget or total, bf16=True,
+                           compute_capability=(8, 0), fp16_tflops=300.0, bandwidth_gbs=3000.0,
+                           total_gib=total, cuda_context_gib=0.0, budget_source="vram")
+    else:
+        target = cpu_target()
+    keep = os.environ.get("SNUGTUNE_KEEP_LAYERS")
+    return P.plan(cfg, spec_from_dir(path), target, keep=int(keep) if keep is not None else None)
 
 
 def load_ours(path, device, seq, budget, offload="auto", compile_=False, seed=1234):
@@ -55,12 +73,12 @@ def load_ours(path, device, seq, budget, offload="auto", compile_=False, seed=12
 
     m = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant_config(), dtype=torch.bfloat16,
                                              device_map={"": 0 if device == "cuda" else "cpu"})
-    cfg = cfg_ns(seq, budget, offload, compile_)
-    savers.prepare_for_kbit_training(m, cfg)
+    savers.prepare_for_kbit_training(m, True)
     torch.manual_seed(seed)
     m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                      target_modules=TARGETS))
-    info = savers.install_savers(m, cfg, {"type": device})
+    m._snug_bench_path = path
+    info = savers.install_savers(m, plan_for(path, seq, budget, offload, compile_, device))
     m.train()
     return m, info
 
@@ -69,7 +87,7 @@ def reinstall(m, seq, budget, offload, compile_=False):
     from core import savers
 
     savers.uninstall_savers(m)
-    return savers.install_savers(m, cfg_ns(seq, budget, offload, compile_), {"type": "cuda"})
+    return savers.install_savers(m, plan_for(m._snug_bench_path, seq, budget, offload, compile_))
 
 
 def make_opt(m, lr):

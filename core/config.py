@@ -16,6 +16,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import UserError
+from core.plan import OPTIMIZERS  # the one list of optimizers the engine knows (core.plan imports no config)
 
 CONFIG_VERSION = 1
 
@@ -151,7 +152,7 @@ class TrainSettings(_Section):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of the steps spent ramping the learning rate up from zero.")
     weight_decay: float = Field(0.0, ge=0.0, lt=1.0, description="Decoupled weight decay on the adapters.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this (0 turns clipping off).")
-    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch"] = Field(
+    optimizer: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]  (core.plan's one list)
         "auto",
         description="'auto' takes 8-bit paged AdamW on CUDA (states in 8 bits, paged out under pressure) "
         "and plain AdamW on the CPU.",

@@ -31,11 +31,12 @@ Pure Python, no torch: the wizard calls this in-process.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 from core.catalog import ModelSpec
 from core.errors import UserError
+from core import plan as P
 from core.gpu import GpuTarget
 
 GIB = 2**30
@@ -50,13 +51,22 @@ WORKSPACE_GIB = 0.03
 BYTES_ADAM8 = 2 + 2 * 4 / 256
 BYTES_ADAM32 = 8
 
-# Mirrors of core/savers.py (kept in sync by tests/test_estimate.py::test_savers_constants_match).
-CE_CHUNK_BYTES = 256 * 2**20
-MLP_TILE_BYTES = 256 * 2**20
-AUTO_OFFLOAD_SHARE = 0.10
-ATTN_TILE_ELEMS = 2**24  # query-tiled attention (softcapping, sliding windows): one score tile
-CHUNKABLE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"}
-TILED_ATTENTION = {"gemma2", "gemma3_text"}  # attention softcapping / sliding windows: SDPA cannot
+# The engine's rules (chunk and tile sizes, offload, kept blocks, attention path) are decided once,
+# in core.plan; the estimate prices the Plan it is given.
+ATTN_TILE_ELEMS = P.ATTN_TILE_ELEMS
+# A block left un-checkpointed makes the fused 4-bit path keep the double-quantized block scales
+# expanded to fp32 (core/savers.py::_QSpec): 4 bytes per 64 weights, 1/8 of the 4-bit weights.
+CACHED_SCALE_BYTES = 4 / 64
+# The block backward's transients that grow with the row once the MLP is tiled (see estimate()):
+# the attention's backward, bytes per q-wide element (the gradient arriving at its output, dq / dk
+# / dv for every query head, k and v being repeated to them, and part of the kernel's fp32 dq
+# accumulator), and RMSNorm's backward, which computes in fp32 (one 4-byte h-wide temporary).
+# Both chosen on fit_truth's measurements (runs 1 and 2, 35 rows at 1-33k tokens, 4-8 GB caps):
+# of the (attention, norm) pairs tried, (10, 4) leaves 3 rows outside +-5% and is over the cap at
+# every length that ran out of memory there; (12, 0) left 8 rows out, (0, 8) 7 and too long a
+# choice, (0, 0) 17 and said "fits" where Qwen2.5-1.5B ran out (bench/results/fit_truth.md).
+ATTN_BWD_BYTES = 10
+NORM_BWD_BYTES = 4
 
 # Plain recipe's allocator overhead with memory to spare (max_memory_reserved - allocated).
 # The fp32 cast frees the bf16 copies of the embedding (and head, norms) into the cache, and
@@ -112,27 +122,26 @@ OWN_LOSS_BYTES = 16
 # without checkpointing (B=2 x 512), 1.03 GiB over 28 blocks ~ one fp32 score tensor a block.
 # Gemma-2 (attention softcapping) runs eager attention: tanh's output and softmax's output
 # are kept (2), 3 live in the recompute.
-MATH_ATTN_KEPT, MATH_ATTN_PEAK = 1.0, 3.25
+MATH_ATTN_KEPT, MATH_ATTN_PEAK = 1.0, 3.7
 EAGER_ATTN_KEPT, EAGER_ATTN_PEAK = 2.0, 3.0
 EAGER_PLAIN = {"gemma2", "gemma3_text"}
 
-# Memory outside PyTorch's allocator (CUDA context, lazily loaded kernels, cuBLAS handles),
-# measured where we could: bench/results/estimate_accuracy.json, NVML's per-process used memory
-# minus max_memory_reserved on an H200 (torch 2.11, CUDA 13): 0.725 GiB for the plain recipe,
-# 0.74-0.81 GiB for snugtune (more distinct kernels: chunked loss, SDPA backward). The larger
-# one is used for Hopper cards (H100 assumed like the H200: same architecture and libraries).
-# Other cards keep their profile's number: ~0.35 GiB on consumer cards is BASELINE.md's
-# assumption (it caps the allocator at 4 - 0.35 GiB), not a measurement.
-MEASURED_CONTEXT_GIB = {(9, 0): 0.81}
+# The CUDA context outside PyTorch's allocator: core.plan.context_gib (measured for Hopper).
+MEASURED_CONTEXT_GIB = P.MEASURED_CONTEXT_GIB
 
-# Verdict thresholds: "tight" when the headroom is under this share of the budget (a
-# desktop opening a browser tab, allocator noise, a longer-than-usual batch can eat 5%).
+# Verdict thresholds: "tight" when the headroom is under this share of the budget. On a detected
+# card's free memory (shared with a desktop: a browser tab, allocator noise can eat 5%) 5%; on a
+# budget given for this run (a profile's memory, gpu.vram_budget_gib: the whole of it is the
+# run's) 3%: at the longest lengths that trained under 4 GB caps the estimated allocator peak was
+# -0.2% to +8% of the measured one (14 lengths, bench/results/fit_truth.md), so 3% on top keeps
+# the margin without giving up a tenth of the length on weight-heavy models.
 TIGHT_SHARE = 0.05
+TIGHT_SHARE_GIVEN = 0.03
 # Specs guessed from a parameter count or an unknown architecture get this extra margin.
 INEXACT_MARGIN = 0.25
 
 RECIPES = ("snugtune", "plain")
-OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+OPTIMIZERS = P.OPTIMIZERS
 
 
 @dataclass
@@ -155,9 +164,12 @@ class Estimate:
     peak_phase: str  # "loss" (end of forward) or "backward" (first block's backward)
     notes: list[str] = field(default_factory=list)
     knobs: dict = field(default_factory=dict)
+    plan: Optional[P.Plan] = field(default=None, repr=False, compare=False)  # what was priced
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "plan"}
+        d = json_copy(d)
+        d["plan"] = self.plan.to_dict() if self.plan is not None else None
         d["components"] = {k: round(v, 4) for k, v in self.components.items()}
         for k in ("total_gib", "budget_gib", "headroom_gib", "allocated_gib", "reserved_gib", "device_gib"):
             d[k] = round(d[k], 4)
@@ -176,21 +188,24 @@ class FitResult:
     estimate: Estimate
     fits: bool
     notes: list[str] = field(default_factory=list)
+    # when nothing fits: the smallest changes that would, each a sentence
+    suggestions: list[str] = field(default_factory=list)
+    changed: bool = True  # False: the configuration given already was the best that fits
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "estimate"}
+        d = json_copy(d)
         d["estimate"] = self.estimate.to_dict()
         return d
 
 
+def json_copy(d: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(d)
+
+
 # ---- inputs ----------------------------------------------------------------------------------------
-
-def _optimizer(cfg, gpu: GpuTarget) -> str:
-    name = cfg.train.optimizer
-    if name == "auto":
-        return "adamw_torch" if gpu.is_cpu else "paged_adamw_8bit"
-    return name
-
 
 def check_inputs(spec: ModelSpec, cfg, recipe: str = "snugtune") -> None:
     """UserError for numbers that make no sense for this model (the config validates the rest)."""
@@ -214,42 +229,10 @@ def check_inputs(spec: ModelSpec, cfg, recipe: str = "snugtune") -> None:
         )
 
 
-def context_gib(gpu: GpuTarget) -> float:
-    """Memory the process holds outside PyTorch's allocator on this card (GiB): measured for
-    Hopper (MEASURED_CONTEXT_GIB), the profile's assumption elsewhere."""
-    if gpu.is_cpu:
-        return 0.0
-    measured = MEASURED_CONTEXT_GIB.get(tuple(gpu.compute_capability or ()))
-    return max(gpu.cuda_context_gib, measured) if measured else gpu.cuda_context_gib
+context_gib = P.context_gib
 
 
 # ---- the model ---------------------------------------------------------------------------------------
-
-def _ce_chunk_tokens(vocab: int, softcap: bool, budget_bytes: Optional[int], chunk_bytes: int) -> int:
-    # core/savers.py::_ce_chunk_tokens: fp32 logits + 2-byte matmul output + 2-byte probabilities
-    # (+4 bytes of tanh derivative with softcapping) per logit; chunk <= 256 MiB or budget/16.
-    per = 8 + (4 if softcap else 0)
-    target = chunk_bytes if budget_bytes is None else min(chunk_bytes, budget_bytes // 16)
-    return max(32, int(target // (vocab * per)))
-
-
-def _mlp_tile_tokens(intermediate: int, batch: int, tile_bytes: int) -> int:
-    # core/savers.py::_mlp_tile_tokens: 4 live T x I tensors of 2 bytes per tile, in steps of 256.
-    t = tile_bytes // (4 * 2 * intermediate * max(batch, 1))
-    return max(256, int(t) // 256 * 256)
-
-
-def offloads(spec: ModelSpec, cfg, gpu: GpuTarget, tokens: int) -> bool:
-    """The engine's offload rule (core/savers.py offload_decision) for a micro-batch of `tokens`:
-    'on' always, 'off' never, 'auto' when the L kept block inputs exceed 10% of the budget;
-    never on the CPU or without gradient checkpointing."""
-    mode = cfg.train.offload_activations
-    if gpu.is_cpu or not cfg.train.gradient_checkpointing or mode == "off":
-        return False
-    if mode == "on":
-        return True
-    return spec.num_layers * tokens * spec.hidden_size * 2 > AUTO_OFFLOAD_SHARE * int(gpu.budget_gib * GIB)
-
 
 def estimate(
     spec: ModelSpec,
@@ -257,24 +240,28 @@ def estimate(
     gpu: GpuTarget,
     recipe: str = "snugtune",
     *,
-    ce_chunk_bytes: int = CE_CHUNK_BYTES,
-    mlp_tile_bytes: int = MLP_TILE_BYTES,
+    plan: Optional[P.Plan] = None,
+    ce_chunk_bytes: int = P.CE_CHUNK_BYTES,
+    mlp_tile_bytes: int = P.MLP_TILE_BYTES,
     offload: Optional[bool] = None,
-    keep_layers: int = 0,
+    keep_layers: Optional[int] = None,
     chunked_loss: Optional[bool] = None,
     overhead_share: Optional[float] = None,
     calibration: Optional[float] = None,
 ) -> Estimate:
-    """The peak memory of training `spec` with `cfg` on `gpu` under `recipe`.
+    """The peak memory of training `spec` with `cfg` on `gpu` under `recipe`: the price of a Plan.
 
-    Knobs for the GPU benchmark's calibration: `ce_chunk_bytes` and `mlp_tile_bytes` (the
-    savers' working-set sizes), `offload` (None: cfg.train.offload_activations, 'auto'
-    decided as the engine does), `keep_layers` (blocks the engine leaves un-checkpointed
-    when the budget has room; 0 = the need, which is what the verdict is about),
+    `plan` is core.plan.plan(cfg, spec, gpu) unless given; its decisions (optimizer, chunk and
+    tile sizes, offload, un-checkpointed blocks and their cached block scales) are what is
+    priced, so the number is what the engine that executes the same plan needs. Knobs for the
+    GPU benchmark's calibration override single decisions: `ce_chunk_bytes` and
+    `mlp_tile_bytes` (the savers' working-set sizes), `offload`, `keep_layers` (0 = the need),
     `overhead_share` (allocator overhead), `calibration` (a per-GPU multiplier on the
     allocator's part, from a calibration probe).
     """
     check_inputs(spec, cfg, recipe)
+    if plan is None:
+        plan = P.plan(cfg, spec, gpu)
     notes: list[str] = []
     if calibration is None:
         calibration = load_calibration(gpu.name, recipe) if gpu.detected else 1.0
@@ -306,7 +293,7 @@ def estimate(
     n_lora = spec.lora_params(cfg.lora.r, cfg.lora.target_modules)
     adapters = n_lora * 4  # LoRA weights are fp32 in both recipes (peft's autocast_adapter_dtype)
     grads = n_lora * 4
-    opt = _optimizer(cfg, gpu)
+    opt = plan.optimizer
     opt_bytes = n_lora * (BYTES_ADAM32 if opt == "adamw_torch" else BYTES_ADAM8)
     opt_outside = opt == "paged_adamw_8bit" and not cpu  # cudaMallocManaged, not PyTorch's allocator
     workspace = 0 if cpu else WORKSPACE_GIB * GIB
@@ -352,7 +339,7 @@ def estimate(
         kept = L * k_layer if gc_on else 0
     else:
         if offload is None:
-            use_offload = offloads(spec, cfg, gpu, T)
+            use_offload = plan.offload
         else:
             use_offload = bool(offload) and not cpu and gc_on
         # LayerNorm models (StableLM) under autocast: layer_norm runs in fp32 (autocast's fp32
@@ -374,8 +361,10 @@ def estimate(
         if use_offload:
             notes.append(f"activation offload on: {L * T * h * s / GIB:.2f} GiB of block inputs in pinned CPU memory")
         if gc_on:
-            tm = _mlp_tile_tokens(I, B, mlp_tile_bytes) * B
-            tile = tm if T > 2 * tm else T  # the engine tiles beyond two tiles' worth
+            tm = P.mlp_tile_tokens(I, B, mlp_tile_bytes) * B
+            # the savers tile rows of two tiles' worth and more (tiled_mlp_forward: T >= 2 x tile);
+            # `> 2 x tm` here once priced SmolLM2 at exactly 8,192 tokens untiled (+9% over measured)
+            tile = tm if T >= 2 * tm else T
         # One block's saved tensors a token, counted with saved_tensors_hooks on the engine's
         # path (16-bit weights, LoRA under autocast as the Trainer runs it): the RMSNorms' fp32
         # internals 2 x 4h, six h-wide projection inputs, q and attention output, k and v, and
@@ -389,15 +378,29 @@ def estimate(
         # gradients 2h s beside them). Measured: with 4 (the old count) every backward-peaked
         # H200 run was overestimated, by up to 10% (l1-512-b4-r64).
         transient = tile * 2 * I * (4 if ln_fp32 else c) + T * 2 * h * s
-        if spec.model_type in TILED_ATTENTION:
-            # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention)
-            transient += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
-        use_chunks = cfg.train.chunked_loss if chunked_loss is None else chunked_loss
-        if use_chunks and spec.model_type not in CHUNKABLE:
-            use_chunks = False
+        # The attention's backward comes after the MLP's (whose tensors are freed by then), so the
+        # larger of the two counts; the MLP's wins at 1-4k tokens, and once it is tiled it stops
+        # growing while the attention's (ATTN_BWD_BYTES a q-wide element) does. Beside either,
+        # RMSNorm's fp32 backward temporary (NORM_BWD_BYTES an h-wide element). Without them
+        # auto-fit's 30,848 tokens for Qwen2.5-1.5B and 25,408 for Llama-3.2-1B on a 4 GB card
+        # ran out of memory (fit_truth run 1).
+        attn_bwd = T * q * ATTN_BWD_BYTES
+        if plan.tiled_attention:
+            # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention), during
+            # the attention's backward (the MLP's are gone by then: the larger counts, not the sum;
+            # the sum put Gemma-2-2B 5-8% over at 2.5-5k tokens under a 4 GB cap)
+            attn_bwd += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
+        transient = max(transient, attn_bwd) + T * h * NORM_BWD_BYTES
+        if gc_on and not plan.tiled_attention and spec.num_kv_heads < spec.num_heads:
+            # (without checkpointing the calibrated count already runs 6.5% over: not added there)
+            # SDPA gets k and v repeated to every query head (core/savers.py::_repeat_kv): the
+            # recomputed block saves those copies, 2 x (q - kv) more than the kv-wide k and v
+            block += T * 2 * (q - kv) * c
+        use_chunks = plan.chunked_loss if chunked_loss is None else chunked_loss
+        if cfg.train.chunked_loss and not plan.chunked_loss:
             notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
         if use_chunks:
-            chunk = _ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
+            chunk = P.ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
             per_logit = CE_LIVE_BYTES + (4 if softcap else 0)
             loss_ws = min(chunk, T) * V * per_logit
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
@@ -409,8 +412,23 @@ def estimate(
             held_logits = T * V * 2  # the 16-bit logits stay referenced by the output during backward
             if cfg.train.chunked_loss is False or chunked_loss is False:
                 notes.append("chunked loss off: the full logits are materialised (the largest cost at big vocabularies)")
-        if keep_layers:
-            kept += keep_layers * (block - T * h * s)
+        if keep_layers is None:
+            keep_layers = plan.keep_blocks if gc_on else 0
+        if keep_layers and gc_on:
+            # an un-checkpointed block keeps its activations instead of its input alone
+            # An un-checkpointed block keeps what its recompute would hold, less: its input (kept
+            # anyway), a tiled MLP's intermediates (_TiledMLP keeps only its input) and, on the fused
+            # 4-bit path, the 3 h-wide inputs that q/k/v and gate/up share (one tensor each, not
+            # one per projection). Measured with 8-28 kept blocks at 1,024 tokens (fit_truth run
+            # 1, preset rows): the full count was 3 h x 2 bytes a token a block too high.
+            per_kept = block - T * h * s - (tile * 4 * I * c if tile < T else 0)
+            if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
+                per_kept -= T * 3 * h * c
+            kept += keep_layers * per_kept
+            if cfg.model.load_in_4bit and not cpu:
+                wq += spec.params_quantizable * CACHED_SCALE_BYTES  # expanded block scales (fused path)
+                notes.append(f"{keep_layers} of {L} blocks run un-checkpointed (spare memory, no recompute): "
+                             "their activations are counted here")
     largest_bwd = tile * I * s  # the backward's largest transient: an MLP tensor, or a score tensor
     if plain and (spec.model_type in EAGER_PLAIN or spec.num_kv_heads < spec.num_heads):
         largest_bwd = max(largest_bwd, score)
@@ -487,9 +505,6 @@ def estimate(
         notes.append(f"{spec.note or 'the shape is approximate'}; +{int(INEXACT_MARGIN * 100)}% margin added")
     if opt_outside:
         notes.append("paged 8-bit AdamW states live in CUDA unified memory (outside PyTorch's allocator)")
-    if not plain and not cpu and gc_on and not keep_layers:
-        notes.append("this is what the run needs; with room to spare the engine may use up to 75% of the "
-                     "budget to skip recomputing some blocks (faster, same result)")
     if cpu:
         notes.append("CPU target: budget is the available RAM; training runs in fp32 and is slow")
 
@@ -497,9 +512,13 @@ def estimate(
     total = sum(components.values())
     budget = gpu.budget_gib
     headroom = budget - total
-    if headroom < 0:
+    # Paged optimizer states are CUDA managed memory: the driver moves them to host memory under
+    # pressure instead of failing, so they are shown in the total but are not part of the limit.
+    hard = total - (components["optimizer"] if opt_outside else 0.0)
+    share = TIGHT_SHARE if gpu.budget_source == "free" else TIGHT_SHARE_GIVEN
+    if hard > budget:
         verdict = "does not fit"
-    elif headroom < TIGHT_SHARE * budget:
+    elif budget - hard < share * budget or headroom < 0:
         verdict = "tight"
     else:
         verdict = "fits"
@@ -523,14 +542,15 @@ def estimate(
         + (comp_bytes.get("margin", 0.0) / GIB),
         peak_phase=phase_name,
         notes=notes,
+        plan=plan,
         knobs={
             "offload": use_offload,
             "mlp_tile_tokens": tile if (not plain and tile < T) else None,
             "ce_chunk_tokens": None if plain else (
-                _ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
+                P.ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
             ),
             "optimizer": opt,
-            "keep_layers": keep_layers,
+            "keep_layers": keep_layers or 0,
         },
     )
 
@@ -599,72 +619,6 @@ def save_calibration(gpu_name: str, recipe: str, factor: float, samples: list[di
     return path
 
 
-# ---- auto-fit ----------------------------------------------------------------------------------------
-
-def _with(cfg, seq: int | None = None, micro_batch: int | None = None, grad_accum: int | None = None):
-    data = cfg.data.model_copy(update={"max_seq_len": seq}) if seq is not None else cfg.data
-    upd = {}
-    if micro_batch is not None:
-        upd["micro_batch"] = micro_batch
-    if grad_accum is not None:
-        upd["grad_accum"] = grad_accum
-    train = cfg.train.model_copy(update=upd) if upd else cfg.train
-    return cfg.model_copy(update={"data": data, "train": train})
-
-
-SEQ_STEP = 64  # sequence lengths are searched in multiples of 64 (tensor-core friendly)
-
-
-def longest_seq(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", micro_batch: int = 1,
-                limit: int | None = None, **knobs) -> int:
-    """The longest sequence (multiple of 64) whose estimate says "fits"; 0 if not even 64 does."""
-    hi_cap = limit or max(spec.max_position_embeddings, cfg.data.max_seq_len)
-
-    def ok(n: int) -> bool:
-        return estimate(spec, _with(cfg, n, micro_batch), gpu, recipe, **knobs).verdict == "fits"
-
-    if not ok(SEQ_STEP):
-        return 0
-    lo, hi = 1, hi_cap // SEQ_STEP  # in units of SEQ_STEP; memory grows monotonically with length
-    if ok(hi * SEQ_STEP):
-        return hi * SEQ_STEP
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid * SEQ_STEP):
-            lo = mid
-        else:
-            hi = mid
-    return lo * SEQ_STEP
-
-
-def autofit(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", **knobs) -> FitResult:
-    """Longest sequence and largest micro-batch that fit, keeping the effective batch.
-
-    Sequence first (it bounds what the model learns from), at micro-batch 1; then the
-    micro-batch grows while it fits and does not exceed the effective batch; gradient
-    accumulation makes up the rest (ceil, so the effective batch never shrinks).
-    """
-    check_inputs(spec, cfg, recipe)
-    want_seq = cfg.data.max_seq_len
-    eff = cfg.train.micro_batch * cfg.train.grad_accum
-    notes: list[str] = []
-    longest = longest_seq(spec, cfg, gpu, recipe, 1, **knobs)
-    if longest == 0:
-        est = estimate(spec, _with(cfg, 64, 1, eff), gpu, recipe, **knobs)
-        return FitResult(64, 0, 1, eff, eff, est, False, ["nothing fits, not even 64 tokens at micro-batch 1"])
-    seq = min(want_seq, longest)
-    if seq < want_seq:
-        notes.append(f"sequence shortened from {want_seq} to {seq} tokens to fit")
-    mb = 1
-    while mb * 2 <= eff and estimate(spec, _with(cfg, seq, mb * 2), gpu, recipe, **knobs).verdict == "fits":
-        mb *= 2
-    accum = math.ceil(eff / mb)
-    est = estimate(spec, _with(cfg, seq, mb, accum), gpu, recipe, **knobs)
-    if mb * accum != eff:
-        notes.append(f"effective batch {mb * accum} (was {eff}): {mb} x {accum}")
-    return FitResult(seq, longest, mb, accum, mb * accum, est, True, notes)
-
-
 # ---- time ----------------------------------------------------------------------------------------------
 
 # Share of the card's peak fp16 throughput a QLoRA step reaches: small models are bound by
@@ -675,41 +629,212 @@ MFU = 0.25
 # H200's host, ~220 ms of a 270 ms Qwen2.5-1.5B step over 28 blocks x 3 passes (bench run 2).
 KERNEL_OVERHEAD_S = 40e-6
 KERNELS_PER_BLOCK = 60  # forward of one block with LoRA on 7 projections (plus recompute, backward)
-# CUDA-graph steps (core.graphs: CUDA, bf16, rows up to GRAPH_MAX_TOKENS, no offload) replay a
-# micro-batch in one launch; what stays on the host is the optimizer: ~30 us per adapter tensor.
-GRAPH_MAX_TOKENS = 8192
+# CUDA-graph steps replay a micro-batch in one launch; what stays on the host is the optimizer:
+# ~30 us per adapter tensor.
 OPTIMIZER_HOST_S_PER_TENSOR = 30e-6
+# Offloaded block inputs cross PCIe twice a micro-batch (to pinned host memory and back). The
+# copies run on a side stream, but a consumer card's PCIe 3/4 x16 moves ~12 GB/s in practice, and
+# counting them in full is what keeps auto-fit from trading a fitting setting for a slower one.
+PCIE_GBS = 12.0
 
 
-def graphed_steps(spec: ModelSpec, cfg, gpu: GpuTarget) -> bool:
-    """Whether the engine would replay this configuration's steps from a CUDA graph."""
-    T = cfg.data.max_seq_len * cfg.train.micro_batch
-    if gpu.is_cpu or not gpu.bf16 or getattr(cfg.train, "cuda_graphs", "auto") == "off" or T > GRAPH_MAX_TOKENS:
-        return False
-    if cfg.lora.dropout > 0 or getattr(cfg.train, "compile", False):
-        return False
-    return not offloads(spec, cfg, gpu, T)
-
-
-def estimate_step_time(spec: ModelSpec, cfg, gpu: GpuTarget) -> float:
+def estimate_step_time(spec: ModelSpec, cfg, gpu: GpuTarget, plan: Optional[P.Plan] = None) -> float:
     """Rough seconds per optimizer step (micro_batch x grad_accum sequences), from the profile's
-    fp16 throughput and memory bandwidth. Good for "about how long per epoch", not more."""
+    fp16 throughput and memory bandwidth, for the plan's decisions (CUDA graphs, offload, kept
+    blocks). Good for "about how long per epoch" and for comparing two settings, not more."""
+    plan = plan or P.plan(cfg, spec, gpu)
     seq, B, accum = cfg.data.max_seq_len, cfg.train.micro_batch, cfg.train.grad_accum
     T = seq * B
-    passes = 3 if cfg.train.gradient_checkpointing else 2  # forward, (recompute), backward-for-input
+    L = spec.num_layers
+    # forward, (recompute of the checkpointed blocks), backward-for-input
+    recompute = (L - plan.keep_blocks) / L if cfg.train.gradient_checkpointing else 0.0
+    passes = 2 + recompute
     linear = spec.params_quantizable + spec.vocab_size * spec.hidden_size
-    flops = 2 * linear * T * passes + 4 * spec.num_layers * T * T * spec.q_dim * passes / 2  # causal attention
+    flops = 2 * linear * T * passes + 4 * L * T * T * spec.q_dim * passes / 2  # causal attention
     flops += 6 * spec.lora_params(cfg.lora.r, cfg.lora.target_modules) * T
     compute_s = flops / (gpu.fp16_tflops * 1e12 * MFU)
     # every pass dequantises the 4-bit weights: read 0.5 B + write/read 2 B a weight
     mem_s = spec.params_quantizable * 4.5 * passes / (gpu.bandwidth_gbs * 1e9)
+    offload_s = (2 * L * T * spec.hidden_size * 2 / (PCIE_GBS * 1e9)) if plan.offload else 0.0
     targets = cfg.lora.target_modules
     per_layer = 7 if isinstance(targets, str) else len(targets)
-    optimizer_s = OPTIMIZER_HOST_S_PER_TENSOR * 2 * per_layer * spec.num_layers
-    if graphed_steps(spec, cfg, gpu):
-        return accum * (compute_s + mem_s) + optimizer_s
-    launch_s = KERNEL_OVERHEAD_S * KERNELS_PER_BLOCK * spec.num_layers * passes
-    return accum * (compute_s + mem_s + launch_s) + optimizer_s
+    optimizer_s = OPTIMIZER_HOST_S_PER_TENSOR * 2 * per_layer * L
+    if plan.cuda_graphs:
+        return accum * (compute_s + mem_s + offload_s) + optimizer_s
+    launch_s = KERNEL_OVERHEAD_S * KERNELS_PER_BLOCK * L * passes
+    return accum * (compute_s + mem_s + launch_s + offload_s) + optimizer_s
+
+
+# ---- auto-fit ----------------------------------------------------------------------------------------
+
+def _with(cfg, seq: int | None = None, micro_batch: int | None = None, grad_accum: int | None = None):
+    return P.with_batch(cfg, seq, micro_batch, grad_accum)
+
+
+SEQ_STEP = 64  # sequence lengths are searched in multiples of 64 (tensor-core friendly)
+
+
+def position_limit(spec: ModelSpec) -> int:
+    """The longest row the model's positions allow."""
+    return int(spec.max_position_embeddings)
+
+
+def longest_seq(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", micro_batch: int = 1,
+                limit: int | None = None, **knobs) -> int:
+    """The longest sequence (multiple of 64, at most `limit`, else the model's positions) whose
+    estimate says "fits"; 0 if not even 64 does."""
+    hi_cap = limit or position_limit(spec)
+
+    def ok(n: int) -> bool:
+        return estimate(spec, _with(cfg, n, micro_batch), gpu, recipe, **knobs).verdict == "fits"
+
+    if hi_cap < SEQ_STEP:
+        return hi_cap if ok(hi_cap) else 0
+    if not ok(SEQ_STEP):
+        return 0
+    if ok(hi_cap):
+        return hi_cap
+    lo, hi = 1, hi_cap // SEQ_STEP + 1  # in units of SEQ_STEP; memory grows monotonically with length
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid * SEQ_STEP <= hi_cap and ok(mid * SEQ_STEP):
+            lo = mid
+        else:
+            hi = mid
+    return lo * SEQ_STEP
+
+
+def _seconds_per_sequence(spec, cfg, gpu, recipe, **knobs) -> float:
+    c = cfg
+    return estimate_step_time(spec, c, gpu) / (c.train.micro_batch * c.train.grad_accum)
+
+
+def autofit(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune", **knobs) -> FitResult:
+    """The configuration to train with on this card: the one given when it fits, else the
+    longest sequence that fits; then the micro-batch that is fastest by the estimate.
+
+    * The sequence never exceeds the model's position limit (max_position_embeddings).
+    * A configuration that already fits keeps its sequence length; another micro-batch is
+      taken only when it is strictly faster by estimate_step_time (which counts offload's
+      PCIe copies and CUDA-graph steps), never just because it fits.
+    * Gradient accumulation keeps the effective batch (ceil: it never shrinks).
+    * When nothing fits, `suggestions` says the smallest changes that would.
+    """
+    check_inputs(spec, cfg, recipe)
+    notes: list[str] = []
+    limit = position_limit(spec)
+    want_seq = cfg.data.max_seq_len
+    if want_seq > limit:
+        notes.append(f"sequence capped at the model's {limit} positions (asked {want_seq})")
+        want_seq = limit
+    eff = cfg.train.micro_batch * cfg.train.grad_accum
+    given = _with(cfg, want_seq)
+    given_est = estimate(spec, given, gpu, recipe, **knobs)
+    if given_est.verdict == "fits":
+        seq = want_seq
+        longest = longest_seq(spec, cfg, gpu, recipe, 1, limit=limit, **knobs)
+        start_mb = cfg.train.micro_batch
+    else:
+        longest = longest_seq(spec, cfg, gpu, recipe, 1, limit=limit, **knobs)
+        if longest == 0:
+            tiny = min(SEQ_STEP, want_seq)
+            est = estimate(spec, _with(cfg, tiny, 1, eff), gpu, recipe, **knobs)
+            return FitResult(tiny, 0, 1, eff, eff, est, False,
+                             notes + [f"nothing fits, not even {tiny} tokens at micro-batch 1 "
+                                      f"({est.total_gib:.2f} of {est.budget_gib:.2f} GiB)"],
+                             suggestions=suggest(spec, cfg, gpu, recipe))
+        seq = min(want_seq, longest)
+        start_mb = 1
+        if seq < want_seq:
+            notes.append(f"sequence shortened from {want_seq} to {seq} tokens to fit")
+    # micro-batches that fit at this length, up to the effective batch
+    options = []
+    mb = 1
+    while mb <= eff:
+        c = _with(cfg, seq, mb, math.ceil(eff / mb))
+        if estimate(spec, c, gpu, recipe, **knobs).verdict == "fits":
+            options.append(mb)
+        else:
+            break
+        mb *= 2
+    if start_mb not in options and start_mb <= eff:
+        c = _with(cfg, seq, start_mb, math.ceil(eff / start_mb))
+        if estimate(spec, c, gpu, recipe, **knobs).verdict == "fits":
+            options.append(start_mb)
+    if not options:
+        options = [1]
+    best = start_mb if start_mb in options else options[0]
+    best_t = _seconds_per_sequence(spec, _with(cfg, seq, best, math.ceil(eff / best)), gpu, recipe)
+    for mb in options:
+        t = _seconds_per_sequence(spec, _with(cfg, seq, mb, math.ceil(eff / mb)), gpu, recipe)
+        if t < best_t * 0.98:  # strictly better: 2% is under the time model's resolution
+            best, best_t = mb, t
+    mb = best
+    accum = math.ceil(eff / mb) if mb != cfg.train.micro_batch or seq != cfg.data.max_seq_len else cfg.train.grad_accum
+    final = _with(cfg, seq, mb, accum)
+    est = estimate(spec, final, gpu, recipe, **knobs)
+    if mb * accum != eff:
+        notes.append(f"effective batch {mb * accum} (was {eff}): {mb} x {accum}")
+    changed = (seq, mb, accum) != (cfg.data.max_seq_len, cfg.train.micro_batch, cfg.train.grad_accum)
+    if not changed:
+        notes.append("the settings already fit and nothing is faster by the estimate; nothing changed")
+    elif mb != cfg.train.micro_batch:
+        notes.append(f"micro-batch {mb} (was {cfg.train.micro_batch}): faster by the estimate "
+                     f"({best_t * mb * accum:.2f} s a step)")
+    return FitResult(seq, longest, mb, accum, mb * accum, est, True, notes, changed=changed)
+
+
+def suggest(spec: ModelSpec, cfg, gpu: GpuTarget, recipe: str = "snugtune") -> list[str]:
+    """The smallest changes that make a configuration fit this card, one sentence each.
+
+    Tried at the shortest useful length (1,024 tokens, or the asked one if shorter): a smaller
+    LoRA rank, gradient checkpointing / offload when they are off, a smaller catalog model of
+    the same family, and the budget it would need as it is."""
+    out: list[str] = []
+    seq = min(cfg.data.max_seq_len, 1024, position_limit(spec))
+    base = _with(cfg, seq, 1)
+
+    def fits(c, s=spec) -> bool:
+        try:
+            return estimate(s, c, gpu, recipe).verdict == "fits"
+        except UserError:
+            return False
+
+    r = cfg.lora.r
+    while r > 1:
+        r //= 2
+        c = base.model_copy(update={"lora": cfg.lora.model_copy(update={"r": r, "alpha": cfg.lora.alpha * r / cfg.lora.r})})
+        if fits(c):
+            out.append(f"a smaller LoRA rank: lora.r = {r} fits at {seq} tokens")
+            break
+    if not cfg.train.gradient_checkpointing:
+        c = base.model_copy(update={"train": base.train.model_copy(update={"gradient_checkpointing": True})})
+        if fits(c):
+            out.append(f"gradient checkpointing on: fits at {seq} tokens")
+    if cfg.train.offload_activations == "off":
+        c = base.model_copy(update={"train": base.train.model_copy(update={"offload_activations": "auto"})})
+        if fits(c):
+            out.append(f"activation offload 'auto': fits at {seq} tokens")
+    from core.catalog import builtin_catalog
+
+    smaller = sorted((s for s in builtin_catalog()
+                      if s.params_total < spec.params_total and s.exact and s.source == "catalog"),
+                     key=lambda s: (s.model_type != spec.model_type, -s.params_total))  # same family first
+    for s in smaller:
+        if fits(base, s):
+            out.append(f"a smaller model: {s.id} ({s.size_label}) fits at {seq} tokens")
+            break
+    need = estimate(spec, base, gpu, recipe).total_gib
+    out.append(f"a larger budget: about {need / (1 - TIGHT_SHARE):.2f} GiB for {seq} tokens as configured")
+    return out
+
+
+def fit_for(spec: ModelSpec, cfg, gpu: GpuTarget, from_full_context: bool = False) -> FitResult:
+    """The one auto-fit the CLI (`snugtune estimate --autofit`) and the wizard (ctrl+f) call.
+    `from_full_context`: start from the model's whole position range instead of cfg's length."""
+    if from_full_context:
+        cfg = _with(cfg, position_limit(spec))
+    return autofit(spec, cfg, gpu)
 
 
 # ---- presentation ----------------------------------------------------------------------------------

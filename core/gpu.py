@@ -98,7 +98,7 @@ class GpuTarget:
 
     name: str
     label: str
-    budget_gib: float  # memory this run may use, CUDA context included
+    budget_gib: float  # what the card gives this process, CUDA context included (nvidia-smi's view)
     bf16: bool
     compute_capability: Optional[tuple[int, int]]
     fp16_tflops: float
@@ -375,7 +375,11 @@ def _with_budget(t: GpuTarget, vram: float | None) -> GpuTarget:
         return t
     from dataclasses import replace
 
-    note = t.note
     if t.total_gib and vram > t.total_gib + 1e-6 and not t.is_cpu:
-        note = (note + " " if note else "") + f"--vram {vram:g} is more than the card's {t.total_gib:.2f} GiB."
-    return replace(t, budget_gib=float(vram), budget_source="vram", note=note)
+        # one meaning of the budget: what the card gives this process, CUDA context included
+        raise UserError(
+            f"memory budget {vram:g} GiB is more than {t.label}'s {t.total_gib:.2f} GiB",
+            hint="the budget is what the card gives this run, CUDA context included: at most the card's memory "
+            "(leave it unset for the whole card)",
+        )
+    return replace(t, budget_gib=float(vram), budget_source="vram")

@@ -37,15 +37,20 @@ import torch
 
 from core import savers
 
-# Static mode builds a B x T x T boolean mask per micro-batch: short rows only.
-GRAPH_MAX_TOKENS = 8192
+# Static mode builds a B x T x T boolean mask per micro-batch: short rows only (the plan's limit).
+from core.plan import GRAPH_MAX_TOKENS  # noqa: E402
 # Eager runs of a shape before it is captured.
 WARMUP_STEPS = 2
 _ALLOWED_KEYS = {"input_ids", "labels", "position_ids", "attention_mask"}
 
 
 def model_support(model) -> tuple[bool, str]:
-    """Whether `model` (peft-wrapped, savers installed) can run graphed steps at all, and why not."""
+    """Whether the model object (peft-wrapped, savers installed) can run graphed steps, and why not.
+
+    Whether graphed steps run at all is the plan's decision (core.plan: CUDA, bf16, no LoRA
+    dropout, no compile, short rows, no offload); this checks what only the loaded model can
+    show: it is on a CUDA device, the savers' loss really was patched in (a head with a bias
+    keeps its own), and the model itself has no dropout."""
     hf = savers._unwrap(model)
     try:
         p = next(hf.parameters())
@@ -58,13 +63,6 @@ def model_support(model) -> tuple[bool, str]:
     state = getattr(hf, "_snug_ckpt_state", None)
     if state is not None and state.get("keep_rng"):
         return False, "the model has dropout (random numbers inside a graph)"
-    for m in model.modules():
-        drop = getattr(m, "lora_dropout", None)
-        if isinstance(drop, torch.nn.ModuleDict) and any(
-                isinstance(d, torch.nn.Dropout) and d.p > 0 for d in drop.values()):
-            return False, "LoRA dropout is on"
-    if state is not None and state.get("compiled"):
-        return False, "train.compile is on"
     return True, ""
 
 

@@ -169,11 +169,9 @@ def pick_compute_dtype(setting: str, device: dict) -> str:
     4-bit kernels train correctly in both bf16 and fp32, but CPUs without AMX emulate bf16
     matmuls slowly, and fp32 is exact).
     """
-    if setting != "auto":
-        return setting
-    if device["type"] == "cuda":
-        return "bf16" if device.get("bf16") else "fp16"
-    return "fp32"
+    from core.plan import compute_dtype  # the rule lives in the plan
+
+    return compute_dtype(setting, device["type"] == "cuda", bool(device.get("bf16")))[0]
 
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -262,7 +260,7 @@ def prepare_for_training(model, cfg: RunConfig) -> None:
         from core import savers
 
         if hasattr(savers, "prepare_for_kbit_training"):
-            savers.prepare_for_kbit_training(model, cfg)
+            savers.prepare_for_kbit_training(model, bool(cfg.train.gradient_checkpointing))
         else:
             from peft import prepare_model_for_kbit_training
 
@@ -307,17 +305,23 @@ def attach_lora(model, cfg: RunConfig):
         raise
 
 
-def load_for_training(cfg: RunConfig, device: dict, source: Optional[str] = None):
-    """(model with LoRA attached, tokenizer, info dict) ready for the Trainer."""
+def load_for_training(cfg: RunConfig, device: dict, source: Optional[str] = None, plan=None):
+    """(model with LoRA attached, tokenizer, info dict) ready for the Trainer, set up as `plan`
+    (core.plan.Plan) decides; without one, the plan for this config on this device."""
     source = source or resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+    if plan is None:
+        from core import plan as plan_mod
+        from core.train import source_spec
+
+        plan = plan_mod.plan(cfg, source_spec(source, cfg.model.revision), plan_mod.target_for_device(cfg, device))
     tokenizer = load_tokenizer(source, cfg)
-    compute = pick_compute_dtype(cfg.model.compute_dtype, device)
+    compute = plan.compute_dtype
     model = load_base_model(source, cfg, device, compute=compute)
     prepare_for_training(model, cfg)
     model = attach_lora(model, cfg)
     from core import savers
 
-    applied = savers.install_savers(model, cfg, device) or {}
+    applied = savers.install_savers(model, plan) or {}
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "source": source,

@@ -14,8 +14,8 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
 2. Chunked linear + cross-entropy (train.chunked_loss): the full T x V logits never exist.
    Only tokens whose shifted label is not -100 are processed, in chunks of `ce_chunk_tokens`
    tokens (chosen so one chunk's c x V logits in fp32 plus two 2-byte copies, +4 bytes a
-   logit with Gemma-2's softcapping, take <= CE_CHUNK_BYTES = 256 MiB, less under a small
-   budget: see _ce_chunk_tokens). The gradient w.r.t. the hidden states is computed in the
+   logit with Gemma-2's softcapping, take <= 256 MiB, less under a small budget: the plan's
+   ce_chunk_tokens, core.plan.ce_chunk_tokens). The gradient w.r.t. the hidden states is computed in the
    forward and kept: T_valid x H in c (2 bytes), plus the selected hidden rows T_valid x H
    in c while the loss runs. A trainable head adds a V x H fp32 gradient accumulator.
    Peak of the loss step: ~ 2*T_valid*H*2 bytes + one chunk (<= 256 MiB).
@@ -23,17 +23,15 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
 3. Gradient checkpointing per decoder block (train.gradient_checkpointing): each block
    keeps only its input hidden state, T x H in c (2 bytes/element), L of them; the block
    is recomputed in backward, one at a time (peak: one block's full activations, see 4/5).
-   With offload (train.offload_activations on, or auto when L*T*H*2 bytes exceeds 10% of
-   the budget), each block input is copied to pinned CPU memory on a side stream right
-   after the block's forward; in backward it is copied back one block ahead (prefetch),
+   With offload (the plan's offload rule, core.plan.offload_rule: on, or auto when L*T*H*2 bytes
+   exceeds 10% of the budget), each block input is copied to pinned CPU memory on a side stream
+   right after the block's forward; in backward it is copied back one block ahead (prefetch),
    so ~2 block inputs (2 x T x H x 2 bytes) live on the GPU instead of L. Host RAM: L x T x H
-   x 2 bytes pinned. Both offload ("auto": offload_decision()) and selective checkpointing
-   are decided per micro-batch size T, not once. Selective checkpointing: when the budget
-   allows (short rows), the last `keep` blocks run without checkpointing to skip their
-   recompute; each keeps all its activations, ~ T x (8 H + 4 I) x 2 bytes (measured 95 MiB
-   a block at 1,024 tokens on Qwen2.5-1.5B); `keep` = _selective_keep(): blocks that fit in
-   0.78 x budget - weights - the checkpointed path's peak (x0.6 with train.compile). At the
-   4 GiB cap that is 12-13 blocks of Qwen2.5-1.5B at 1,024 tokens, 4 at 2,048, 0 from 4,096.
+   x 2 bytes pinned. Offload and selective checkpointing are decided by the plan per
+   micro-batch size (plan.blocks_at(T)), not here. Selective checkpointing: when the budget
+   allows (short rows), the last `kept` blocks run without checkpointing to skip their
+   recompute; each keeps all its activations. The plan keeps as many as fit with the
+   estimate (which counts them) within 90% of the budget (core.plan.KEEP_SHARE).
 
 3b. Fused NF4 + LoRA linear (every LoRA'd Linear4bit, plain setups): one autograd node that
    keeps only its input x (the same tensor for q/k/v and for gate/up, so no copy) and x A^T
@@ -43,7 +41,7 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
    expanded in fp32 (+1/8 of the 4-bit weight bytes, ~80 MiB on Qwen2.5-1.5B) to make each
    dequantization one kernel.
 
-4. MLP tiling: when T x I x 2 bytes x 4 exceeds MLP_TILE_BYTES (256 MiB), the MLP runs
+4. MLP tiling: when T x I x 2 bytes x 4 exceeds 256 MiB (core.plan.MLP_TILE_BYTES), the MLP runs
    in sequence tiles of `tile` tokens; each tile's intermediates (gate, up, act, product:
    ~4 x tile x I x 2 bytes, x~2 during its backward) exist one tile at a time; the MLP keeps
    only its input (T x H, c) for backward. Without tiling the MLP's backward peak is
@@ -58,7 +56,8 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
    2-byte copies (q chosen so Hq x q x Tk <= 2^24 elements: <= ~200 MiB), each tile
    checkpointed, so memory is O(T) too.
 
-6. apply_vram_budget caps PyTorch's allocator (set_per_process_memory_fraction).
+6. apply_vram_budget caps PyTorch's allocator (set_per_process_memory_fraction) at the plan's
+   allocator cap: the budget (what the card gives the process) less the CUDA context.
    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True must be in the environment BEFORE
    CUDA initialises (the launcher sets it); it cuts fragmentation under the cap.
 """
@@ -73,16 +72,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-# One loss chunk's working set (fp32 logits + 2-byte copies): big enough that the
-# matmuls fill a large GPU, small enough to sit beside a 1.5B model under 4 GiB.
-CE_CHUNK_BYTES = 256 * 2**20
-# Tile the MLP when its intermediates would exceed this (4 tensors of T x I in 2 bytes).
-MLP_TILE_BYTES = 256 * 2**20
-# Query-tiled attention: elements of one score tile (Hq x q x Tk); 2^24 x ~12 bytes ~ 200 MiB.
-ATTN_TILE_ELEMS = 2**24
-# offload_activations="auto" turns offload on when the kept block inputs exceed this share
-# of the budget: below it the copies cost time for little memory.
-AUTO_OFFLOAD_SHARE = 0.10
+from core import plan as P
+from core.plan import ATTN_TILE_ELEMS, Plan
+
 IGNORE_INDEX = -100
 
 _ATTN_NAME = "snug"
@@ -92,21 +84,23 @@ _ATTN_NAME = "snug"
 # Allocator cap
 # ---------------------------------------------------------------------------------------
 
-def apply_vram_budget(budget_gib: Optional[float], device_index: int = 0) -> dict:
-    """Cap PyTorch's caching allocator at `budget_gib` on one CUDA device.
+def apply_vram_budget(plan: Plan, device_index: int = 0) -> dict:
+    """Cap PyTorch's caching allocator at the plan's allocator cap on one CUDA device.
 
-    The cap covers PyTorch's allocations only: the CUDA context (0.3-0.5 GiB on consumer
-    cards) lives outside it, so callers that simulate a card pass the card's size minus
-    that. Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment before
-    CUDA initialises (it cannot be changed afterwards) to limit fragmentation under the cap.
+    The plan's budget (gpu.vram_budget_gib) is what the card gives this process, CUDA context
+    included; the context lives outside PyTorch's allocator, so the cap is budget - context
+    (plan.allocator_cap_gib). Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the
+    environment before CUDA initialises (it cannot be changed afterwards) to limit fragmentation
+    under the cap (the launcher, core.runs.spawn, does).
     """
-    if budget_gib is None or not torch.cuda.is_available():
+    cap = plan.allocator_cap_gib
+    if cap is None or not torch.cuda.is_available():
         return {"vram_cap_gib": None}
     total = torch.cuda.get_device_properties(device_index).total_memory
-    frac = min(1.0, budget_gib * 2**30 / total)
+    frac = max(0.0, min(1.0, cap * 2**30 / total))
     torch.cuda.set_per_process_memory_fraction(frac, device_index)
     return {
-        "vram_cap_gib": round(budget_gib, 3),
+        "vram_cap_gib": round(cap, 3),
         "fraction": round(frac, 5),
         "expandable_segments": "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     }
@@ -127,7 +121,7 @@ def _compute_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def prepare_for_kbit_training(model, cfg=None, use_gradient_checkpointing: Optional[bool] = None):
+def prepare_for_kbit_training(model, use_gradient_checkpointing: bool = True):
     """Freeze the base and make it ready for adapters, keeping 16-bit weights 16-bit.
 
     Unlike peft's prepare_model_for_kbit_training, nothing is upcast to fp32: embeddings,
@@ -143,8 +137,6 @@ def prepare_for_kbit_training(model, cfg=None, use_gradient_checkpointing: Optio
         for p in model.parameters():
             if p.dtype == torch.float32 and p.__class__.__name__ != "Params4bit":
                 p.data = p.data.to(cdt)
-    if use_gradient_checkpointing is None:
-        use_gradient_checkpointing = bool(cfg.train.gradient_checkpointing) if cfg is not None else True
     if use_gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -157,14 +149,6 @@ def prepare_for_kbit_training(model, cfg=None, use_gradient_checkpointing: Optio
 # ---------------------------------------------------------------------------------------
 # Chunked linear + cross-entropy
 # ---------------------------------------------------------------------------------------
-
-def _ce_chunk_tokens(vocab: int, softcap: bool, budget_bytes: Optional[int] = None) -> int:
-    # bytes per logit alive at once: fp32 logits (4) + 2-byte matmul output (2) + 2-byte
-    # probabilities for the grad matmul (2), + fp32 tanh derivative (4) with softcapping.
-    per = 8 + (4 if softcap else 0)
-    target = CE_CHUNK_BYTES if budget_bytes is None else min(CE_CHUNK_BYTES, budget_bytes // 16)
-    return max(32, int(target // (vocab * per)))
-
 
 class _ChunkedLinearCE(torch.autograd.Function):
     """sum over rows of CE(softcap(h @ W^T), y) / divisor, gradients computed in forward."""
@@ -273,7 +257,7 @@ def chunked_lm_loss(
     hs = h.index_select(0, keep)
     ys = y.index_select(0, keep)
     if chunk_tokens is None:
-        chunk_tokens = _ce_chunk_tokens(weight.shape[0], softcap is not None)
+        chunk_tokens = P.ce_chunk_tokens(weight.shape[0], softcap is not None)
     return _ChunkedLinearCE.apply(hs, weight, ys, divisor, softcap, int(chunk_tokens))
 
 
@@ -303,7 +287,7 @@ def chunked_lm_loss_static(
     divisor = div_given.float() + div_per_token.float() * wts.sum().clamp(min=1.0)
     yc = torch.where(valid, y, torch.zeros_like(y))
     if chunk_tokens is None:
-        chunk_tokens = _ce_chunk_tokens(weight.shape[0], softcap is not None)
+        chunk_tokens = P.ce_chunk_tokens(weight.shape[0], softcap is not None)
     return _ChunkedLinearCE.apply(h, weight, yc, divisor, softcap, int(chunk_tokens), wts)
 
 
@@ -648,12 +632,6 @@ def _tiled_no_grad(run, x, tile):
     return out
 
 
-def _mlp_tile_tokens(intermediate: int, batch: int = 1) -> int:
-    # 4 live T x I tensors of 2 bytes (gate, up, act(gate), product) per tile
-    t = MLP_TILE_BYTES // (4 * 2 * intermediate * max(batch, 1))
-    return max(256, int(t) // 256 * 256)
-
-
 def tiled_mlp_forward(mlp: torch.nn.Module, intermediate: int, min_tokens: Optional[int] = None,
                       tile: Optional[int] = None):
     """Wrap mlp.forward so that long inputs run in sequence tiles (see _TiledMLP)."""
@@ -662,7 +640,7 @@ def tiled_mlp_forward(mlp: torch.nn.Module, intermediate: int, min_tokens: Optio
     def forward(x, *args, **kwargs):
         T = x.shape[-2]
         batch = int(x.numel() // (x.shape[-1] * T)) if x.dim() > 2 else 1
-        t = tile or _mlp_tile_tokens(intermediate, batch)
+        t = tile or P.mlp_tile_tokens(intermediate, batch)
         if T < (min_tokens or 2 * t):
             return orig(x, *args, **kwargs)
         run = (lambda xs: orig(xs, *args, **kwargs))
@@ -928,14 +906,10 @@ def _decoder_layers(hf) -> Optional[torch.nn.ModuleList]:
     return best
 
 
-# Architectures whose head is a plain linear layer (+ Gemma-2/3 softcapping); others keep their own loss.
-_CHUNKABLE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"}
-
-
 def _patch_loss(hf) -> tuple[bool, str]:
     cfgm = hf.config
     mt = getattr(cfgm, "model_type", "")
-    if mt not in _CHUNKABLE:
+    if mt not in P.CHUNKABLE:
         return False, f"model type {mt!r} has a custom head; using its own loss"
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
@@ -1008,41 +982,26 @@ def _wrap_block(layer, idx: int, state: dict):
     layer.forward = forward
 
 
-def _cfg_get(cfg, dotted, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part, None)
-        if node is None:
-            return default
-    return node
+def install_savers(model, plan: Plan) -> dict:
+    """Patch a (peft-wrapped) causal LM in place with the memory savers the plan decided.
 
-
-def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
-    """Patch a (peft-wrapped) causal LM in place with the memory savers `cfg` asks for.
-
-    Reads cfg.train.chunked_loss, gradient_checkpointing, offload_activations, cfg.data
-    .max_seq_len, cfg.train.micro_batch and cfg.gpu.vram_budget_gib. device_info may hold
-    "type" ("cuda"/"cpu") and "total_gib". Returns what was applied (for the event log).
+    Nothing here reads the configuration: the loss (chunked, chunk size), checkpointing and, per
+    micro-batch size, which blocks are kept un-checkpointed or offloaded (plan.blocks_at), MLP
+    tiles, the fused 4-bit LoRA path and its cached block scales, and torch.compile all come
+    from `plan` (core.plan). An out-of-memory retry installs the retry's plan (plan.after_oom()).
+    Returns what was applied (for the event log).
     """
-    device_info = device_info or {}
     uninstall_savers(model)  # idempotent: a second install replaces the first instead of stacking on it
     hf = _unwrap(model)
     applied: dict[str, Any] = {}
     hfc = hf.config
     text_cfg = hfc.get_text_config() if hasattr(hfc, "get_text_config") else hfc
-    H = int(getattr(text_cfg, "hidden_size", 0) or 0)
     I = int(getattr(text_cfg, "intermediate_size", 0) or 0)
-    V = int(getattr(text_cfg, "vocab_size", 0) or 0)
     try:
         dev = next(p.device for p in hf.parameters())
     except StopIteration:
         dev = torch.device("cpu")
     on_cuda = dev.type == "cuda"
-    budget_gib = _cfg_get(cfg, "gpu.vram_budget_gib") or device_info.get("budget_gib") or device_info.get("total_gib")
-    if budget_gib is None and on_cuda:
-        budget_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
-    budget = int(budget_gib * 2**30) if budget_gib else None
-    T = int(_cfg_get(cfg, "data.max_seq_len", 1024)) * int(_cfg_get(cfg, "train.micro_batch", 1))
 
     # attention
     impl = getattr(hfc, "_attn_implementation", None)
@@ -1056,17 +1015,18 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
         applied["attention"] = impl
 
     # chunked loss
-    if _cfg_get(cfg, "train.chunked_loss", True):
+    if plan.chunked_loss:
         ok, why = _patch_loss(hf)
-        hf._snug_ce_chunk = _ce_chunk_tokens(V, getattr(text_cfg, "final_logit_softcapping", None) is not None, budget)
+        hf._snug_ce_chunk = plan.ce_chunk_tokens
         applied["loss"] = why
         if ok:
             applied["ce_chunk_tokens"] = hf._snug_ce_chunk
     else:
-        applied["loss"] = "model's own (chunked_loss off)"
+        applied["loss"] = "model's own (" + plan.loss_why + ")"
 
     layers = _decoder_layers(hf)
-    if _cfg_get(cfg, "train.gradient_checkpointing", True) and layers is not None:
+    keep = 0
+    if plan.gradient_checkpointing and layers is not None:
         L = len(layers)
         # replace HF's checkpointing with ours
         if hasattr(hf, "gradient_checkpointing_disable"):
@@ -1077,39 +1037,30 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
         for lyr in layers:
             if hasattr(lyr, "gradient_checkpointing"):
                 lyr.gradient_checkpointing = False
-        mode = _cfg_get(cfg, "train.offload_activations", "auto")
+        may_offload = plan.offload_mode == "on" or (plan.offload_mode == "auto" and on_cuda)
+        offloader = ActivationOffloader(dev) if may_offload else None
+        blocks_cache: dict[int, Any] = {}
 
-        def wants_offload(tokens: int) -> bool:
-            # decided per micro-batch size too: a row longer than max_seq_len (or an auto-sized
-            # batch) must not keep L inputs on the GPU because the configured size did not need to
-            return offload_decision(mode, on_cuda, L, tokens, H, budget)
-
-        offload = wants_offload(T)
-        offloader = ActivationOffloader(dev) if (mode == "on" or (mode == "auto" and on_cuda)) else None
-        env_keep = os.environ.get("SNUGTUNE_KEEP_LAYERS")  # bench/diagnostics override
-        compiled = bool(_cfg_get(cfg, "train.compile", False)) and on_cuda
-        used = torch.cuda.memory_allocated(dev) if on_cuda else 0  # weights + adapters, now
-        keep_cache: dict[int, int] = {}
+        def blocks(h: torch.Tensor):
+            # decided per micro-batch size: packed rows and eval batches differ from the planned one
+            tokens = h.numel() // h.shape[-1]
+            if tokens not in blocks_cache:
+                blocks_cache[tokens] = plan.blocks_at(tokens)
+            return blocks_cache[tokens]
 
         def upto(h: torch.Tensor) -> int:
-            # decided per micro-batch size: packed rows and eval batches differ from max_seq_len
-            tokens = h.numel() // h.shape[-1]
-            if tokens not in keep_cache:
-                k = int(env_keep) if env_keep is not None else _selective_keep(L, tokens, H, I, budget, on_cuda, used)
-                if compiled and env_keep is None:
-                    k = int(k * 0.6)  # compiled blocks keep more for backward (measured: OOM at the eager count)
-                keep_cache[tokens] = max(0, min(L, k))
-            return L - keep_cache[tokens]
+            return L - min(L, blocks(h).kept)
 
-        keep = L - upto(torch.empty((T, max(H, 1)), device="meta"))
+        planned = plan.blocks_at(plan.tokens)
+        keep = min(L, planned.kept)
         state = {
             "offloader": offloader,
-            "offload_now": (lambda h: offloader is not None and wants_offload(h.numel() // h.shape[-1])),
+            "offload_now": (lambda h: offloader is not None and blocks(h).offloaded),
             "keep_rng": _has_dropout(hf),
             "upto": upto,
             "compiled": {},
         }
-        if _cfg_get(cfg, "train.compile", False) and on_cuda:
+        if plan.compile and on_cuda:
             # regional compile: each block's own forward (the same code for every block, so one
             # compilation serves all); the checkpoint/offload logic stays eager around it
             for i, lyr in enumerate(layers):
@@ -1118,63 +1069,32 @@ def install_savers(model, cfg, device_info: Optional[dict] = None) -> dict:
         for i, lyr in enumerate(layers):
             _wrap_block(lyr, i, state)
         hf._snug_ckpt_state = state
-        applied["checkpointing"] = f"{L - keep}/{L} blocks" + (", inputs offloaded to pinned CPU memory" if offload else "")
-        applied["offload"] = offload
-        applied["uncheckpointed_blocks"] = keep  # at max_seq_len x micro_batch tokens; fewer for longer rows
+        applied["checkpointing"] = f"{L - keep}/{L} blocks" + (
+            ", inputs offloaded to pinned CPU memory" if planned.offloaded else "")
+        applied["offload"] = planned.offloaded
+        applied["uncheckpointed_blocks"] = keep  # at the planned micro-batch; none for longer rows
     else:
         applied["checkpointing"] = "off"
 
-    if _cfg_get(cfg, "train.fused_lora", True):
+    if plan.fused_lora:
         # expanded block scales cost 1/8 of the 4-bit weights: worth it only where memory is
-        # spare, i.e. where some blocks can skip checkpointing (short rows = the launch-bound regime)
-        cache = applied.get("uncheckpointed_blocks", 0) > 0
+        # spare, i.e. where the plan keeps some blocks un-checkpointed (the estimate counts them)
+        cache = bool(plan.cached_block_scales and keep > 0)
         n = fuse_lora_4bit(model, cache_absmax=cache)
         applied["fused_lora_4bit"] = n
         applied["cached_block_scales"] = cache
 
     # MLP tiling (only worth it under checkpointing: otherwise every tile's intermediates are kept)
-    if layers is not None and I and applied.get("checkpointing", "off") != "off":
+    if layers is not None and I and plan.mlp_tile_tokens and applied.get("checkpointing", "off") != "off":
         n = 0
         for lyr in layers:
             mlp = getattr(lyr, "mlp", None)
             if mlp is not None and not hasattr(mlp.forward, "_snug_orig"):
                 tiled_mlp_forward(mlp, I)
                 n += 1
-        applied["mlp_tiling"] = f"tiles of {_mlp_tile_tokens(I)} tokens beyond {2 * _mlp_tile_tokens(I)}" if n else "off"
+        t = plan.mlp_tile_tokens
+        applied["mlp_tiling"] = f"tiles of {t} tokens beyond {2 * t}" if n else "off"
     return applied
-
-
-def offload_decision(mode: str, on_cuda: bool, L: int, tokens: int, H: int, budget: Optional[int]) -> bool:
-    """Whether block inputs go to pinned CPU memory for a micro-batch of `tokens` tokens.
-
-    "on" always (on the CPU the same autograd path runs with a plain reference), "off" never,
-    "auto" on CUDA when the L kept inputs (L x tokens x H x 2 bytes) would exceed 10% of the budget.
-    """
-    if mode == "on":
-        return True
-    if mode == "off" or not on_cuda or budget is None:
-        return False
-    return L * tokens * H * 2 > AUTO_OFFLOAD_SHARE * budget
-
-
-def _selective_keep(L, T, H, I, budget, on_cuda, used) -> int:
-    """How many final blocks can skip checkpointing at T tokens within the budget (0 on CPU).
-
-    An un-checkpointed block keeps all its activations: measured 95 MiB a block at 1,024 tokens
-    on Qwen2.5-1.5B (H200, peft path), i.e. ~ (8 H + 4 I) x 2 bytes a token (the fused LoRA
-    path keeps less, so this errs on the safe side). What must stay free besides: the
-    checkpointed path's peak (block inputs, one block's recompute, one loss chunk). The
-    total aims at 78% of the budget, leaving room for fragmentation and the allocator's
-    rounding (peak reserved stays under 0.85 x budget).
-    """
-    if not on_cuda or budget is None or not H or not I:
-        return 0
-    per_block = T * (8 * H + 4 * I) * 2
-    recompute_peak = T * (8 * I + 12 * H) * 2 + L * T * H * 2 + min(CE_CHUNK_BYTES, budget // 16) + 4 * T * H * 2
-    spare = budget * 0.78 - used - recompute_peak
-    if spare <= per_block:
-        return 0
-    return int(min(L, spare // per_block))
 
 
 def uninstall_savers(model) -> None:

@@ -38,39 +38,42 @@ EXIT_INTERNAL = 1
 DIVERGED_AFTER = 3
 
 
-# ---- pure decisions (tested without a GPU) -----------------------------------------------------
+# The decisions (optimizer, dtype, savers, CUDA graphs, the retry after an OOM) are core.plan's;
+# these two are re-exported for the step accounting here.
+from core.plan import oom_fallback, planned_steps  # noqa: E402,F401
+
+from core.plan import PLAN_FILE  # noqa: E402
 
 
-def oom_fallback(micro_batch: int, grad_accum: int) -> Optional[tuple[int, int]]:
-    """After a CUDA OOM: a smaller micro-batch with the same effective batch, or None to give up.
+def write_plan(run_dir: Path, plan) -> Path:
+    """plan.json in the run directory: the decisions the engine executes (atomically replaced)."""
+    import json
 
-    The micro-batch halves (for an odd one: its largest divisor at most half of it) and gradient
-    accumulation grows by the same factor, so micro_batch x grad_accum stays exactly the same and
-    the optimizer sees the same batches. At micro-batch 1 there is nothing left to shrink.
-    """
-    if micro_batch <= 1:
-        return None
-    new_mb = max(d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0)
-    return new_mb, grad_accum * (micro_batch // new_mb)
+    path = Path(run_dir) / PLAN_FILE
+    tmp = path.with_name(f".{PLAN_FILE}.tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
-def planned_steps(n_train: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
-    """Optimizer steps the run will take (the Trainer's own count, for the first event)."""
-    if max_steps:
-        return int(max_steps)
-    batches = math.ceil(n_train / micro_batch)
-    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
-    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
-    return max(math.ceil(epochs * per_epoch), 1)
+def source_spec(source: str, revision: Optional[str] = None):
+    """The model's shape (core.catalog.ModelSpec) from its config.json: a local directory, or the
+    Hub id whose config.json resolve_model_source already put in the cache."""
+    import json
 
+    from core import catalog
 
-def pick_optimizer(setting: str, device_type: str) -> str:
-    """The Trainer's `optim` name: 8-bit paged AdamW on CUDA, plain AdamW on the CPU for 'auto'."""
-    if setting == "auto":
-        # Paged 8-bit AdamW keeps optimizer states in 8 bits and pages them to CPU memory under
-        # pressure; its paging needs CUDA unified memory, so the CPU gets torch's AdamW.
-        return "paged_adamw_8bit" if device_type == "cuda" else "adamw_torch"
-    return setting
+    path = Path(source)
+    if path.is_dir():
+        return catalog.spec_from_dir(path)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        cfg_path = hf_hub_download(source, "config.json", revision=revision, local_files_only=True)
+        return catalog.spec_from_config(json.loads(Path(cfg_path).read_text()), source)
+    except Exception:  # noqa: BLE001 - not cached: the catalog's numbers, else the Hub's
+        spec = catalog.catalog_lookup(source)
+        return spec if spec is not None else catalog.resolve_model(source, revision=revision)
 
 
 def _versions() -> dict[str, str]:
@@ -185,6 +188,8 @@ class Engine:
         self.data_info: dict = {}
         self.micro_batch = 1
         self.grad_accum = 1
+        self.plan = None  # core.plan.Plan: what this process executes (replaced after an OOM retry)
+        self.spec = None
         self._signal: Optional[int] = None
         self._old_handlers: dict = {}
         self.last_loss: Optional[float] = None
@@ -288,17 +293,27 @@ class Engine:
     def setup(self) -> None:
         from core.model import load_for_training, resolve_model_source, select_device
 
+        from core import plan as plan_mod
+
         self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
         cfg = self.cfg
         self.device = select_device(cfg)
-        if self.device["type"] == "cuda" and cfg.gpu.vram_budget_gib:
-            from core import savers
-
-            if hasattr(savers, "apply_vram_budget"):
-                savers.apply_vram_budget(cfg.gpu.vram_budget_gib, self.device["index"])
-        self.micro_batch, self.grad_accum = cfg.train.micro_batch, cfg.train.grad_accum
+        if self.device["type"] == "cuda" and not cfg.gpu.vram_budget_gib:
+            # without a budget the run may use what is free on the card now (a desktop may hold some)
+            free, _ = torch.cuda.mem_get_info(self.device["index"])
+            self.device["free_gib"] = round(free / 2**30, 3)
+        target = plan_mod.target_for_device(cfg, self.device)  # a budget above the card: UserError here
         self.events.emit("setup_progress", message="resolving the model")
         source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+        self.spec = source_spec(source, cfg.model.revision)
+        self.plan = plan_mod.plan(cfg, self.spec, target)
+        if self.device["type"] == "cuda":
+            from core import savers
+
+            # before anything is allocated: the model loads under the cap too
+            savers.apply_vram_budget(self.plan, self.device["index"])
+        self.micro_batch, self.grad_accum = self.plan.micro_batch, self.plan.grad_accum
+        write_plan(self.run_dir, self.plan)
 
         from core.model import load_tokenizer
 
@@ -323,6 +338,7 @@ class Engine:
             resumed_from=str(resumed) if resumed else None,
             model=self.model_info,
             savers=self.model_info.get("savers", {}),
+            plan=self.plan.to_dict(),
             pid=os.getpid(),
         )
         self.events.emit(
@@ -345,7 +361,7 @@ class Engine:
         # is the same every time a run is started or restarted from scratch.
         set_seed(self.cfg.train.seed)
 
-        self.model, tok, self.model_info = load_for_training(self.cfg, self.device, source=source)
+        self.model, tok, self.model_info = load_for_training(self.cfg, self.device, source=source, plan=self.plan)
         if self.tokenizer is None:
             self.tokenizer = tok
 
@@ -355,9 +371,7 @@ class Engine:
         from transformers import TrainingArguments
 
         cfg, dev = self.cfg, self.device
-        from core.model import pick_compute_dtype
-
-        compute = pick_compute_dtype(cfg.model.compute_dtype, dev)
+        compute = self.plan.compute_dtype
         total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs, cfg.train.max_steps)
         has_eval = bool(self.eval_rows)
         extra = {}
@@ -386,7 +400,7 @@ class Engine:
             warmup_steps=int(math.ceil(cfg.train.warmup_ratio * total)),
             weight_decay=cfg.train.weight_decay,
             max_grad_norm=cfg.train.max_grad_norm,
-            optim=pick_optimizer(cfg.train.optimizer, dev["type"]),
+            optim=self.plan.optimizer,
             bf16=compute == "bf16" and dev["type"] == "cuda",
             fp16=compute == "fp16" and dev["type"] == "cuda",
             use_cpu=dev["type"] == "cpu",
@@ -411,10 +425,7 @@ class Engine:
         )
 
     def _make_trainer(self):
-        from core.model import pick_compute_dtype
-
-        graphs = (self.cfg.train.cuda_graphs == "auto" and self.device.get("type") == "cuda"
-                  and pick_compute_dtype(self.cfg.model.compute_dtype, self.device) == "bf16")
+        graphs = self.plan.cuda_graphs and self.device.get("type") == "cuda"
         # graphed steps replay one shape: packed rows (nearly full anyway) are padded to full length
         self.counter = _TokenCounter(self.tokenizer.pad_token_id,
                                      self.cfg.data.max_seq_len if graphs and self.cfg.data.packing else 0)
@@ -452,7 +463,7 @@ class Engine:
         self._finish_training()
 
     def _recover_from_oom(self) -> None:
-        nxt = oom_fallback(self.micro_batch, self.grad_accum)
+        nxt = self.plan.after_oom()
         if nxt is None:
             raise UserError(
                 "CUDA out of memory even at micro-batch 1",
@@ -460,11 +471,14 @@ class Engine:
             )
         step = self.trainer.state.global_step
         self._free_model()
-        self.micro_batch, self.grad_accum = nxt
+        self.plan = nxt
+        self.micro_batch, self.grad_accum = nxt.micro_batch, nxt.grad_accum
+        write_plan(self.run_dir, nxt)
         ckpt = last_checkpoint(self.run_dir)
         freed_to = round(torch.cuda.memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
         self.events.emit("oom_recovered", step=step, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
-                         resume_from=str(ckpt) if ckpt else None, mem_allocated_after_free_gib=freed_to)
+                         resume_from=str(ckpt) if ckpt else None, mem_allocated_after_free_gib=freed_to,
+                         reason=nxt.retry_why, plan=nxt.to_dict())
         # A fresh model: the weights in memory moved past the last checkpoint, which the Trainer
         # restores (adapter, optimizer, scheduler, data position) when there is one.
         self._load_model()

@@ -14,6 +14,7 @@ from core.catalog import ModelSpec, catalog_lookup, spec_from_param_count
 from core.config import RunConfig
 from core.errors import UserError
 from core.gpu import GpuTarget, resolve_gpu
+from core.plan import plan
 
 GIB = 2**30
 
@@ -57,15 +58,15 @@ def test_plain_components_by_hand():
     assert c["optimizer"] == pytest.approx(16384 * (2 + 8 / 256))  # 8-bit Adam, two states + absmax
     # T=128 tokens. Kept block inputs (fp32 stream): 2 layers * 128 * 64 * 4 = 65536.
     # 4 query heads on 2 kv heads (GQA) with fp32 q/k/v: SDPA's math kernel, fp32 scores
-    # 1 x 4 x 128 x 128 x 4 = 262144 bytes; a block keeps one, its recompute holds 3.25.
+    # 1 x 4 x 128 x 128 x 4 = 262144 bytes; a block keeps one, its recompute holds 3.7.
     # One block (22h + 14q + 8kv + 18I bytes a token) = 128 * 4864 = 622592, + 262144;
-    # its backward's transients 128 * (8*128 + 8*64) = 196608, + 2.25 * 262144 = 589824.
+    # its backward's transients 128 * (8*128 + 8*64) = 196608, + 2.7 * 262144.
     # Loss moment: 65536 + 2*128*64*4 (final hidden) + 4 fp32 copies of 128 x 256 = 655360
     # Backward moment (the last block: all inputs stored, one block's LoRA grads 32768; the
-    # first block's end is the same sum): 65536 + 884736 + 786432, the fp32 logits the output
+    # first block's end is the same sum): 65536 + 884736 + 196608 + 2.7 * 262144, the fp32 logits the output
     # still holds (131072), grads 32768 -> the peak
     assert est.peak_phase == "backward"
-    assert c["activations"] == pytest.approx(65536 + 884736 + 786432)
+    assert c["activations"] == pytest.approx(65536 + 884736 + 196608 + 2.7 * 262144)
     assert c["logits"] == pytest.approx(128 * 256 * 4)
     assert c["gradients"] == pytest.approx(16384 * 4 / 2)
     assert c["workspace"] == pytest.approx(E.WORKSPACE_GIB * GIB)
@@ -84,7 +85,7 @@ def test_plain_components_by_hand():
 
 
 def test_snugtune_components_by_hand():
-    est = E.estimate(SMALL, cfg(), card(), "snugtune")
+    est = E.estimate(SMALL, cfg(), card(), "snugtune", keep_layers=0)  # the need (no spare-memory blocks)
     c = {k: v * GIB for k, v in est.components.items()}
     assert c["weights"] == pytest.approx(38034 + 16704 * 2)  # non-quantized weights stay 16-bit
     # kept inputs, 2-byte stream: 2 * 128 * 64 * 2 = 32768 (offload: 32 KiB < 10% of 4 GiB -> off)
@@ -98,7 +99,10 @@ def test_snugtune_components_by_hand():
     assert est.peak_phase == "backward"
     # the first block's backward is the worse end: one stored input (16384) and all LoRA
     # grads (65536), against all inputs (32768) and one block's grads (32768)
-    assert c["activations"] == pytest.approx(16384 + 344064 + 98304)
+    # + SDPA's k/v repeated to 4 query heads: 128 * 2*(64-32)*2 = 16384 in the block; the
+    # transient is the larger of the MLP's (98304) and the attention's 128 * 64 q * 10 (81920),
+    # + RMSNorm's fp32 backward 128 * 64 * 4 = 32768
+    assert c["activations"] == pytest.approx(16384 + 344064 + 16384 + 98304 + 32768)
     assert c["gradients"] == pytest.approx(16384 * 4)
     alloc = c["weights"] + c["adapters"] + c["gradients"] + c["activations"] + c["workspace"]
     assert c["allocator_overhead"] == pytest.approx(E.SNUG_OVERHEAD_SHARE * alloc + E.SNUG_FRAGMENT_SHARE * 262144)
@@ -144,7 +148,7 @@ def test_baseline_after_prepare_weights():
     # BASELINE.md: "the 4-bit Qwen2.5-1.5B weighs 1.08 GiB after loading and 1.51 GiB after" the fp32 cast
     spec = catalog_lookup("Qwen/Qwen2.5-1.5B")
     plain = E.estimate(spec, cfg(r=16), resolve_gpu("h200"), "plain").components["weights"]
-    snug = E.estimate(spec, cfg(r=16), resolve_gpu("h200"), "snugtune").components["weights"]
+    snug = E.estimate(spec, cfg(r=16), resolve_gpu("h200"), "snugtune", keep_layers=0).components["weights"]
     assert plain == pytest.approx(1.51, rel=0.03)
     assert snug == pytest.approx(1.08, rel=0.03)
 
@@ -188,12 +192,12 @@ def test_verdict_thresholds():
 def test_savers_change_what_they_should():
     spec = catalog_lookup("Qwen/Qwen2.5-1.5B")
     plain = E.estimate(spec, cfg(seq=2048, r=16), card(24), "plain")
-    snug = E.estimate(spec, cfg(seq=2048, r=16), card(24), "snugtune")
+    snug = E.estimate(spec, cfg(seq=2048, r=16), card(24), "snugtune", keep_layers=0)  # the need
     assert snug.total_gib < 0.5 * plain.total_gib  # no full logits, 2-byte stream, no fp32 upcast
     gc_off = E.estimate(spec, cfg(seq=2048, r=16, gc=False), card(24), "snugtune")
     assert gc_off.components["activations"] > 3 * snug.components["activations"]
-    on = E.estimate(spec, cfg(seq=8192, r=16, offload="on"), card(24), "snugtune")
-    off = E.estimate(spec, cfg(seq=8192, r=16, offload="off"), card(24), "snugtune")
+    on = E.estimate(spec, cfg(seq=8192, r=16, offload="on"), card(24), "snugtune", keep_layers=0)
+    off = E.estimate(spec, cfg(seq=8192, r=16, offload="off"), card(24), "snugtune", keep_layers=0)
     # offload keeps 2 block inputs instead of 28: saves 26 * 8192 * 1536 * 2 bytes
     saved = (off.components["activations"] - on.components["activations"]) * GIB
     assert saved == pytest.approx(26 * 8192 * 1536 * 2)
@@ -251,7 +255,15 @@ def test_autofit_keeps_the_effective_batch():
     # one step longer would not fit
     assert E.estimate(spec, cfg(seq=fit.longest_seq_len + 64, r=16), card(4.0), "plain").verdict != "fits"
     big = E.autofit(spec, cfg(seq=256, r=16, mb=1, accum=8), card(24.0), "snugtune")
-    assert big.max_seq_len == 256 and big.micro_batch == 8 and big.grad_accum == 1
+    # a setting that fits keeps its length; another micro-batch only when the estimate says faster
+    assert big.max_seq_len == 256 and big.micro_batch * big.grad_accum == 8
+
+    def per_seq(mb):
+        c = cfg(seq=256, r=16, mb=mb, accum=8 // mb)
+        return E.estimate_step_time(spec, c, card(24.0)) / 8
+
+    # within the 2% a change must beat to be taken
+    assert per_seq(big.micro_batch) * 0.98 <= min(per_seq(mb) for mb in (1, 2, 4, 8))
     nothing = E.autofit(catalog_lookup("google/gemma-2-2b"), cfg(seq=512, r=16), card(2.0), "plain")
     assert not nothing.fits and nothing.longest_seq_len == 0
 
@@ -274,29 +286,10 @@ def test_step_time_follows_cuda_graphs():
     off = RunConfig.from_dict({**cfg(seq=1024, accum=1).to_dict(), "train": {**cfg(seq=1024).to_dict()["train"],
                                                                               "cuda_graphs": "off"}})
     eager = E.estimate_step_time(spec, off, h200)
-    assert E.graphed_steps(spec, cfg(seq=1024, accum=1), h200)
+    assert plan(cfg(seq=1024, accum=1), spec, h200).cuda_graphs
     assert 0.066 / 1.6 < graphed < 0.066 * 1.6 and 0.274 / 1.6 < eager < 0.274 * 1.6
-    assert not E.graphed_steps(spec, cfg(seq=16384, accum=1), h200)  # over 8,192 tokens (and offloaded)
-    assert not E.graphed_steps(spec, cfg(seq=1024, accum=1), resolve_gpu("gtx-1650"))  # fp16 card
-
-
-def test_graph_limits_match():
-    graphs = pytest.importorskip("core.graphs")
-    assert E.GRAPH_MAX_TOKENS == graphs.GRAPH_MAX_TOKENS
-
-
-def test_savers_constants_match():
-    """The estimator mirrors core/savers.py's sizing rules without importing torch."""
-    savers = pytest.importorskip("core.savers")
-    assert E.CE_CHUNK_BYTES == savers.CE_CHUNK_BYTES
-    assert E.MLP_TILE_BYTES == savers.MLP_TILE_BYTES
-    assert E.AUTO_OFFLOAD_SHARE == savers.AUTO_OFFLOAD_SHARE
-    assert E.ATTN_TILE_ELEMS == savers.ATTN_TILE_ELEMS
-    assert E.CHUNKABLE == savers._CHUNKABLE
-    for v, soft, budget in ((151936, False, None), (256000, True, 4 * GIB), (2048, False, 2**28)):
-        assert E._ce_chunk_tokens(v, soft, budget, E.CE_CHUNK_BYTES) == savers._ce_chunk_tokens(v, soft, budget)
-    for i, b in ((8960, 1), (4864, 2), (704, 1)):
-        assert E._mlp_tile_tokens(i, b, E.MLP_TILE_BYTES) == savers._mlp_tile_tokens(i, b)
+    assert not plan(cfg(seq=16384, accum=1), spec, h200).cuda_graphs  # over 8,192 tokens (and offloaded)
+    assert not plan(cfg(seq=1024, accum=1), spec, resolve_gpu("gtx-1650")).cuda_graphs  # fp16 card
 
 
 # ---- bench/estimate_accuracy.py's pure parts (the GPU run itself happens on the GPU machine) ----------
@@ -382,15 +375,17 @@ def test_bench_calibration_factor_takes_the_worst_run(bench):
 # ---- the H200 bench's measurements (bench/results/estimate_accuracy.json) ---------------------------
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "estimate_accuracy.json"
-TOLERANCE = 10.0  # % of the measured value, either way (the issue's target)
-# (case, recipe, quantity) left out of the +-10% assertion, each with its reason. They are
-# still checked against a looser bound below, so they fail visibly if they get worse.
+TOLERANCE = 5.0  # % of the measured value, either way (issue 9's target; was 10%)
+# (case, recipe, quantity) left out of the +-5% assertion, each with its reason. They are
+# still checked against a looser bound below, so they fail visibly if they get worse, and they
+# must stay conservative (over the measurement: never a "fits" that runs out).
 NOT_WITHIN_10: dict = {
-    # none at present. The last one, StableLM-2 plain without checkpointing (+10.4% allocated),
-    # is within 10% since the plain block stopped counting the math kernel's q/k/v copies for
-    # full multi-head attention (which runs the memory-efficient kernel).
+    ("q3-0.6-512-b2-nogc-adamw", "snugtune", "reserved"): "no checkpointing: every block's count runs 6.5% over",
+    ("q3-0.6-512-b2-nogc-adamw", "snugtune", "device"): "the same row through NVML (+7.1%)",
+    ("slm-1024", "plain", "device"): "StableLM-2 plain: NVML's outside-allocator memory 0.1 GiB under the "
+                                     "0.81 GiB context assumed for Hopper",
 }
-LOOSE = 15.0
+LOOSE = 8.0
 
 
 def _bench_rows():
@@ -413,7 +408,7 @@ def _bench_rows():
     return rows
 
 
-def test_estimates_within_10_percent_of_the_h200_measurements():
+def test_estimates_within_5_percent_of_the_h200_measurements():
     rows = _bench_rows()
     assert len(rows) == 28 and {r for _, r, _ in rows} == {"plain", "snugtune"}
     bad = []
@@ -426,12 +421,12 @@ def test_estimates_within_10_percent_of_the_h200_measurements():
             if abs(err) > limit:
                 bad.append(f"{case} {recipe} {what}: {err:+.1f}% (limit {limit}%)")
     assert not bad, "\n".join(bad)
-    # the exceptions are still exceptions (drop them from NOT_WITHIN_10 once they are within 10%)
+    # the exceptions are still exceptions (drop them from NOT_WITHIN_10 once they are within 5%)
     for (case, recipe, what), reason in NOT_WITHIN_10.items():
         err = next(e[what] for c, r, e in rows if (c, r) == (case, recipe))
         assert abs(err) > TOLERANCE and err > 0, (case, recipe, what, err, reason)
     reserved = [abs(e["reserved"]) for _, _, e in rows]
-    assert sum(reserved) / len(reserved) < 5.0  # mean reserved error (was 8.5% before the fixes)
+    assert sum(reserved) / len(reserved) < 3.0  # mean reserved error (2.4%; was 8.5% before the first fixes)
 
 
 def test_cuda_context_measured_on_hopper_assumed_on_consumer_cards():

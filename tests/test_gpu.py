@@ -56,8 +56,8 @@ def test_profile_budget_and_vram_override():
     assert not t.bf16 and t.compute_capability == (7, 5)
     capped = gpu.resolve_gpu("rtx-3090", 3.5)
     assert capped.budget_gib == 3.5 and capped.budget_source == "vram" and capped.total_gib == pytest.approx(23.69)
-    over = gpu.resolve_gpu("gtx-1650", 8)
-    assert "more than the card" in over.note
+    with pytest.raises(UserError, match="more than"):  # the budget is at most the card's memory (issue 9)
+        gpu.resolve_gpu("gtx-1650", 8)
     assert gpu.resolve_gpu("RTX-4090").name == "rtx-4090"  # case does not matter
 
 

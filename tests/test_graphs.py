@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core import graphs, savers
-from tests.test_savers import _assert_same, _cfg, _lora, _loss_and_grads, _tiny_gemma2, _tiny_llama
+from tests.test_savers import _assert_same, _plan, _lora, _loss_and_grads, _tiny_gemma2, _tiny_llama
 
 
 @pytest.mark.parametrize("softcap", [None, 7.0])
@@ -70,7 +70,7 @@ def _static_loss_and_grads(model, batch):
 def test_static_mode_same_loss_and_grads_through_the_model(layout):
     """Everything a CUDA graph replays, run eagerly: same loss and LoRA gradients as the normal path."""
     model = _lora(_tiny_llama())
-    savers.install_savers(model, _cfg(offload_activations="off"), {"type": "cpu"})
+    savers.install_savers(model, _plan(model, offload_activations="off"))
     g = torch.Generator().manual_seed(4)
     T = 64
     ids = torch.randint(0, 211, (2, T), generator=g)
@@ -99,7 +99,7 @@ def test_static_mode_same_loss_and_grads_through_the_model(layout):
 
 def test_static_mode_gemma2_softcap_packed():
     model = _lora(_tiny_gemma2())
-    savers.install_savers(model, _cfg(offload_activations="off"), {"type": "cpu"})
+    savers.install_savers(model, _plan(model, offload_activations="off"))
     g = torch.Generator().manual_seed(6)
     ids = torch.randint(0, 203, (1, 60), generator=g)
     labels = ids.clone()

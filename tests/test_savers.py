@@ -18,6 +18,16 @@ def _cfg(**train):
                                 "train": train})
 
 
+def _plan(model, **train):
+    """The plan the engine would execute for this tiny model on the CPU (core.plan)."""
+    from core.catalog import spec_from_config
+    from core.gpu import cpu_target
+    from core.plan import plan
+
+    hf = savers._unwrap(model)
+    return plan(_cfg(**train), spec_from_config(hf.config.to_dict(), "tiny", source="local"), cpu_target())
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -145,8 +155,8 @@ def test_install_savers_same_loss_and_lora_grads(offload, tied):
     ours = copy.deepcopy(base)
     batch = _batch(211)
     ref = _loss_and_grads(base, batch)
-    savers.install_savers(ours, _cfg(offload_activations="off"), {"type": "cpu"})
-    applied = savers.install_savers(ours, _cfg(offload_activations=offload), {"type": "cpu"})  # replaces, not stacks
+    savers.install_savers(ours, _plan(ours, offload_activations="off"))
+    applied = savers.install_savers(ours, _plan(ours, offload_activations=offload))  # replaces, not stacks
     for mod in savers._unwrap(ours).modules():
         f = mod.__dict__.get("forward")
         assert f is None or not hasattr(getattr(f, "_snug_orig", None), "_snug_orig")
@@ -165,7 +175,7 @@ def test_packed_rows_never_attend_across_samples():
     """A packed row gives the same per-sample loss and gradients as the samples run one by one."""
     base = _lora(_tiny_llama())
     ours = copy.deepcopy(base)
-    savers.install_savers(ours, _cfg(), {"type": "cpu"})
+    savers.install_savers(ours, _plan(ours))
     g = torch.Generator().manual_seed(5)
     a, b = torch.randint(0, 211, (1, 30), generator=g), torch.randint(0, 211, (1, 50), generator=g)
     packed = {"input_ids": torch.cat([a, b], 1), "position_ids": torch.cat([torch.arange(30), torch.arange(50)])[None]}
@@ -193,7 +203,7 @@ def test_gemma2_softcap_tiled_attention_and_untied_head():
     ours = copy.deepcopy(base)
     batch = _batch(203, T=80)  # longer than the sliding window (24)
     ref = _loss_and_grads(base, batch)
-    applied = savers.install_savers(ours, _cfg(), {"type": "cpu"})
+    applied = savers.install_savers(ours, _plan(ours))
     assert "softcap" in applied["loss"]
     old = savers.ATTN_TILE_ELEMS
     savers.ATTN_TILE_ELEMS = 4 * 17 * 80  # force several query tiles
@@ -228,7 +238,7 @@ def test_mlp_tiling_same_outputs_and_grads():
 def test_checkpoint_with_tiled_mlp_inside_model():
     base = _lora(_tiny_llama())
     ours = copy.deepcopy(base)
-    savers.install_savers(ours, _cfg(offload_activations="on"), {"type": "cpu"})
+    savers.install_savers(ours, _plan(ours, offload_activations="on"))
     for lyr in savers._decoder_layers(savers._unwrap(ours)):
         f = lyr.mlp.forward
         savers.tiled_mlp_forward(lyr.mlp, 128, tile=32, min_tokens=33)  # wrap again with small tiles
@@ -241,7 +251,7 @@ def test_checkpoint_with_tiled_mlp_inside_model():
 def test_prepare_keeps_16bit_and_freezes():
     m = _tiny_llama(dtype=torch.bfloat16)
     m.model.norm.weight.data = m.model.norm.weight.data.float()  # an fp32 leftover is cast down
-    savers.prepare_for_kbit_training(m, _cfg())
+    savers.prepare_for_kbit_training(m)
     assert all(not p.requires_grad for p in m.parameters())
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
 
@@ -264,12 +274,11 @@ def test_real_4bit_llama_through_peft_loss_falls(tmp_path):
         m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, dtype=torch.bfloat16,
                                                  device_map={"": "cpu"})
         assert any(p.__class__.__name__ == "Params4bit" for p in m.parameters())
-        cfg = _cfg(offload_activations="on")
-        savers.prepare_for_kbit_training(m, cfg)
+        savers.prepare_for_kbit_training(m, True)
         torch.manual_seed(0)
         m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
         if use:
-            applied = savers.install_savers(m, cfg, {"type": "cpu"})
+            applied = savers.install_savers(m, _plan(m, offload_activations="on"))
             assert applied["checkpointing"].startswith("2/2") and applied["offload"] is True
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -325,21 +334,20 @@ def test_fused_lora_4bit_matches_peft(tmp_path, cache_absmax):
 def test_auto_decisions_follow_the_micro_batch_size():
     """offload/selective checkpointing are re-decided per micro-batch: a longer row than max_seq_len offloads."""
     m = _lora(_tiny_llama())
-    savers.install_savers(m, _cfg(offload_activations="auto"), {"type": "cpu"})
+    savers.install_savers(m, _plan(m, offload_activations="auto"))
     st = savers._unwrap(m)._snug_ckpt_state
     assert st["offloader"] is None and not st["offload_now"](torch.empty(1, 4096, 64))  # CPU: auto is off
     m2 = _lora(_tiny_llama())
-    savers.install_savers(m2, _cfg(offload_activations="on"), {"type": "cpu"})
+    savers.install_savers(m2, _plan(m2, offload_activations="on"))
     st2 = savers._unwrap(m2)._snug_ckpt_state
     assert st2["offload_now"](torch.empty(1, 8, 64)) and st2["upto"](torch.empty(1, 8, 64)) == 2
-    # the CUDA rule: Qwen2.5-1.5B (28 layers, H 1536) under a 3.65 GiB cap
+    # the CUDA rule (core.plan.offload_rule): Qwen2.5-1.5B (28 layers, H 1536) under a 3.65 GiB budget
+    from core.plan import offload_rule
+
     cap = int(3.65 * 2**30)
-    assert not savers.offload_decision("auto", True, 28, 1024, 1536, cap)  # 84 MiB of inputs: keep them
-    assert savers.offload_decision("auto", True, 28, 16384, 1536, cap)  # 1.3 GiB: offload
-    assert not savers.offload_decision("off", True, 28, 16384, 1536, cap)
-    assert not savers._selective_keep(28, 1024, 1536, 8960, cap, False, 0)  # never on the CPU
-    assert savers._selective_keep(28, 1024, 1536, 8960, cap, True, int(1.2 * 2**30)) > \
-        savers._selective_keep(28, 4096, 1536, 8960, cap, True, int(1.2 * 2**30))  # longer rows keep fewer
+    assert not offload_rule("auto", True, True, 28, 1024, 1536, cap)[0]  # 84 MiB of inputs: keep them
+    assert offload_rule("auto", True, True, 28, 16384, 1536, cap)[0]  # 1.3 GiB: offload
+    assert not offload_rule("off", True, True, 28, 16384, 1536, cap)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -376,7 +384,7 @@ def test_through_hf_trainer_same_losses(tmp_path):
     for use in (False, True):
         m = _lora(_tiny_llama())
         if use:
-            savers.install_savers(m, _cfg(), {"type": "cpu"})
+            savers.install_savers(m, _plan(m))
         args = TrainingArguments(output_dir=str(tmp_path / str(use)), per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-3, logging_steps=1,
                                  use_cpu=True, report_to=[], save_strategy="no", seed=0, data_seed=0,

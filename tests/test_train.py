@@ -15,7 +15,8 @@ import torch
 from conftest import make_tiny_config
 from core import runs
 from core.events import read_events
-from core.train import Engine, oom_fallback, pick_optimizer, planned_steps
+from core.plan import optimizer as pick_optimizer
+from core.train import Engine, oom_fallback, planned_steps
 
 STEPS = 8
 STOP_AFTER = 4  # the interrupted run stops after this step; save_steps=5 so only the stop saves it
@@ -156,9 +157,9 @@ def test_planned_steps_and_optimizer_choice():
     assert planned_steps(100, 4, 2, 1.0, None) == 13  # 25 batches -> 12 full + 1 partial accumulation
     assert planned_steps(100, 4, 2, 2.0, None) == 26
     assert planned_steps(100, 4, 2, 1.0, 7) == 7
-    assert pick_optimizer("auto", "cuda") == "paged_adamw_8bit"
-    assert pick_optimizer("auto", "cpu") == "adamw_torch"
-    assert pick_optimizer("adamw_8bit", "cuda") == "adamw_8bit"
+    assert pick_optimizer("auto", True)[0] == "paged_adamw_8bit"
+    assert pick_optimizer("auto", False)[0] == "adamw_torch"
+    assert pick_optimizer("adamw_8bit", True)[0] == "adamw_8bit"
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -174,6 +175,10 @@ def test_a_run_trains_the_loss_down_and_logs_every_event(reference_run):
     assert started["total_steps"] == STEPS and started["device"]["type"] == "cpu"
     assert started["model"]["linear4bit_layers"] == 14 and started["versions"]["bitsandbytes"]
     assert started["config"]["train"]["max_steps"] == STEPS and started["resumed_from"] is None
+    # the plan the engine executed (core.plan): in the event and in plan.json beside it
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert started["plan"] == plan and plan["device"] == "cpu" and plan["optimizer"] == "adamw_torch"
+    assert plan["compute_dtype"] == "fp32" and plan["allocator_cap_gib"] is None and plan["blocks"]["kept"] == 0
     prepared = next(e for e in events if e["event"] == "data_prepared")
     assert prepared["format"] == "instruction" and prepared["train_samples"] > 0
     steps = [e for e in events if e["event"] == "step_logged"]
@@ -349,6 +354,9 @@ def test_out_of_memory_halves_the_micro_batch_and_resumes_from_the_checkpoint(ti
     assert len(recovered) == 1
     assert (recovered[0]["micro_batch"], recovered[0]["grad_accum"]) == (2, 2)  # same effective batch, 4
     assert recovered[0]["step"] == 3 and recovered[0]["resume_from"].endswith("checkpoint-2")
+    # the retry's plan is in the event and replaces plan.json
+    assert recovered[0]["plan"]["micro_batch"] == 2 and recovered[0]["plan"]["attempt"] == 1
+    assert json.loads((run_dir / "plan.json").read_text())["grad_accum"] == 2
     steps = [(e["step"], e["micro_batch"], e["grad_accum"]) for e in events if e["event"] == "step_logged"]
     # Steps 1-3 at micro-batch 4; step 3 is redone from checkpoint-2 at micro-batch 2 x 2.
     assert steps == [(1, 4, 1), (2, 4, 1), (3, 4, 1), (3, 2, 2), (4, 2, 2), (5, 2, 2), (6, 2, 2)]

@@ -66,7 +66,10 @@ def register(subparsers) -> None:
                    help="snugtune's engine (default) or the plain transformers+peft recipe")
     e.add_argument("--preset", metavar="NAME", help="start from a preset's settings (flags override them)")
     e.add_argument("--autofit", action="store_true",
-                   help="find the longest sequence and largest micro-batch that fit (same effective batch)")
+                   help="keep the settings if they fit, else find the longest sequence that fits (within the "
+                   "model's positions); a micro-batch only when faster by the estimate (same effective batch)")
+    e.add_argument("--full-context", action="store_true",
+                   help="with --autofit: start from the model's whole position range instead of --seq")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_estimate)
 
@@ -246,18 +249,19 @@ def _build_cfg(args):
 
 def cmd_estimate(args) -> int:
     from core.catalog import resolve_model
-    from core.estimate import autofit, estimate, estimate_step_time, format_table
+    from core.estimate import autofit, estimate, estimate_step_time, fit_for, format_table
     from core.gpu import resolve_gpu
+    from core.plan import with_batch
 
     cfg = _build_cfg(args)
     gpu = resolve_gpu(cfg.gpu.profile, cfg.gpu.vram_budget_gib, cfg.gpu.device_index)
     spec = resolve_model(cfg.model.name_or_path)
     fit = None
     if args.autofit:
-        fit = autofit(spec, cfg, gpu, args.recipe)
-        from core.estimate import _with
-
-        cfg = _with(cfg, fit.max_seq_len, fit.micro_batch, fit.grad_accum)
+        fit = (fit_for(spec, cfg, gpu, from_full_context=args.full_context) if args.recipe == "snugtune"
+               else autofit(spec, with_batch(cfg, spec.max_position_embeddings) if args.full_context else cfg,
+                            gpu, args.recipe))
+        cfg = with_batch(cfg, fit.max_seq_len, fit.micro_batch, fit.grad_accum)
     est = estimate(spec, cfg, gpu, args.recipe)
     other_recipe = "plain" if args.recipe == "snugtune" else "snugtune"
     other = estimate(spec, cfg, gpu, other_recipe)
@@ -282,8 +286,14 @@ def cmd_estimate(args) -> int:
             print("autofit: nothing fits this budget, not even 64 tokens at micro-batch 1")
         for n in fit.notes:
             print(f"autofit: {n}")
+        for n in fit.suggestions:
+            print(f"to fit: {n}")
         print("")
     print(format_table(est, other))
+    if est.plan is not None and args.recipe == "snugtune":
+        print("")
+        print("plan (what the engine will do, core.plan):")
+        print(est.plan.format())
     print(f"time: about {step_s:.1f} s per optimizer step ({cfg.train.micro_batch} x {cfg.train.grad_accum} "
           f"sequences) on {gpu.label}; a rough figure from the card's throughput")
     return 0

@@ -150,4 +150,13 @@ class GpuScreen(StepScreen):
                 return f"memory budget: {raw!r} is not a number of GiB (e.g. 3.5), or leave it blank"
             if not 0 < value <= 1024:
                 return "memory budget: must be more than 0 and at most 1024 GiB"
+            # the budget is what the card gives the run (context included): at most its memory
+            from core.errors import UserError
+            from core.gpu import resolve_gpu
+
+            try:
+                resolve_gpu(self.app.get_value("gpu.profile", "auto") or "auto", value,
+                            self.app.get_value("gpu.device_index", 0) or 0)
+            except UserError as exc:
+                return str(exc).splitlines()[0]
         return None

@@ -21,7 +21,13 @@ from tui.widgets.vrambar import VramBar
 # Typing pauses shorter than this are one edit: the estimate waits for the pause.
 DEBOUNCE_S = 0.25
 
-OPTIMIZERS = [(v, v) for v in ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")]
+def _optimizers() -> list[tuple[str, str]]:
+    from core.plan import OPTIMIZERS as names  # the one list (core.plan; the config validates against it)
+
+    return [(v, v) for v in names]
+
+
+OPTIMIZERS = _optimizers()
 
 
 def _int(text: str) -> int:
@@ -300,7 +306,16 @@ class SettingsScreen(StepScreen):
         if budget:
             out.append(f"\nbudget       {float(budget):5.2f} GiB", style="dim")
         self.query_one("#totals", Static).update(out)
-        self.query_one("#timing", Static).update(self.timing_text(step_s, cfg))
+        timing = self.timing_text(step_s, cfg)
+        plan = attr(est, "plan", default=None)
+        if plan is not None and hasattr(plan, "blocks_at"):
+            # what the engine will do with this memory (core.plan): the decisions that change it
+            b = plan.blocks_at(plan.tokens)
+            line = f"\nplan: {b.checkpointed} blocks checkpointed, {b.kept} kept"
+            line += ", inputs offloaded" if b.offloaded else ""
+            line += f"; {plan.compute_dtype}, {plan.optimizer}; CUDA graphs {'on' if plan.cuda_graphs else 'off'}"
+            timing.append(line, style="dim")
+        self.query_one("#timing", Static).update(timing)
         if not self.field_errors:
             if fit_badge(self.verdict).plain == "too big":
                 self.set_status(f"does not fit: {total:.2f} GiB > {float(budget or 0):.2f} GiB budget — "
@@ -323,16 +338,18 @@ class SettingsScreen(StepScreen):
         return out
 
     def steps_per_epoch(self, cfg: RunConfig) -> int | None:
+        from core.plan import planned_steps  # the engine's own count (core.train uses it too)
+
         report = self.app.data_report or {}
-        batch = cfg.train.micro_batch * cfg.train.grad_accum
         stats = attr(report, "length_stats", default={}) or {}
         mean = attr(stats, "mean")
         n = attr(report, "samples_total", "num_samples", default=None)
-        tokens = float(mean) * int(n) if mean is not None and n else None
-        if tokens is not None and cfg.data.packing:
-            # packed: each step consumes micro_batch x grad_accum full sequences
-            return max(1, -(-int(tokens) // (cfg.data.max_seq_len * batch)))
-        return max(1, -(-int(n) // batch)) if n else None
+        if not n:
+            return None
+        tokens = float(mean) * int(n) if mean is not None else None
+        # packed: rows are max_seq_len tokens of samples laid end to end; unpacked: one a sample
+        rows = max(1, -(-int(tokens) // cfg.data.max_seq_len)) if (tokens is not None and cfg.data.packing) else int(n)
+        return planned_steps(rows, cfg.train.micro_batch, cfg.train.grad_accum, 1.0, None)
 
     # ---- auto-fit ---------------------------------------------------------------------
 
@@ -342,14 +359,18 @@ class SettingsScreen(StepScreen):
             self.set_status("auto-fit needs the model and a GPU profile", "error")
             return
         try:
-            result = est_mod.autofit(self.app.spec, self.app.estimate_config(), self.gpu)
+            # the auto-fit `snugtune estimate --autofit` runs: the model's position limit, the card,
+            # and a fitting setting kept unless another is faster by the estimate
+            result = est_mod.fit_for(self.app.spec, self.app.estimate_config(), self.gpu)
         except UserError as exc:
             self.set_status(f"auto-fit: {exc}", "error")
             return
         notes = list(attr(result, "notes", default=[]) or [])
         if not attr(result, "fits", default=False):
+            tips = list(attr(result, "suggestions", default=[]) or [])
             self.set_status("auto-fit: " + ("; ".join(notes) or "nothing fits this card")
-                            + " — choose a smaller model or a larger budget", "error")
+                            + (" — to fit: " + "; ".join(tips[:2]) if tips
+                               else " — choose a smaller model or a larger budget"), "error")
             return
         # core.estimate.FitResult: the longest sequence and largest micro-batch that fit,
         # with gradient accumulation keeping the effective batch

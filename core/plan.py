@@ -1,0 +1,569 @@
+"""The plan: every decision that changes a run's memory or speed, made once, each with its reason.
+
+`plan(cfg, spec, gpu) -> Plan` is the one seam between the estimator, the engine and the
+wizard. The estimator prices a Plan (core.estimate.estimate), the engine executes the one it
+is given (core.savers.install_savers(model, plan), core.train) and writes it to the run
+directory (plan.json, and the run_started event), and the wizard and `snugtune estimate` show
+it. A rule that changes memory or speed lives here and nowhere else:
+
+* compute dtype (bf16 / fp16 / fp32) and the optimizer;
+* the memory budget and the allocator cap: `gpu.vram_budget_gib` is what the card gives this
+  process, CUDA context included (what nvidia-smi shows for it); PyTorch's allocator is capped
+  at budget - the context the plan assumes;
+* the loss chunk, the MLP tile and the attention path;
+* per row length: which blocks are checkpointed, kept (un-checkpointed, to skip their
+  recompute when memory is spare) or offloaded to CPU memory;
+* whether CUDA-graph steps run, and why not;
+* the micro-batch and accumulation after an out-of-memory retry (`Plan.after_oom()`).
+
+Pure Python, no torch: the wizard imports it in-process.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
+
+from core.catalog import ModelSpec
+from core.errors import UserError
+from core.gpu import PROFILES, GpuTarget, profile_for
+
+GIB = 2**30
+
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+# One loss chunk's working set (fp32 logits + 2-byte copies): big enough that the matmuls fill
+# a large GPU, small enough to sit beside a 1.5B model under 4 GiB.
+CE_CHUNK_BYTES = 256 * 2**20
+# Tile the MLP when its intermediates would exceed this (4 tensors of T x I in 2 bytes).
+MLP_TILE_BYTES = 256 * 2**20
+# Query-tiled attention: elements of one score tile (Hq x q x Tk); 2^24 x ~12 bytes ~ 200 MiB.
+ATTN_TILE_ELEMS = 2**24
+# offload_activations="auto" turns offload on when the kept block inputs exceed this share of
+# the budget: below it the copies cost time for little memory.
+AUTO_OFFLOAD_SHARE = 0.10
+# Architectures whose head is a plain linear layer (+ Gemma-2/3 softcapping): the chunked loss.
+CHUNKABLE = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                       "smollm3"})
+# Attention softcapping (Gemma-2) / sliding windows (Gemma-2/3): SDPA cannot, a query-tiled exact one does.
+TILED_ATTENTION = frozenset({"gemma2", "gemma3_text"})
+# CUDA-graph steps build a B x T x T boolean mask per micro-batch (core.graphs' static mode): short rows only.
+GRAPH_MAX_TOKENS = 8192
+# Memory outside PyTorch's allocator (CUDA context, lazily loaded kernels, cuBLAS handles), measured
+# where we could: bench/results/estimate_accuracy.json, NVML's per-process used memory minus
+# max_memory_reserved on an H200 (torch 2.11, CUDA 13): 0.725 GiB for the plain recipe, 0.74-0.81
+# GiB for snugtune. The larger one is used for Hopper cards. Other cards keep their profile's
+# number: ~0.35 GiB on consumer cards is BASELINE.md's assumption, not a measurement.
+MEASURED_CONTEXT_GIB = {(9, 0): 0.81}
+# Selective checkpointing fills spare memory with un-checkpointed blocks up to this share of the
+# budget by the estimate (which counts them): the estimate is within ~5% of measured peaks
+# (bench/results/fit_truth.md), so 0.90 leaves the measured peak under the budget.
+KEEP_SHARE = 0.90
+# torch.compile'd blocks keep more for backward than the eager ones the estimate prices
+# (measured: out of memory at the eager count, H200 bench run 5), so they keep 60% as many.
+COMPILE_KEEP_FACTOR = 0.6
+
+
+# ---- the rules, as functions of a shape (the engine calls them for shapes other than the planned one) ----
+
+def compute_dtype(setting: str, on_cuda: bool, bf16: bool) -> tuple[str, str]:
+    """model.compute_dtype on this device, and why."""
+    if setting != "auto":
+        return setting, f"model.compute_dtype = {setting!r}"
+    if on_cuda:
+        if bf16:
+            return "bf16", "bf16: the card has bf16 tensor cores (Ampere or newer)"
+        return "fp16", "fp16: the card has no native bf16 (pre-Ampere)"
+    return "fp32", "fp32 on the CPU: exact, and CPUs without AMX emulate bf16 matmuls slowly"
+
+
+def optimizer(setting: str, on_cuda: bool) -> tuple[str, str]:
+    """The Trainer's `optim` name, and why."""
+    if setting != "auto":
+        return setting, f"train.optimizer = {setting!r}"
+    if on_cuda:
+        return "paged_adamw_8bit", ("paged 8-bit AdamW: states in 8 bits, in CUDA unified memory that pages "
+                                    "to the CPU under pressure")
+    return "adamw_torch", "torch's AdamW: paged 8-bit AdamW needs CUDA unified memory"
+
+
+def ce_chunk_tokens(vocab: int, softcap: bool, budget_bytes: Optional[int] = None,
+                    chunk_bytes: int = CE_CHUNK_BYTES) -> int:
+    """Tokens per chunk of the chunked loss: fp32 logits + 2-byte matmul output + 2-byte probabilities
+    (+4 bytes of tanh derivative with softcapping) per logit within 256 MiB, or budget/16 on small cards."""
+    per = 8 + (4 if softcap else 0)
+    target = chunk_bytes if budget_bytes is None else min(chunk_bytes, budget_bytes // 16)
+    return max(32, int(target // (vocab * per)))
+
+
+def mlp_tile_tokens(intermediate: int, batch: int = 1, tile_bytes: int = MLP_TILE_BYTES) -> int:
+    """Tokens per MLP tile: 4 live T x I tensors of 2 bytes per tile, in steps of 256."""
+    t = tile_bytes // (4 * 2 * max(intermediate, 1) * max(batch, 1))
+    return max(256, int(t) // 256 * 256)
+
+
+def offload_rule(mode: str, on_cuda: bool, gradient_checkpointing: bool, layers: int, tokens: int, hidden: int,
+                 budget_bytes: Optional[int]) -> tuple[bool, str]:
+    """Whether block inputs go to pinned CPU memory for a micro-batch of `tokens`, and why."""
+    if not gradient_checkpointing:
+        return False, "no offload: gradient checkpointing is off (there are no block inputs to move)"
+    if mode == "on":
+        return True, "train.offload_activations = 'on'"
+    if mode == "off":
+        return False, "train.offload_activations = 'off'"
+    if not on_cuda or budget_bytes is None:
+        return False, "no offload on the CPU (the inputs are in host memory already)"
+    inputs = layers * tokens * hidden * 2
+    if inputs > AUTO_OFFLOAD_SHARE * budget_bytes:
+        return True, (f"offload: the {layers} block inputs ({inputs / GIB:.2f} GiB) exceed "
+                      f"{AUTO_OFFLOAD_SHARE:.0%} of the budget")
+    return False, f"no offload: the {layers} block inputs ({inputs / GIB:.2f} GiB) are under {AUTO_OFFLOAD_SHARE:.0%} of the budget"
+
+
+def oom_fallback(micro_batch: int, grad_accum: int) -> Optional[tuple[int, int]]:
+    """A smaller micro-batch with the same effective batch, or None at micro-batch 1.
+
+    The micro-batch halves (for an odd one: its largest divisor at most half of it) and gradient
+    accumulation grows by the same factor, so micro_batch x grad_accum stays exactly the same.
+    """
+    if micro_batch <= 1:
+        return None
+    new_mb = max(d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0)
+    return new_mb, grad_accum * (micro_batch // new_mb)
+
+
+def planned_steps(n_rows: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
+    """Optimizer steps a run takes over `n_rows` training rows (the Trainer's own count)."""
+    if max_steps:
+        return int(max_steps)
+    batches = math.ceil(n_rows / micro_batch)
+    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return max(math.ceil(epochs * per_epoch), 1)
+
+
+def context_gib(gpu: GpuTarget) -> float:
+    """Memory the process holds outside PyTorch's allocator on this card (GiB): measured for Hopper
+    (MEASURED_CONTEXT_GIB), the profile's assumption elsewhere."""
+    if gpu.is_cpu:
+        return 0.0
+    measured = MEASURED_CONTEXT_GIB.get(tuple(gpu.compute_capability or ()))
+    return max(gpu.cuda_context_gib, measured) if measured else gpu.cuda_context_gib
+
+
+def _fp16_guard(spec: ModelSpec, dtype: str) -> tuple[bool, str]:
+    # The fp16 guard (issue 10) decides from the model alone, torch-free: core.fp16guard.needs_guard.
+    if dtype != "fp16":
+        return False, f"not needed: compute is {dtype}"
+    try:
+        from core.fp16guard import needs_guard  # noqa: PLC0415 (optional module)
+    except ImportError:
+        return False, "not needed: no fp16 guard rule is installed"
+    got = needs_guard(spec)
+    if isinstance(got, tuple):
+        return bool(got[0]), str(got[1])
+    return bool(got), "the model's activations overflow fp16" if got else "not needed for this model in fp16"
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Blocks:
+    """What the decoder blocks do at one row length."""
+
+    tokens: int
+    checkpointed: int
+    kept: int  # run without checkpointing (their activations kept: no recompute)
+    offloaded: bool  # checkpointed blocks' inputs in pinned CPU memory
+    why: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision of one run, each beside its reason (`*_why`)."""
+
+    model_id: str
+    gpu: str
+    device: str  # "cuda" | "cpu"
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    compute_dtype: str
+    compute_dtype_why: str
+    optimizer: str
+    optimizer_why: str
+    budget_gib: float  # what the card gives this process, CUDA context included
+    context_gib: float  # the CUDA context this plan assumes (outside PyTorch's allocator)
+    allocator_cap_gib: Optional[float]  # PyTorch's allocator cap: budget - context (None on the CPU)
+    allocator_cap_why: str
+    chunked_loss: bool
+    loss_why: str
+    ce_chunk_tokens: Optional[int]
+    mlp_tile_tokens: Optional[int]  # MLP tiles of this many tokens beyond two tiles (None: no tiling)
+    mlp_why: str
+    tiled_attention: bool
+    attention_why: str
+    gradient_checkpointing: bool
+    offload_mode: str
+    offload: bool  # at the planned row length
+    offload_why: str
+    keep_blocks: int  # un-checkpointed blocks at the planned row length
+    keep_why: str
+    layers: int
+    fused_lora: bool
+    fused_lora_why: str
+    cached_block_scales: bool
+    compile: bool
+    cuda_graphs: bool
+    cuda_graphs_why: str
+    fp16_guard: bool
+    fp16_guard_why: str
+    oom_recovery: bool
+    attempt: int = 0  # 0: the first plan; n: after n out-of-memory retries
+    retry_why: str = ""
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    budget_bytes: Optional[int] = None
+    # inputs kept to re-plan after an out-of-memory retry (not part of the plan's record)
+    _cfg: Any = field(default=None, compare=False, repr=False)
+    _spec: Any = field(default=None, compare=False, repr=False)
+    _gpu: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.micro_batch
+
+    # ---- per row length ----------------------------------------------------------------------
+
+    def offloads_at(self, tokens: int) -> bool:
+        return offload_rule(self.offload_mode, self.device == "cuda", self.gradient_checkpointing, self.layers,
+                            tokens, self.hidden_size, self.budget_bytes)[0]
+
+    def blocks_at(self, tokens: int) -> Blocks:
+        """Checkpointed / kept / offloaded blocks for a micro-batch of `tokens` tokens.
+
+        Kept blocks were sized for the planned length; a shorter micro-batch (the epoch's last,
+        an eval batch) needs less for them, a longer one keeps none."""
+        if not self.gradient_checkpointing:
+            return Blocks(tokens, 0, self.layers, False, "gradient checkpointing is off")
+        off = self.offloads_at(tokens)
+        kept = self.keep_blocks if (tokens <= self.tokens and not off) else 0
+        why = self.keep_why if kept else ("all checkpointed" + (": inputs offloaded" if off else ""))
+        return Blocks(tokens, self.layers - kept, kept, off, why)
+
+    def mlp_tile_at(self, batch: int) -> int:
+        return mlp_tile_tokens(self.intermediate_size, batch)
+
+    # ---- retries ------------------------------------------------------------------------------
+
+    def after_oom(self) -> Optional["Plan"]:
+        """The plan to retry with after an out-of-memory error, or None when nothing is left to shrink.
+
+        First the optional uses of spare memory go (un-checkpointed blocks, CUDA-graph pools),
+        then the micro-batch halves with accumulation growing to keep the effective batch."""
+        if self._cfg is None:
+            return None
+        cfg = self._cfg
+        if self.keep_blocks or self.cuda_graphs:
+            what = " and ".join(w for w, on in (("un-checkpointed blocks", self.keep_blocks),
+                                                 ("CUDA-graph steps", self.cuda_graphs)) if on)
+            return plan(cfg, self._spec, self._gpu, spare=False, graphs=False, attempt=self.attempt + 1,
+                        retry_why=f"out of memory: retried without {what}, same micro-batch")
+        nxt = oom_fallback(self.micro_batch, self.grad_accum)
+        if nxt is None:
+            return None
+        mb, ga = nxt
+        new_cfg = with_batch(cfg, micro_batch=mb, grad_accum=ga)
+        return plan(new_cfg, self._spec, self._gpu, spare=False, graphs=False, attempt=self.attempt + 1,
+                    retry_why=f"out of memory at micro-batch {self.micro_batch}: micro-batch {mb} x "
+                              f"accumulation {ga} (same effective batch)")
+
+    # ---- presentation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        for k in ("_cfg", "_spec", "_gpu"):
+            d.pop(k, None)
+        d["tokens"] = self.tokens
+        d["blocks"] = asdict(self.blocks_at(self.tokens))
+        return d
+
+    def decisions(self) -> list[tuple[str, str, str]]:
+        """(decision, value, why) rows for people: `snugtune estimate`, the wizard, `snugtune runs`."""
+        b = self.blocks_at(self.tokens)
+        blocks = f"{b.checkpointed} checkpointed, {b.kept} kept" + (", inputs offloaded" if b.offloaded else "")
+        rows = [
+            ("compute", self.compute_dtype, self.compute_dtype_why),
+            ("optimizer", self.optimizer, self.optimizer_why),
+            ("allocator cap", "-" if self.allocator_cap_gib is None else f"{self.allocator_cap_gib:.2f} GiB",
+             self.allocator_cap_why),
+            ("loss", f"chunks of {self.ce_chunk_tokens} tokens" if self.chunked_loss else "the model's own",
+             self.loss_why),
+            ("MLP", f"tiles of {self.mlp_tile_tokens} tokens" if self.mlp_tile_tokens else "whole", self.mlp_why),
+            ("attention", "query-tiled" if self.tiled_attention else "SDPA", self.attention_why),
+            ("blocks", blocks, b.why if b.kept else (self.offload_why if self.gradient_checkpointing else b.why)),
+            ("CUDA graphs", "on" if self.cuda_graphs else "off", self.cuda_graphs_why),
+            ("fp16 guard", "on" if self.fp16_guard else "off", self.fp16_guard_why),
+        ]
+        if self.attempt:
+            rows.append(("retry", f"attempt {self.attempt + 1}", self.retry_why))
+        return rows
+
+    def format(self) -> str:
+        rows = self.decisions()
+        w = max(len(r[0]) for r in rows)
+        v = max(len(r[1]) for r in rows)
+        return "\n".join(f"  {a:<{w}}  {b:<{v}}  {c}" for a, b, c in rows)
+
+
+def with_batch(cfg, seq: Optional[int] = None, micro_batch: Optional[int] = None, grad_accum: Optional[int] = None):
+    """`cfg` with another sequence length / micro-batch / accumulation (a RunConfig copy)."""
+    data = cfg.data.model_copy(update={"max_seq_len": seq}) if seq is not None else cfg.data
+    upd = {}
+    if micro_batch is not None:
+        upd["micro_batch"] = micro_batch
+    if grad_accum is not None:
+        upd["grad_accum"] = grad_accum
+    train = cfg.train.model_copy(update=upd) if upd else cfg.train
+    return cfg.model_copy(update={"data": data, "train": train})
+
+
+def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Optional[int] = None,
+         graphs: bool = True, attempt: int = 0, retry_why: str = "") -> Plan:
+    """Decide everything for training `spec` with `cfg` on `gpu`.
+
+    `spare=False` uses no spare memory (no un-checkpointed blocks): what a run needs, and what an
+    out-of-memory retry runs with. `keep` forces the number of un-checkpointed blocks (benchmarks).
+    `graphs=False` runs no CUDA-graph steps (their memory pool comes on top: a retry drops it).
+    """
+    check_budget(gpu)
+    on_cuda = not gpu.is_cpu
+    t = cfg.train
+    seq, mb = cfg.data.max_seq_len, t.micro_batch
+    T = seq * mb
+    dtype, dtype_why = compute_dtype(cfg.model.compute_dtype, on_cuda, gpu.bf16)
+    opt, opt_why = optimizer(t.optimizer, on_cuda)
+    budget_bytes = None if gpu.is_cpu else int(gpu.budget_gib * GIB)
+    ctx = context_gib(gpu)
+    if on_cuda:
+        cap = gpu.budget_gib - ctx
+        cap_why = (f"budget {gpu.budget_gib:.2f} GiB ({gpu.budget_source}) less the {ctx:.2f} GiB CUDA context "
+                   "this plan assumes")
+    else:
+        cap, cap_why = None, "no allocator cap on the CPU"
+
+    softcap = spec.final_logit_softcap is not None
+    if not t.chunked_loss:
+        chunked, loss_why = False, "train.chunked_loss = false: the model's own loss (full logits)"
+    elif spec.model_type not in CHUNKABLE:
+        chunked, loss_why = False, f"{spec.model_type}: the head is not a plain linear layer; the model's own loss"
+    else:
+        chunked, loss_why = True, "chunked linear + cross-entropy: the full logits never exist"
+    chunk = ce_chunk_tokens(spec.vocab_size, softcap, budget_bytes) if chunked else None
+    if chunked:
+        loss_why += f" ({chunk} tokens a chunk" + (", within budget/16" if budget_bytes and
+                                                   budget_bytes // 16 < CE_CHUNK_BYTES else "") + ")"
+
+    gc_on = bool(t.gradient_checkpointing)
+    tile = mlp_tile_tokens(spec.intermediate_size, mb)
+    if not gc_on:
+        tile_out, mlp_why = None, "no tiling without checkpointing (every tile's intermediates would be kept)"
+    elif seq > 2 * tile:
+        tile_out, mlp_why = tile, f"rows of {seq} tokens are longer than two tiles: MLP in tiles of {tile}"
+    else:
+        tile_out, mlp_why = tile, f"rows up to {2 * tile} tokens run whole; longer ones in tiles of {tile}"
+    tiled_attn = spec.model_type in TILED_ATTENTION
+    attn_why = ("query-tiled exact attention: softcapping / sliding windows, which SDPA lacks" if tiled_attn
+                else "PyTorch SDPA (flash / memory-efficient): O(T) memory, no T x T mask")
+
+    off, off_why = offload_rule(t.offload_activations, on_cuda, gc_on, spec.num_layers, T, spec.hidden_size,
+                                budget_bytes)
+    compiled = bool(t.compile) and on_cuda
+    fused = bool(cfg.model.load_in_4bit)
+    fused_why = ("one autograd node per LoRA'd 4-bit linear (keeps x and x A^T only)" if fused
+                 else "16-bit base weights: peft's own LoRA layers")
+
+    # CUDA-graph steps
+    allow_graphs = graphs
+    if t.cuda_graphs == "off":
+        graphs, graphs_why = False, "train.cuda_graphs = 'off'"
+    elif not allow_graphs:
+        graphs, graphs_why = False, "off after an out-of-memory error (a graph's memory pool comes on top)"
+    elif not on_cuda:
+        graphs, graphs_why = False, "not on a CUDA device"
+    elif dtype != "bf16":
+        graphs, graphs_why = False, f"compute is {dtype} (fp16's loss scaler lives outside the graph)"
+    elif cfg.lora.dropout > 0:
+        graphs, graphs_why = False, "LoRA dropout is on (random numbers inside a graph)"
+    elif compiled:
+        graphs, graphs_why = False, "train.compile is on"
+    elif not chunked:
+        graphs, graphs_why = False, "the chunked loss is off or not available for this model"
+    elif T > GRAPH_MAX_TOKENS:
+        graphs, graphs_why = False, f"{T} tokens a micro-batch is over {GRAPH_MAX_TOKENS} (the static mask is T x T)"
+    elif off:
+        graphs, graphs_why = False, "activations are offloaded (side streams)"
+    else:
+        graphs, graphs_why = True, "short rows on a bf16 card: one replay instead of thousands of launches"
+    guard, guard_why = _fp16_guard(spec, dtype)
+
+    p = Plan(
+        model_id=spec.id, gpu=gpu.name, device="cuda" if on_cuda else "cpu",
+        seq_len=seq, micro_batch=mb, grad_accum=t.grad_accum,
+        compute_dtype=dtype, compute_dtype_why=dtype_why, optimizer=opt, optimizer_why=opt_why,
+        budget_gib=float(gpu.budget_gib), context_gib=ctx,
+        allocator_cap_gib=None if cap is None else round(cap, 4), allocator_cap_why=cap_why,
+        chunked_loss=chunked, loss_why=loss_why, ce_chunk_tokens=chunk,
+        mlp_tile_tokens=tile_out, mlp_why=mlp_why, tiled_attention=tiled_attn, attention_why=attn_why,
+        gradient_checkpointing=gc_on, offload_mode=t.offload_activations, offload=off, offload_why=off_why,
+        keep_blocks=0, keep_why="no spare memory used: every block checkpointed",
+        layers=spec.num_layers, fused_lora=fused, fused_lora_why=fused_why, cached_block_scales=False,
+        compile=compiled, cuda_graphs=graphs, cuda_graphs_why=graphs_why,
+        fp16_guard=guard, fp16_guard_why=guard_why, oom_recovery=bool(t.oom_recovery),
+        attempt=attempt, retry_why=retry_why, hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, budget_bytes=budget_bytes,
+        _cfg=cfg, _spec=spec, _gpu=gpu,
+    )
+    if not gc_on:
+        return replace(p, keep_blocks=spec.num_layers, keep_why="gradient checkpointing is off: every block keeps "
+                                                                 "its activations")
+    if keep is not None:
+        k = max(0, min(spec.num_layers, int(keep)))
+        return replace(p, keep_blocks=k, cached_block_scales=bool(k) and fused,
+                       keep_why=f"{k} blocks un-checkpointed (set by the caller)" if k else p.keep_why)
+    if not spare:
+        return replace(p, keep_why="no spare memory used" + (f" ({retry_why.split(':')[0]})" if retry_why else ""))
+    if on_cuda and not off and t.offload_activations == "auto" and not _fits(p, cfg, spec, gpu):
+        # 'auto' also offloads when the block inputs are under 10% of the budget but the run does not
+        # fit without it and does with it: otherwise memory would not grow with length (a longer row
+        # crosses the 10% line and fits again), and auto-fit stopped at 40% of the length that
+        # trains (Gemma-2-2B, 4 GB card, fit_truth run 1)
+        q = replace(p, offload=True, offload_why="offload: the run fits only with the block inputs in CPU memory",
+                    cuda_graphs=False, cuda_graphs_why="activations are offloaded (side streams)" if p.cuda_graphs
+                    else p.cuda_graphs_why, offload_mode="on")
+        if _fits(q, cfg, spec, gpu):
+            return q
+    if not on_cuda or off:
+        return p
+    k = _spare_keep(p, cfg, spec, gpu)
+    if compiled:
+        k = int(k * COMPILE_KEEP_FACTOR)
+    if k <= 0:
+        return replace(p, keep_why=f"every block checkpointed: no room for an un-checkpointed block within "
+                                   f"{KEEP_SHARE:.0%} of the budget")
+    return replace(p, keep_blocks=k, cached_block_scales=fused,
+                   keep_why=f"{k} of {spec.num_layers} blocks skip checkpointing (no recompute): spare memory "
+                            f"within {KEEP_SHARE:.0%} of the budget, counted in the estimate")
+
+
+def _fits(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> bool:
+    from core.estimate import estimate  # noqa: PLC0415 (estimate imports this module)
+
+    return estimate(spec, cfg, gpu, "snugtune", plan=p).verdict == "fits"
+
+
+def _spare_keep(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> int:
+    """The most blocks that can skip checkpointing with the estimate within KEEP_SHARE of the budget."""
+    from core.estimate import estimate  # noqa: PLC0415 (estimate imports this module)
+
+    limit = KEEP_SHARE * gpu.budget_gib
+
+    def total(k: int) -> float:
+        q = replace(p, keep_blocks=k, cached_block_scales=bool(k) and p.fused_lora)
+        return estimate(spec, cfg, gpu, "snugtune", plan=q).total_gib
+
+    if total(1) > limit:
+        return 0
+    lo, hi = 1, spec.num_layers
+    if total(hi) <= limit:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if total(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---- the budget -------------------------------------------------------------------------------------
+
+def check_budget(gpu: GpuTarget) -> None:
+    """A budget of zero or less, or above the card's memory, is a user error (one message)."""
+    if gpu.budget_gib <= 0:
+        raise UserError(f"gpu.vram_budget_gib must be more than 0 GiB, got {gpu.budget_gib:g}",
+                        hint="leave it unset to use the whole card, or give the GiB this run may use (e.g. 3.5)")
+    if not gpu.is_cpu and gpu.total_gib and gpu.budget_gib > gpu.total_gib + 1e-6:
+        raise UserError(
+            f"gpu.vram_budget_gib = {gpu.budget_gib:g} GiB is more than {gpu.label}'s {gpu.total_gib:.2f} GiB",
+            hint="the budget is what the card gives this process, CUDA context included: at most the card's memory",
+        )
+
+
+def target_for_device(cfg, device: dict) -> GpuTarget:
+    """The GpuTarget the engine plans for on the device it got (core.model.select_device's dict).
+
+    A named gpu.profile keeps that profile's context assumption (it is the card being planned
+    for: a small card simulated on a large one); 'auto' takes the detected card's profile."""
+    if device.get("type") != "cuda":
+        from core.gpu import cpu_target  # noqa: PLC0415
+
+        return cpu_target()
+    total = float(device.get("total_gib") or 0.0)
+    cap = tuple(int(x) for x in str(device.get("capability") or "0.0").split("."))
+    prof = PROFILES.get((cfg.gpu.profile or "").lower()) or profile_for(device.get("name", ""), total)
+    ctx = prof.cuda_context_gib if prof is not None else 0.4
+    named = (cfg.gpu.profile or "").lower() in PROFILES
+    budget = cfg.gpu.vram_budget_gib
+    free = device.get("free_gib")
+    if not budget and free is not None:
+        # no budget given: what is free now (a desktop may hold some) plus this process's own context,
+        # which is already allocated when the free memory is read
+        budget_gib, source = min(total, float(free) + ctx), "free"
+    else:
+        budget_gib, source = (float(budget), "vram") if budget else (total, "card")
+    return GpuTarget(
+        name=prof.name if (prof is not None and named) else device.get("name", "cuda"),
+        label=device.get("name", "cuda"),
+        budget_gib=budget_gib,
+        bf16=bool(device.get("bf16")),
+        compute_capability=(prof.compute_capability if named else cap) if prof is not None else cap,
+        fp16_tflops=prof.fp16_tflops if prof else 20.0,
+        bandwidth_gbs=prof.bandwidth_gbs if prof else 300.0,
+        detected=not named,
+        total_gib=total,
+        cuda_context_gib=ctx,
+        budget_source=source,
+    )
+
+
+# ---- for viewers (`snugtune runs`, the live panel) --------------------------------------------------
+
+PLAN_FILE = "plan.json"
+
+
+def read_plan(run_dir) -> Optional[dict]:
+    """The plan a run's engine executes (its run directory's plan.json), or None before it is written."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(run_dir) / PLAN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan_summary(d: Optional[dict]) -> str:
+    """One line for people from a plan dict (plan.json / run_started's `plan`)."""
+    if not d:
+        return ""
+    b = d.get("blocks") or {}
+    parts = [f"{d.get('seq_len')} x {d.get('micro_batch')} x {d.get('grad_accum')}",
+             f"{d.get('compute_dtype')}", f"{d.get('optimizer')}"]
+    if d.get("allocator_cap_gib") is not None:
+        parts.append(f"cap {d['allocator_cap_gib']:.2f} GiB")
+    parts.append(f"{b.get('checkpointed', '?')} checkpointed / {b.get('kept', 0)} kept"
+                 + (" / offloaded" if b.get("offloaded") else ""))
+    parts.append("CUDA graphs " + ("on" if d.get("cuda_graphs") else "off"))
+    if d.get("attempt"):
+        parts.append(f"retry {d['attempt']}: {d.get('retry_why', '')}")
+    return ", ".join(parts)
