@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +41,15 @@ def resolve_model_source(name_or_path: str, revision: Optional[str] = None) -> s
 
         return str(resolve_builtin(name_or_path))
     path = Path(name_or_path).expanduser()
+    if path.is_file() or name_or_path.lower().endswith(".gguf"):
+        from core import gguf_source
+
+        if not path.is_file():
+            raise UserError(f"model.name_or_path = {name_or_path!r}: no such GGUF file",
+                            hint="check the path of the .gguf file (or give a model directory or Hub id)")
+        # a GGUF file is dequantized once into a cached 16-bit model directory, which then loads
+        # (in NF4 for QLoRA) like any local model; its tokenizer and chat template come from the file
+        return str(gguf_source.ensure_converted(path, progress=lambda m: print(f"snugtune: {m}", file=sys.stderr)))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(
