@@ -54,11 +54,12 @@ def main(argv=None) -> int:
     ap.add_argument("model")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the two variants this many times")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     res = []
     with tempfile.TemporaryDirectory() as d:
-        for four in (False, True):
+        for four in [True, False] * a.repeat:
             r = one(a.model, four, a.steps, a.seq, Path(d))
             r["loadavg_after"] = os.getloadavg()[0]
             print(json.dumps(r), flush=True)

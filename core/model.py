@@ -228,13 +228,66 @@ def quantization_config(compute: str):
     )
 
 
+# On the CPU, unquantized LoRA needs the weights in fp32 (4 bytes a parameter) plus the run's
+# working set; take it when that stays under this share of the RAM available now.
+CPU_UNQUANTIZED_RAM_SHARE = 0.5
+
+
+def _available_ram_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _param_count(source: str) -> Optional[int]:
+    """Parameters of a local model directory, from its config (torch-free), else None."""
+    try:
+        from core.catalog import spec_from_dir
+
+        return spec_from_dir(Path(source)).params_total
+    except Exception:  # noqa: BLE001 - a Hub id or an unusual config: no estimate, 4-bit stays
+        return None
+
+
+def use_4bit(cfg: RunConfig, device: dict, source: Optional[str] = None) -> tuple[bool, str]:
+    """(quantize, why): model.load_in_4bit, with 'auto' decided for this device.
+
+    'auto' is NF4 on a GPU (QLoRA: what makes models fit). On the CPU, bitsandbytes' 4-bit path
+    dequantizes every weight on every matmul, which costs more than it saves where RAM is
+    plentiful, so the CPU trains unquantized (fp32 weights) when 4 bytes a parameter stay under
+    half the available RAM (bench/results/cpu_lora_*.json has the measured speeds)."""
+    v = cfg.model.load_in_4bit
+    if isinstance(v, bool):
+        return v, f"model.load_in_4bit = {str(v).lower()}"
+    if device.get("type") == "cuda":
+        return True, "auto: 4-bit NF4 on the GPU (QLoRA)"
+    n = _param_count(source) if source else None
+    avail = _available_ram_bytes()
+    if n is None or avail is None:
+        return True, "auto: 4-bit (the model's size or the free RAM is unknown)"
+    need = n * 4
+    if need <= CPU_UNQUANTIZED_RAM_SHARE * avail:
+        return False, (f"auto: unquantized LoRA on the CPU (faster there than 4-bit; weights "
+                       f"{need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB free)")
+    return True, (f"auto: 4-bit on the CPU (unquantized weights would take {need / 2**30:.1f} GiB "
+                  f"of {avail / 2**30:.1f} GiB free)")
+
+
 def load_base_model(source: str, cfg: RunConfig, device: dict, *, quantize: Optional[bool] = None,
                     compute: Optional[str] = None):
-    """The base model on the device: 4-bit NF4 when model.load_in_4bit (or `quantize`), else 16-bit."""
+    """The base model on the device: 4-bit NF4 when use_4bit() says so (or `quantize`), else 16-bit."""
     from transformers import AutoModelForCausalLM
 
     compute = compute or pick_compute_dtype(cfg.model.compute_dtype, device)
-    quantize = cfg.model.load_in_4bit if quantize is None else quantize
+    quantize = use_4bit(cfg, device, source)[0] if quantize is None else quantize
     kwargs: dict[str, Any] = {
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -265,10 +318,12 @@ def _enable_gradient_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-def prepare_for_training(model, cfg: RunConfig) -> None:
+def prepare_for_training(model, cfg: RunConfig, quantized: Optional[bool] = None) -> None:
     """k-bit preparation (the savers' 16-bit-keeping version when present) and checkpointing."""
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if cfg.model.load_in_4bit:
+    if quantized is None:
+        quantized = count_4bit_layers(model) > 0
+    if quantized:
         from core import savers
 
         if hasattr(savers, "prepare_for_kbit_training"):
@@ -322,17 +377,26 @@ def load_for_training(cfg: RunConfig, device: dict, source: Optional[str] = None
     source = source or resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
     tokenizer = load_tokenizer(source, cfg)
     compute = pick_compute_dtype(cfg.model.compute_dtype, device)
-    model = load_base_model(source, cfg, device, compute=compute)
-    prepare_for_training(model, cfg)
+    quantize, quantize_why = use_4bit(cfg, device, source)
+    model = load_base_model(source, cfg, device, compute=compute, quantize=quantize)
+    prepare_for_training(model, cfg, quantized=quantize)
     model = attach_lora(model, cfg)
-    from core import savers
+    from core import fp16guard, savers
 
     applied = savers.install_savers(model, cfg, device) or {}
+    # after the savers: install_savers begins by undoing every `_snug_orig` patch, this one too
+    guard, guard_why = (fp16guard.needs_fp16_guard(model.config, cfg.model.fp16_guard) if compute == "fp16"
+                        else (False, f"not needed: compute is {compute}"))
+    if guard:
+        applied.update(fp16guard.install(model, TORCH_DTYPES[compute]))
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "source": source,
         "compute_dtype": compute,
-        "load_in_4bit": cfg.model.load_in_4bit,
+        "load_in_4bit": quantize,
+        "load_in_4bit_why": quantize_why,
+        "fp16_guard": guard,
+        "fp16_guard_why": guard_why,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "linear4bit_layers": count_4bit_layers(model),
