@@ -190,3 +190,27 @@ def test_fp16_training_is_finite_with_the_guard_and_says_what_to_change_without(
         err = events[-1]["error"]
         assert events[-1]["event"] == "run_failed" and "diverged at step 3" in err
         assert "model.fp16_guard = 'on'" in err  # what to change, not only that it failed
+
+
+# ---- CPU: unquantized or 4-bit -------------------------------------------------------------------------
+
+
+def test_cpu_auto_picks_unquantized_for_real_models_where_ram_allows(tmp_path, monkeypatch):
+    from core import model as cm
+    from core.config import RunConfig
+
+    def cfg(v):
+        return RunConfig.from_dict({"model": {"name_or_path": "x", "load_in_4bit": v}, "data": {"path": "x"}})
+
+    cpu, gpu = {"type": "cpu"}, {"type": "cuda"}
+    assert cm.use_4bit(cfg(False), gpu)[0] is False and cm.use_4bit(cfg(True), cpu)[0] is True
+    assert cm.use_4bit(cfg("auto"), gpu) == (True, "auto: 4-bit NF4 on the GPU (QLoRA)")
+    monkeypatch.setattr(cm, "_available_ram_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(cm, "_param_count", lambda source: 268_000_000)  # Gemma 3 270M: 1 GiB in fp32
+    q, why = cm.use_4bit(cfg("auto"), cpu, "somewhere")
+    assert q is False and "unquantized" in why
+    monkeypatch.setattr(cm, "_param_count", lambda source: 8_000_000_000)  # 32 GiB in fp32: no room
+    q, why = cm.use_4bit(cfg("auto"), cpu, "somewhere")
+    assert q is True and "would take 29.8 GiB" in why
+    monkeypatch.setattr(cm, "_param_count", lambda source: 3_500_000)  # the demo: the fused 4-bit path is faster
+    assert cm.use_4bit(cfg("auto"), cpu, "somewhere")[0] is True
