@@ -292,6 +292,29 @@ def run_plain(spec: dict) -> dict:
     return res
 
 
+def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 139.81) -> dict:
+    """core.estimate's peak for one estimator probe (all blocks checkpointed), on the H200."""
+    from dataclasses import replace
+
+    from core.catalog import resolve_model
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+
+    cfg = _cfg(model_dir, "(none)", "/tmp", 3, "bf16", True, False, seq, micro_batch)
+    gpu = replace(resolve_gpu("h200"), total_gib=total_gib, budget_gib=total_gib)
+    est = estimate(resolve_model(model_dir), cfg, gpu, "snugtune", keep_layers=0)
+    return {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
+            "components": est.components, "peak_phase": est.peak_phase}
+
+
+def rescore(path: Path, model_dir: str) -> dict:
+    """Today's estimator against stored measurements (no GPU): model_dir holds the model's config.json."""
+    res = json.loads(Path(path).read_text())
+    for r in res.get("estimator", []):
+        r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"])
+    return res
+
+
 def run_estimate_probe(spec: dict) -> dict:
     """3 steps at one (length, micro-batch): measured peaks beside core.estimate's."""
     os.environ["SNUGTUNE_KEEP_LAYERS"] = "0"  # every block checkpointed: the estimate's 'need'
@@ -398,7 +421,16 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=8, help="variants run at once")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--rescore", metavar="JSON", help="today's estimator against a stored run (with --model-dir)")
+    ap.add_argument("--model-dir", help="with --rescore: a directory with the model's config.json")
     a = ap.parse_args(argv)
+    if a.rescore:
+        res = rescore(Path(a.rescore), a.model_dir)
+        res["rescored"] = "python bench/real_weights.py " + " ".join(sys.argv[1:])
+        Path(a.rescore).write_text(json.dumps(res, indent=1))
+        Path(a.rescore).with_suffix(".md").write_text(markdown(res))
+        print(markdown(res).split("## Estimator")[1])
+        return 0
     if a.one:
         spec = json.loads(a.one)
         fn = {"snugtune": run_snugtune, "plain": run_plain, "estimate": run_estimate_probe}[spec["kind"]]

@@ -214,3 +214,19 @@ def test_cpu_auto_picks_unquantized_for_real_models_where_ram_allows(tmp_path, m
     assert q is True and "would take 29.8 GiB" in why
     monkeypatch.setattr(cm, "_param_count", lambda source: 3_500_000)  # the demo: the fused 4-bit path is faster
     assert cm.use_4bit(cfg("auto"), cpu, "somewhere")[0] is True
+
+
+def test_the_estimator_counts_the_guard_on_fp16_cards_only():
+    from core.config import RunConfig
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+
+    spec = catalog_lookup("google/gemma-3-1b-pt")
+    cfg = RunConfig.from_dict({"model": {"name_or_path": spec.id}, "data": {"path": "x", "max_seq_len": 2048}})
+    off = cfg.with_overrides(["model.fp16_guard='off'"])
+    t4, l4 = resolve_gpu("t4"), resolve_gpu("l4")  # Turing: fp16 only; Ada: bf16
+    guarded, plain16 = estimate(spec, cfg, t4), estimate(spec, off, t4)
+    extra = fp16guard.extra_bytes(spec.num_layers, 2048, spec.hidden_size)["kept_inputs"] / 2**30
+    assert guarded.total_gib - plain16.total_gib >= 0.9 * extra
+    assert any("fp16 guard on" in n for n in guarded.notes)
+    assert estimate(spec, cfg, l4).total_gib == estimate(spec, off, l4).total_gib  # bf16: no guard
