@@ -225,6 +225,22 @@ def converted_dir(path: str | os.PathLike) -> Path:
     return _cache_root() / f"{stem}-{key}"
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer and chat template of a GGUF file, without converting its weights."""
+    p = Path(path).expanduser().resolve()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise UserError(f"{p}: transformers cannot read this GGUF file's tokenizer "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    template = read_metadata(p).get("tokenizer.chat_template")
+    if isinstance(template, str) and template.strip() and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
+    return tok
+
+
 def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
                      progress: Optional[Callable[[str], None]] = None) -> Path:
     """The model directory for a GGUF file, dequantizing it on first use (see the module doc)."""

@@ -30,11 +30,13 @@ def is_builtin(name: str) -> bool:
     return demo_is_builtin(name)
 
 
-def resolve_model_source(name_or_path: str, revision: Optional[str] = None) -> str:
+def resolve_model_source(name_or_path: str, revision: Optional[str] = None, weights: bool = True) -> str:
     """A local directory or a Hub id that from_pretrained will find; a clear UserError otherwise.
 
     For a Hub id this fetches config.json first (from the cache when offline), so that a missing,
-    gated or unreachable model is reported in one sentence before anything heavy starts.
+    gated or unreachable model is reported in one sentence before anything heavy starts. A GGUF
+    file becomes its dequantized model directory; with weights=False (a tokenizer is all the caller
+    needs) the file itself is returned until it has been converted, and load_tokenizer reads it.
     """
     if is_builtin(name_or_path):
         from core.demo import resolve_builtin
@@ -47,6 +49,12 @@ def resolve_model_source(name_or_path: str, revision: Optional[str] = None) -> s
         if not path.is_file():
             raise UserError(f"model.name_or_path = {name_or_path!r}: no such GGUF file",
                             hint="check the path of the .gguf file (or give a model directory or Hub id)")
+        if not weights:
+            done = gguf_source.converted_dir(path)
+            if not gguf_source.is_gguf_file(path):
+                raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')",
+                                hint="give a .gguf file, a model directory or a Hub id")
+            return str(done) if (done / "snugtune-gguf.json").is_file() else str(path.resolve())
         # a GGUF file is dequantized once into a cached 16-bit model directory, which then loads
         # (in NF4 for QLoRA) like any local model; its tokenizer and chat template come from the file
         return str(gguf_source.ensure_converted(path, progress=lambda m: print(f"snugtune: {m}", file=sys.stderr)))
@@ -195,6 +203,13 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 def load_tokenizer(source: str, cfg: RunConfig):
     from transformers import AutoTokenizer
 
+    from core import gguf_source
+
+    if Path(source).is_file() and gguf_source.is_gguf_file(source):
+        tok = gguf_source.load_tokenizer(source)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        return tok
     try:
         tok = AutoTokenizer.from_pretrained(
             source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code

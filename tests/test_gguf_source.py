@@ -156,6 +156,20 @@ def test_conversion_keeps_weights_tokenizer_and_template_and_happens_once(demo_g
     assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9
 
 
+def test_a_tokenizer_alone_is_read_from_the_file_without_converting_it(demo_gguf, demo_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from core.data import load_tokenizer
+
+    copy = tmp_path / "fresh.gguf"
+    shutil.copyfile(demo_gguf, copy)
+    tok = load_tokenizer(str(copy))  # what `snugtune data inspect --model X.gguf` does
+    assert not gguf_source.converted_dir(copy).exists()
+    text = "What does sorted do?"
+    assert tok(text).input_ids == AutoTokenizer.from_pretrained(demo_dir)(text).input_ids
+    assert tok.chat_template and tok.pad_token is not None
+
+
 # ---- every command -----------------------------------------------------------------------------------
 
 
