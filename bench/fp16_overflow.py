@@ -65,7 +65,10 @@ def main(argv=None) -> int:
     if a.model:
         tok = AutoTokenizer.from_pretrained(a.model)
         ids = tok(TEXT, return_tensors="pt").input_ids[:, : a.tokens]
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        cfg = AutoConfig.from_pretrained(a.model)
+        if hasattr(cfg, "quantization_config"):  # a copy converted from a GGUF keeps this record: dense here
+            del cfg.quantization_config
+        model = AutoModelForCausalLM.from_pretrained(a.model, config=cfg, dtype=torch.float32)
     else:
         from bench.fp16_configs import random_config
 
