@@ -422,6 +422,8 @@ def resolve_model(id_or_path: str, offline: bool | None = None, revision: str | 
     p = Path(name).expanduser()
     if p.is_dir():
         return spec_from_dir(p)
+    if p.is_file() or name.lower().endswith(".gguf"):
+        return spec_from_gguf_path(p)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         raise UserError(f"{name}: no such model directory", hint="check the path, or give a Hub id like owner/name")
     snap = _cache_snapshot(name)
@@ -460,6 +462,36 @@ def search_hub(text: str = "", sort: str = "downloads", limit: int = 20) -> list
     from core import hub
 
     return hub.search_models(text, sort=sort, limit=limit)
+
+
+# ---- GGUF files (llama.cpp, Ollama, LM Studio) -----------------------------------------------------
+
+def spec_from_gguf_path(p: Path) -> ModelSpec:
+    """A model named by a file: a GGUF file (any name: Ollama's blobs have no extension)."""
+    from core import gguf_source
+
+    if not p.exists():
+        raise UserError(f"{p}: no such file", hint="check the path of the .gguf file")
+    if not gguf_source.is_gguf_file(p):
+        raise UserError(f"{p} is a file but not a GGUF model (it does not start with 'GGUF')",
+                        hint="a model is a directory with config.json, a .gguf file, or a Hub id")
+    return gguf_source.spec_from_gguf(p)
+
+
+def scan_gguf(folders=(), include_apps: bool = True) -> list[ModelSpec]:
+    """GGUF models in `folders` (a folder the user names) and in Ollama's and LM Studio's model
+    folders when present; each spec's id is the file path to train from, its note says which
+    model it is (Ollama's model:tag, or the file's own name and quantization)."""
+    from core import gguf_source
+
+    out = []
+    for found in gguf_source.find_gguf_models(folders, include_apps=include_apps):
+        where = {"ollama": "Ollama", "lmstudio": "LM Studio"}.get(found.where, "")
+        try:
+            out.append(gguf_source.spec_from_gguf(found.path, note=f"{where} {found.label}".strip()))
+        except UserError:
+            continue  # an unreadable or partial download is skipped, not an error of the listing
+    return out
 
 
 def search_catalog(text: str = "") -> list[ModelSpec]:

@@ -94,8 +94,13 @@ class ChatSession:
             else {"type": "cpu", "index": None, "bf16": False}
         self.tokenizer = load_tokenizer(str(self.adapter), self.cfg) if (self.adapter / "tokenizer_config.json").is_file() \
             else load_tokenizer(source, self.cfg)
-        base = load_base_model(source, self.cfg, self.device,
-                               compute=pick_compute_dtype(self.cfg.model.compute_dtype, self.device))
+        compute = pick_compute_dtype(self.cfg.model.compute_dtype, self.device)
+        base = load_base_model(source, self.cfg, self.device, compute=compute)
+        if compute == "fp16":  # Gemma's activations overflow fp16 in generation as in training
+            from core import fp16guard
+
+            if fp16guard.needs_fp16_guard(base.config, self.cfg.model.fp16_guard)[0]:
+                fp16guard.install(base, torch.float16)
         self.model = PeftModel.from_pretrained(base, str(self.adapter))
         self.model.eval()
 

@@ -58,13 +58,19 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped inside the model repository. Off unless you trust its author."
     )
-    load_in_4bit: bool = Field(
-        True, description="Load the base weights in 4-bit NF4 with double quantization (QLoRA). Off: 16-bit LoRA."
+    load_in_4bit: Union[Literal["auto"], bool] = Field(
+        "auto", description="Load the base weights in 4-bit NF4 with double quantization (QLoRA); false: LoRA on "
+        "unquantized weights. 'auto': 4-bit on a GPU; on the CPU unquantized where RAM allows (faster there, "
+        "see the README's CPU figures).",
     )
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Precision of the arithmetic: 'auto' takes bf16 where the GPU supports it (Ampere and newer), "
         "fp16 on older cards (GTX 16xx, RTX 20xx, T4), fp32 on the CPU.",
+    )
+    fp16_guard: Literal["auto", "on", "off"] = Field(
+        "auto", description="In fp16 (GPUs without bf16), keep the residual stream in fp32 so activations that "
+        "overflow fp16 (Gemma 2/3) stay finite. 'auto': on for the families known to overflow.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel: 'auto' takes PyTorch SDPA (memory-efficient or flash, per GPU)."

@@ -1596,7 +1596,8 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 
     model = {"name_or_path": name_or_path, "revision": revision, "trust_remote_code": trust_remote_code}
     cfg = RunConfig.from_dict({"model": {k: v for k, v in model.items() if v is not None}, "data": {"path": "(inspect)"}})
-    return engine_load_tokenizer(resolve_model_source(name_or_path, revision), cfg)
+    # weights=False: a GGUF file's tokenizer is read from the file, its weights are not converted
+    return engine_load_tokenizer(resolve_model_source(name_or_path, revision, weights=False), cfg)
 
 
 def inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int = 3, syntax: str = "inspect") -> dict:

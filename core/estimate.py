@@ -356,6 +356,12 @@ def estimate(
         ln_fp32 = spec.norm == "layer" and not cpu
         if ln_fp32:
             s = 4
+        if not cpu and plan.fp16_guard:
+            # core/fp16guard.py keeps the residual stream fp32 in fp16 (Gemma 2/3): 4-byte block
+            # inputs (+2 L T h kept) and hidden-state copies; attention and MLP stay 2-byte
+            s = 4
+            notes.append("fp16 guard on (this model's activations overflow fp16): the residual stream is fp32, "
+                         f"+{L * T * h * 2 / GIB:.2f} GiB of block inputs")
         k_layer = T * h * s
         kept = 0 if not gc_on else (2 if use_offload else L) * k_layer
         if use_offload:
@@ -388,8 +394,12 @@ def estimate(
         if plan.tiled_attention:
             # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention), during
             # the attention's backward (the MLP's are gone by then: the larger counts, not the sum;
-            # the sum put Gemma-2-2B 5-8% over at 2.5-5k tokens under a 4 GB cap)
-            attn_bwd += min(spec.num_heads * T * T // max(B, 1), ATTN_TILE_ELEMS) * 12
+            # the sum put Gemma-2-2B 5-8% over at 2.5-5k tokens under a 4 GB cap). A tile holds
+            # ATTN_TILE_ELEMS scores for EACH of the B rows (its query count ignores B): measured on
+            # Gemma 3 270M at 2,048 tokens x 4 rows, 1.81 GiB allocated where one tile for all rows
+            # gave 1.15 (bench/results/real_weights.json).
+            seq_len = T // max(B, 1)
+            attn_bwd += max(B, 1) * min(spec.num_heads * seq_len * seq_len, ATTN_TILE_ELEMS) * 12
         transient = max(transient, attn_bwd) + T * h * NORM_BWD_BYTES
         if gc_on and not plan.tiled_attention and spec.num_kv_heads < spec.num_heads:
             # (without checkpointing the calibrated count already runs 6.5% over: not added there)
@@ -421,7 +431,8 @@ def estimate(
             # 4-bit path, the 3 h-wide inputs that q/k/v and gate/up share (one tensor each, not
             # one per projection). Measured with 8-28 kept blocks at 1,024 tokens (fit_truth run
             # 1, preset rows): the full count was 3 h x 2 bytes a token a block too high.
-            per_kept = block - T * h * s - (tile * 4 * I * c if tile < T else 0)
+            # (the fp16 guard's block input is fp32 where `block` counts a 2-byte one: an extra 2 h)
+            per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * 4 * I * c if tile < T else 0)
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
             kept += keep_layers * per_kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,17 +30,34 @@ def is_builtin(name: str) -> bool:
     return demo_is_builtin(name)
 
 
-def resolve_model_source(name_or_path: str, revision: Optional[str] = None) -> str:
+def resolve_model_source(name_or_path: str, revision: Optional[str] = None, weights: bool = True) -> str:
     """A local directory or a Hub id that from_pretrained will find; a clear UserError otherwise.
 
     For a Hub id this fetches config.json first (from the cache when offline), so that a missing,
-    gated or unreachable model is reported in one sentence before anything heavy starts.
+    gated or unreachable model is reported in one sentence before anything heavy starts. A GGUF
+    file becomes its dequantized model directory; with weights=False (a tokenizer is all the caller
+    needs) the file itself is returned until it has been converted, and load_tokenizer reads it.
     """
     if is_builtin(name_or_path):
         from core.demo import resolve_builtin
 
         return str(resolve_builtin(name_or_path))
     path = Path(name_or_path).expanduser()
+    if path.is_file() or name_or_path.lower().endswith(".gguf"):
+        from core import gguf_source
+
+        if not path.is_file():
+            raise UserError(f"model.name_or_path = {name_or_path!r}: no such GGUF file",
+                            hint="check the path of the .gguf file (or give a model directory or Hub id)")
+        if not weights:
+            done = gguf_source.converted_dir(path)
+            if not gguf_source.is_gguf_file(path):
+                raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')",
+                                hint="give a .gguf file, a model directory or a Hub id")
+            return str(done) if (done / "snugtune-gguf.json").is_file() else str(path.resolve())
+        # a GGUF file is dequantized once into a cached 16-bit model directory, which then loads
+        # (in NF4 for QLoRA) like any local model; its tokenizer and chat template come from the file
+        return str(gguf_source.ensure_converted(path, progress=lambda m: print(f"snugtune: {m}", file=sys.stderr)))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(
@@ -183,6 +201,13 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 def load_tokenizer(source: str, cfg: RunConfig):
     from transformers import AutoTokenizer
 
+    from core import gguf_source
+
+    if Path(source).is_file() and gguf_source.is_gguf_file(source):
+        tok = gguf_source.load_tokenizer(source)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        return tok
     try:
         tok = AutoTokenizer.from_pretrained(
             source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -216,13 +241,74 @@ def quantization_config(compute: str):
     )
 
 
+# On the CPU, unquantized LoRA needs the weights in fp32 (4 bytes a parameter) plus the run's
+# working set; take it when that stays under this share of the RAM available now.
+CPU_UNQUANTIZED_RAM_SHARE = 0.5
+# ... and only for models big enough to be bound by their matmuls. Measured on a shared 2-core
+# machine (bench/results/cpu_lora_*.json, CPU seconds per 1,000 trained tokens): Gemma 3 270M
+# 166 unquantized vs 192 in 4-bit (unquantized 14% cheaper); the 3.5M demo model 9.9 vs 7.4
+# (4-bit's fused NF4+LoRA path 25% cheaper: tiny layers are bound by per-call overhead).
+CPU_UNQUANTIZED_MIN_PARAMS = 100_000_000
+
+
+def _available_ram_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _param_count(source: str) -> Optional[int]:
+    """Parameters of a local model directory, from its config (torch-free), else None."""
+    try:
+        from core.catalog import spec_from_dir
+
+        return spec_from_dir(Path(source)).params_total
+    except Exception:  # noqa: BLE001 - a Hub id or an unusual config: no estimate, 4-bit stays
+        return None
+
+
+def use_4bit(cfg: RunConfig, device: dict, source: Optional[str] = None) -> tuple[bool, str]:
+    """(quantize, why): model.load_in_4bit, with 'auto' decided for this device.
+
+    'auto' is NF4 on a GPU (QLoRA: what makes models fit). On the CPU, bitsandbytes' 4-bit path
+    dequantizes every weight on every matmul, which costs more than it saves for real models
+    where RAM is plentiful, so the CPU trains them unquantized (fp32 weights) when 4 bytes a
+    parameter stay under half the available RAM; tiny models keep 4-bit (see the constants)."""
+    v = cfg.model.load_in_4bit
+    if isinstance(v, bool):
+        return v, f"model.load_in_4bit = {str(v).lower()}"
+    if device.get("type") == "cuda":
+        return True, "auto: 4-bit NF4 on the GPU (QLoRA)"
+    n = _param_count(source) if source else None
+    avail = _available_ram_bytes()
+    if n is None or avail is None:
+        return True, "auto: 4-bit (the model's size or the free RAM is unknown)"
+    need = n * 4
+    if n < CPU_UNQUANTIZED_MIN_PARAMS:
+        return True, (f"auto: 4-bit on the CPU (a {n / 1e6:.0f}M-parameter model trains faster through the fused "
+                      "4-bit path than unquantized)")
+    if need <= CPU_UNQUANTIZED_RAM_SHARE * avail:
+        return False, (f"auto: unquantized LoRA on the CPU (faster there than 4-bit; weights "
+                       f"{need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB free)")
+    return True, (f"auto: 4-bit on the CPU (unquantized weights would take {need / 2**30:.1f} GiB "
+                  f"of {avail / 2**30:.1f} GiB free)")
+
+
 def load_base_model(source: str, cfg: RunConfig, device: dict, *, quantize: Optional[bool] = None,
                     compute: Optional[str] = None):
-    """The base model on the device: 4-bit NF4 when model.load_in_4bit (or `quantize`), else 16-bit."""
+    """The base model on the device: 4-bit NF4 when use_4bit() says so (or `quantize`), else 16-bit."""
     from transformers import AutoModelForCausalLM
 
     compute = compute or pick_compute_dtype(cfg.model.compute_dtype, device)
-    quantize = cfg.model.load_in_4bit if quantize is None else quantize
+    quantize = use_4bit(cfg, device, source)[0] if quantize is None else quantize
     kwargs: dict[str, Any] = {
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -253,10 +339,12 @@ def _enable_gradient_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-def prepare_for_training(model, cfg: RunConfig) -> None:
+def prepare_for_training(model, cfg: RunConfig, quantized: Optional[bool] = None) -> None:
     """k-bit preparation (the savers' 16-bit-keeping version when present) and checkpointing."""
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if cfg.model.load_in_4bit:
+    if quantized is None:
+        quantized = count_4bit_layers(model) > 0
+    if quantized:
         from core import savers
 
         if hasattr(savers, "prepare_for_kbit_training"):
@@ -316,17 +404,25 @@ def load_for_training(cfg: RunConfig, device: dict, source: Optional[str] = None
         plan = plan_mod.plan(cfg, source_spec(source, cfg.model.revision), plan_mod.target_for_device(cfg, device))
     tokenizer = load_tokenizer(source, cfg)
     compute = plan.compute_dtype
-    model = load_base_model(source, cfg, device, compute=compute)
-    prepare_for_training(model, cfg)
+    quantize, quantize_why = use_4bit(cfg, device, source)
+    model = load_base_model(source, cfg, device, compute=compute, quantize=quantize)
+    prepare_for_training(model, cfg, quantized=quantize)
     model = attach_lora(model, cfg)
-    from core import savers
+    from core import fp16guard, savers
 
     applied = savers.install_savers(model, plan) or {}
+    # after the savers: install_savers begins by undoing every `_snug_orig` patch, this one too
+    guard, guard_why = plan.fp16_guard, plan.fp16_guard_why
+    if guard:
+        applied.update(fp16guard.install(model, TORCH_DTYPES[compute]))
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "source": source,
         "compute_dtype": compute,
-        "load_in_4bit": cfg.model.load_in_4bit,
+        "load_in_4bit": quantize,
+        "load_in_4bit_why": quantize_why,
+        "fp16_guard": guard,
+        "fp16_guard_why": guard_why,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "linear4bit_layers": count_4bit_layers(model),

@@ -150,18 +150,13 @@ def context_gib(gpu: GpuTarget) -> float:
     return max(gpu.cuda_context_gib, measured) if measured else gpu.cuda_context_gib
 
 
-def _fp16_guard(spec: ModelSpec, dtype: str) -> tuple[bool, str]:
-    # The fp16 guard (issue 10) decides from the model alone, torch-free: core.fp16guard.needs_guard.
+def _fp16_guard(spec: ModelSpec, dtype: str, setting: str) -> tuple[bool, str]:
+    """Whether fp16 training keeps the residual stream in fp32 (core.fp16guard), and why."""
     if dtype != "fp16":
         return False, f"not needed: compute is {dtype}"
-    try:
-        from core.fp16guard import needs_guard  # noqa: PLC0415 (optional module)
-    except ImportError:
-        return False, "not needed: no fp16 guard rule is installed"
-    got = needs_guard(spec)
-    if isinstance(got, tuple):
-        return bool(got[0]), str(got[1])
-    return bool(got), "the model's activations overflow fp16" if got else "not needed for this model in fp16"
+    from core.fp16guard import needs_fp16_guard  # torch-free
+
+    return needs_fp16_guard(spec, setting)
 
 
 # ---- the plan ---------------------------------------------------------------------------------------
@@ -404,7 +399,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
         graphs, graphs_why = False, "activations are offloaded (side streams)"
     else:
         graphs, graphs_why = True, "short rows on a bf16 card: one replay instead of thousands of launches"
-    guard, guard_why = _fp16_guard(spec, dtype)
+    guard, guard_why = _fp16_guard(spec, dtype, getattr(cfg.model, "fp16_guard", "auto"))
 
     p = Plan(
         model_id=spec.id, gpu=gpu.name, device="cuda" if on_cuda else "cpu",

@@ -550,7 +550,7 @@ class EventCallback(_trainer_callback_base()):
         self._step0 = 0
         self._last_t = None
         self._last_tokens = 0
-        self._bad_steps = 0
+        self._health = None  # core.fp16guard.StepHealth, made at the first log (the model is loaded by then)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last_t = time.monotonic()
@@ -592,9 +592,13 @@ class EventCallback(_trainer_callback_base()):
                 "mem_peak_gib": round(torch.cuda.max_memory_reserved(idx) / 2**30, 3),
             }
         self.engine.last_loss = logs["loss"]
-        finite = all(isinstance(v, (int, float)) and math.isfinite(v)
-                     for v in (logs["loss"], logs.get("grad_norm", 0.0)) if v is not None)
-        self._bad_steps = 0 if finite else self._bad_steps + 1
+        if self._health is None:
+            from core.fp16guard import StepHealth
+
+            # fp16 on a GPU: a finite loss with an inf gradient norm is the loss scaler skipping a step
+            self._health = StepHealth(fp16=self.engine.model_info.get("compute_dtype") == "fp16"
+                                      and self.engine.device.get("type") == "cuda", diverged_after=DIVERGED_AFTER)
+        unhealthy = self._health.update(logs["loss"], logs.get("grad_norm"))
         ev.emit(
             "step_logged",
             step=state.global_step,
@@ -611,12 +615,13 @@ class EventCallback(_trainer_callback_base()):
             cuda_graphs=getattr(self.engine.trainer, "snug_graphs", None) and self.engine.trainer.snug_graphs.status,
             **mem,
         )
-        if self._bad_steps >= DIVERGED_AFTER:
+        if unhealthy:
+            from core.fp16guard import divergence_hint
+
+            info = self.engine.model_info
             raise UserError(
-                f"training diverged: the loss or gradient norm is not a number for {self._bad_steps} steps in a row "
-                f"(step {state.global_step})",
-                hint="lower train.learning_rate, keep train.max_grad_norm at 1.0, or use model.compute_dtype = 'bf16' "
-                "where the GPU has it; resume from the last checkpoint with the fix in a new run",
+                f"training diverged at step {state.global_step}: {unhealthy}",
+                hint=divergence_hint(info.get("compute_dtype", ""), bool(info.get("fp16_guard"))),
             )
 
     def on_save(self, args, state, control, **kwargs):

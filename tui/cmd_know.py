@@ -36,8 +36,10 @@ def register(subparsers) -> None:
     m.add_argument("--seq", type=int, default=1024, metavar="N", help="with --fits: sequence length (default 1024)")
     m.add_argument("--sort", choices=["downloads", "likes", "recent"], default="downloads",
                    help="order of Hub results (default downloads)")
-    m.add_argument("--source", choices=["catalog", "hub", "cache", "all"], default="all",
-                   help="where to look (default all)")
+    m.add_argument("--source", choices=["catalog", "hub", "cache", "gguf", "all"], default="all",
+                   help="where to look (default all; gguf: .gguf files in --gguf folders, Ollama and LM Studio)")
+    m.add_argument("--gguf", action="append", default=[], metavar="DIR",
+                   help="also list the GGUF files in this folder (repeatable); train from one by its path")
     m.add_argument("--limit", type=int, default=20, metavar="N", help="at most N Hub results (default 20)")
     m.add_argument("--json", action="store_true", help="print a JSON list")
     m.set_defaults(func=cmd_models)
@@ -147,6 +149,9 @@ def cmd_models(args) -> int:
     if args.source in ("cache", "all"):
         key = args.search.lower()
         specs += [s for s in catalog.scan_cache() if key in s.id.lower()]
+    if args.source in ("gguf", "all"):
+        key = args.search.lower()
+        specs += [s for s in catalog.scan_gguf(args.gguf) if key in s.id.lower() or key in s.note.lower()]
     if args.source in ("hub", "all"):
         try:
             specs += catalog.search_hub(args.search, sort=args.sort, limit=args.limit)
@@ -192,6 +197,8 @@ def cmd_models(args) -> int:
             extra = "  " + ", ".join(bits) if bits else ""
         elif s.gated:
             extra = "  gated"
+        elif s.source == "gguf":
+            extra = f"  {s.note}"
         vocab = f"{s.vocab_size // 1000}k" if s.exact else "?"
         arch = s.model_type if s.exact else "?"
         size = f"{s.size_gib:.2f} GiB" if s.size_gib is not None else "-"

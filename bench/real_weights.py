@@ -1,0 +1,520 @@
+"""Does it learn on real pretrained weights? Gemma 3 270M (a GGUF file), snugtune vs the plain recipe.
+
+The task (ours, not the demo's, not an identity set): write an ISO date out in words,
+"2021-03-04" -> "March 4, 2021". Deterministic, so a held-out scorer is exact match: 128
+held-out dates (none of them in the 2,400 training dates) are answered greedily before and
+after training, with the prompt laid out as in training. Every variant trains the same rows
+for the same number of optimizer steps (micro-batch 8, lr 2e-4 cosine, LoRA r=16 on all seven
+projections):
+
+  sn-bf16-pack / sn-bf16-nopack / sn-bf16-pack-nographs / sn-bf16-nopack-nographs
+      snugtune's engine (core.train.Engine), bf16, packing on/off, CUDA-graph steps auto/off
+  sn-fp16-pack / sn-fp16-nopack
+      the same in fp16 (what a T4, RTX 20xx or GTX 16xx gets): the fp16 guard on (auto for Gemma)
+  plain-bf16 / plain-fp16
+      the plain recipe (/work/shared/reference/qlora_probe.py's: NF4 + prepare_model_for_kbit_training
+      + peft LoRA + HF checkpointing + paged 8-bit AdamW + HF Trainer) on the same unpacked rows
+
+Each variant is its own process; they run concurrently on the one GPU (per-process memory
+peaks stay valid; tokens/s under sharing are not a speed benchmark: --speed adds bf16 and
+fp16 runs alone, one after the other). --estimator adds the estimator check: peak memory of
+3 steps at 512 and 2,048 tokens x micro-batch 1 and 4, against core.estimate.
+
+    python bench/real_weights.py --gguf /tmp/gemma.gguf --out $OUT --steps 200 --speed --estimator   # GPU
+    python bench/real_weights.py --smoke --out /tmp/rw      # CPU: a tiny GGUF of the demo model, 2 steps each
+
+Writes real_weights.json (everything, with the command) and real_weights.md (tables) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GIB = 2**30
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+PROMPT = "Write this date out in words: {iso}"
+
+
+# ---- the task --------------------------------------------------------------------------------------
+
+def date_task(n_train: int, n_test: int, seed: int = 7) -> tuple[list[dict], list[dict]]:
+    """Disjoint training and held-out dates between 1900 and 2099."""
+    rng = random.Random(seed)
+    start, days = dt.date(1900, 1, 1), (dt.date(2099, 12, 31) - dt.date(1900, 1, 1)).days
+    picked = rng.sample(range(days), n_train + n_test)
+
+    def rec(i):
+        d = start + dt.timedelta(days=i)
+        return {"instruction": PROMPT.format(iso=d.isoformat()), "input": "",
+                "output": f"{MONTHS[d.month - 1]} {d.day}, {d.year}"}
+
+    return [rec(i) for i in picked[:n_train]], [rec(i) for i in picked[n_train:]]
+
+
+# Gemma's tokenizer spells numbers digit by digit: "September 18, 2083" is 12 tokens after the
+# leading space. The first GPU run (bench/results/real_weights.json) used 12 and so cut most
+# answers short ("November 12,"): its exact-match scores count only the short dates.
+MAX_NEW_TOKENS = 24
+
+
+def score(model, tokenizer, data_cfg, tests: list[dict], max_new_tokens: int = MAX_NEW_TOKENS, batch: int = 64) -> dict:
+    """Exact-match accuracy of greedy answers (first line, stripped) on the held-out dates."""
+    import torch
+
+    from core.data import render_prompt
+
+    prompts = [render_prompt(tokenizer, data_cfg, [{"role": "user", "content": t["instruction"]}], kind="instruction")
+               for t in tests]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    dev = next(p for p in model.parameters()).device
+    answers = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(prompts), batch):
+                enc = tokenizer(prompts[s:s + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(dev) for k, v in enc.items()}
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                for row in out[:, enc["input_ids"].shape[1]:]:
+                    answers.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was)
+    right = [a == t["output"] for a, t in zip(answers, tests)]
+    # a right beginning of the answer, cut by max_new_tokens (a scorer check: should be 0 now)
+    cut = [bool(a) and a != t["output"] and t["output"].startswith(a) for a, t in zip(answers, tests)]
+    return {"exact": sum(right), "prefix_only": sum(cut), "n": len(tests), "accuracy": round(sum(right) / len(tests), 4),
+            "max_new_tokens": max_new_tokens,
+            "examples": [{"q": t["instruction"], "want": t["output"], "got": a} for a, t in list(zip(answers, tests))[:4]]}
+
+
+# ---- one variant (a child process) ----------------------------------------------------------------------
+
+def _cfg(model_dir: str, data: str, runs: str, steps: int, dtype: str, packing: bool, graphs: bool,
+         seq: int = 128, micro_batch: int = 8, cpu: bool = False):
+    from core.config import RunConfig
+
+    return RunConfig.from_dict({
+        "gpu": {"profile": "cpu" if cpu else "auto"},
+        "model": {"name_or_path": model_dir, "compute_dtype": "fp32" if cpu else dtype, "load_in_4bit": True},
+        "data": {"path": data, "format": "instruction", "max_seq_len": seq, "packing": packing, "eval_fraction": 0.0},
+        "lora": {"r": 16, "alpha": 32},
+        "train": {"micro_batch": micro_batch, "grad_accum": 1, "max_steps": steps, "learning_rate": 2e-4,
+                  "lr_scheduler": "cosine", "warmup_ratio": 0.03, "save_steps": 100_000, "logging_steps": 1,
+                  "cuda_graphs": "auto" if graphs else "off", "seed": 42},
+        "output": {"runs_dir": runs},
+    })
+
+
+def run_snugtune(spec: dict) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from core.events import read_events
+    from core.runs import create_run_dir
+    from core.train import Engine
+
+    tests = [json.loads(x) for x in Path(spec["tests"]).read_text().splitlines()]
+    cfg = _cfg(spec["model_dir"], spec["data"], spec["runs"], spec["steps"], spec["dtype"], spec["packing"],
+               spec["graphs"], spec.get("seq", 128), spec.get("micro_batch", 8), spec.get("cpu", False))
+    marks: list = []
+    cuda = torch.cuda.is_available()
+    holder: dict = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(time.monotonic())
+
+        def on_train_end(self, args, state, control, **kw):
+            if cuda:
+                holder["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 4)
+                holder["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 4)
+
+    run_dir = create_run_dir(cfg)
+    eng = Engine(run_dir, callbacks=[Probe()], install_signal_handlers=False)
+    rc = eng.run()
+    ev = read_events(run_dir)
+    steps = [e for e in ev if e["event"] == "step_logged"]
+    started = next((e for e in ev if e["event"] == "run_started"), {})
+    res = {"variant": spec["variant"], "rc": rc, "steps": len(steps), "losses": [e["loss"] for e in steps],
+           "grad_norms": [e.get("grad_norm") for e in steps],
+           "peak_alloc_gib": holder.get("peak_alloc_gib"), "peak_reserved_gib": holder.get("peak_reserved_gib"),
+           "fp16_guard": (started.get("model") or {}).get("fp16_guard"),
+           "savers": started.get("savers"), "cuda_graphs": steps[-1].get("cuda_graphs") if steps else None}
+    if len(marks) > 5 and steps:
+        k = min(5, len(steps) - 1)  # after the warm-up (and graph capture) steps
+        res["tokens_per_s"] = round((steps[-1]["tokens_seen"] - steps[k - 1]["tokens_seen"]) / (marks[-1] - marks[k - 1]), 1)
+    if rc != 0:
+        res["error"] = (ev[-1].get("error") if ev else "no events")[:1500]
+    elif spec.get("score", True):
+        eng.trainer = eng.model = None
+        import gc
+
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        res.update(score_adapter(run_dir, cfg, tests))
+    return res
+
+
+def score_adapter(run_dir: Path, cfg, tests: list[dict]) -> dict:
+    """Before/after scores the way `snugtune chat` loads a run: a fresh base (NF4, guarded in fp16)
+    with the saved adapter on top; the training-time patches are not in the way of generate()."""
+    import torch
+    from peft import PeftModel
+
+    from core import fp16guard
+    from core.model import (load_base_model, load_tokenizer, pick_compute_dtype, resolve_model_source,
+                            select_device)
+
+    device = select_device(cfg)
+    compute = pick_compute_dtype(cfg.model.compute_dtype, device)
+    source = resolve_model_source(cfg.model.name_or_path)
+    base = load_base_model(source, cfg, device, compute=compute)
+    if compute == "fp16" and fp16guard.needs_fp16_guard(base.config, cfg.model.fp16_guard)[0]:
+        fp16guard.install(base, torch.float16)
+    tok = load_tokenizer(str(run_dir / "adapter"), cfg)
+    m = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    after = score(m, tok, cfg.data, tests)
+    with m.disable_adapter():
+        before = score(m, tok, cfg.data, tests)
+    return {"before": before, "after": after}
+
+
+def run_plain(spec: dict) -> dict:
+    """The plain recipe on the same rows (core.data tokenizes; everything else is stock)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
+                              TrainingArguments, set_seed)
+
+    from core.data import build_datasets
+
+    cpu = spec.get("cpu", False)
+    dtype = torch.float16 if spec["dtype"] == "fp16" else torch.bfloat16
+    if cpu:
+        dtype = torch.float32
+    tests = [json.loads(x) for x in Path(spec["tests"]).read_text().splitlines()]
+    cfg = _cfg(spec["model_dir"], spec["data"], spec["runs"], spec["steps"], spec["dtype"], False, False,
+               cpu=cpu)
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    rows, _, _ = build_datasets(cfg.data, tok)
+    set_seed(42)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    m = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=q, dtype=dtype,
+                                             device_map={"": "cpu" if cpu else 0})
+    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]))
+    before = None
+    if spec.get("score", True):
+        with m.disable_adapter():
+            before = score(m, tok, cfg.data, tests)
+
+    def collate(batch):
+        n = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), n), tok.pad_token_id)
+        lab = torch.full((len(batch), n), -100)
+        att = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, r in enumerate(batch):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            lab[i, :k] = torch.tensor(r["labels"])
+            att[i, :k] = 1
+        return {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+    logs_: list = []
+    marks: list = []
+
+    class Rec(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logs_.append((logs["loss"], logs.get("grad_norm")))
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.monotonic())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                 max_steps=spec["steps"], learning_rate=2e-4, lr_scheduler_type="cosine",
+                                 warmup_steps=max(1, int(0.03 * spec["steps"] + 0.999)), logging_steps=1,
+                                 optim="adamw_torch" if cpu else "paged_adamw_8bit", bf16=dtype == torch.bfloat16,
+                                 fp16=dtype == torch.float16, use_cpu=cpu, save_strategy="no", report_to="none",
+                                 disable_tqdm=True, logging_nan_inf_filter=False, remove_unused_columns=False,
+                                 seed=42, data_seed=42, max_grad_norm=1.0)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        tr = Trainer(model=m, args=args, train_dataset=rows, data_collator=collate, callbacks=[Rec()])
+        err = None
+        try:
+            tr.train()
+        except Exception as exc:  # noqa: BLE001 - a failed recipe is a result
+            err = f"{type(exc).__name__}: {exc}"[:800]
+    res = {"variant": spec["variant"], "rc": 0 if err is None else 1, "steps": len(logs_),
+           "losses": [x[0] for x in logs_], "grad_norms": [x[1] for x in logs_], "before": before, "error": err}
+    if torch.cuda.is_available():
+        res["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 4)
+        res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 4)
+    if len(marks) > 5:
+        toks = sum(len(r["input_ids"]) for r in rows[:8]) / 8 * 8  # rows are near-equal length
+        res["tokens_per_s"] = round(toks * (len(marks) - 5) / (marks[-1] - marks[4]), 1)
+    if err is None and spec.get("score", True):
+        res["after"] = score(m, tok, cfg.data, tests)
+    return res
+
+
+def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 139.81) -> dict:
+    """core.estimate's peak for one estimator probe (all blocks checkpointed), on the H200."""
+    from dataclasses import replace
+
+    from core.catalog import resolve_model
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+
+    cfg = _cfg(model_dir, "(none)", "/tmp", 3, "bf16", True, False, seq, micro_batch)
+    gpu = replace(resolve_gpu("h200"), total_gib=total_gib, budget_gib=total_gib)
+    est = estimate(resolve_model(model_dir), cfg, gpu, "snugtune", keep_layers=0)
+    return {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
+            "components": est.components, "peak_phase": est.peak_phase}
+
+
+def rescore(path: Path, model_dir: str) -> dict:
+    """Today's estimator against stored measurements (no GPU): model_dir holds the model's config.json."""
+    res = json.loads(Path(path).read_text())
+    for r in res.get("estimator", []):
+        r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"])
+    return res
+
+
+def run_estimate_probe(spec: dict) -> dict:
+    """3 steps at one (length, micro-batch): measured peaks beside core.estimate's."""
+    os.environ["SNUGTUNE_KEEP_LAYERS"] = "0"  # every block checkpointed: the estimate's 'need'
+    r = run_snugtune({**spec, "score": False})
+    from dataclasses import replace
+
+    from core.catalog import resolve_model
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+
+    cfg = _cfg(spec["model_dir"], spec["data"], spec["runs"], spec["steps"], spec["dtype"], True, False,
+               spec["seq"], spec["micro_batch"])
+    spec_m = resolve_model(spec["model_dir"])
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    gpu = resolve_gpu("h200")
+    gpu = replace(gpu, total_gib=total, budget_gib=total)
+    est = estimate(spec_m, cfg, gpu, "snugtune", keep_layers=0)
+    r["estimate"] = {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
+                     "components": est.components, "peak_phase": est.peak_phase}
+    r["seq"], r["micro_batch"] = spec["seq"], spec["micro_batch"]
+    return r
+
+
+# ---- the parent ---------------------------------------------------------------------------------------------
+
+def child(spec: dict, log) -> dict:
+    # a few threads each: up to a dozen of these share the machine's cores
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=spec.get("timeout", 900))
+    lines = [ln[3:] for ln in p.stdout.splitlines() if ln.startswith("@@ ")]
+    r = json.loads(lines[-1]) if lines else {"variant": spec["variant"], "rc": p.returncode, "error": p.stderr[-2000:]}
+    r["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "grad_norms", "savers")})[:600], file=log, flush=True)
+    print(f"-- {spec['variant']} rc={r.get('rc')} {r['wall_s']}s", flush=True)
+    if r.get("rc") and p.stderr:
+        print(p.stderr[-1500:], file=log, flush=True)
+    return r
+
+
+def curve_compare(a: list, b: list, window: int = 20) -> dict:
+    """How far curve a is from curve b: per window of steps, |mean a - mean b| / mean b."""
+    n = min(len(a), len(b))
+    rel = []
+    for s in range(0, n - n % window or n, window):
+        ma, mb = sum(a[s:s + window]) / len(a[s:s + window]), sum(b[s:s + window]) / len(b[s:s + window])
+        rel.append(round(abs(ma - mb) / max(mb, 1e-9), 4))
+    whole = abs(sum(a[:n]) - sum(b[:n])) / max(sum(b[:n]), 1e-9) if n else None
+    return {"windows": rel, "max_window_rel": max(rel) if rel else None,
+            "mean_loss_rel": round(whole, 4) if whole is not None else None}
+
+
+def markdown(res: dict) -> str:
+    rows = ["| variant | rc | steps | all losses finite | first / last-20 mean loss | held-out before | after | "
+            "peak reserved GiB | tokens/s (concurrent) |", "|---|---|---|---|---|---|---|---|---|"]
+    import math
+
+    for r in res["variants"]:
+        ls = r.get("losses") or []
+        fin = all(isinstance(x, (int, float)) and math.isfinite(x) for x in ls) if ls else False
+        last = sum(ls[-20:]) / len(ls[-20:]) if ls else float("nan")
+        b, a = r.get("before") or {}, r.get("after") or {}
+        rows.append(f"| {r['variant']} | {r.get('rc')} | {r.get('steps')} | {fin} | "
+                    f"{(ls[0] if ls else float('nan')):.3f} / {last:.3f} | {b.get('exact', '-')}/{b.get('n', '-')} | "
+                    f"{a.get('exact', '-')}/{a.get('n', '-')} | {r.get('peak_reserved_gib')} | {r.get('tokens_per_s')} |")
+    out = ["# Real weights: Gemma 3 270M learns a date-writing task", "", f"command: `{res['command']}`", "",
+           f"machine: {res.get('device')}", "", *rows, ""]
+    if res.get("fp16_vs_bf16"):
+        out += ["## fp16 (guarded) against bf16, same rows and steps", "", "```",
+                json.dumps(res["fp16_vs_bf16"], indent=1), "```", ""]
+    if res.get("speed"):
+        out += ["## Speed alone (one process at a time)", "", "| variant | tokens/s | peak reserved GiB |", "|---|---|---|"]
+        out += [f"| {r['variant']} | {r.get('tokens_per_s')} | {r.get('peak_reserved_gib')} |" for r in res["speed"]]
+        out.append("")
+    if res.get("estimator"):
+        out += ["## Estimator on Gemma 3 270M (3 steps, every block checkpointed)", "",
+                "| tokens x micro-batch | measured reserved | estimated | error | measured allocated | estimated | error |",
+                "|---|---|---|---|---|---|---|"]
+        for r in res["estimator"]:
+            e = r.get("estimate") or {}
+            mr, ma = r.get("peak_reserved_gib"), r.get("peak_alloc_gib")
+            er, ea = e.get("reserved_gib"), e.get("allocated_gib")
+            pct = (lambda m, x: f"{100 * (x - m) / m:+.1f}%" if m and x else "-")
+            out.append(f"| {r['seq']} x {r['micro_batch']} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | {pct(ma, ea)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", help="the GGUF file (Gemma 3 270M)")
+    ap.add_argument("--smoke", action="store_true", help="CPU: the demo model as a tiny GGUF, 2 steps a variant")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--variants", default="sn-bf16-pack,sn-bf16-nopack,sn-bf16-pack-nographs,sn-bf16-nopack-nographs,"
+                    "sn-fp16-pack,sn-fp16-nopack,plain-bf16,plain-fp16")
+    ap.add_argument("--speed", action="store_true", help="bf16 and fp16 packed runs alone, after the others")
+    ap.add_argument("--speed-steps", type=int, default=30)
+    ap.add_argument("--speed-deadline-s", type=float, default=330, help="skip --speed when the rest took longer")
+    ap.add_argument("--estimator", action="store_true", help="measure peaks at 2 lengths x 2 micro-batches")
+    ap.add_argument("--jobs", type=int, default=8, help="variants run at once")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--rescore", metavar="JSON", help="today's estimator against a stored run (with --model-dir)")
+    ap.add_argument("--model-dir", help="with --rescore: a directory with the model's config.json")
+    a = ap.parse_args(argv)
+    if a.rescore:
+        res = rescore(Path(a.rescore), a.model_dir)
+        res["rescored"] = "python bench/real_weights.py " + " ".join(sys.argv[1:])
+        Path(a.rescore).write_text(json.dumps(res, indent=1))
+        Path(a.rescore).with_suffix(".md").write_text(markdown(res))
+        print(markdown(res).split("## Estimator")[1])
+        return 0
+    if a.one:
+        spec = json.loads(a.one)
+        fn = {"snugtune": run_snugtune, "plain": run_plain, "estimate": run_estimate_probe}[spec["kind"]]
+        print("@@ " + json.dumps(fn(spec)), flush=True)
+        return 0
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="real-weights-"))
+    os.environ.setdefault("SNUGTUNE_CACHE", str(work / "cache"))
+    from core import gguf_source
+
+    if a.smoke:
+        from core.demo import ensure_tiny_llama
+
+        gguf = gguf_source.write_llama_gguf(ensure_tiny_llama(), work / "tiny.gguf")
+        steps, n_train, n_test = 2, 64, 8
+    else:
+        if not a.gguf:
+            ap.error("--gguf FILE (or --smoke)")
+        gguf, steps, n_train, n_test = Path(a.gguf), a.steps, 2400, 128
+    t0 = time.time()
+    model_dir = str(gguf_source.ensure_converted(gguf))
+    convert_s = round(time.time() - t0, 1)
+    train, tests = date_task(n_train, n_test)
+    data = work / "dates.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in train))
+    tests_f = work / "tests.jsonl"
+    tests_f.write_text("".join(json.dumps(r) + "\n" for r in tests))
+    cpu = a.smoke
+    base = {"model_dir": model_dir, "data": str(data), "tests": str(tests_f), "runs": str(work / "runs"),
+            "steps": steps, "cpu": cpu}
+
+    def spec_of(v: str, n_steps: int = steps) -> dict:
+        parts = v.split("-")
+        kind = "plain" if parts[0] == "plain" else "snugtune"
+        return {**base, "variant": v, "kind": kind, "dtype": parts[1], "packing": "pack" in parts[2:],
+                "graphs": "nographs" not in parts, "steps": n_steps}
+
+    log = open(out / "real_weights.log", "a")
+    variants = [v for v in a.variants.split(",") if v]
+    if cpu:  # no fp16/bf16 on the CPU path: one of each kind is enough to exercise the code
+        variants = ["sn-bf16-pack", "sn-bf16-nopack", "plain-bf16"]
+    jobs = [spec_of(v) for v in variants]
+    if a.estimator:
+        for seq in (512, 2048):
+            for mb in (1, 4):
+                jobs.append({**base, "variant": f"est-{seq}x{mb}", "kind": "estimate", "dtype": "bf16", "packing": True,
+                             "graphs": False, "steps": 3, "seq": seq, "micro_batch": mb})
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        results = list(ex.map(lambda s: child(s, log), jobs))
+    res = {"command": "python bench/real_weights.py " + " ".join(sys.argv[1:]), "gguf": str(gguf),
+           "convert_s": convert_s, "steps": steps, "n_train": n_train, "n_test": n_test,
+           "variants": [r for r in results if not str(r.get("variant", "")).startswith("est-")],
+           "estimator": [r for r in results if str(r.get("variant", "")).startswith("est-")]}
+    try:
+        import torch
+
+        res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        import transformers
+
+        res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    except Exception:  # noqa: BLE001
+        pass
+    by = {r["variant"]: r for r in res["variants"]}
+    pairs = [("sn-fp16-pack", "sn-bf16-pack-nographs"), ("sn-fp16-nopack", "sn-bf16-nopack-nographs"),
+             ("sn-fp16-pack", "sn-bf16-pack"), ("plain-bf16", "sn-bf16-nopack")]
+    res["fp16_vs_bf16"] = {}
+    for x, y in pairs:
+        if x in by and y in by and by[x].get("losses") and by[y].get("losses"):
+            c = curve_compare(by[x]["losses"], by[y]["losses"])
+            c["held_out"] = [(by[x].get("after") or {}).get("exact"), (by[y].get("after") or {}).get("exact")]
+            res["fp16_vs_bf16"][f"{x} vs {y}"] = c
+    (out / "real_weights.json").write_text(json.dumps(res, indent=1))
+    if a.speed and not cpu and time.time() - t0 < a.speed_deadline_s:
+        res["speed"] = [child({**spec_of(v, a.speed_steps), "score": False, "variant": v + "-alone"}, log)
+                        for v in ("sn-bf16-pack-nographs", "sn-fp16-pack")]
+    (out / "real_weights.json").write_text(json.dumps(res, indent=1))
+    (out / "real_weights.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
