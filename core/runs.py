@@ -19,9 +19,10 @@ from typing import Optional, Union
 
 from core.config import RunConfig
 from core.errors import UserError
-from core.events import TERMINAL_EVENTS, pid_alive, read_events, read_pid
+from core.events import TERMINAL_EVENTS, attempt_index, pid_alive, read_log, read_pid
 
 CONFIG_FILE = "config.toml"
+EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
 PID_FILE = "pid"
 LOG_FILE = "engine.log"
@@ -49,8 +50,26 @@ def _slug(text: str) -> str:
     return (slug or "run")[:60]
 
 
-def run_name(cfg: RunConfig) -> str:
-    return cfg.output.name or _slug(cfg.model.name_or_path)
+def run_name(cfg: RunConfig, preset: Optional[str] = None) -> str:
+    """The name a new run directory starts with (the timestamp follows it).
+
+    output.name if set; else the preset the run came from (a name, or a TOML file's stem);
+    else the data (a file's stem, a Hub dataset's name); else the model. Not the model first:
+    every run of one model would share a name, and `snugtune attach NAME` could not tell them
+    apart by anything but the timestamp."""
+    if cfg.output.name:
+        return cfg.output.name
+    if preset:
+        stem = Path(preset).stem if preset.endswith(".toml") or os.sep in preset else preset
+        return _slug(stem)
+    data = cfg.data.path
+    if data and not data.startswith("REPLACE"):
+        stem = data.split(":")[-1].rstrip("/").split("/")[-1]
+        for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"):  # my.jsonl.gz -> my
+            if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+                stem = stem[: -len(suffix)]
+        return _slug(stem)
+    return _slug(cfg.model.name_or_path)
 
 
 def freeze_paths(cfg: RunConfig, cwd: Optional[Path] = None) -> RunConfig:
@@ -71,8 +90,9 @@ def freeze_paths(cfg: RunConfig, cwd: Optional[Path] = None) -> RunConfig:
     return cfg.with_overrides(changes) if changes else cfg
 
 
-def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
-    """A new run directory (name-YYYYmmdd-HHMMSS, a suffix if taken) holding config.toml."""
+def create_run_dir(cfg: RunConfig, header: Optional[str] = None, preset: Optional[str] = None) -> Path:
+    """A new run directory (name-YYYYmmdd-HHMMSS, a suffix if taken) holding config.toml;
+    the name is run_name(cfg, preset)."""
     cfg = freeze_paths(cfg)
     base = runs_dir(cfg)
     try:
@@ -87,7 +107,7 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
             f"the runs directory {base} is not writable",
             hint="choose a writable place with --set output.runs_dir=/path or SNUGTUNE_RUNS_DIR",
         )
-    stem = f"{run_name(cfg)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{run_name(cfg, preset)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     for i in range(1, 10_000):
         path = base / (stem if i == 1 else f"{stem}-{i}")
         try:
@@ -102,6 +122,21 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
             raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
         return path
     raise UserError(f"too many runs named {stem} in {base}")
+
+
+def log_size(run_dir: Union[str, Path]) -> int:
+    """The size of a run's events.jsonl now (0 if none): where the next attempt's events begin."""
+    try:
+        return (Path(run_dir) / EVENTS_FILE).stat().st_size
+    except OSError:
+        return 0
+
+
+def _unwritable(run_dir: Path, exc: OSError) -> UserError:
+    return UserError(
+        f"cannot write to the run directory {run_dir} ({exc.strerror or exc})",
+        hint="make it writable again (e.g. `chmod -R u+w` on it, or free disk space), then resume",
+    )
 
 
 def _package_root() -> str:
@@ -128,8 +163,16 @@ def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subpro
     env["PYTHONUNBUFFERED"] = "1"
     if extra_env:
         env.update(extra_env)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    with open(run_dir / LOG_FILE, "ab") as log:
+    try:
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        # the engine writes here; a directory it cannot write is said now, not as its traceback
+        for name in (EVENTS_FILE, LOG_FILE):
+            with open(run_dir / name, "ab"):
+                pass
+        log = open(run_dir / LOG_FILE, "ab")
+    except OSError as exc:
+        raise _unwritable(run_dir, exc) from None
+    with log:
         proc = subprocess.Popen(
             engine_command(run_dir),
             stdin=subprocess.DEVNULL,
@@ -139,7 +182,12 @@ def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subpro
             cwd=str(run_dir),
             start_new_session=True,
         )
-    (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    try:
+        (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    except OSError as exc:
+        proc.kill()
+        proc.wait()
+        raise _unwritable(run_dir, exc) from None
     return proc
 
 
@@ -173,8 +221,9 @@ def resolve_run(name_or_dir: Union[str, Path], base: Optional[Path] = None) -> P
     if len(matches) == 1:
         return matches[0].resolve()
     if len(matches) > 1:
-        names = ", ".join(p.name for p in matches[:8])
-        raise UserError(f"{name!r} matches several runs: {names}", hint="give the full name or the directory")
+        names = ", ".join(p.name for p in matches[:8]) + (" ..." if len(matches) > 8 else "")
+        raise UserError(f"{name!r} matches several runs: {names}",
+                        hint=f"give the full name (the newest is {matches[-1].name}) or the directory")
     raise UserError(f"no run named {name!r} in {base}", hint="`snugtune runs` lists the runs; or give a run directory")
 
 
@@ -182,10 +231,20 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
+STATUS_OF = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}
+
+
 def run_status(run_dir: Union[str, Path]) -> dict:
-    """A summary of one run: name, dir, status, step/total, last loss, started, error."""
+    """A summary of one run: name, dir, status, step/total, last loss, started, error.
+
+    Never raises for a damaged run: a log that cannot be read gives status "unreadable" with
+    the reason in `error`; lines of it that are not events are skipped and counted in
+    `log_skipped` (`log_note` says which). The status is the current attempt's (a resumed run
+    is "running" from its launch on, though its log still ends with the earlier `run_stopped`).
+    """
     run_dir = Path(run_dir)
-    events = read_events(run_dir)
+    log = read_log(run_dir)
+    events = log.events
     summary: dict = {
         "name": run_dir.name,
         "dir": str(run_dir),
@@ -200,31 +259,45 @@ def run_status(run_dir: Union[str, Path]) -> dict:
         "error": None,
         "adapter": None,
         "pid": read_pid(run_dir),
+        "log_skipped": len(log.skipped),
+        "log_note": log.skipped_note(),
     }
-    terminal = None
     for e in events:
         kind = e.get("event")
         if kind == "run_started":
             summary["started"] = summary["started"] or e.get("time")
             summary["total_steps"] = e.get("total_steps")
-            summary["model"] = (e.get("config") or {}).get("model", {}).get("name_or_path")
-            terminal = None  # a resumed run starts again
+            summary["model"] = ((e.get("config") or {}).get("model") or {}).get("name_or_path")
         elif kind == "step_logged":
             summary["step"] = e.get("step", summary["step"])
             summary["total_steps"] = e.get("total_steps") or summary["total_steps"]
             summary["loss"] = e.get("loss", summary["loss"])
         elif kind == "eval_logged":
             summary["eval_loss"] = e.get("eval_loss")
-        elif kind in TERMINAL_EVENTS:
-            terminal = e
-    if summary["started"] is None and (run_dir / CONFIG_FILE).exists():
-        summary["started"] = (run_dir / CONFIG_FILE).stat().st_mtime
+    current = attempt_index(log, run_dir)
+    if current < len(events):
+        summary["attempt_started"] = events[current].get("time")
+    else:
+        try:
+            summary["attempt_started"] = (run_dir / PID_FILE).stat().st_mtime
+        except OSError:
+            summary["attempt_started"] = None
+    terminal = next((e for e in reversed(events[current:]) if e.get("event") in TERMINAL_EVENTS), None)
+    if summary["started"] is None:
+        try:
+            summary["started"] = (run_dir / CONFIG_FILE).stat().st_mtime
+        except OSError:
+            pass
     alive = summary["pid"] is not None and pid_alive(summary["pid"])
-    if terminal is not None:
+    if log.error is not None:
+        summary["status"] = "running" if alive else "unreadable"
+        summary["error"] = log.error
+    elif terminal is not None:
         summary["ended"] = terminal.get("time")
-        summary["status"] = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}[terminal["event"]]
+        summary["status"] = STATUS_OF[terminal["event"]]
         if terminal["event"] == "run_failed":
             summary["error"] = terminal.get("error")
+            summary["failure_kind"] = terminal.get("kind")
         if terminal["event"] == "run_finished":
             summary["adapter"] = terminal.get("adapter_path")
             summary["step"] = terminal.get("steps", summary["step"])
@@ -243,7 +316,13 @@ def list_runs(base: Optional[Path] = None) -> list[dict]:
     base = base or default_runs_dir()
     if not base.is_dir():
         return []
-    runs = [run_status(p) for p in base.iterdir() if (p / CONFIG_FILE).is_file()]
+    try:
+        entries = list(base.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot list the runs directory {base} ({exc.strerror or exc})",
+                        hint="check its permissions, or point SNUGTUNE_RUNS_DIR elsewhere") from None
+    # a name starting with "." is a run being removed (remove_run renames it first)
+    runs = [run_status(p) for p in entries if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()]
     return sorted(runs, key=lambda r: (r["started"] or 0, r["name"]))
 
 
@@ -264,6 +343,27 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def remove_run(run_dir: Union[str, Path]) -> None:
+    """Delete a run directory and everything in it; refuses a running run (stop it first)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); nothing removed")
+    status = run_status(run_dir)
+    if status["status"] == "running":
+        raise UserError(f"run {run_dir.name} is running (pid {status['pid']}); nothing removed",
+                        hint=f"stop it first: `snugtune stop {run_dir.name} --wait`")
+    # Renamed first, then deleted: an interrupted delete leaves no half run that `runs` would list.
+    doomed = run_dir.with_name(f".{run_dir.name}.removing")
+    try:
+        run_dir.rename(doomed)
+        shutil.rmtree(doomed)
+    except OSError as exc:
+        raise UserError(f"cannot remove {run_dir} ({exc.strerror or exc})",
+                        hint="check the permissions of the runs directory") from None
 
 
 def last_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
