@@ -6,6 +6,7 @@ engine's checkpoints/ and adapter/ (docs/ARCHITECTURE.md). No torch here: the wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -376,3 +377,199 @@ def last_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
             if m and p.is_dir() and int(m.group(1)) > best[0]:
                 best = (int(m.group(1)), p)
     return best[1]
+
+
+# ---- checkpoints: complete or absent, verified before a resume trusts them ----------------------
+
+CHECKPOINTS_DIR = "checkpoints"
+# The engine writes each checkpoint under this directory and renames it into checkpoints/ when
+# every file is written: a checkpoint-N that exists is complete (the Trainer's own names never
+# match it, so neither its resume nor its rotation sees a half-written one).
+STAGING_DIR = ".partial"
+# What a resume reads: the adapter, the optimizer and scheduler, the Trainer's counters, the RNG.
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json",
+                    "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def checkpoints(run_dir: Union[str, Path]) -> list[tuple[int, Path]]:
+    """(step, path) of each checkpoints/checkpoint-N directory, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    found = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _check_safetensors(path: Path) -> Optional[str]:
+    # The format: an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    # range, then the data. A truncated file is shorter than the largest range's end.
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated (no header)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return "truncated (header cut off)"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "damaged header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if not ends or 8 + n + max(ends) != size:
+        return f"truncated ({size} bytes, the header describes {8 + n + max(ends, default=0)})"
+    return None
+
+
+def _check_torch_zip(path: Path) -> Optional[str]:
+    # torch.save writes a zip archive with a CRC for every record: a truncated or overwritten
+    # file fails to open or fails its CRC, without unpickling anything.
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"not a complete torch file ({type(exc).__name__}: {exc})" if str(exc) else "not a complete torch file"
+    return f"damaged record {bad}" if bad else None
+
+
+def verify_checkpoint(path: Union[str, Path]) -> Optional[str]:
+    """None if the checkpoint's files are all there and whole; else what is wrong, naming the file."""
+    path = Path(path)
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                data = json.loads(f.read_text(encoding="utf-8"))
+                if name == "trainer_state.json" and not isinstance(data.get("global_step"), int):
+                    return f"{name} has no global_step"
+                problem = None
+            elif name.endswith(".safetensors"):
+                problem = _check_safetensors(f)
+            else:
+                problem = _check_torch_zip(f)
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def set_aside_checkpoint(path: Path) -> Path:
+    """Rename a damaged checkpoint to damaged-checkpoint-N (kept for a look, out of every resume's way)."""
+    for i in range(1, 1000):
+        target = path.with_name(f"damaged-{path.name}" + ("" if i == 1 else f"-{i}"))
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise UserError(f"too many damaged copies of {path.name} in {path.parent}")
+
+
+def dir_bytes(path: Union[str, Path]) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ---- disk space ------------------------------------------------------------------------------------
+
+MB = 1_000_000  # decimal megabytes, as df -H and file managers count them
+
+
+class DiskSpaceError(UserError):
+    """Not enough free disk space where the run writes: the figures and where."""
+
+    exit_code = 4
+
+    def __init__(self, path: Union[str, Path], free: int, needed: int, what: str, hint: Optional[str] = None):
+        self.path, self.free_mb, self.needed_mb = str(path), round(free / MB, 1), round(needed / MB, 1)
+        super().__init__(
+            f"not enough disk space in {path}: {self.free_mb:,.1f} MB free, {what} needs about "
+            f"{self.needed_mb:,.1f} MB",
+            hint=hint or "free some space, or put the runs elsewhere (output.runs_dir or SNUGTUNE_RUNS_DIR); "
+            "train.save_total_limit = 1 keeps a single checkpoint",
+        )
+
+
+def free_bytes(path: Union[str, Path]) -> int:
+    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest parent)."""
+    import shutil
+
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+# Bytes a checkpoint holds besides adapter, optimizer and tokenizer: trainer_state.json,
+# scheduler.pt, rng_state.pth, training_args.bin, README.md, adapter_config.json (measured on the
+# tiny test model: 22 kB; generous for long runs, whose trainer_state.json grows with the log).
+CHECKPOINT_EXTRA_BYTES = 1 * MB
+# Optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; bitsandbytes' 8-bit
+# AdamW two 8-bit moments plus one fp32 scale per 256-value block (core.estimate.BYTES_ADAM8).
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2 + 8 / 256,
+                         "paged_adamw_8bit": 2 + 8 / 256, "paged_adamw_32bit": 8}
+# Logs, events and a margin for the filesystem's own rounding.
+DISK_MARGIN_BYTES = 8 * MB
+
+
+def disk_needed(cfg: RunConfig, lora_params: int, tokenizer_bytes: int, optimizer: str, total_steps: int,
+                existing_checkpoints: int = 0) -> tuple[int, int, str]:
+    """(bytes the rest of the run will write at its peak, bytes of one checkpoint, what they are).
+
+    LoRA weights are saved in fp32 (4 bytes each). The engine keeps the newest
+    `train.save_total_limit` checkpoints; a new one is complete before the oldest goes, so the
+    peak is one more than the limit, then the final adapter with its tokenizer."""
+    adapter = lora_params * 4
+    opt = int(lora_params * OPTIMIZER_STATE_BYTES.get(optimizer, 8))
+    ckpt = adapter + opt + tokenizer_bytes + CHECKPOINT_EXTRA_BYTES
+    saves = max(math.ceil(total_steps / max(cfg.train.save_steps, 1)), 1)
+    limit = cfg.train.save_total_limit
+    peak = (min(limit, saves) + 1) if limit else saves
+    new = max(peak - existing_checkpoints, 1)
+    final = adapter + tokenizer_bytes
+    need = new * ckpt + final + DISK_MARGIN_BYTES
+    what = (f"this run ({new} checkpoint{'s' if new > 1 else ''} of {ckpt / MB:,.1f} MB: adapter "
+            f"{adapter / MB:,.1f}, optimizer states {opt / MB:,.1f}, tokenizer {tokenizer_bytes / MB:,.1f}; "
+            f"then the final adapter)")
+    return need, ckpt, what
+
+
+def check_disk_space(path: Union[str, Path], need: int, what: str) -> None:
+    free = free_bytes(path)
+    if free < need:
+        raise DiskSpaceError(path, free, need, what)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "spiece.model", "sentencepiece.bpe.model")
+# A Hub tokenizer not in the cache yet: the largest common one, Gemma's tokenizer.json, is 33 MB.
+UNKNOWN_TOKENIZER_BYTES = 35 * MB
+
+
+def tokenizer_bytes(source: Union[str, Path, None]) -> int:
+    """What saving the model's tokenizer writes, from the files of a local source directory."""
+    if source is None or not Path(str(source)).is_dir():
+        return UNKNOWN_TOKENIZER_BYTES
+    total = 0
+    for name in TOKENIZER_FILES:
+        try:
+            total += (Path(str(source)) / name).stat().st_size
+        except OSError:
+            pass
+    return total or UNKNOWN_TOKENIZER_BYTES

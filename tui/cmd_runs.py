@@ -92,6 +92,9 @@ class Printer:
             loss = ev.get("eval_loss")
             shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else "- (not a number)"
             self._line(f"  eval at step {ev.get('step')}: loss {shown}")
+        elif kind == "checkpoint_skipped":
+            self._line(f"  {Path(str(ev.get('path'))).name} is damaged ({ev.get('reason')}): not resumed from; "
+                       f"kept as {Path(str(ev.get('moved_to'))).name}")
         elif kind == "log_line_skipped":
             self._line(f"  (events.jsonl line {ev.get('line')} skipped: {ev.get('reason')})")
         elif kind == "checkpoint_saved":
