@@ -485,6 +485,17 @@ def dir_bytes(path: Union[str, Path]) -> int:
     return total
 
 
+def planned_steps(n_train: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
+    """Optimizer steps the run will take (the Trainer's own count): the engine's first event,
+    its resume accounting and the disk check use it (core.train re-exports it)."""
+    if max_steps:
+        return int(max_steps)
+    batches = math.ceil(n_train / micro_batch)
+    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return max(math.ceil(epochs * per_epoch), 1)
+
+
 # ---- disk space ------------------------------------------------------------------------------------
 
 MB = 1_000_000  # decimal megabytes, as df -H and file managers count them
@@ -573,3 +584,47 @@ def tokenizer_bytes(source: Union[str, Path, None]) -> int:
         except OSError:
             pass
     return total or UNKNOWN_TOKENIZER_BYTES
+
+
+# ---- preflight: a run's mistakes said before its run directory exists ------------------------------
+
+# The check imports transformers and reads the data: seconds, on a cold disk a minute; a Hub model's
+# config.json and tokenizer may be fetched. A preflight that takes longer than this is not waited for.
+PREFLIGHT_TIMEOUT_S = 600
+
+
+def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
+    """Check the data, model, tokenizer, GPU profile and disk space of a run before it is created
+    (core.preflight); raises the UserError the engine would have failed with.
+
+    Torch-free for the caller: by default the check runs in a subprocess
+    (`python -m core.preflight`), so the wizard can call this from a worker thread. The CLI,
+    which imports the engine anyway, passes in_process=True."""
+    if in_process:
+        from core.preflight import check
+
+        return check(freeze_paths(cfg))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="snugtune-preflight-") as tmp:
+        path = freeze_paths(cfg).write_toml(Path(tmp) / CONFIG_FILE, overwrite=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path)], capture_output=True,
+                                  text=True, env=env, timeout=PREFLIGHT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"checking the data and the model took over {PREFLIGHT_TIMEOUT_S} s",
+                            hint="a slow disk or network: try again, or start the run with `snugtune train`") from None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"the pre-run check crashed ({tail})", hint="start the run anyway with `snugtune train`; "
+                        "its engine.log will have the details") from None
+    if answer.get("ok"):
+        return answer
+    err = UserError(answer.get("error") or "the pre-run check failed", hint=answer.get("hint"))
+    err.exit_code = int(answer.get("exit_code") or 2)
+    raise err

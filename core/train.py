@@ -31,7 +31,7 @@ from core.config import RunConfig
 from core.errors import UserError
 from core.events import EventWriter
 from core import runs as rundirs
-from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, DiskSpaceError, last_checkpoint
+from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, DiskSpaceError, last_checkpoint, planned_steps  # noqa: F401
 
 EXIT_USER = 2
 EXIT_OOM = 3
@@ -56,16 +56,6 @@ def oom_fallback(micro_batch: int, grad_accum: int) -> Optional[tuple[int, int]]
         return None
     new_mb = max(d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0)
     return new_mb, grad_accum * (micro_batch // new_mb)
-
-
-def planned_steps(n_train: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
-    """Optimizer steps the run will take (the Trainer's own count, for the first event)."""
-    if max_steps:
-        return int(max_steps)
-    batches = math.ceil(n_train / micro_batch)
-    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
-    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
-    return max(math.ceil(epochs * per_epoch), 1)
 
 
 def pick_optimizer(setting: str, device_type: str) -> str:

@@ -227,30 +227,56 @@ def fake_hub():
     server.shutdown()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model,expected", [
     ("nobody/missing-model", "no such model on the Hub"),
     ("someone/gated-model", "gated and needs an access token"),
 ])
-def test_hub_model_errors_are_one_clear_message(model, expected, fake_hub, tiny_toml, tmp_path):
+def test_hub_model_errors_are_one_clear_message_before_any_run_exists(model, expected, fake_hub, tiny_toml,
+                                                                      runs_dir, tmp_path):
     toml = tiny_toml(f"model.name_or_path='{model}'")
     secret = "hf_" + "x" * 30
-    out = snugtune("train", str(toml), env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
-                                            "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
+    for detach in ([], ["--detach"]):
+        out = snugtune("train", str(toml), *detach, env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
+                                                         "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert expected in out.stderr and "Traceback" not in out.stderr
+        assert secret not in out.stdout + out.stderr
+        assert not runs_dir.exists() or not list(runs_dir.iterdir())  # the preflight said it: no failed run left
+
+
+@pytest.mark.slow
+def test_the_engine_says_a_hub_error_itself_when_the_preflight_is_skipped(fake_hub, tiny_toml, tmp_path):
+    toml = tiny_toml("model.name_or_path='someone/gated-model'")
+    secret = "hf_" + "x" * 30
+    out = snugtune("train", str(toml), "--no-preflight", env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
+                                                              "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
     assert out.returncode == 2, out.stdout + out.stderr
-    assert expected in out.stdout and "Traceback" not in out.stdout
+    assert "gated and needs an access token" in out.stdout and "Traceback" not in out.stdout
     assert secret not in out.stdout + out.stderr
     run_dir = run_dir_of(out.stdout)
     assert read_events(run_dir)[-1]["kind"] == "user" and not (run_dir / "adapter").exists()
     assert secret not in (run_dir / "events.jsonl").read_text() + (run_dir / "engine.log").read_text()
 
 
-@pytest.mark.slow
 def test_an_unreachable_hub_is_one_clear_message(tiny_toml, tmp_path):
     toml = tiny_toml("model.name_or_path='nobody/some-model'")
     out = snugtune("train", str(toml), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert out.returncode == 2
-    assert "cannot be reached" in out.stdout and "local model directory" in out.stdout
+    assert "cannot be reached" in out.stderr and "local model directory" in out.stderr
+
+
+def test_data_mistakes_are_found_before_the_run_directory_is_made(tiny_toml, runs_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q2"\n')
+    no_columns = tmp_path / "cols.jsonl"
+    no_columns.write_text('{"foo": "x", "bar": "y"}\n')
+    cases = [(f"data.path='{tmp_path / 'missing.jsonl'}'", "missing.jsonl"), (f"data.path='{bad}'", "line 2"),
+             (f"data.path='{no_columns}'", "foo"), (f"model.name_or_path='{tmp_path / 'no-model'}'", "no-model")]
+    for override, named in cases:
+        out = snugtune("train", str(tiny_toml(override)), "--detach")
+        assert out.returncode == 2, (override, out.stdout, out.stderr)
+        assert named in out.stderr and "Traceback" not in out.stderr, (override, out.stderr)
+        assert not runs_dir.exists() or not list(runs_dir.iterdir()), override
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------

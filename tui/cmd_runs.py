@@ -150,14 +150,6 @@ def _follow_and_print(run_dir: Path, alive: Optional[Callable[[], bool]], printe
 # ---- train / resume -----------------------------------------------------------------------------
 
 
-def _check_placeholders(cfg) -> None:
-    if cfg.data.path.startswith("REPLACE"):
-        raise UserError(
-            f"data.path = {cfg.data.path!r}: this preset needs your training data",
-            hint="pass --set data.path=/path/to/your/data.jsonl (JSONL, JSON, CSV, Parquet or .txt, or a Hub dataset id)",
-        )
-
-
 def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
     from core import runs
 
@@ -216,7 +208,11 @@ def cmd_train(args) -> int:
     needs_data = cfg.data.path.startswith("REPLACE")
     if args.set:
         cfg = cfg.with_overrides(args.set)
-    _check_placeholders(cfg)
+    # Data, model, tokenizer, GPU profile and disk space checked before the run directory exists:
+    # a mistake is one message and exit 2 (also with --detach), and leaves no failed run behind.
+    if not args.no_preflight:
+        print("checking the data and the model ...", file=sys.stderr, flush=True)
+        runs.preflight(cfg, in_process=True)
     run_dir = runs.create_run_dir(cfg, header=f"Started with: snugtune train {args.preset}"
                                   + "".join(f" --set {s}" for s in args.set or []),
                                   preset=None if needs_data else args.preset)
@@ -463,6 +459,8 @@ def register(subparsers) -> None:
     p.add_argument("--detach", action="store_true", help="start the run in the background and return at once")
     p.add_argument("--resume", metavar="RUN", help="resume a stopped or died run (name or directory) instead")
     p.add_argument("--json", action="store_true", help="with --detach: print {run_dir, pid} as JSON")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the checks of data, model and disk space before the run starts (the engine still makes them)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("resume", help="resume a stopped run from its last checkpoint")
