@@ -212,8 +212,9 @@ def _rotate_checkpoints(run_dir: Path, keep: Optional[int]) -> None:
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # What torch.save's zip writer and safetensors say when a write fails (their errors carry no
 # errno): "[enforce fail at inline_container.cc:672] . unexpected pos 960 vs 854", "file write
-# failed", "PytorchStreamWriter failed writing file".
-_DISK_FULL_TEXT = ("unexpected pos", "file write failed", "failed writing file", "no space left", "disk quota")
+# failed", "PytorchStreamWriter failed writing file", "I/O error: No space left on device (os error 28)".
+_DISK_FULL_TEXT = ("unexpected pos", "file write failed", "failed writing file", "no space left", "disk quota",
+                   "os error 28")
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -222,7 +223,8 @@ def _disk_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
             return True
-        if isinstance(exc, (RuntimeError, OSError)) and any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+        # any type: safetensors raises its own SafetensorError ("I/O error: No space left on device")
+        if isinstance(exc, Exception) and any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
