@@ -159,18 +159,25 @@ def test_stop_then_resume_in_the_foreground_finishes_at_exactly_max_steps(make_c
     run_dir = Path(json.loads(started.stdout)["run_dir"])
     assert run_dir.name.startswith("faults-")  # named after the preset file
     wait_for(lambda: any(e["event"] == "step_logged" for e in read_events(run_dir)), "a first step")
-    stop = snugtune("stop", run_dir.name, "--wait")  # SIGTERM and the stop file; returns once it has stopped
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    # Frozen until the stop request is out, so that it cannot finish its 8 steps first.
+    engine = int((run_dir / "pid").read_text())
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        stop = subprocess.Popen([*CMD, "stop", str(run_dir), "--wait"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # the stop file and SIGTERM
+        assert "to save a checkpoint and stop" in stop.stdout.readline()
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    out, err = stop.communicate(timeout=LONG)  # returns once the engine has stopped
+    assert stop.returncode == 0, out + err
     stopped = read_events(run_dir)[-1]
-    assert stopped["event"] in ("run_stopped", "run_finished"), stopped  # a fast engine may finish first
-    if stopped["event"] == "run_finished":
-        pytest.skip("the engine finished all 8 steps before the stop reached it")
-    assert f"stopped at step {stopped['step']}" in stop.stdout
-    resumed = snugtune("resume", run_dir.name)
+    assert stopped["event"] == "run_stopped" and 1 <= stopped["step"] < STEPS, stopped
+    assert f"stopped at step {stopped['step']}" in out
+    resumed = snugtune("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"finished: {STEPS} steps" in resumed.stdout
     assert "stopped at step" not in resumed.stdout  # the earlier attempt's end is not this one's
-    assert "step 1/" not in resumed.stdout or stopped["step"] == 0  # nor are its steps printed again
+    assert f"step {stopped['step']}/" not in resumed.stdout  # nor are its steps printed again
     events = read_events(run_dir)
     assert [e["step"] for e in events if e["event"] == "step_logged"][-1] == STEPS
     assert_same_curve(events, reference)
