@@ -121,7 +121,7 @@ class TrainScreen(StepScreen):
             return
         try:
             cfg = self.app.config()
-            run_dir = runs.create_run_dir(cfg)
+            run_dir = runs.create_run_dir(cfg, preset=getattr(self.app, "preset_name", None))  # named like the CLI's
             runs.launch(run_dir, detach=True)
         except UserError as exc:
             self.set_status(f"could not start the engine: {exc}", "error")
