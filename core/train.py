@@ -8,7 +8,9 @@ Trainer's logs into events. Extra callbacks (tests, benchmarks) plug into the sa
 Stopping: SIGTERM, SIGINT or a `stop` file in the run directory make the engine save a
 checkpoint at the end of the current step, emit run_stopped and exit 0; launching the engine
 again on the same directory resumes from the last checkpoint (step count, optimizer, scheduler,
-data order). Failures emit run_failed (kind oom/user/internal) and exit non-zero.
+data order). Failures emit run_failed (kind oom/user/disk/internal) and exit non-zero.
+Checkpoints are staged and renamed when complete; a resume starts from the newest one that
+verifies (core.runs.verify_checkpoint) and never trains past the planned steps.
 """
 from __future__ import annotations
 
@@ -185,7 +187,8 @@ def _counting_trainer(counter: _TokenCounter):
 
 
 def _fsync_tree(path: Path) -> None:
-    """Flush a directory's files and the directory to the disk before it is renamed into place."""
+    """Flush a staged checkpoint's files to the disk before it is renamed into place, so that a
+    checkpoint-N that exists after a power cut holds data, not empty files."""
     for root, _dirs, files in os.walk(path):
         for name in files:
             try:
