@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import IO, Optional
@@ -21,7 +22,9 @@ from core.config import RunConfig
 from core.errors import UserError
 from core.runs import CONFIG_FILE, last_checkpoint
 
-DEFAULT_MAX_NEW_TOKENS = 128  # a few sentences: enough to judge an answer, quick on a CPU
+# A few sentences: enough to judge an answer, quick on a CPU. SNUGTUNE_CHAT_MAX_NEW_TOKENS lowers
+# it for every chat that does not ask for a length (the wizard's): the end-to-end test uses 8.
+DEFAULT_MAX_NEW_TOKENS = int(os.environ.get("SNUGTUNE_CHAT_MAX_NEW_TOKENS") or 128)
 
 
 def quiet_transformers() -> None:

@@ -6,6 +6,7 @@ engine's checkpoints/ and adapter/ (docs/ARCHITECTURE.md). No torch here: the wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -19,9 +20,10 @@ from typing import Optional, Union
 
 from core.config import RunConfig
 from core.errors import UserError
-from core.events import TERMINAL_EVENTS, pid_alive, read_events, read_pid
+from core.events import TERMINAL_EVENTS, attempt_index, pid_alive, read_log, read_pid
 
 CONFIG_FILE = "config.toml"
+EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
 PID_FILE = "pid"
 LOG_FILE = "engine.log"
@@ -49,8 +51,26 @@ def _slug(text: str) -> str:
     return (slug or "run")[:60]
 
 
-def run_name(cfg: RunConfig) -> str:
-    return cfg.output.name or _slug(cfg.model.name_or_path)
+def run_name(cfg: RunConfig, preset: Optional[str] = None) -> str:
+    """The name a new run directory starts with (the timestamp follows it).
+
+    output.name if set; else the preset the run came from (a name, or a TOML file's stem);
+    else the data (a file's stem, a Hub dataset's name); else the model. Not the model first:
+    every run of one model would share a name, and `snugtune attach NAME` could not tell them
+    apart by anything but the timestamp."""
+    if cfg.output.name:
+        return cfg.output.name
+    if preset:
+        stem = Path(preset).stem if preset.endswith(".toml") or os.sep in preset else preset
+        return _slug(stem)
+    data = cfg.data.path
+    if data and not data.startswith("REPLACE"):
+        stem = data.split(":")[-1].rstrip("/").split("/")[-1]
+        for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"):  # my.jsonl.gz -> my
+            if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+                stem = stem[: -len(suffix)]
+        return _slug(stem)
+    return _slug(cfg.model.name_or_path)
 
 
 def freeze_paths(cfg: RunConfig, cwd: Optional[Path] = None) -> RunConfig:
@@ -71,8 +91,9 @@ def freeze_paths(cfg: RunConfig, cwd: Optional[Path] = None) -> RunConfig:
     return cfg.with_overrides(changes) if changes else cfg
 
 
-def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
-    """A new run directory (name-YYYYmmdd-HHMMSS, a suffix if taken) holding config.toml."""
+def create_run_dir(cfg: RunConfig, header: Optional[str] = None, preset: Optional[str] = None) -> Path:
+    """A new run directory (name-YYYYmmdd-HHMMSS, a suffix if taken) holding config.toml;
+    the name is run_name(cfg, preset)."""
     cfg = freeze_paths(cfg)
     base = runs_dir(cfg)
     try:
@@ -87,7 +108,7 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
             f"the runs directory {base} is not writable",
             hint="choose a writable place with --set output.runs_dir=/path or SNUGTUNE_RUNS_DIR",
         )
-    stem = f"{run_name(cfg)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{run_name(cfg, preset)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     for i in range(1, 10_000):
         path = base / (stem if i == 1 else f"{stem}-{i}")
         try:
@@ -102,6 +123,21 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None) -> Path:
             raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
         return path
     raise UserError(f"too many runs named {stem} in {base}")
+
+
+def log_size(run_dir: Union[str, Path]) -> int:
+    """The size of a run's events.jsonl now (0 if none): where the next attempt's events begin."""
+    try:
+        return (Path(run_dir) / EVENTS_FILE).stat().st_size
+    except OSError:
+        return 0
+
+
+def _unwritable(run_dir: Path, exc: OSError) -> UserError:
+    return UserError(
+        f"cannot write to the run directory {run_dir} ({exc.strerror or exc})",
+        hint="make it writable again (e.g. `chmod -R u+w` on it, or free disk space), then resume",
+    )
 
 
 def _package_root() -> str:
@@ -128,8 +164,16 @@ def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subpro
     env["PYTHONUNBUFFERED"] = "1"
     if extra_env:
         env.update(extra_env)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    with open(run_dir / LOG_FILE, "ab") as log:
+    try:
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        # the engine writes here; a directory it cannot write is said now, not as its traceback
+        for name in (EVENTS_FILE, LOG_FILE):
+            with open(run_dir / name, "ab"):
+                pass
+        log = open(run_dir / LOG_FILE, "ab")
+    except OSError as exc:
+        raise _unwritable(run_dir, exc) from None
+    with log:
         proc = subprocess.Popen(
             engine_command(run_dir),
             stdin=subprocess.DEVNULL,
@@ -139,7 +183,12 @@ def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subpro
             cwd=str(run_dir),
             start_new_session=True,
         )
-    (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    try:
+        (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    except OSError as exc:
+        proc.kill()
+        proc.wait()
+        raise _unwritable(run_dir, exc) from None
     return proc
 
 
@@ -173,8 +222,9 @@ def resolve_run(name_or_dir: Union[str, Path], base: Optional[Path] = None) -> P
     if len(matches) == 1:
         return matches[0].resolve()
     if len(matches) > 1:
-        names = ", ".join(p.name for p in matches[:8])
-        raise UserError(f"{name!r} matches several runs: {names}", hint="give the full name or the directory")
+        names = ", ".join(p.name for p in matches[:8]) + (" ..." if len(matches) > 8 else "")
+        raise UserError(f"{name!r} matches several runs: {names}",
+                        hint=f"give the full name (the newest is {matches[-1].name}) or the directory")
     raise UserError(f"no run named {name!r} in {base}", hint="`snugtune runs` lists the runs; or give a run directory")
 
 
@@ -182,10 +232,20 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
+STATUS_OF = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}
+
+
 def run_status(run_dir: Union[str, Path]) -> dict:
-    """A summary of one run: name, dir, status, step/total, last loss, started, error."""
+    """A summary of one run: name, dir, status, step/total, last loss, started, error.
+
+    Never raises for a damaged run: a log that cannot be read gives status "unreadable" with
+    the reason in `error`; lines of it that are not events are skipped and counted in
+    `log_skipped` (`log_note` says which). The status is the current attempt's (a resumed run
+    is "running" from its launch on, though its log still ends with the earlier `run_stopped`).
+    """
     run_dir = Path(run_dir)
-    events = read_events(run_dir)
+    log = read_log(run_dir)
+    events = log.events
     summary: dict = {
         "name": run_dir.name,
         "dir": str(run_dir),
@@ -200,31 +260,45 @@ def run_status(run_dir: Union[str, Path]) -> dict:
         "error": None,
         "adapter": None,
         "pid": read_pid(run_dir),
+        "log_skipped": len(log.skipped),
+        "log_note": log.skipped_note(),
     }
-    terminal = None
     for e in events:
         kind = e.get("event")
         if kind == "run_started":
             summary["started"] = summary["started"] or e.get("time")
             summary["total_steps"] = e.get("total_steps")
-            summary["model"] = (e.get("config") or {}).get("model", {}).get("name_or_path")
-            terminal = None  # a resumed run starts again
+            summary["model"] = ((e.get("config") or {}).get("model") or {}).get("name_or_path")
         elif kind == "step_logged":
             summary["step"] = e.get("step", summary["step"])
             summary["total_steps"] = e.get("total_steps") or summary["total_steps"]
             summary["loss"] = e.get("loss", summary["loss"])
         elif kind == "eval_logged":
             summary["eval_loss"] = e.get("eval_loss")
-        elif kind in TERMINAL_EVENTS:
-            terminal = e
-    if summary["started"] is None and (run_dir / CONFIG_FILE).exists():
-        summary["started"] = (run_dir / CONFIG_FILE).stat().st_mtime
+    current = attempt_index(log, run_dir)
+    if current < len(events):
+        summary["attempt_started"] = events[current].get("time")
+    else:
+        try:
+            summary["attempt_started"] = (run_dir / PID_FILE).stat().st_mtime
+        except OSError:
+            summary["attempt_started"] = None
+    terminal = next((e for e in reversed(events[current:]) if e.get("event") in TERMINAL_EVENTS), None)
+    if summary["started"] is None:
+        try:
+            summary["started"] = (run_dir / CONFIG_FILE).stat().st_mtime
+        except OSError:
+            pass
     alive = summary["pid"] is not None and pid_alive(summary["pid"])
-    if terminal is not None:
+    if log.error is not None:
+        summary["status"] = "running" if alive else "unreadable"
+        summary["error"] = log.error
+    elif terminal is not None:
         summary["ended"] = terminal.get("time")
-        summary["status"] = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}[terminal["event"]]
+        summary["status"] = STATUS_OF[terminal["event"]]
         if terminal["event"] == "run_failed":
             summary["error"] = terminal.get("error")
+            summary["failure_kind"] = terminal.get("kind")
         if terminal["event"] == "run_finished":
             summary["adapter"] = terminal.get("adapter_path")
             summary["step"] = terminal.get("steps", summary["step"])
@@ -243,7 +317,13 @@ def list_runs(base: Optional[Path] = None) -> list[dict]:
     base = base or default_runs_dir()
     if not base.is_dir():
         return []
-    runs = [run_status(p) for p in base.iterdir() if (p / CONFIG_FILE).is_file()]
+    try:
+        entries = list(base.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot list the runs directory {base} ({exc.strerror or exc})",
+                        hint="check its permissions, or point SNUGTUNE_RUNS_DIR elsewhere") from None
+    # a name starting with "." is a run being removed (remove_run renames it first)
+    runs = [run_status(p) for p in entries if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()]
     return sorted(runs, key=lambda r: (r["started"] or 0, r["name"]))
 
 
@@ -266,6 +346,27 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
     return True
 
 
+def remove_run(run_dir: Union[str, Path]) -> None:
+    """Delete a run directory and everything in it; refuses a running run (stop it first)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); nothing removed")
+    status = run_status(run_dir)
+    if status["status"] == "running":
+        raise UserError(f"run {run_dir.name} is running (pid {status['pid']}); nothing removed",
+                        hint=f"stop it first: `snugtune stop {run_dir.name} --wait`")
+    # Renamed first, then deleted: an interrupted delete leaves no half run that `runs` would list.
+    doomed = run_dir.with_name(f".{run_dir.name}.removing")
+    try:
+        run_dir.rename(doomed)
+        shutil.rmtree(doomed)
+    except OSError as exc:
+        raise UserError(f"cannot remove {run_dir} ({exc.strerror or exc})",
+                        hint="check the permissions of the runs directory") from None
+
+
 def last_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
     """The newest checkpoints/checkpoint-N directory, if any (no torch needed)."""
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -276,3 +377,254 @@ def last_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
             if m and p.is_dir() and int(m.group(1)) > best[0]:
                 best = (int(m.group(1)), p)
     return best[1]
+
+
+# ---- checkpoints: complete or absent, verified before a resume trusts them ----------------------
+
+CHECKPOINTS_DIR = "checkpoints"
+# The engine writes each checkpoint under this directory and renames it into checkpoints/ when
+# every file is written: a checkpoint-N that exists is complete (the Trainer's own names never
+# match it, so neither its resume nor its rotation sees a half-written one).
+STAGING_DIR = ".partial"
+# What a resume reads: the adapter, the optimizer and scheduler, the Trainer's counters, the RNG.
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json",
+                    "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def checkpoints(run_dir: Union[str, Path]) -> list[tuple[int, Path]]:
+    """(step, path) of each checkpoints/checkpoint-N directory, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    found = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _check_safetensors(path: Path) -> Optional[str]:
+    # The format: an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    # range, then the data. A truncated file is shorter than the largest range's end.
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated (no header)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return "truncated (header cut off)"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "damaged header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if not ends or 8 + n + max(ends) != size:
+        return f"truncated ({size} bytes, the header describes {8 + n + max(ends, default=0)})"
+    return None
+
+
+def _check_torch_zip(path: Path) -> Optional[str]:
+    # torch.save writes a zip archive with a CRC for every record: a truncated or overwritten
+    # file fails to open or fails its CRC, without unpickling anything.
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"not a complete torch file ({type(exc).__name__}: {exc})" if str(exc) else "not a complete torch file"
+    return f"damaged record {bad}" if bad else None
+
+
+def verify_checkpoint(path: Union[str, Path]) -> Optional[str]:
+    """None if the checkpoint's files are all there and whole; else what is wrong, naming the file."""
+    path = Path(path)
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                data = json.loads(f.read_text(encoding="utf-8"))
+                if name == "trainer_state.json" and not isinstance(data.get("global_step"), int):
+                    return f"{name} has no global_step"
+                problem = None
+            elif name.endswith(".safetensors"):
+                problem = _check_safetensors(f)
+            else:
+                problem = _check_torch_zip(f)
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def set_aside_checkpoint(path: Path) -> Path:
+    """Rename a damaged checkpoint to damaged-checkpoint-N (kept for a look, out of every resume's way)."""
+    for i in range(1, 1000):
+        target = path.with_name(f"damaged-{path.name}" + ("" if i == 1 else f"-{i}"))
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise UserError(f"too many damaged copies of {path.name} in {path.parent}")
+
+
+def dir_bytes(path: Union[str, Path]) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def planned_steps(n_train: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
+    """Optimizer steps the run will take (the Trainer's own count): the engine's first event,
+    its resume accounting and the disk check use it (core.train re-exports it)."""
+    if max_steps:
+        return int(max_steps)
+    batches = math.ceil(n_train / micro_batch)
+    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return max(math.ceil(epochs * per_epoch), 1)
+
+
+# ---- disk space ------------------------------------------------------------------------------------
+
+MB = 1_000_000  # decimal megabytes, as df -H and file managers count them
+
+
+class DiskSpaceError(UserError):
+    """Not enough free disk space where the run writes: the figures and where."""
+
+    exit_code = 4
+
+    def __init__(self, path: Union[str, Path], free: int, needed: int, what: str, hint: Optional[str] = None):
+        self.path, self.free_mb, self.needed_mb = str(path), round(free / MB, 1), round(needed / MB, 1)
+        super().__init__(
+            f"not enough disk space in {path}: {self.free_mb:,.1f} MB free, {what} needs about "
+            f"{self.needed_mb:,.1f} MB",
+            hint=hint or "free some space, or put the runs elsewhere (output.runs_dir or SNUGTUNE_RUNS_DIR); "
+            "train.save_total_limit = 1 keeps a single checkpoint",
+        )
+
+
+def free_bytes(path: Union[str, Path]) -> int:
+    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest parent)."""
+    import shutil
+
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+# Bytes a checkpoint holds besides adapter, optimizer and tokenizer: trainer_state.json,
+# scheduler.pt, rng_state.pth, training_args.bin, README.md, adapter_config.json (measured on the
+# tiny test model: 22 kB; generous for long runs, whose trainer_state.json grows with the log).
+CHECKPOINT_EXTRA_BYTES = 1 * MB
+# Optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; bitsandbytes' 8-bit
+# AdamW two 8-bit moments plus one fp32 scale per 256-value block (core.estimate.BYTES_ADAM8).
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2 + 8 / 256,
+                         "paged_adamw_8bit": 2 + 8 / 256, "paged_adamw_32bit": 8}
+# Logs, events and a margin for the filesystem's own rounding.
+DISK_MARGIN_BYTES = 8 * MB
+
+
+def disk_needed(cfg: RunConfig, lora_params: int, tokenizer_bytes: int, optimizer: str, total_steps: int,
+                existing_checkpoints: int = 0) -> tuple[int, int, str]:
+    """(bytes the rest of the run will write at its peak, bytes of one checkpoint, what they are).
+
+    LoRA weights are saved in fp32 (4 bytes each). The engine keeps the newest
+    `train.save_total_limit` checkpoints; a new one is complete before the oldest goes, so the
+    peak is one more than the limit, then the final adapter with its tokenizer."""
+    adapter = lora_params * 4
+    opt = int(lora_params * OPTIMIZER_STATE_BYTES.get(optimizer, 8))
+    ckpt = adapter + opt + tokenizer_bytes + CHECKPOINT_EXTRA_BYTES
+    saves = max(math.ceil(total_steps / max(cfg.train.save_steps, 1)), 1)
+    limit = cfg.train.save_total_limit
+    peak = (min(limit, saves) + 1) if limit else saves
+    new = max(peak - existing_checkpoints, 1)
+    final = adapter + tokenizer_bytes
+    need = new * ckpt + final + DISK_MARGIN_BYTES
+    what = (f"this run ({new} checkpoint{'s' if new > 1 else ''} of {ckpt / MB:,.1f} MB: adapter "
+            f"{adapter / MB:,.1f}, optimizer states {opt / MB:,.1f}, tokenizer {tokenizer_bytes / MB:,.1f}; "
+            f"then the final adapter)")
+    return need, ckpt, what
+
+
+def check_disk_space(path: Union[str, Path], need: int, what: str) -> None:
+    free = free_bytes(path)
+    if free < need:
+        raise DiskSpaceError(path, free, need, what)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "spiece.model", "sentencepiece.bpe.model")
+# A Hub tokenizer not in the cache yet: the largest common one, Gemma's tokenizer.json, is 33 MB.
+UNKNOWN_TOKENIZER_BYTES = 35 * MB
+
+
+def tokenizer_bytes(source: Union[str, Path, None]) -> int:
+    """What saving the model's tokenizer writes, from the files of a local source directory."""
+    if source is None or not Path(str(source)).is_dir():
+        return UNKNOWN_TOKENIZER_BYTES
+    total = 0
+    for name in TOKENIZER_FILES:
+        try:
+            total += (Path(str(source)) / name).stat().st_size
+        except OSError:
+            pass
+    return total or UNKNOWN_TOKENIZER_BYTES
+
+
+# ---- preflight: a run's mistakes said before its run directory exists ------------------------------
+
+# The check imports transformers and reads the data: seconds, on a cold disk a minute; a Hub model's
+# config.json and tokenizer may be fetched. A preflight that takes longer than this is not waited for.
+PREFLIGHT_TIMEOUT_S = 600
+
+
+def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
+    """Check the data, model, tokenizer, GPU profile and disk space of a run before it is created
+    (core.preflight); raises the UserError the engine would have failed with.
+
+    Torch-free for the caller: by default the check runs in a subprocess
+    (`python -m core.preflight`), so the wizard can call this from a worker thread. The CLI,
+    which imports the engine anyway, passes in_process=True."""
+    if in_process:
+        from core.preflight import check
+
+        return check(freeze_paths(cfg))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="snugtune-preflight-") as tmp:
+        path = freeze_paths(cfg).write_toml(Path(tmp) / CONFIG_FILE, overwrite=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path)], capture_output=True,
+                                  text=True, env=env, timeout=PREFLIGHT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"checking the data and the model took over {PREFLIGHT_TIMEOUT_S} s",
+                            hint="a slow disk or network: try again, or start the run with `snugtune train`") from None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"the pre-run check crashed ({tail})", hint="start the run anyway with `snugtune train`; "
+                        "its engine.log will have the details") from None
+    if answer.get("ok"):
+        return answer
+    err = UserError(answer.get("error") or "the pre-run check failed", hint=answer.get("hint"))
+    err.exit_code = int(answer.get("exit_code") or 2)
+    raise err

@@ -8,11 +8,15 @@ Trainer's logs into events. Extra callbacks (tests, benchmarks) plug into the sa
 Stopping: SIGTERM, SIGINT or a `stop` file in the run directory make the engine save a
 checkpoint at the end of the current step, emit run_stopped and exit 0; launching the engine
 again on the same directory resumes from the last checkpoint (step count, optimizer, scheduler,
-data order). Failures emit run_failed (kind oom/user/internal) and exit non-zero.
+data order). Failures emit run_failed (kind oom/user/disk/internal) and exit non-zero.
+Checkpoints are staged and renamed when complete; a resume starts from the newest one that
+verifies (core.runs.verify_checkpoint) and never trains past the planned steps.
 """
 from __future__ import annotations
 
+import errno
 import gc
+import json
 import math
 import os
 import shutil
@@ -28,10 +32,12 @@ import torch
 from core.config import RunConfig
 from core.errors import UserError
 from core.events import EventWriter
-from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, last_checkpoint
+from core import runs as rundirs
+from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, DiskSpaceError, last_checkpoint, planned_steps  # noqa: F401
 
 EXIT_USER = 2
 EXIT_OOM = 3
+EXIT_DISK = 4
 EXIT_INTERNAL = 1
 # Non-finite steps in a row after which a run is declared diverged: one can be a fluke the
 # optimizer skips (fp16 loss scaling does that), three in a row are not.
@@ -161,6 +167,29 @@ def _counting_trainer(counter: _TokenCounter):
                 p.grad = None
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def _save_checkpoint(self, model, trial):
+            # Written under checkpoints/.partial, renamed into checkpoints/ once every file is
+            # there: a checkpoint-N that exists is complete, whatever killed or filled the disk
+            # mid-save. The Trainer names its folder inside _get_output_dir(), so that is what is
+            # pointed at the staging directory for the duration of the save.
+            final_root = Path(self.args.output_dir)
+            staging = final_root / rundirs.STAGING_DIR
+            name = f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            self._get_output_dir = lambda trial=None: str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            _fsync_tree(staging / name)
+            target = final_root / name
+            if target.exists():  # a step redone after an OOM retry or past a damaged checkpoint
+                shutil.rmtree(target)
+            (staging / name).rename(target)
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate_checkpoints(final_root.parent, self.args.save_total_limit or None)
+
         def compute_loss(self, model, inputs, *args, **kwargs):
             n = inputs.pop(REAL_TOKENS_KEY, None)
             if n is not None and model.training:
@@ -168,6 +197,53 @@ def _counting_trainer(counter: _TokenCounter):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return CountingTrainer
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a staged checkpoint's files to the disk before it is renamed into place, so that a
+    checkpoint-N that exists after a power cut holds data, not empty files."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+def _rotate_checkpoints(run_dir: Path, keep: Optional[int]) -> None:
+    """Keep the newest `keep` complete checkpoints (the Trainer's own rotation sees only the
+    staging directory, which holds one)."""
+    if not keep:
+        return
+    for _step, path in rundirs.checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# What torch.save's zip writer and safetensors say when a write fails (their errors carry no
+# errno): "[enforce fail at inline_container.cc:672] . unexpected pos 960 vs 854", "file write
+# failed", "PytorchStreamWriter failed writing file", "I/O error: No space left on device (os error 28)".
+_DISK_FULL_TEXT = ("unexpected pos", "file write failed", "failed writing file", "no space left", "disk quota",
+                   "os error 28")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        # any type: safetensors raises its own SafetensorError ("I/O error: No space left on device")
+        if isinstance(exc, Exception) and any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class Engine:
@@ -197,6 +273,8 @@ class Engine:
         self.trainer = None
         self.counter: Optional[_TokenCounter] = None
         self.stopped = False
+        self.resume_from: Optional[Path] = None  # the verified checkpoint this attempt starts from
+        self.checkpoint_bytes: int = 0  # what one checkpoint of this run writes (estimated)
 
     # ---- stop requests --------------------------------------------------------------------
 
@@ -256,10 +334,17 @@ class Engine:
                 runtime_s=round(time.time() - started, 2),
             )
             return 0
+        except DiskSpaceError as exc:
+            self._clean_partial_writes()
+            self._failed(str(exc), "disk", path=exc.path, free_mb=exc.free_mb, needed_mb=exc.needed_mb,
+                         checkpoint=self._resumable_checkpoint_name())
+            return EXIT_DISK
         except UserError as exc:
             self._failed(str(exc), "user")
             return EXIT_USER
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the event log
+            if _disk_full(exc):
+                return self._disk_failed(exc)
             if _is_oom(exc):
                 recovery = "" if self.cfg is None or self.cfg.train.oom_recovery else \
                     ", or turn on train.oom_recovery (smaller micro-batches, same effective batch)"
@@ -277,10 +362,47 @@ class Engine:
         finally:
             self.cleanup()
 
-    def _failed(self, error: str, kind: str, hint: Optional[str] = None) -> None:
+    def _failed(self, error: str, kind: str, hint: Optional[str] = None, **fields: Any) -> None:
         tb = traceback.format_exc()
-        print(tb, file=sys.stderr)
-        self.events.emit("run_failed", error=error + (f"\n  hint: {hint}" if hint else ""), kind=kind, traceback=tb)
+        try:
+            print(tb, file=sys.stderr)
+        except OSError:
+            pass  # engine.log on a full disk
+        try:
+            self.events.emit("run_failed", error=error + (f"\n  hint: {hint}" if hint else ""), kind=kind,
+                             traceback=tb, **fields)
+        except OSError:
+            # The log's disk is full even after the partial checkpoint went: viewers see the engine
+            # end without a word and say so (`died`, pointing at engine.log).
+            pass
+
+    # ---- a full disk ------------------------------------------------------------------------
+
+    def _clean_partial_writes(self) -> None:
+        """Remove what a failed save left: the staged checkpoint and a half-written adapter."""
+        shutil.rmtree(self.run_dir / "checkpoints" / rundirs.STAGING_DIR, ignore_errors=True)
+        shutil.rmtree(self.run_dir / "adapter.tmp", ignore_errors=True)
+
+    def _resumable_checkpoint_name(self) -> Optional[str]:
+        good = [p for _, p in reversed(rundirs.checkpoints(self.run_dir)) if rundirs.verify_checkpoint(p) is None]
+        return good[0].name if good else None
+
+    def _disk_failed(self, exc: BaseException) -> int:
+        """ENOSPC while writing: one message with the figures, the run left resumable."""
+        self._clean_partial_writes()
+        free = rundirs.free_bytes(self.run_dir)
+        needed = self.checkpoint_bytes or rundirs.MB
+        ckpt = self._resumable_checkpoint_name()
+        where = f"continues from {ckpt}" if ckpt else "starts again from step 0 (no checkpoint was complete)"
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        self._failed(
+            f"the disk holding {self.run_dir} filled up while the engine was writing to it "
+            f"({type(exc).__name__}: {first_line}): {free / rundirs.MB:,.1f} MB free, one checkpoint of this run "
+            f"needs about {needed / rundirs.MB:,.1f} MB",
+            "disk", hint=f"free some space, then `snugtune resume {self.run_dir.name}`: it {where}",
+            path=str(self.run_dir), free_mb=round(free / rundirs.MB, 1), needed_mb=round(needed / rundirs.MB, 1),
+            checkpoint=ckpt)
+        return EXIT_DISK
 
     def _stopped(self) -> int:
         ckpt = last_checkpoint(self.run_dir)
@@ -327,7 +449,8 @@ class Engine:
                             hint="check the file's contents and data.format / data.columns")
         self.events.emit("setup_progress", message="loading the model")
         self._load_model(source)
-        resumed = last_checkpoint(self.run_dir)
+        resumed = self.resume_from = self._checkpoint_to_resume()
+        self._check_disk(source, resumed)
         self.events.emit(
             "run_started",
             config=cfg.to_dict(),
@@ -351,6 +474,39 @@ class Engine:
             length_stats=self.data_info.get("length_stats"),
             info=self.data_info,
         )
+
+    def _checkpoint_to_resume(self) -> Optional[Path]:
+        """The newest checkpoint whose files are all there and whole. A damaged one (a truncated
+        file, a missing one) is set aside as damaged-checkpoint-N, with an event saying so."""
+        shutil.rmtree(self.run_dir / "checkpoints" / rundirs.STAGING_DIR, ignore_errors=True)  # a save cut short
+        for _step, path in reversed(rundirs.checkpoints(self.run_dir)):
+            problem = rundirs.verify_checkpoint(path)
+            if problem is None:
+                return path
+            try:
+                moved = rundirs.set_aside_checkpoint(path)
+            except OSError as exc:
+                raise UserError(f"checkpoint {path} is damaged ({problem}) and cannot be moved aside "
+                                f"({exc.strerror})", hint=f"delete {path} and resume again") from None
+            self.events.emit("checkpoint_skipped", path=str(path), reason=problem, moved_to=str(moved))
+        return None
+
+    def _check_disk(self, source: Optional[str], resumed: Optional[Path]) -> None:
+        """Refuse to start when the checkpoints and the adapter this run will write do not fit."""
+        cfg = self.cfg
+        lora = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs,
+                              cfg.train.max_steps)
+        done = 0
+        if resumed is not None:
+            try:
+                done = int(json.loads((resumed / "trainer_state.json").read_text())["global_step"])
+            except (OSError, ValueError, KeyError):
+                done = 0
+        need, self.checkpoint_bytes, what = rundirs.disk_needed(
+            cfg, lora, rundirs.tokenizer_bytes(source), self.plan.optimizer,
+            max(total - done, 1), existing_checkpoints=len(rundirs.checkpoints(self.run_dir)))
+        rundirs.check_disk_space(self.run_dir, need, what)
 
     def _load_model(self, source: Optional[str] = None) -> None:
         from transformers import set_seed
@@ -445,9 +601,15 @@ class Engine:
         return trainer
 
     def train(self) -> None:
+        resume = self.resume_from
+        if resume is not None and self._already_done(resume):
+            return
+        first = True
         while True:
             self.trainer = self._make_trainer()
-            resume = last_checkpoint(self.run_dir)
+            if not first:  # after an out-of-memory retry: the checkpoints this attempt wrote
+                resume = self._checkpoint_to_resume()
+            first = False
             out_of_memory = False
             try:
                 self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -461,6 +623,34 @@ class Engine:
             # the frames of the failed step, and with them its activations, until the block ends.
             self._recover_from_oom()
         self._finish_training()
+
+    def _already_done(self, ckpt: Path) -> bool:
+        """A checkpoint at the run's last step (its adapter save failed, say on a full disk):
+        restore it and go on to the save, without a step the Trainer would otherwise add.
+
+        transformers' train(resume_from_checkpoint=...) with global_step == max_steps still runs
+        one step before it checks the count (measured, transformers 5.24: "finished 4/3")."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+        total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, self.cfg.train.epochs,
+                              self.cfg.train.max_steps)
+        if state.global_step < total:
+            return False
+        self.events.emit("setup_progress", message=f"{ckpt.name} is the run's last step ({state.global_step} of "
+                                                   f"{total}): saving its adapter without training further")
+        self.trainer = self._make_trainer()
+        set_peft_model_state_dict(self.model, load_file(str(ckpt / "adapter_model.safetensors")))
+        self.trainer.state = state
+        for entry in state.log_history:
+            if "loss" in entry:
+                self.last_loss = entry["loss"]
+            if "eval_loss" in entry:
+                self.last_eval_step = entry.get("step")
+        self._finish_training()
+        return True
 
     def _recover_from_oom(self) -> None:
         nxt = self.plan.after_oom()

@@ -227,30 +227,56 @@ def fake_hub():
     server.shutdown()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model,expected", [
     ("nobody/missing-model", "no such model on the Hub"),
     ("someone/gated-model", "gated and needs an access token"),
 ])
-def test_hub_model_errors_are_one_clear_message(model, expected, fake_hub, tiny_toml, tmp_path):
+def test_hub_model_errors_are_one_clear_message_before_any_run_exists(model, expected, fake_hub, tiny_toml,
+                                                                      runs_dir, tmp_path):
     toml = tiny_toml(f"model.name_or_path='{model}'")
     secret = "hf_" + "x" * 30
-    out = snugtune("train", str(toml), env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
-                                            "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
+    for detach in ([], ["--detach"]):
+        out = snugtune("train", str(toml), *detach, env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
+                                                         "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert expected in out.stderr and "Traceback" not in out.stderr
+        assert secret not in out.stdout + out.stderr
+        assert not runs_dir.exists() or not list(runs_dir.iterdir())  # the preflight said it: no failed run left
+
+
+@pytest.mark.slow
+def test_the_engine_says_a_hub_error_itself_when_the_preflight_is_skipped(fake_hub, tiny_toml, tmp_path):
+    toml = tiny_toml("model.name_or_path='someone/gated-model'")
+    secret = "hf_" + "x" * 30
+    out = snugtune("train", str(toml), "--no-preflight", env={"HF_ENDPOINT": fake_hub, "HF_HOME": str(tmp_path / "hf"),
+                                                              "HF_TOKEN": secret, "HF_HUB_OFFLINE": "0"})
     assert out.returncode == 2, out.stdout + out.stderr
-    assert expected in out.stdout and "Traceback" not in out.stdout
+    assert "gated and needs an access token" in out.stdout and "Traceback" not in out.stdout
     assert secret not in out.stdout + out.stderr
     run_dir = run_dir_of(out.stdout)
     assert read_events(run_dir)[-1]["kind"] == "user" and not (run_dir / "adapter").exists()
     assert secret not in (run_dir / "events.jsonl").read_text() + (run_dir / "engine.log").read_text()
 
 
-@pytest.mark.slow
 def test_an_unreachable_hub_is_one_clear_message(tiny_toml, tmp_path):
     toml = tiny_toml("model.name_or_path='nobody/some-model'")
     out = snugtune("train", str(toml), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert out.returncode == 2
-    assert "cannot be reached" in out.stdout and "local model directory" in out.stdout
+    assert "cannot be reached" in out.stderr and "local model directory" in out.stderr
+
+
+def test_data_mistakes_are_found_before_the_run_directory_is_made(tiny_toml, runs_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q2"\n')
+    no_columns = tmp_path / "cols.jsonl"
+    no_columns.write_text('{"foo": "x", "bar": "y"}\n')
+    cases = [(f"data.path='{tmp_path / 'missing.jsonl'}'", "missing.jsonl"), (f"data.path='{bad}'", "line 2"),
+             (f"data.path='{no_columns}'", "foo"), (f"model.name_or_path='{tmp_path / 'no-model'}'", "no-model")]
+    for override, named in cases:
+        out = snugtune("train", str(tiny_toml(override)), "--detach")
+        assert out.returncode == 2, (override, out.stdout, out.stderr)
+        assert named in out.stderr and "Traceback" not in out.stderr, (override, out.stderr)
+        assert not runs_dir.exists() or not list(runs_dir.iterdir()), override
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------
@@ -269,3 +295,157 @@ def test_presets_list_and_show(config_dir):
     assert as_json["model"]["name_or_path"] == "builtin:tiny-llama"
     missing = snugtune("presets", "show", "nope")
     assert missing.returncode == 2 and "unknown preset 'nope'" in missing.stderr
+
+
+# ---- viewers follow the current attempt; stop --wait; runs rm; damaged logs; broken pipes ---------------
+
+# A stand-in engine for the viewers' side (their logic is what is tested; the real engine is in the
+# training tests above): it appends the events given, in order, each after the file named before
+# it exists (None: at once); on SIGTERM it only notes the signal (in the file "got-term").
+FAKE_ENGINE = r"""
+import json, os, signal, sys, time
+run_dir, steps = sys.argv[1], json.loads(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *a: open(os.path.join(run_dir, "got-term"), "w").close())
+for gate, event in steps:
+    while gate and not os.path.exists(os.path.join(run_dir, gate)):
+        time.sleep(0.05)
+    with open(os.path.join(run_dir, "events.jsonl"), "a") as fh:
+        fh.write(json.dumps({"v": 1, "time": time.time(), **event}) + "\n")
+"""
+
+
+def fake_run(runs_dir: Path, name: str, events: list[dict]) -> Path:
+    from core.events import EventWriter
+
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    make_tiny_config("m", "d.jsonl", runs_dir).write_toml(run_dir / "config.toml")
+    with EventWriter(run_dir) as w:
+        for e in events:
+            w.emit(**e)
+    return run_dir
+
+
+def start_fake_engine(run_dir: Path, steps: list) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(run_dir), json.dumps(steps)])
+    (run_dir / "pid").write_text(f"{proc.pid}\n")  # as runs.spawn does
+    last = read_events(run_dir)[-1]["time"] if read_events(run_dir) else time.time()
+    os.utime(run_dir / "pid", (last + 1, last + 1))  # a relaunch comes after the last event
+    return proc
+
+
+FIRST_ATTEMPT = [{"event": "run_started", "total_steps": 3}, {"event": "step_logged", "step": 1, "total_steps": 3, "loss": 2.0},
+                 {"event": "run_stopped", "step": 1, "checkpoint": "checkpoint-1"}]
+
+
+def test_attach_with_no_name_follows_the_newest_running_run_from_its_resume(runs_dir):
+    older = fake_run(runs_dir, "older", [{"event": "run_started", "total_steps": 9}])
+    sleeper = start_fake_engine(older, [["never", {"event": "run_finished"}]])
+    newer = fake_run(runs_dir, "newer", FIRST_ATTEMPT)
+    engine = start_fake_engine(newer, [
+        [None, {"event": "run_started", "total_steps": 3, "resumed_from": "checkpoint-1"}],
+        ["go", {"event": "step_logged", "step": 2, "total_steps": 3, "loss": 1.5}],
+        [None, {"event": "eval_logged", "step": 2, "eval_loss": None}],
+        [None, {"event": "run_finished", "steps": 2, "final_loss": 1.5, "adapter_path": "a"}],
+    ])
+    try:
+        attach = subprocess.Popen([*CMD, "attach", "--text"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert run_dir_of(attach.stdout.readline()) == newer
+        (newer / "go").touch()
+        out, err = attach.communicate(timeout=LONG)
+    finally:
+        for p in (sleeper, engine):
+            p.kill()
+            p.wait()
+    assert attach.returncode == 0, out + err
+    assert "finished: 2 steps" in out and "eval at step 2: loss -" in out
+    assert "stopped at step 1" not in out and "step 1/3" not in out  # the earlier attempt is not replayed
+    assert "also running: older" in err
+
+
+def test_attach_with_no_name_and_nothing_running_says_so(runs_dir):
+    fake_run(runs_dir, "done", FIRST_ATTEMPT)
+    out = snugtune("attach")
+    assert out.returncode == 2 and "no run is running" in out.stderr and "snugtune attach done" in out.stderr
+
+
+def test_stop_wait_returns_when_the_engine_has_stopped_not_before(runs_dir):
+    run_dir = fake_run(runs_dir, "r", FIRST_ATTEMPT)  # a resumed run: its log already holds a run_stopped
+    engine = start_fake_engine(run_dir, [
+        [None, {"event": "run_started", "total_steps": 3, "resumed_from": "checkpoint-1"}],
+        ["go", {"event": "run_stopped", "step": 2, "checkpoint": str(run_dir / "checkpoints" / "checkpoint-2")}],
+    ])
+    try:
+        stop = subprocess.Popen([*CMD, "stop", "r", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "asked run r to save a checkpoint" in stop.stdout.readline()
+        deadline = time.monotonic() + LONG
+        while not (run_dir / "got-term").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (run_dir / "got-term").exists()
+        # the engine got the signal but has not stopped yet: neither has `stop --wait`
+        assert stop.poll() is None
+        (run_dir / "go").touch()
+        out, err = stop.communicate(timeout=LONG)
+    finally:
+        engine.kill()
+        engine.wait()
+    assert stop.returncode == 0, out + err
+    assert "stopped at step 2 (checkpoint-2)" in out and "snugtune resume r" in out
+
+
+def test_stop_wait_gives_up_after_its_timeout_with_its_own_message(runs_dir):
+    run_dir = fake_run(runs_dir, "slow", [{"event": "run_started", "total_steps": 3}])
+    engine = start_fake_engine(run_dir, [["never", {"event": "run_stopped"}]])
+    try:
+        out = snugtune("stop", "slow", "--wait", "--timeout", "1")
+    finally:
+        engine.kill()
+        engine.wait()
+    assert out.returncode == 1
+    assert "has not stopped within 1 s" in out.stderr and f"pid {engine.pid}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_runs_rm_asks_refuses_a_running_run_and_deletes_with_yes(runs_dir):
+    stopped = fake_run(runs_dir, "old-run", FIRST_ATTEMPT)
+    running = fake_run(runs_dir, "live-run", [{"event": "run_started"}])
+    engine = start_fake_engine(running, [["never", {"event": "run_finished"}]])
+    try:
+        asked = snugtune("runs", "rm", "old-run", input="")  # no terminal to ask on
+        assert asked.returncode == 2 and "--yes" in asked.stderr and stopped.is_dir()
+        refused = snugtune("runs", "rm", "live-run", "--yes")
+        assert refused.returncode == 2 and "is running" in refused.stderr and running.is_dir()
+    finally:
+        engine.kill()
+        engine.wait()
+    removed = snugtune("runs", "rm", "old-run", "--yes")
+    assert removed.returncode == 0 and not stopped.exists()
+    assert [r["name"] for r in json.loads(snugtune("runs", "--json").stdout)] == ["live-run"]
+
+
+def test_runs_lists_damaged_and_unreadable_logs_without_a_traceback(runs_dir):
+    garbled = fake_run(runs_dir, "garbled", FIRST_ATTEMPT)
+    with open(garbled / "events.jsonl", "ab") as fh:
+        fh.write(b"\x9c\xff\x00 binary junk\n")
+    unreadable = fake_run(runs_dir, "unreadable", [])
+    (unreadable / "events.jsonl").unlink()
+    (unreadable / "events.jsonl").mkdir()
+    out = snugtune("runs")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert re.search(r"garbled\s+stopped", out.stdout) and re.search(r"unreadable\s+unreadable", out.stdout)
+    assert "note: garbled: 1 unreadable line of events.jsonl skipped (line 4: not UTF-8" in out.stdout
+    attached = snugtune("attach", "garbled", "--text")
+    assert attached.returncode == 0 and "stopped at step 1" in attached.stdout
+
+
+@pytest.mark.parametrize("args", [["runs"], ["presets"], ["estimate", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "gtx-1650", "--json"]])
+def test_a_closed_pipe_is_silent(args, runs_dir):
+    fake_run(runs_dir, "some-run", FIRST_ATTEMPT)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -1` gone before anything is written: every write fails
+    try:
+        out = subprocess.run([*CMD, *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=LONG)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and out.stderr == ""

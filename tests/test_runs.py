@@ -100,7 +100,7 @@ def test_request_stop_writes_the_stop_file_and_terminates_the_engine(tmp_path):
     (d / "pid").write_text(str(proc.pid))
     assert runs.request_stop(d) is True
     assert (d / "stop").exists()
-    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert proc.wait(timeout=300) == -signal.SIGTERM
 
 
 def test_spawn_starts_the_engine_in_its_own_session_with_the_allocator_setting(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_spawn_starts_the_engine_in_its_own_session_with_the_allocator_setting(t
     proc = runs.spawn(d)
     try:
         # right after the fork, before exec, /proc shows an empty environment: wait for the exec
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300
         while True:
             env = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
             if len(env) > 1 or time.monotonic() > deadline or proc.poll() is not None:
@@ -143,3 +143,56 @@ def test_relative_local_paths_are_frozen_absolute_in_the_run_config(tmp_path, mo
     assert saved.model.name_or_path == "Qwen/Qwen2.5-0.5B"  # a Hub id stays a Hub id
     builtin = cfg.with_overrides(["data.path='builtin:python-docs-qa'"])
     assert RunConfig.from_toml(runs.create_run_dir(builtin) / "config.toml").data.path == "builtin:python-docs-qa"
+
+
+def test_a_relaunched_run_is_running_before_its_engine_says_anything(runs_dir):
+    engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        d = _fake_run(runs_dir, "r", [("run_started", {}), ("run_stopped", {"step": 3})])
+        stopped = runs.read_log(d).events[-1]["time"]
+        (d / "pid").write_text(str(engine.pid))  # what a resume's launch does first
+        os.utime(d / "pid", (stopped + 1, stopped + 1))
+        assert runs.run_status(d)["status"] == "running"
+        assert runs.request_stop(d) is True  # so `snugtune stop` reaches it too
+    finally:
+        engine.kill()
+        engine.wait()
+    assert runs.run_status(d)["status"] == "stopped"  # its process gone without a word: the stop stands
+
+
+def test_damaged_logs_never_break_the_list(runs_dir):
+    _fake_run(runs_dir, "a-good", [("run_started", {"total_steps": 2}), ("step_logged", {"step": 1, "loss": 1.0})])
+    garbled = _fake_run(runs_dir, "b-garbled", [("run_started", {"total_steps": 2})])
+    with open(garbled / "events.jsonl", "ab") as fh:
+        fh.write(b"\xff\xfe not an event\n")
+    unreadable = runs_dir / "c-unreadable"
+    unreadable.mkdir()
+    _cfg().write_toml(unreadable / "config.toml")
+    (unreadable / "events.jsonl").mkdir()
+    got = {r["name"]: r for r in runs.list_runs()}
+    assert set(got) == {"a-good", "b-garbled", "c-unreadable"}
+    assert got["b-garbled"]["log_skipped"] == 1 and "line 2" in got["b-garbled"]["log_note"]
+    assert got["c-unreadable"]["status"] == "unreadable" and "cannot read" in got["c-unreadable"]["error"]
+
+
+def test_runs_are_named_after_the_preset_or_the_data(tmp_path):
+    cfg = RunConfig.from_dict({"model": {"name_or_path": "Qwen/Qwen2.5-0.5B"}, "data": {"path": "/d/chats.jsonl.gz"},
+                               "output": {"runs_dir": str(tmp_path)}})
+    assert runs.create_run_dir(cfg, preset="demo").name.startswith("demo-")
+    assert runs.create_run_dir(cfg, preset="/presets/tiny.toml").name.startswith("tiny-")
+    assert runs.create_run_dir(cfg).name.startswith("chats-")
+    assert runs.run_name(cfg.with_overrides(["data.path='builtin:python-docs-qa'"])) == "python-docs-qa"
+    assert runs.run_name(cfg.with_overrides(["output.name='exp1'"]), preset="demo") == "exp1"
+
+
+def test_remove_run_deletes_a_stopped_run_and_refuses_a_running_one(runs_dir):
+    stopped = _fake_run(runs_dir, "s", [("run_started", {}), ("run_stopped", {"step": 1})])
+    (stopped / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    running = _fake_run(runs_dir, "r", [("run_started", {})], pid=os.getpid())
+    with pytest.raises(UserError, match="is running"):
+        runs.remove_run(running)
+    assert (running / "config.toml").is_file()
+    runs.remove_run(stopped)
+    assert not stopped.exists() and [p.name for p in runs_dir.iterdir()] == ["r"]
+    with pytest.raises(UserError, match="not a run directory"):
+        runs.remove_run(runs_dir)

@@ -50,6 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snugtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`snugtune runs | head -1`): stop quietly.
+
+    Python would print a BrokenPipeError traceback, and again when it flushes stdout at exit;
+    pointing stdout at /dev/null makes that last flush harmless. The exit status is what a
+    program killed by SIGPIPE has, 128 + 13, as `set -o pipefail` scripts expect."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # python -m tui.cli

@@ -92,7 +92,14 @@ class Printer:
         elif kind == "step_logged":
             self._progress(progress_line(ev))
         elif kind == "eval_logged":
-            self._line(f"  eval at step {ev.get('step')}: loss {ev.get('eval_loss'):.4f}")
+            loss = ev.get("eval_loss")
+            shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else "- (not a number)"
+            self._line(f"  eval at step {ev.get('step')}: loss {shown}")
+        elif kind == "checkpoint_skipped":
+            self._line(f"  {Path(str(ev.get('path'))).name} is damaged ({ev.get('reason')}): not resumed from; "
+                       f"kept as {Path(str(ev.get('moved_to'))).name}")
+        elif kind == "log_line_skipped":
+            self._line(f"  (events.jsonl line {ev.get('line')} skipped: {ev.get('reason')})")
         elif kind == "checkpoint_saved":
             self._line(f"  checkpoint saved at step {ev.get('step')}")
         elif kind == "oom_recovered":
@@ -116,56 +123,34 @@ def _exit_code(ev: Optional[dict]) -> int:
     if kind in ("run_finished", "run_stopped"):
         return 0
     if kind == "run_failed":
-        return 2 if ev.get("kind") == "user" else (3 if ev.get("kind") == "oom" else 1)
+        return {"user": 2, "oom": 3, "disk": 4}.get(ev.get("kind"), 1)
     return 1
 
 
 def _follow_and_print(run_dir: Path, alive: Optional[Callable[[], bool]], printer: Printer,
-                      on_interrupt: Callable[[], bool]) -> Optional[dict]:
-    """Print events until a terminal one; Ctrl-C calls on_interrupt (True: keep following)."""
-    from core.events import TERMINAL_EVENTS, follow
+                      on_interrupt: Callable[[], bool], start: Optional[int] = None) -> Optional[dict]:
+    """Print the current attempt's events until its terminal one; Ctrl-C calls on_interrupt
+    (True: keep following). `start`: the log's size when the caller launched this attempt."""
+    from core.events import TERMINAL_EVENTS, current_attempt, follow
 
-    last = None
+    if start is None:
+        start = current_attempt(run_dir)
+    position = {"offset": start}
     while True:
         try:
-            for ev in follow(run_dir, alive=alive):
+            for ev in follow(run_dir, alive=alive, from_offset=position["offset"], after_offset=start,
+                             position=position):
                 printer.event(ev)
                 if ev.get("event") in TERMINAL_EVENTS:
-                    last = ev
-            return last
+                    return ev
+            return None
         except KeyboardInterrupt:
             if not on_interrupt():
                 return None
-            # follow again from the start, skipping what was printed: simplest is a fresh
-            # follow with a printer that ignores events already shown.
-            printer = _SkipPrinter(printer, run_dir)
-
-
-class _SkipPrinter(Printer):
-    """A printer that skips the events already in the log when it was made."""
-
-    def __init__(self, inner: Printer, run_dir: Path):
-        from core.events import read_events
-
-        self.__dict__.update(inner.__dict__)
-        self._skip = len(read_events(run_dir))
-
-    def event(self, ev: dict) -> None:
-        if self._skip > 0:
-            self._skip -= 1
-            return
-        super().event(ev)
+            # follow on from the last line read: nothing is printed twice
 
 
 # ---- train / resume -----------------------------------------------------------------------------
-
-
-def _check_placeholders(cfg) -> None:
-    if cfg.data.path.startswith("REPLACE"):
-        raise UserError(
-            f"data.path = {cfg.data.path!r}: this preset needs your training data",
-            hint="pass --set data.path=/path/to/your/data.jsonl (JSONL, JSON, CSV, Parquet or .txt, or a Hub dataset id)",
-        )
 
 
 def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
@@ -180,6 +165,9 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
             print(f"engine pid {pid}; follow it with `snugtune attach {run_dir.name}`, stop it with "
                   f"`snugtune stop {run_dir.name}`")
         return 0
+    # This attempt's events start where the log ends now: earlier attempts (a stopped or failed
+    # run being resumed) are neither printed again nor taken for this attempt's end.
+    start = runs.log_size(run_dir)
     proc = runs.spawn(run_dir)
     print(f"run directory: {run_dir}", flush=True)
     stopping = {"asked": False}
@@ -195,7 +183,7 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
               f"`snugtune stop {run_dir.name}`", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(), on_interrupt)
+    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(), on_interrupt, start=start)
     if last is None and stopping["asked"]:
         return 130
     if last is not None and last.get("event") == "run_failed" and last.get("kind") != "user":
@@ -219,11 +207,18 @@ def cmd_train(args) -> int:
     if not args.preset:
         raise UserError("give a preset name or a TOML file (see `snugtune presets`), or --resume RUN")
     cfg = load_preset(args.preset)
+    # named after the preset, unless it is a starting point that needs your data: then the data
+    needs_data = cfg.data.path.startswith("REPLACE")
     if args.set:
         cfg = cfg.with_overrides(args.set)
-    _check_placeholders(cfg)
+    # Data, model, tokenizer, GPU profile and disk space checked before the run directory exists:
+    # a mistake is one message and exit 2 (also with --detach), and leaves no failed run behind.
+    if not args.no_preflight:
+        print("checking the data and the model ...", file=sys.stderr, flush=True)
+        runs.preflight(cfg, in_process=True)
     run_dir = runs.create_run_dir(cfg, header=f"Started with: snugtune train {args.preset}"
-                                  + "".join(f" --set {s}" for s in args.set or []))
+                                  + "".join(f" --set {s}" for s in args.set or []),
+                                  preset=None if needs_data else args.preset)
     return _run_engine(run_dir, args.detach, args.json)
 
 
@@ -247,9 +242,33 @@ def cmd_resume(args) -> int:
 # ---- runs / attach / stop ------------------------------------------------------------------------
 
 
+def cmd_runs_rm(args) -> int:
+    from core import runs
+
+    run_dir = runs.resolve_run(args.run)
+    status = runs.run_status(run_dir)
+    if status["status"] == "running":  # said before asking (remove_run refuses it too)
+        raise UserError(f"run {run_dir.name} is running (pid {status['pid']}); nothing removed",
+                        hint=f"stop it first: `snugtune stop {run_dir.name} --wait`")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"not removing run {run_dir.name} without a confirmation",
+                            hint=f"add --yes: `snugtune runs rm {run_dir.name} --yes`")
+        answer = input(f"remove run {run_dir.name} ({status['status']}, step {status['step']}/"
+                       f"{status['total_steps'] or '?'}) and everything in {run_dir}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    runs.remove_run(run_dir)
+    print(f"removed {run_dir}")
+    return 0
+
+
 def cmd_runs(args) -> int:
     from core import runs
 
+    if getattr(args, "runs_action", None) == "rm":
+        return cmd_runs_rm(args)
     items = runs.list_runs()
     if args.json:
         print(json.dumps(items, indent=1))
@@ -258,20 +277,45 @@ def cmd_runs(args) -> int:
         print(f"no runs yet in {runs.default_runs_dir()}; start one with `snugtune train demo`")
         return 0
     width = max(len(r["name"]) for r in items)
-    print(f"{'NAME':<{width}}  {'STATUS':<8}  {'STEP':>11}  {'LOSS':>8}  STARTED")
+    print(f"{'NAME':<{width}}  {'STATUS':<10}  {'STEP':>11}  {'LOSS':>8}  STARTED")
     for r in items:
         step = f"{r['step']}/{r['total_steps'] or '?'}"
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])) if r["started"] else "-"
-        print(f"{r['name']:<{width}}  {r['status']:<8}  {step:>11}  {loss:>8}  {started}")
+        print(f"{r['name']:<{width}}  {r['status']:<10}  {step:>11}  {loss:>8}  {started}")
+    for r in items:
+        if r["status"] == "unreadable":
+            print(f"note: {r['name']}: {r['error']}")
+        elif r.get("log_note"):
+            print(f"note: {r['name']}: {r['log_note']}")
     print(f"({runs.default_runs_dir()})")
     return 0
 
 
-def cmd_attach(args) -> int:
+def _attach_target(run: Optional[str]) -> Path:
+    """The run to attach to: the one named, else the newest running run."""
     from core import runs
 
-    run_dir = runs.resolve_run(args.run)
+    if run:
+        return runs.resolve_run(run)
+    items = runs.list_runs()
+    going = [r for r in items if r["status"] == "running"]
+    if not going:
+        newest = f"; the newest is {items[-1]['name']} ({items[-1]['status']}): `snugtune attach {items[-1]['name']}`" \
+            if items else ""
+        raise UserError(f"no run is running in {runs.default_runs_dir()}{newest}",
+                        hint="name a run (`snugtune runs` lists them), or start one with `snugtune train`")
+    newest = max(going, key=lambda r: (r.get("attempt_started") or r["started"] or 0, r["name"]))
+    if len(going) > 1:
+        others = ", ".join(r["name"] for r in going if r is not newest)
+        print(f"attaching to the newest running run, {newest['name']} (also running: {others})", file=sys.stderr)
+    return Path(newest["dir"])
+
+
+def cmd_attach(args) -> int:
+    from core.events import current_attempt
+
+    run_dir = _attach_target(args.run)
     if not args.json and not args.text and sys.stdin.isatty() and sys.stdout.isatty():
         # In a terminal, the wizard's live panel (the same one the Train step shows);
         # piped or with --text, one progress line, so scripts and `ssh host snugtune attach` work.
@@ -279,14 +323,18 @@ def cmd_attach(args) -> int:
 
         return run_attach(run_dir)
     print(f"run directory: {run_dir}", flush=True)
+    # The current attempt only: after a resume, the earlier attempts' lines and their end
+    # (`run_stopped`, a disk-full `run_failed`) are history, not this run's outcome.
+    start = current_attempt(run_dir)
     if args.json:
-        from core.events import follow
+        from core.events import TERMINAL_EVENTS, follow
 
         last = None
         try:
-            for ev in follow(run_dir):
+            for ev in follow(run_dir, from_offset=start, after_offset=start):
                 print(json.dumps(ev), flush=True)
-                last = ev
+                if ev.get("event") in TERMINAL_EVENTS:
+                    last = ev
         except KeyboardInterrupt:
             return 130
         return _exit_code(last)
@@ -295,27 +343,54 @@ def cmd_attach(args) -> int:
         print(f"\ndetached; the run continues (`snugtune stop {run_dir.name}` stops it)", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, None, Printer(), on_interrupt)
+    last = _follow_and_print(run_dir, None, Printer(), on_interrupt, start=start)
     return 130 if last is None else _exit_code(last)
+
+
+# `stop --wait` gives up after this long by default: a step plus a checkpoint of a large model on a
+# slow disk takes a minute or two; an engine still loading its model stops when setup is done.
+STOP_WAIT_S = 600.0
 
 
 def cmd_stop(args) -> int:
     from core import runs
-    from core.events import follow
+    from core.events import TERMINAL_EVENTS, current_attempt, follow
 
     run_dir = runs.resolve_run(args.run)
+    start = current_attempt(run_dir)
     if not runs.request_stop(run_dir):
         status = runs.run_status(run_dir)["status"]
         print(f"run {run_dir.name} is not running ({status})")
         return 0
-    print(f"asked run {run_dir.name} to save a checkpoint and stop")
-    if args.wait:
-        last = None
-        for ev in follow(run_dir):
+    print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
+    if not args.wait:
+        return 0
+    timeout = args.timeout if args.timeout is not None else STOP_WAIT_S
+    deadline = time.monotonic() + timeout
+    last = None
+    for ev in follow(run_dir, from_offset=start, after_offset=start, cancelled=lambda: time.monotonic() > deadline):
+        if ev.get("event") in TERMINAL_EVENTS:
             last = ev
-        print(f"run {run_dir.name}: {runs.run_status(run_dir)['status']}")
-        return _exit_code(last)
-    return 0
+    if last is None:
+        pid = runs.read_pid(run_dir)
+        print(f"snugtune: run {run_dir.name} has not stopped within {timeout:g} s; it is still running (pid {pid}). "
+              f"It stops at the end of its current step: wait with `snugtune stop {run_dir.name} --wait "
+              f"--timeout SECONDS`, or end it with `kill -9 {pid}` (it resumes from its last checkpoint)",
+              file=sys.stderr)
+        return 1
+    kind = last.get("event")
+    if kind == "run_stopped":
+        ckpt = Path(last["checkpoint"]).name if last.get("checkpoint") else "no checkpoint"
+        print(f"run {run_dir.name} stopped at step {last.get('step')} ({ckpt}); "
+              f"`snugtune resume {run_dir.name}` continues it")
+    elif kind == "run_finished":
+        print(f"run {run_dir.name} finished ({last.get('steps')} steps) before it could stop; "
+              f"adapter: {last.get('adapter_path')}")
+    elif last.get("synthetic"):
+        print(f"run {run_dir.name}: the engine ended without saving ({last.get('error')})")
+    else:
+        print(f"run {run_dir.name} failed ({last.get('kind')}): {last.get('error')}")
+    return _exit_code(last)
 
 
 # ---- presets ---------------------------------------------------------------------------------------
@@ -386,6 +461,8 @@ def register(subparsers) -> None:
     p.add_argument("--detach", action="store_true", help="start the run in the background and return at once")
     p.add_argument("--resume", metavar="RUN", help="resume a stopped or died run (name or directory) instead")
     p.add_argument("--json", action="store_true", help="with --detach: print {run_dir, pid} as JSON")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the checks of data, model and disk space before the run starts (the engine still makes them)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("resume", help="resume a stopped run from its last checkpoint")
@@ -394,12 +471,16 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="with --detach: print {run_dir, pid} as JSON")
     p.set_defaults(func=cmd_resume)
 
-    p = subparsers.add_parser("runs", help="list runs with status, steps and last loss")
+    p = subparsers.add_parser("runs", help="list runs with status, steps and last loss; `runs rm RUN` deletes one")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
+    sub = p.add_subparsers(dest="runs_action", metavar="ACTION")
+    s = sub.add_parser("rm", help="delete a run directory (asks first; refuses a running run)")
+    s.add_argument("run", help="run name (or a unique prefix) or directory")
+    s.add_argument("--yes", "-y", action="store_true", help="do not ask for a confirmation")
     p.set_defaults(func=cmd_runs)
 
     p = subparsers.add_parser("attach", help="follow a run's progress live until it ends")
-    p.add_argument("run", help="run name (or a unique prefix) or directory")
+    p.add_argument("run", nargs="?", help="run name (or a unique prefix) or directory; default: the newest running run")
     p.add_argument("--json", action="store_true", help="print the raw events, one JSON object a line")
     p.add_argument("--text", action="store_true",
                    help="one progress line instead of the live panel (the default when not in a terminal)")
@@ -407,7 +488,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("stop", help="ask a run to save a checkpoint and stop")
     p.add_argument("run", help="run name or directory")
-    p.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    p.add_argument("--wait", action="store_true", help="wait until it has stopped (its checkpoint saved)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help=f"with --wait: give up after this long, exit 1 (default {STOP_WAIT_S:g})")
     p.set_defaults(func=cmd_stop)
 
     p = subparsers.add_parser("presets", help="list presets; `presets show NAME` prints one")

@@ -121,7 +121,7 @@ class TrainScreen(StepScreen):
             return
         try:
             cfg = self.app.config()
-            run_dir = runs.create_run_dir(cfg)
+            run_dir = runs.create_run_dir(cfg, preset=getattr(self.app, "preset_name", None))  # named like the CLI's
             runs.launch(run_dir, detach=True)
         except UserError as exc:
             self.set_status(f"could not start the engine: {exc}", "error")
@@ -138,7 +138,7 @@ class TrainScreen(StepScreen):
 
     # ---- following the run ------------------------------------------------------------
 
-    def follow(self, run_dir: Path, resume_offset: int = 0) -> None:
+    def follow(self, run_dir: Path, resume_offset: int | None = None) -> None:
         self.state = "starting"
         self.query_one("#run-title", Label).update(Text(f"Run {run_dir.name} · starting…", style="bold"))
         self.set_status(f"run directory: {run_dir}")
@@ -146,9 +146,10 @@ class TrainScreen(StepScreen):
         self.follow_events(run_dir, resume_offset)
 
     @work(thread=True, exit_on_error=False, name="run follower", exclusive=True, group="follow")
-    def follow_events(self, run_dir: Path, resume_offset: int = 0) -> None:
+    def follow_events(self, run_dir: Path, resume_offset: int | None = None) -> None:
         """Post every event of the log, then new ones, until a terminal event written after
-        `resume_offset` (a resumed run's log holds the earlier session's run_stopped first)."""
+        `resume_offset` (a resumed run's log holds the earlier session's run_stopped first;
+        None: the run's current attempt, core.events.current_attempt)."""
         from core import events
 
         worker = get_current_worker()
