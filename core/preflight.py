@@ -85,7 +85,7 @@ def check(cfg: RunConfig, runs_base: Optional[Path] = None) -> dict:
     check_placeholders(cfg)
     _check_gpu(cfg)
     # The data first: a typo in a path is said before torch is imported or a model downloaded.
-    fmt, records = prepare(cfg.data)
+    fmt, records, _left_out = prepare(cfg.data)
     from core.model import load_tokenizer, resolve_model_source
 
     source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
@@ -97,7 +97,9 @@ def check(cfg: RunConfig, runs_base: Optional[Path] = None) -> dict:
     lora = _lora_params(cfg, source)
     if lora is not None:
         # Steps as if every sample were its own row (packing only lowers it): an upper bound.
-        total = runs.planned_steps(len(records), cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.epochs,
+        from core.plan import planned_steps
+
+        total = planned_steps(len(records), cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.epochs,
                                    cfg.train.max_steps)
         need, _ckpt, what = runs.disk_needed(cfg, lora, runs.tokenizer_bytes(source), optimizer_for(cfg), total)
         runs.check_disk_space(runs_base or runs.runs_dir(cfg), need, what)

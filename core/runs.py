@@ -485,17 +485,6 @@ def dir_bytes(path: Union[str, Path]) -> int:
     return total
 
 
-def planned_steps(n_train: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: Optional[int]) -> int:
-    """Optimizer steps the run will take (the Trainer's own count): the engine's first event,
-    its resume accounting and the disk check use it (core.train re-exports it)."""
-    if max_steps:
-        return int(max_steps)
-    batches = math.ceil(n_train / micro_batch)
-    # The Trainer counts a last partial accumulation as a step, and at least one per epoch.
-    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
-    return max(math.ceil(epochs * per_epoch), 1)
-
-
 # ---- disk space ------------------------------------------------------------------------------------
 
 MB = 1_000_000  # decimal megabytes, as df -H and file managers count them

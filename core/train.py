@@ -33,7 +33,7 @@ from core.config import RunConfig
 from core.errors import UserError
 from core.events import EventWriter
 from core import runs as rundirs
-from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, DiskSpaceError, last_checkpoint, planned_steps  # noqa: F401
+from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, DiskSpaceError, last_checkpoint  # noqa: F401
 
 EXIT_USER = 2
 EXIT_OOM = 3
@@ -131,6 +131,20 @@ def _counting_trainer(counter: _TokenCounter):
 
     class CountingTrainer(Trainer):
         snug_graphs = None  # core.graphs.CudaGraphStep, set by the engine when train.cuda_graphs allows
+        snug_length_buckets = False  # unpacked rows: core.data.LengthBucketSampler, set by the engine
+
+        def _get_train_sampler(self, *args, **kwargs):
+            # Unpacked rows are padded per micro-batch: like-length rows together keep the padding
+            # small, but in random micro-batch order (transformers' group_by_length runs them from
+            # longest to shortest, which cost the date task 36-53 of 128 held-out answers: see
+            # core.data.length_bucketed_order). Packed rows (nearly full) keep the random sampler.
+            ds = args[0] if args else kwargs.get("train_dataset", self.train_dataset)
+            if self.snug_length_buckets and ds is not None and hasattr(ds, "__len__"):
+                from core.data import LengthBucketSampler
+
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return LengthBucketSampler([len(r["input_ids"]) for r in ds], self.args.train_batch_size, seed)
+            return super()._get_train_sampler(*args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             gs = self.snug_graphs
@@ -530,20 +544,7 @@ class Engine:
         compute = self.plan.compute_dtype
         total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs, cfg.train.max_steps)
         has_eval = bool(self.eval_rows)
-        extra = {}
-        if not cfg.data.packing:
-            # Unpacked rows are padded per batch: sampling rows of like length keeps the padding
-            # small (core.data sorts them, but the Trainer's random sampler would undo that).
-            # The argument's name changed within transformers 5.x.
-            import dataclasses
-
-            names = {f.name for f in dataclasses.fields(TrainingArguments)}
-            if "train_sampling_strategy" in names:
-                extra["train_sampling_strategy"] = "group_by_length"
-            elif "group_by_length" in names:
-                extra["group_by_length"] = True
         return TrainingArguments(
-            **extra,
             output_dir=str(self.run_dir / "checkpoints"),
             per_device_train_batch_size=self.micro_batch,
             per_device_eval_batch_size=self.micro_batch,
@@ -594,6 +595,7 @@ class Engine:
             processing_class=self.tokenizer,
             callbacks=[EventCallback(self), *self.extra_callbacks],
         )
+        trainer.snug_length_buckets = not self.cfg.data.packing
         if graphs:
             from core.graphs import CudaGraphStep
 
