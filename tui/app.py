@@ -71,6 +71,17 @@ class SnugtuneApp(App[int]):
         elif preset is not None:
             self.step = 3
 
+    async def on_event(self, event) -> None:
+        from textual import events
+
+        if isinstance(event, events.Key) and not event.is_forwarded:
+            # every key runs to the end before the next one starts (tui/keyorder.py says why)
+            from tui.keyorder import handle_in_order
+
+            await handle_in_order(self, event)
+            return
+        await super().on_event(event)
+
     # ---- the configuration ------------------------------------------------------------
 
     def config(self) -> RunConfig:

@@ -1,0 +1,38 @@
+"""Issue 14: the wizard as a new user walks it. One test (or a few) per item, Pilot at 80x24
+unless the item is about another size."""
+from __future__ import annotations
+
+import pytest
+from textual import events
+from textual.widgets import DataTable, Input, Label, Static
+
+from test_tui_helpers import (QA_ROWS, demo_app, finished_run, status_text, wait_for, wizard_env,  # noqa: F401
+                              write_jsonl)
+from tui.app import SnugtuneApp
+
+SIZE = (80, 24)
+
+
+def burst(app, *keys: str) -> None:
+    """Post keys the way a terminal delivers a burst: all queued before any is handled
+    (Pilot.press waits for each key, which hides reordering)."""
+    for k in keys:
+        char = k if len(k) == 1 else None
+        app.post_message(events.Key(k, char))
+
+
+# ---- item 4: keys typed in a burst are applied in order ---------------------------------------
+
+async def test_burst_of_keys_in_a_settings_field_is_applied_in_order(wizard_env):
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        field = app.screen.query_one("#lora-r", Input)
+        assert app.focused is field and field.value == "16"
+        burst(app, "end", "backspace", "backspace", "6", "4")
+        await wait_for(pilot, lambda: app.screen.query_one("#lora-r", Input).value == "64", timeout=10,
+                       what="64 in the field")
+        # and moving on with Tab in the same burst types into the next field
+        burst(app, "tab", "end", "backspace", "backspace", "1", "2", "8")
+        await wait_for(pilot, lambda: app.screen.query_one("#lora-alpha", Input).value == "128", timeout=10,
+                       what="128 in the alpha field")
+        assert field.value == "64"
