@@ -36,3 +36,20 @@ async def test_burst_of_keys_in_a_settings_field_is_applied_in_order(wizard_env)
         await wait_for(pilot, lambda: app.screen.query_one("#lora-alpha", Input).value == "128", timeout=10,
                        what="128 in the alpha field")
         assert field.value == "64"
+
+
+# ---- item 1: a built-in preset's name is refused --------------------------------------------
+
+async def test_saving_under_a_builtin_name_is_refused_and_names_it(wizard_env):
+    from core import presets
+    from tui.screens.modals import PromptScreen
+
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, PromptScreen)
+        app.screen.query_one("#prompt", Input).value = "demo"
+        await pilot.press("enter")
+        assert "'demo' is a built-in preset" in status_text(app)
+        assert not (wizard_env["config"] / "presets" / "demo.toml").exists()
+    assert [p.source for p in presets.list_presets() if p.name == "demo"] == ["builtin"]

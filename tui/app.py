@@ -192,9 +192,12 @@ class SnugtuneApp(App[int]):
         except UserError as exc:
             screen.set_status(f"cannot save yet: {exc}", "error")
             return
+        suggested = self.preset_name or ""
+        if suggested in self._preset_names("builtin"):
+            suggested += "-mine"  # a built-in's own name would be refused
         self.push_screen(
             PromptScreen("Save this setup as a preset", "preset name (letters, digits, - _)",
-                         value=self.preset_name or ""),
+                         value=suggested),
             lambda name: self._save_preset(cfg, name) if name else None,
         )
 
@@ -203,7 +206,12 @@ class SnugtuneApp(App[int]):
         from tui.screens.modals import ConfirmScreen
 
         screen = self.screen
-        if not overwrite and name in self._user_preset_names():
+        if name in self._preset_names("builtin"):
+            # refused, not asked: `snugtune --preset demo` must keep meaning the shipped demo
+            screen.set_status(f"{name!r} is a built-in preset's name and stays as shipped; "
+                              f"save under another name (e.g. {name}-mine) with ctrl+s", "error")
+            return
+        if not overwrite and name in self._preset_names("user"):
             self.push_screen(
                 ConfirmScreen(f"A preset named {name!r} exists. Overwrite it?"),
                 lambda yes: self._save_preset(cfg, name, overwrite=True) if yes else screen.set_status("not saved", "warning"),
@@ -217,14 +225,10 @@ class SnugtuneApp(App[int]):
         self.preset_name = name
         screen.set_status(f"saved preset {name!r} ({path}); open it with: snugtune --preset {name}", "ok")
 
-    def _user_preset_names(self) -> set[str]:
+    def _preset_names(self, source: str) -> set[str]:
         from core import presets
 
-        names = set()
-        for p in presets.list_presets():
-            if attr(p, "source", default="user") == "user":
-                names.add(attr(p, "name"))
-        return names
+        return {attr(p, "name") for p in presets.list_presets() if attr(p, "source", default="user") == source}
 
     # ---- runs still going -------------------------------------------------------------
 
