@@ -53,3 +53,27 @@ async def test_saving_under_a_builtin_name_is_refused_and_names_it(wizard_env):
         assert "'demo' is a built-in preset" in status_text(app)
         assert not (wizard_env["config"] / "presets" / "demo.toml").exists()
     assert [p.source for p in presets.list_presets() if p.name == "demo"] == ["builtin"]
+
+
+# ---- item 3: a huge plain-recipe figure does not blank the bar ------------------------------
+
+async def test_memory_bar_keeps_its_scale_beside_a_huge_plain_total(wizard_env):
+    from test_tui_helpers import fixed_estimate, pin_estimate
+
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pin_estimate(pilot, app)
+        est, plain = fixed_estimate("fits", 2.6)
+        plain.total_gib = 48462.0
+        app.screen.render_estimate(est, plain, 0.8, app.estimate_config())
+        await pilot.pause()
+        first = str(app.screen.query_one("#vram").render()).splitlines()[0]
+        filled = sum(first.count(c) for c in "█▓▒░▞▚■▪▄▀")
+        assert filled > len(first) // 2  # 2.6 of 3.82 GiB: most of the bar, not blank
+        assert "48,462 GiB" in str(app.screen.query_one("#totals").render())
+        # a run's own total far past the budget is drawn cut, and says so in words
+        est.total_gib = 500.0
+        app.screen.render_estimate(est, plain, 0.8, app.estimate_config())
+        await pilot.pause()
+        bar = str(app.screen.query_one("#vram").render())
+        assert "bar cut at 3x the budget: 500 GiB" in bar and "┃" in bar.splitlines()[0]

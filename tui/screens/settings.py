@@ -293,12 +293,12 @@ class SettingsScreen(StepScreen):
         self.query_one("#estimate-title", Label).update(f"Peak memory on {attr(self.gpu, 'name', default='the GPU')}")
         self.verdict = str(attr(est, "verdict", default="?"))
         out = Text()
-        out.append(f"snugtune     {total:5.2f} GiB  ")
+        out.append(f"snugtune     {_gib(total)}  ")
         out.append_text(fit_badge(self.verdict))
-        out.append(f"\nplain recipe {plain_total:5.2f} GiB  ")
+        out.append(f"\nplain recipe {_gib(plain_total)}  ")
         out.append_text(fit_badge(attr(plain, "verdict")))
         if budget:
-            out.append(f"\nbudget       {float(budget):5.2f} GiB", style="dim")
+            out.append(f"\nbudget       {_gib(float(budget))}", style="dim")
         self.query_one("#totals", Static).update(out)
         self.query_one("#timing", Static).update(self.timing_text(step_s, cfg))
         if not self.field_errors:
@@ -382,6 +382,11 @@ class SettingsScreen(StepScreen):
         if self.verdict is not None and fit_badge_word(self.verdict) == "too big":
             return "these settings do not fit the card's memory: ctrl+f auto-fits them"
         return None
+
+
+def _gib(x: float) -> str:
+    # a 48,462 GiB plain-recipe total must not push the verdict off a 36-column panel
+    return f"{x:5.2f} GiB" if x < 1000 else f"{x:,.0f} GiB"
 
 
 def fit_badge_word(verdict: str) -> str:
