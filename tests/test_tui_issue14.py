@@ -77,3 +77,38 @@ async def test_memory_bar_keeps_its_scale_beside_a_huge_plain_total(wizard_env):
         await pilot.pause()
         bar = str(app.screen.query_one("#vram").render())
         assert "bar cut at 3x the budget: 500 GiB" in bar and "┃" in bar.splitlines()[0]
+
+
+# ---- item 5 (and the gated badge): the model table uses the width it has --------------------
+
+def table_lines(table) -> list[str]:
+    return [table.render_line(y).text for y in range(table.size.height)]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_model_table_shows_whole_badges_and_uses_the_width(wizard_env, size):
+    from tui.screens.model import ModelScreen
+
+    app = SnugtuneApp(gpus=[], check_runs=False)
+    async with app.run_test(size=size) as pilot:
+        choices = app.screen.query_one("#choices")
+        ids = [choices.get_option_at_index(i).id for i in range(choices.option_count)]
+        choices.highlighted = ids.index("profile:gtx-1650")  # 4 GB: some models are too big
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, ModelScreen)
+        table = app.screen.query_one("#models", DataTable)
+        await pilot.pause()
+        await pilot.pause()
+        lines = table_lines(table)
+        assert lines[0].split() == ["model", "params", "fit", "access"]
+        rows = [ln for ln in lines[1:] if ln.strip()]
+        assert any("too big" in ln for ln in rows), lines
+        assert all(ln.rstrip().endswith(("fits", "tight", "too big", "gated", "?")) for ln in rows)
+        assert any("gated" in ln and "meta-llama/Llama-3.2-1B" in ln for ln in rows)
+        cells = {str(table.get_row_at(i)[0]): table.get_row_at(i) for i in range(table.row_count)}
+        assert cells["builtin:tiny-llama"][1] == "3.5M" and cells["google/gemma-3-1b-pt"][1] == "1.0B"
+        if size[0] >= 120:
+            # room for the longest catalog id, whole
+            await pilot.press("end")
+            everything = "\n".join(table_lines(table))
+            assert "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T" in everything
