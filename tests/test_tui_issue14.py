@@ -112,3 +112,19 @@ async def test_model_table_shows_whole_badges_and_uses_the_width(wizard_env, siz
             await pilot.press("end")
             everything = "\n".join(table_lines(table))
             assert "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T" in everything
+
+
+# ---- item 6: the filter matches `builtin:` (and owner/ prefixes) ---------------------------
+
+async def test_catalog_filter_matches_builtin_prefix_and_enter_takes_the_row(wizard_env):
+    app = SnugtuneApp(gpus=[], check_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await pilot.press(*"builtin:")
+        table = app.screen.query_one("#models", DataTable)
+        assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == ["builtin:tiny-llama"]
+        assert "matching 'builtin:'" in status_text(app)
+        await pilot.press("ctrl+u", *"meta-llama/")
+        assert table.row_count == 4
+        await pilot.press("down", "enter")
+        assert app.get_value("model.name_or_path") == "meta-llama/Llama-3.2-1B-Instruct"

@@ -128,8 +128,9 @@ class ModelScreen(StepScreen):
 
     def fit_columns(self) -> None:
         """Give the model column all the width the fixed columns leave."""
-        table = self.query_one("#models", DataTable)
-        if not table.size.width:
+        tables = self.query("#models").results(DataTable)
+        table = next(tables, None)
+        if table is None or not table.size.width:  # the step was left before the refresh came
             return
         pad = 2 * table.cell_padding
         fixed = sum(w + pad for _label, _key, w in FIXED_COLUMNS)
@@ -150,12 +151,16 @@ class ModelScreen(StepScreen):
         query = self.query_one("#query", Input).value.strip()
         if source == "catalog":
             specs = list(catalog.builtin_catalog())
-            if query and not self._looks_like_id(query):
-                specs = [s for s in specs if query.lower() in spec_id(s).lower()
-                         or query.lower() in str(attr(s, "model_type", default="")).lower()]
+            wanted = self._filter_text(query)
+            if wanted:
+                specs = [s for s in specs if wanted.lower() in spec_id(s).lower()
+                         or wanted.lower() in str(attr(s, "model_type", default="")).lower()]
             self.show_specs(specs)
+            if wanted and not specs:
+                self.set_status(f"no catalog model matches {query!r} · Enter looks it up as a Hub id or local path")
+                return
             self.set_status(f"{len(specs)} models in the built-in catalog"
-                            + (f" matching {query!r}" if query and not self._looks_like_id(query) else "")
+                            + (f" matching {query!r}" if wanted else "")
                             + " · Enter on a row chooses it")
         elif source == "cache":
             self.set_status("scanning the local Hugging Face cache…")
@@ -163,6 +168,16 @@ class ModelScreen(StepScreen):
         else:
             self.set_status("asking the Hub…")
             self.search_hub(query if not self._looks_like_id(query) else "", self.query_one("#sort", Select).value)
+
+    def _filter_text(self, query: str) -> str:
+        """What the catalog is filtered by: the typed text, also with `/` or `builtin:` in it
+        (issue 14: `builtin:` matched nothing); not a local path, nor the chosen model's own id
+        (coming back to this step shows the whole list with the choice highlighted)."""
+        if not query or query == self.app.get_value("model.name_or_path"):
+            return ""
+        if query.startswith((".", "~")) or Path(query).expanduser().exists():
+            return ""
+        return query
 
     @staticmethod
     def _looks_like_id(text: str) -> bool:
@@ -256,7 +271,7 @@ class ModelScreen(StepScreen):
     @on(Input.Changed, "#query")
     def _typed(self, event: Input.Changed) -> None:
         # the catalog filters as the user types (pure Python, instant); cache and Hub wait for Enter
-        if self.query_one("#source", Select).value == "catalog" and not self._looks_like_id(event.value.strip()):
+        if self.query_one("#source", Select).value == "catalog":
             self.load_source("catalog")
 
     @on(Input.Submitted, "#query")
@@ -265,7 +280,11 @@ class ModelScreen(StepScreen):
         if not text:
             return
         source = self.query_one("#source", Select).value
-        if self._looks_like_id(text):
+        ids = {spec_id(sp) for sp in self.specs}
+        # an id or path is looked up, unless it is part of catalog ids still listed (`builtin:`,
+        # `meta-llama/`): then Enter takes the highlighted row, as for any other filter
+        partial = source == "catalog" and bool(self.specs) and text not in ids and bool(self._filter_text(text))
+        if self._looks_like_id(text) and not partial:
             self.set_status(f"looking up {text}…")
             self.resolve(text)
         elif source != "catalog" and text != self.searched:
