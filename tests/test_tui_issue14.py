@@ -128,3 +128,82 @@ async def test_catalog_filter_matches_builtin_prefix_and_enter_takes_the_row(wiz
         assert table.row_count == 4
         await pilot.press("down", "enter")
         assert app.get_value("model.name_or_path") == "meta-llama/Llama-3.2-1B-Instruct"
+
+
+# ---- item 2: auto-fit is the CLI's, and a length past the model's positions is said ---------
+
+async def test_autofit_is_the_clis_and_a_length_past_the_positions_is_warned(wizard_env, capsys):
+    import argparse
+    import json
+
+    from tui import cmd_know
+
+    # tiny-llama has 2,048 positions; 4,096 tokens fit the CPU's memory easily
+    app = demo_app("rtx-3060-12gb", ["data.max_seq_len=4096", "train.micro_batch=1", "train.grad_accum=8"])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.last_estimate is not None and app.spec is not None, what="the estimate")
+        await wait_for(pilot, lambda: "2,048 positions" in status_text(app), what="the position warning")
+        assert "4,096 tokens is longer than the model's 2,048 positions" in str(app.screen.query_one("#totals").render())
+        await pilot.press("ctrl+f")
+        await wait_for(pilot, lambda: "auto-fit" in status_text(app), what="auto-fit")
+        wizard = (app.get_value("data.max_seq_len"), app.get_value("train.micro_batch"), app.get_value("train.grad_accum"))
+    parser = argparse.ArgumentParser()
+    cmd_know.register(parser.add_subparsers())
+    args = parser.parse_args(["estimate", "--preset", "demo", "--gpu", "rtx-3060-12gb", "--seq", "4096",
+                              "--batch", "1", "--grad-accum", "8", "--autofit", "--json"])
+    capsys.readouterr()
+    assert args.func(args) == 0
+    cli = json.loads(capsys.readouterr().out)["autofit"]
+    assert wizard == (cli["max_seq_len"], cli["micro_batch"], cli["grad_accum"])
+
+
+# ---- missing settings: the advanced group --------------------------------------------------
+
+async def test_advanced_settings_reach_the_configuration(wizard_env):
+    from textual.widgets import Checkbox, Select
+
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        hints = [str(h.render()) for h in app.screen.query(".hint")]
+        assert any("ramping the learning rate" in h for h in hints)  # the config's own field help
+        for fid, value in [("#output-name", "bad name!"), ("#train-warmup_ratio", "0.1"),
+                           ("#train-weight_decay", "0.01"), ("#data-eval_fraction", "0.2"),
+                           ("#train-eval_steps", "10"), ("#train-save_steps", "20")]:
+            app.screen.query_one(fid, Input).value = value
+        app.screen.query_one("#train-lr_scheduler", Select).value = "linear"
+        app.screen.query_one("#data-template", Select).value = "builtin"
+        app.screen.query_one("#data-packing", Checkbox).value = False
+        await wait_for(pilot, lambda: app.screen.query_one("#output-name-error").display, what="the name's error")
+        await pilot.press("ctrl+n")
+        assert "output.name" in status_text(app)
+        app.screen.query_one("#output-name", Input).value = "my-run"
+        await wait_for(pilot, lambda: not app.screen.query_one("#output-name-error").display, what="the error to clear")
+        await pilot.press("ctrl+n")
+        cfg = app.config()
+        assert (cfg.output.name, cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.data.eval_fraction,
+                cfg.train.eval_steps, cfg.train.save_steps) == ("my-run", 0.1, 0.01, 0.2, 10, 20)
+        assert (cfg.train.lr_scheduler, cfg.data.template, cfg.data.packing) == ("linear", "builtin", False)
+
+
+# ---- item 14: focus is visible without colour ------------------------------------------------
+
+@pytest.mark.parametrize("no_color", [False, True])
+async def test_focus_is_marked_by_reverse_video_also_without_colour(wizard_env, monkeypatch, no_color):
+    from textual.widgets import Checkbox
+
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        labels = app.screen.query(".field-label").results(Label)
+        by_field = {lab.parent.query_one(Input).id: lab for lab in labels if lab.parent.query(Input)}
+        await pilot.pause()
+        assert by_field["lora-r"].rich_style.reverse and not by_field["lora-alpha"].rich_style.reverse
+        await pilot.press("tab")
+        await pilot.pause()
+        assert by_field["lora-alpha"].rich_style.reverse and not by_field["lora-r"].rich_style.reverse
+        box = app.screen.query_one("#train-gradient_checkpointing", Checkbox)
+        box.focus()
+        await pilot.pause()
+        label_style = box.get_component_rich_style("toggle--label")
+        assert label_style.reverse

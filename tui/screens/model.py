@@ -152,13 +152,15 @@ class ModelScreen(StepScreen):
         if source == "catalog":
             specs = list(catalog.builtin_catalog())
             wanted = self._filter_text(query)
-            if wanted:
-                specs = [s for s in specs if wanted.lower() in spec_id(s).lower()
-                         or wanted.lower() in str(attr(s, "model_type", default="")).lower()]
-            self.show_specs(specs)
-            if wanted and not specs:
+            matching = [s for s in specs if wanted.lower() in spec_id(s).lower()
+                        or wanted.lower() in str(attr(s, "model_type", default="")).lower()]
+            if wanted and not matching:
+                # nothing matches: the whole catalog stays listed (still a choice) beside the hint
+                self.show_specs(specs)
                 self.set_status(f"no catalog model matches {query!r} · Enter looks it up as a Hub id or local path")
                 return
+            specs = matching
+            self.show_specs(specs)
             self.set_status(f"{len(specs)} models in the built-in catalog"
                             + (f" matching {query!r}" if wanted else "")
                             + " · Enter on a row chooses it")
@@ -283,7 +285,8 @@ class ModelScreen(StepScreen):
         ids = {spec_id(sp) for sp in self.specs}
         # an id or path is looked up, unless it is part of catalog ids still listed (`builtin:`,
         # `meta-llama/`): then Enter takes the highlighted row, as for any other filter
-        partial = source == "catalog" and bool(self.specs) and text not in ids and bool(self._filter_text(text))
+        partial = (source == "catalog" and text not in ids and bool(self._filter_text(text))
+                   and any(text.lower() in i.lower() for i in ids))
         if self._looks_like_id(text) and not partial:
             self.set_status(f"looking up {text}…")
             self.resolve(text)
