@@ -207,3 +207,44 @@ async def test_focus_is_marked_by_reverse_video_also_without_colour(wizard_env, 
         await pilot.pause()
         label_style = box.get_component_rich_style("toggle--label")
         assert label_style.reverse
+
+
+# ---- item 7: offline, a catalog model not in the cache does not block the data step ----------
+
+async def test_offline_catalog_model_previews_with_a_fallback_and_reaches_settings(wizard_env):
+    from tui.screens.data import DataScreen
+    from tui.screens.settings import SettingsScreen
+
+    data = write_jsonl(wizard_env["tmp"] / "qa.jsonl", QA_ROWS)
+    # Qwen2.5-0.5B is in the catalog (its shape is known offline) but not in this machine's cache
+    app = demo_app("gtx-1650", ["model.name_or_path='Qwen/Qwen2.5-0.5B'", f"data.path='{data}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+b")
+        assert isinstance(app.screen, DataScreen)
+        await wait_for(pilot, lambda: app.data_report is not None, timeout=120, what="the fallback preview")
+        samples = str(app.screen.query_one("#samples", Static).render())
+        assert "Paris" in samples and "token counts are estimates" in samples
+        assert "estimated" in status_text(app)
+        assert "(estimated)" in str(app.screen.query_one("#lengths", Static).render())
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, SettingsScreen)
+        await wait_for(pilot, lambda: "fits" in str(app.screen.query_one("#totals").render()), what="the estimate")
+
+
+# ---- item 9: stale text ---------------------------------------------------------------------
+
+async def test_data_pane_is_cleared_after_an_error(wizard_env):
+    data = write_jsonl(wizard_env["tmp"] / "qa.jsonl", QA_ROWS)
+    bad = write_jsonl(wizard_env["tmp"] / "odd.jsonl", [{"q": r["question"], "a": r["answer"]} for r in QA_ROWS])
+    app = demo_app("cpu", [f"data.path='{data}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+b")
+        await wait_for(pilot, lambda: "Paris" in str(app.screen.query_one("#samples", Static).render()),
+                       what="the first preview")
+        assert "tokens per sample" in str(app.screen.query_one("#lengths", Static).render())
+        app.screen.query_one("#path", Input).value = str(bad)
+        app.screen.query_one("#path", Input).focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "cannot tell the data's format" in status_text(app), what="the format error")
+        assert "Paris" not in str(app.screen.query_one("#samples", Static).render())
+        assert str(app.screen.query_one("#lengths", Static).render()).strip() == ""
