@@ -248,3 +248,40 @@ async def test_data_pane_is_cleared_after_an_error(wizard_env):
         await wait_for(pilot, lambda: "cannot tell the data's format" in status_text(app), what="the format error")
         assert "Paris" not in str(app.screen.query_one("#samples", Static).render())
         assert str(app.screen.query_one("#lengths", Static).render()).strip() == ""
+
+
+# ---- item 8: a card this machine does not have cannot be started; a budget above the card ---
+
+async def test_a_card_profile_cannot_train_on_a_machine_without_a_gpu(wizard_env):
+    from tui.screens.train import TrainScreen
+
+    app = demo_app("gtx-1650")  # gpus=[]: this machine has no GPU
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, TrainScreen)
+        assert "no NVIDIA GPU" in status_text(app)
+        await pilot.press("ctrl+t")
+        said = status_text(app)
+        assert "cannot train here" in said and "choose the CPU" in said
+        assert "--" not in said and "snugtune " not in said  # wizard words, no command line
+        assert app.run_dir is None and not list(wizard_env["runs"].iterdir())
+
+
+async def test_a_budget_above_the_cards_memory_is_refused(wizard_env):
+    from textual.widgets import OptionList
+
+    from tui.screens.gpu import GpuScreen
+
+    app = SnugtuneApp(gpus=[], check_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        choices = app.screen.query_one("#choices", OptionList)
+        ids = [choices.get_option_at_index(i).id for i in range(choices.option_count)]
+        choices.highlighted = ids.index("profile:gtx-1650")
+        app.screen.query_one("#budget", Input).value = "500"
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, GpuScreen)
+        assert "500 GiB is more than the" in status_text(app) and "3.8 GiB" in status_text(app)
+        app.screen.query_one("#budget", Input).value = "3.5"
+        await pilot.press("ctrl+n")
+        assert not isinstance(app.screen, GpuScreen)
+        assert app.get_value("gpu.vram_budget_gib") == 3.5

@@ -208,7 +208,7 @@ async def test_engine_that_cannot_start_says_why(wizard_env, monkeypatch):
     blocker = wizard_env["tmp"] / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("SNUGTUNE_RUNS_DIR", str(blocker / "runs"))  # cannot be created under a file
-    app = demo_app()
+    app = demo_app("cpu")  # (a card profile on this GPU-less machine is refused earlier: test_tui_issue14)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+n")
         assert isinstance(app.screen, TrainScreen)

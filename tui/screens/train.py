@@ -96,7 +96,12 @@ class TrainScreen(StepScreen):
         except ConfigError as exc:
             self.query_one("#run-title", Label).update(Text(f"Not ready: {exc}", style="bold red"))
             return
-        self.query_one("#run-title", Label).update(Text("Ready to train. ctrl+t starts the run.", style="bold"))
+        problem = self.cannot_train_here()
+        if problem:
+            self.query_one("#run-title", Label).update(Text("Planned for a card this machine does not have.",
+                                                            style="bold red"))
+        else:
+            self.query_one("#run-title", Label).update(Text("Ready to train. ctrl+t starts the run.", style="bold"))
         est = self.app.last_estimate
         lines = [
             f"model      {cfg.model.name_or_path}",
@@ -111,13 +116,41 @@ class TrainScreen(StepScreen):
         lines += ["", "The run keeps going if you close the wizard; reopen it or `snugtune attach` to watch."]
         self.query_one("#stats", Static).update("\n".join(lines))
         self.add_class("ready")
-        self.set_status("ctrl+t: start training")
+        if problem:
+            self.set_status(problem, "error")
+        else:
+            self.set_status("ctrl+t: start training")
+
+    def cannot_train_here(self) -> str | None:
+        """Why this setup cannot train on this machine (a card profile planned for, no GPU here),
+        in the wizard's words: the engine's own error would arrive later with command-line hints."""
+        target = self.gpu
+        if target is None or attr(target, "is_cpu", default=False) or attr(target, "detected", default=False):
+            return None
+        gpus = self.app.detected_gpus
+        if gpus is None:
+            from core import gpu as core_gpu
+
+            try:
+                gpus = list(core_gpu.detect_gpus())
+            except Exception:  # noqa: BLE001 - no driver: no GPU
+                gpus = []
+        if gpus:
+            return None
+        label = attr(target, "label", "name", default="chosen card")
+        return (f"planned for the {label}, but this machine has no NVIDIA GPU: it cannot train here. "
+                "Train here: step 1 (ctrl+b ×4), choose the CPU. On that card: save (ctrl+s) and open it "
+                "in the wizard there.")
 
     def action_start(self) -> None:
         from core import runs
 
         if self.state in ("starting", "running"):
             self.set_status("a run is already going; ctrl+x stops it", "warning")
+            return
+        problem = self.cannot_train_here()
+        if problem:
+            self.set_status(problem, "error")
             return
         try:
             cfg = self.app.config()
