@@ -285,3 +285,55 @@ async def test_a_budget_above_the_cards_memory_is_refused(wizard_env):
         await pilot.press("ctrl+n")
         assert not isinstance(app.screen, GpuScreen)
         assert app.get_value("gpu.vram_budget_gib") == 3.5
+
+
+def ended_run(base, name: str, last: dict, steps: int = 3):
+    """A run directory whose log ends with `last` (run_stopped or run_failed) after a few steps."""
+    from core.presets import load_preset
+    from test_tui_helpers import write_events
+
+    run_dir = base / name
+    run_dir.mkdir(parents=True)
+    cfg = load_preset("demo").with_overrides(["gpu.profile='cpu'"])
+    cfg.write_toml(run_dir / "config.toml")
+    events = [{"event": "run_started", "config": cfg.to_dict(), "versions": {}, "total_steps": 8,
+               "device": {"type": "cpu", "name": "cpu"}, "resumed_from": None}]
+    for s in range(1, steps + 1):
+        events.append({"event": "step_logged", "step": s, "total_steps": 8, "epoch": s / 8, "loss": 5.0 - s * 0.1,
+                       "learning_rate": 1e-3, "tokens_per_s": 500.0, "tokens_seen": 1000 * s, "eta_s": 20.0})
+    events.append(last)
+    write_events(run_dir, events)
+    (run_dir / "pid").write_text("999999999\n")
+    return run_dir
+
+
+async def test_a_stopped_run_shows_no_eta(wizard_env):
+    from tui.screens.train import TrainScreen
+
+    run_dir = ended_run(wizard_env["runs"], "stopped-run", {"event": "run_stopped", "step": 3, "checkpoint": None})
+    app = SnugtuneApp(demo_app("cpu").config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        assert isinstance(app.screen, TrainScreen)
+        await wait_for(pilot, lambda: app.screen.state == "stopped", what="the stopped run")
+        eta = str(app.screen.query_one("#eta").render())
+        assert "ETA" not in eta and "stopped" in eta
+
+
+async def test_back_to_train_after_a_failed_run_starts_fresh(wizard_env):
+    from tui.screens.settings import SettingsScreen
+    from tui.screens.train import TrainScreen
+
+    run_dir = ended_run(wizard_env["runs"], "failed-run", {"event": "run_failed", "error": "boom", "kind": "internal"})
+    app = SnugtuneApp(demo_app("cpu").config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "failed", what="the failed run")
+        assert app.screen.query_one("#engine-error").display
+        await pilot.press("ctrl+b")
+        assert isinstance(app.screen, SettingsScreen)
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, TrainScreen)
+        await pilot.pause()
+        assert app.screen.state == "ready"
+        assert not app.screen.query_one("#engine-error").display
+        assert "Ready to train" in str(app.screen.query_one("#run-title").render())
+        assert "failed-run, failed" in status_text(app)

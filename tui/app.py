@@ -63,6 +63,7 @@ class SnugtuneApp(App[int]):
         self.run_dir: Path | None = Path(attach) if attach else None
         self.last_estimate: Any = None
         self.run_result: dict | None = None  # the run_finished event of the run in step 5
+        self.run_state: str | None = None  # the state step 5 last showed (ready, running, failed...)
         self.check_runs = check_runs and attach is None
         self.exit_after_first_frame = os.environ.get(EXIT_AFTER_FIRST_FRAME, "")
         self.step = 0

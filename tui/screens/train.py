@@ -68,7 +68,16 @@ class TrainScreen(StepScreen):
         self.set_interval(PLOT_REDRAW_S, self._redraw_plot)
         if self.gpu is not None and not attr(self.gpu, "is_cpu", default=False) and attr(self.gpu, "detected", default=False):
             self.set_interval(GPU_POLL_S, self.poll_gpu)
-        if self.app.run_dir is not None:
+        previous = getattr(self.app, "run_state", None)
+        if self.app.run_dir is not None and previous == "failed":
+            # back here after a failed run (to change a setting): a fresh start, not the old panel
+            # with its error and a bar that moves without a run
+            name = self.app.run_dir.name
+            self.app.run_dir = None
+            self.app.run_state = None
+            self.show_ready()
+            self.set_status(f"the last run, {name}, failed; ctrl+t starts a new one with these settings", "warning")
+        elif self.app.run_dir is not None:
             self.follow(self.app.run_dir)
         else:
             self.show_ready()
@@ -276,11 +285,16 @@ class TrainScreen(StepScreen):
         if self.last.get("epoch") is not None:
             title.append(f" · epoch {float(self.last['epoch']):.2f}")
         self.query_one("#run-title", Label).update(title)
+        self.app.run_state = self.state
         bar = self.query_one("#progress", ProgressBar)
+        over = self.state in ("stopped", "failed")
         if total:
             bar.update(total=total, progress=step if self.state != "finished" else total)
+        elif over:
+            bar.update(total=1, progress=0)  # no run going: the bar stands still
         eta = self.last.get("eta_s")
-        self.query_one("#eta", Label).update("done" if self.state == "finished" else
+        # a stopped or failed run has no time left to show
+        self.query_one("#eta", Label).update("done" if self.state == "finished" else self.state if over else
                                              f"ETA {fmt_duration(eta)}" if eta is not None else "ETA …")
         self.query_one("#stats", Static).update(self.stats_text())
 
