@@ -337,3 +337,21 @@ async def test_back_to_train_after_a_failed_run_starts_fresh(wizard_env):
         assert not app.screen.query_one("#engine-error").display
         assert "Ready to train" in str(app.screen.query_one("#run-title").render())
         assert "failed-run, failed" in status_text(app)
+
+
+# ---- item 10: chat in the wizard is quick by default -----------------------------------------
+
+async def test_chat_compares_with_the_base_only_when_asked_and_caps_the_answer(wizard_env):
+    from textual.widgets import Checkbox
+
+    from tui.screens.done import CHAT_MAX_NEW_TOKENS, DoneScreen, chat_request
+
+    run_dir = finished_run(wizard_env["runs"], "demo-run")
+    app = SnugtuneApp(demo_app("gtx-1650").config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "finished", what="the replayed run")
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, DoneScreen)
+        assert app.screen.query_one("#compare", Checkbox).value is False
+        assert not app.screen.query_one("#chat-base").display
+    assert chat_request("hi", False, 1)["max_new_tokens"] == CHAT_MAX_NEW_TOKENS <= 64
