@@ -355,3 +355,38 @@ async def test_chat_compares_with_the_base_only_when_asked_and_caps_the_answer(w
         assert app.screen.query_one("#compare", Checkbox).value is False
         assert not app.screen.query_one("#chat-base").display
     assert chat_request("hi", False, 1)["max_new_tokens"] == CHAT_MAX_NEW_TOKENS <= 64
+
+
+# ---- item 12: wording -------------------------------------------------------------------------
+
+async def test_wording_singulars_and_parameter_counts(wizard_env):
+    from tui.screens.train import TrainScreen
+
+    data = write_jsonl(wizard_env["tmp"] / "one.jsonl", QA_ROWS[:1])
+    # one sample, one epoch, no max_steps: "1 epoch" and "(1 step)"
+    app = demo_app("cpu", [f"data.path='{data}'"])
+    app.cfg_data["train"].pop("max_steps", None)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "per epoch" in str(app.screen.query_one("#timing").render()), timeout=90,
+                       what="the time per epoch")
+        assert "(1 step)" in str(app.screen.query_one("#timing").render())
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, TrainScreen)
+        stats = str(app.screen.query_one("#stats").render())
+        assert "1 epoch\n" in stats and "epochs" not in stats
+
+
+def test_cli_estimate_says_durations_and_one_header_order(capsys):
+    import argparse
+
+    from tui import cmd_know
+
+    assert cmd_know._duration(1426241.0) == "16d12h" and cmd_know._duration(12.34) == "12.3 s"
+    parser = argparse.ArgumentParser()
+    cmd_know.register(parser.add_subparsers())
+    args = parser.parse_args(["estimate", "--model", "Qwen/Qwen2.5-1.5B", "--gpu", "gtx-1650", "--seq", "2048",
+                              "--batch", "1", "--grad-accum", "8"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "2048 tokens x 1, recipe" in out  # the table's header: tokens x micro-batch
+    assert "(2048 tokens x 1 x 8 accumulated)" in out  # the time line in the same order

@@ -123,7 +123,9 @@ class DoneScreen(StepScreen):
         info.append(str(adapter), style="bold underline")
         bits = []
         if result.get("steps") is not None:
-            bits.append(f"{result['steps']} steps")
+            from tui.screens.base import plural
+
+            bits.append(plural(result["steps"], "step"))
         if isinstance(result.get("final_loss"), (int, float)):
             bits.append(f"final loss {result['final_loss']:.4f}")
         if result.get("runtime_s") is not None:

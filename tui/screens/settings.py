@@ -15,7 +15,7 @@ from textual.widgets import Checkbox, Input, Label, Select, Static
 from core.config import ConfigError, RunConfig, field_help
 from core.errors import UserError
 from tui.messages import DataInspected, ModelResolved
-from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors
+from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors, plural
 from tui.widgets.vrambar import VramBar
 
 # Typing pauses shorter than this are one edit: the estimate waits for the pause.
@@ -404,7 +404,7 @@ class SettingsScreen(StepScreen):
         out = Text(f"≈ {step_s:.2f} s per step" if step_s < 90 else f"≈ {fmt_duration(step_s)} per step",
                    style="bold")
         if steps:
-            out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({steps} steps)", style="bold")
+            out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({plural(steps, 'step')})", style="bold")
         elif self.data_error:
             out.append(f"\nper epoch: unknown, the data could not be read ({self.data_error})", style="dim")
         if cfg.train.max_steps:

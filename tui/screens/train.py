@@ -19,7 +19,7 @@ from textual.worker import get_current_worker
 from core.config import ConfigError
 from core.errors import UserError
 from tui.messages import GpuStats, RunEvent
-from tui.screens.base import StepScreen, attr, fmt_duration
+from tui.screens.base import StepScreen, attr, fmt_duration, plural
 from tui.widgets.lossplot import LossPlot
 
 # NVML readings every this many seconds: often enough to see memory climb, cheap for the driver.
@@ -118,7 +118,7 @@ class TrainScreen(StepScreen):
             f"gpu        {attr(self.gpu, 'label', 'name', default=cfg.gpu.profile)}",
             f"LoRA       r={cfg.lora.r} alpha={cfg.lora.alpha:g} targets={cfg.lora.target_modules}",
             f"batch      {cfg.train.micro_batch} x {cfg.train.grad_accum} accum, seq {cfg.data.max_seq_len}",
-            "length     " + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"),
+            "length     " + (plural(cfg.train.max_steps, "step") if cfg.train.max_steps else plural(cfg.train.epochs, "epoch")),
         ]
         if est is not None:
             lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB")
