@@ -296,12 +296,15 @@ def ended_run(base, name: str, last: dict, steps: int = 3):
     run_dir.mkdir(parents=True)
     cfg = load_preset("demo").with_overrides(["gpu.profile='cpu'"])
     cfg.write_toml(run_dir / "config.toml")
-    events = [{"event": "run_started", "config": cfg.to_dict(), "versions": {}, "total_steps": 8,
+    # fixed times (the writer keeps a given one): 10 s a step, the end 5 s after the last step
+    t0 = 1_700_000_000.0
+    events = [{"event": "run_started", "time": t0, "config": cfg.to_dict(), "versions": {}, "total_steps": 8,
                "device": {"type": "cpu", "name": "cpu"}, "resumed_from": None}]
     for s in range(1, steps + 1):
-        events.append({"event": "step_logged", "step": s, "total_steps": 8, "epoch": s / 8, "loss": 5.0 - s * 0.1,
-                       "learning_rate": 1e-3, "tokens_per_s": 500.0, "tokens_seen": 1000 * s, "eta_s": 20.0})
-    events.append(last)
+        events.append({"event": "step_logged", "time": t0 + 10 * s, "step": s, "total_steps": 8, "epoch": s / 8,
+                       "loss": 5.0 - s * 0.1, "learning_rate": 1e-3, "tokens_per_s": 500.0, "tokens_seen": 1000 * s,
+                       "eta_s": 20.0})
+    events.append({"time": t0 + 10 * steps + 5, **last})
     write_events(run_dir, events)
     (run_dir / "pid").write_text("999999999\n")
     return run_dir
@@ -390,3 +393,64 @@ def test_cli_estimate_says_durations_and_one_header_order(capsys):
     out = capsys.readouterr().out
     assert "2048 tokens x 1, recipe" in out  # the table's header: tokens x micro-batch
     assert "(2048 tokens x 1 x 8 accumulated)" in out  # the time line in the same order
+
+
+# ---- item 15: the data is read once per version; the browser goes up ------------------------
+
+async def test_data_is_not_read_again_on_each_visit(wizard_env):
+    from tui.screens.data import DataScreen
+    from tui.screens.settings import SettingsScreen
+
+    data = write_jsonl(wizard_env["tmp"] / "qa.jsonl", QA_ROWS)
+    app = demo_app("cpu", [f"data.path='{data}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        # settings reads the lengths in the background; leaving at once must not restart the read
+        await pilot.press("ctrl+b")
+        assert isinstance(app.screen, DataScreen)
+        await wait_for(pilot, lambda: "Paris" in str(app.screen.query_one("#samples", Static).render()),
+                       what="the preview")
+        for _ in range(2):
+            await pilot.press("ctrl+n")
+            assert isinstance(app.screen, SettingsScreen)
+            await pilot.press("ctrl+b")
+            assert isinstance(app.screen, DataScreen)
+            assert "Paris" in str(app.screen.query_one("#samples", Static).render())
+        app.screen.query_one("#path", Input).focus()
+        await pilot.press("enter")
+        assert "Paris" in str(app.screen.query_one("#samples", Static).render())
+        assert app.data_reads == 1
+        # the file changes on disk: read again
+        write_jsonl(data, QA_ROWS + [{"question": "Moon?", "answer": "Luna"}])
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.data_reads == 2 and "5 samples" in status_text(app), what="the re-read")
+
+
+async def test_file_browser_goes_above_its_first_folder(wizard_env):
+    from tui.screens.modals import FilePickerScreen
+
+    folder = wizard_env["tmp"] / "deep" / "er"
+    folder.mkdir(parents=True)
+    data = write_jsonl(wizard_env["tmp"] / "deep" / "qa.jsonl", QA_ROWS)
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+b")
+        app.screen.query_one("#path", Input).value = str(folder)
+        await pilot.press("ctrl+o")
+        assert isinstance(app.screen, FilePickerScreen)
+        tree = app.screen.query_one("#tree")
+        assert tree.path == folder
+        await pilot.press("backspace")
+        assert tree.path == folder.parent
+        await wait_for(pilot, lambda: any(c.data.path == data for c in tree.root.children), what="the parent's files")
+
+
+# ---- missing: the step panel shows the elapsed time and the tokens seen ----------------------
+
+async def test_panel_shows_elapsed_time_and_tokens_seen(wizard_env):
+    run_dir = ended_run(wizard_env["runs"], "stopped-run", {"event": "run_stopped", "step": 3, "checkpoint": None})
+    app = SnugtuneApp(demo_app("cpu").config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "stopped", what="the stopped run")
+        stats = str(app.screen.query_one("#stats", Static).render())
+        assert "3,000 seen" in stats
+        assert "elapsed   35s" in stats  # run_started to run_stopped

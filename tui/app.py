@@ -60,6 +60,12 @@ class SnugtuneApp(App[int]):
         self._gpu_targets: dict[tuple, Any] = {}
         self.spec: Any = None  # core.catalog.ModelSpec of the chosen model
         self.data_report: dict | None = None  # the last `data inspect --json` report
+        # reports by what they read (path, format, columns, model, length, template, file mtime):
+        # coming back to the data step, or settings asking for lengths, reuses them (issue 14)
+        self.data_cache: dict[tuple, dict] = {}
+        self._data_reading: set[tuple] = set()
+        self.data_key_wanted: tuple = ()
+        self.data_reads = 0  # `data inspect` runs started (the tests count them)
         self.run_dir: Path | None = Path(attach) if attach else None
         self.last_estimate: Any = None
         self.run_result: dict | None = None  # the run_finished event of the run in step 5
@@ -130,6 +136,56 @@ class SnugtuneApp(App[int]):
             except UserError:
                 return None
         return self._gpu_targets[key]
+
+    # ---- reading the data (one reader for the data and settings steps) -------------------
+
+    def data_key(self, path: str, fmt: str, columns: dict[str, str]) -> tuple:
+        import json
+
+        try:
+            st = Path(path).expanduser().stat()
+            stamp: tuple | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None  # a Hub dataset or builtin: data: the name is the version
+        return (path, fmt, json.dumps(columns, sort_keys=True), self.get_value("model.name_or_path"),
+                self.get_value("data.max_seq_len"), self.get_value("data.template"), stamp)
+
+    def read_data(self, path: str, fmt: str, columns: dict[str, str]) -> tuple[tuple, dict | None]:
+        """(key, the cached report) or (key, None) with a read started or already going; the
+        answer comes as a DataInspected message to the screen on show. The read belongs to the
+        App, not to a step, so moving between steps does not kill and restart it."""
+        key = self.data_key(path, fmt, columns)
+        self.data_key_wanted = key
+        if key in self.data_cache:
+            self.data_report = self.data_cache[key]
+            return key, self.data_report
+        if key not in self._data_reading:
+            self._data_reading.add(key)
+            self.data_reads += 1
+            self.run_worker(lambda: self._read_data(key, path, fmt, columns), thread=True, exit_on_error=False,
+                            name="data preview", group="data")
+        return key, None
+
+    def _read_data(self, key: tuple, path: str, fmt: str, columns: dict[str, str]) -> None:
+        from tui.screens.data import inspect_data
+
+        try:
+            report, error = inspect_data(self, path, fmt, columns)
+        except Exception as exc:  # noqa: BLE001 - said on screen; the next ask reads again
+            report, error = None, f"reading the data failed: {exc}"
+        self.call_from_thread(self._data_read, key, path, report, error)
+
+    def _data_read(self, key: tuple, path: str, report: dict | None, error: str | None) -> None:
+        from tui.messages import DataInspected
+
+        self._data_reading.discard(key)
+        if report is None and error is None:
+            return  # cancelled (the wizard is quitting)
+        if report is not None:
+            self.data_cache[key] = report
+        if key == self.data_key_wanted:
+            self.data_report = report
+        self.screen.post_message(DataInspected(path, report=report, error=error, key=key))
 
     # ---- moving between steps ---------------------------------------------------------
 

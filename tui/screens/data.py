@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import Suggester
@@ -216,7 +216,7 @@ class DataScreen(StepScreen):
     def on_mount(self) -> None:
         self.report = self.app.data_report
         self.inspected_for: tuple | None = None
-        self.request = 0
+        self.wanted: tuple = ()
         if self.report is not None:
             self.show_report(self.report)
             self.inspected_for = self._key()
@@ -259,21 +259,18 @@ class DataScreen(StepScreen):
             self.set_status(f"columns: {exc}", "error")
             return
         self.save_state()
+        self.wanted, cached = self.app.read_data(path, self.query_one("#format", Select).value, columns)
+        if cached is not None:
+            # read before (this visit or an earlier one) and unchanged on disk: no second read
+            self._inspected(DataInspected(path, report=cached, key=self.wanted))
+            return
         self.set_status(f"reading {path} and counting tokens…")
         self.query_one("#samples", Static).update(Text("reading…", style="dim"))
         self.query_one("#lengths", Static).update("")
-        self.request += 1
-        self.run_inspect(path, self.query_one("#format", Select).value, columns, self.request)
-
-    @work(thread=True, exit_on_error=False, name="data preview", exclusive=True, group="inspect")
-    def run_inspect(self, path: str, fmt: str, columns: dict[str, str], request: int) -> None:
-        report, error = inspect_data(self.app, path, fmt, columns)
-        if report is not None or error is not None:  # (None, None): cancelled
-            self.post_message(DataInspected(path, request=request, report=report, error=error))
 
     @on(DataInspected)
     def _inspected(self, msg: DataInspected) -> None:
-        if msg.request != self.request:
+        if msg.key != self.wanted:
             return  # a preview the user has since replaced (a thread cannot be cancelled mid-run)
         if msg.error:
             self.report = None

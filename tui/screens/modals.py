@@ -94,9 +94,10 @@ class RunsScreen(ModalScreen[Path | None]):
 
 
 class FilePickerScreen(ModalScreen[str | None]):
-    """A file tree to pick a data file from (directories and data files only)."""
+    """A file tree to pick a data file from (directories and data files only); backspace goes
+    up a folder, above the one it opened in (issue 14: it could not)."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("backspace", "parent", "Parent folder")]
 
     def __init__(self, root: str | Path, suffixes: set[str]):
         super().__init__()
@@ -113,10 +114,18 @@ class FilePickerScreen(ModalScreen[str | None]):
                         and (p.is_dir() or p.suffix.lower() in suffixes)]
 
         with Vertical(classes="dialog", id="picker"):
-            yield Label(f"Pick a data file under {self.root}", classes="dialog-title")
+            yield Label(f"Pick a data file under {self.root}", classes="dialog-title", id="picker-title")
             yield DataTree(self.root, id="tree")
-            yield Static("Enter: open a folder / pick a file · Escape: cancel", classes="hint")
+            yield Static("Enter: open a folder / pick a file · Backspace: parent folder · Escape: cancel",
+                         classes="hint")
         yield Footer()
+
+    def action_parent(self) -> None:
+        if self.root.parent == self.root:
+            return  # at the file system's root
+        self.root = self.root.parent
+        self.query_one("#tree").path = self.root
+        self.query_one("#picker-title", Label).update(f"Pick a data file under {self.root}")
 
     def on_directory_tree_file_selected(self, event) -> None:
         self.dismiss(str(event.path))

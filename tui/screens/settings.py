@@ -212,18 +212,17 @@ class SettingsScreen(StepScreen):
         except hub_errors() as exc:
             self.post_message(ModelResolved(name, error=str(exc)))
 
-    @work(thread=True, exit_on_error=False, name="data statistics", exclusive=True, group="inspect")
     def read_data(self) -> None:
-        from tui.screens.data import inspect_data
-
         path = self.app.get_value("data.path")
-        report, error = inspect_data(self.app, path, self.app.get_value("data.format", "auto"),
-                                     self.app.get_value("data.columns", {}) or {})
-        if report is not None or error is not None:
-            self.post_message(DataInspected(path, report=report, error=error))
+        self.data_wanted, cached = self.app.read_data(path, self.app.get_value("data.format", "auto"),
+                                                      self.app.get_value("data.columns", {}) or {})
+        if cached is not None:
+            self._data_read(DataInspected(path, report=cached, key=self.data_wanted))
 
     @on(DataInspected)
     def _data_read(self, msg: DataInspected) -> None:
+        if msg.key != getattr(self, "data_wanted", ()):
+            return
         self.data_pending = False
         self.data_error = msg.error.splitlines()[0] if msg.error else None
         if msg.report is not None:

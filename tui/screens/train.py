@@ -6,6 +6,7 @@ SSH session, does not stop it; the wizard (or `snugtune attach`) can follow it a
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ class TrainScreen(StepScreen):
         self.gpu_stats: dict = {}
         self.failure: dict | None = None
         self.setup_message = ""
+        self.started_at: float | None = None  # the run_started event's time (this session of the run)
+        self.last_time: float | None = None
         plot = self.query_one("#loss", LossPlot)
         plot.train.clear()
         plot.evals.clear()
@@ -205,7 +208,10 @@ class TrainScreen(StepScreen):
     def _event(self, msg: RunEvent) -> None:
         e = msg.event
         kind = e.get("event")
+        if isinstance(e.get("time"), (int, float)):
+            self.last_time = float(e["time"])
         if kind == "run_started":
+            self.started_at = self.last_time
             self.state = "running"
             self.failure = None
             self.query_one("#engine-error", Static).display = False
@@ -268,6 +274,8 @@ class TrainScreen(StepScreen):
                         + "ctrl+b to change the settings, ctrl+t to start again", "error")
 
     def _redraw_plot(self) -> None:
+        if self.state in ("starting", "running") and self.started_at is not None:
+            self.query_one("#stats", Static).update(self.stats_text())  # the elapsed time ticks
         if self._plot_dirty:
             self._plot_dirty = False
             self.query_one("#loss", LossPlot).redraw()
@@ -312,6 +320,13 @@ class TrainScreen(StepScreen):
         row("lr", f"{lr:.2e}" if isinstance(lr, (int, float)) else "…")
         tps = last.get("tokens_per_s")
         row("tokens/s", f"{tps:,.0f}" if isinstance(tps, (int, float)) else "…")
+        seen = last.get("tokens_seen")
+        if isinstance(seen, (int, float)):
+            row("tokens", f"{int(seen):,} seen")
+        if self.started_at is not None:
+            live = self.state in ("starting", "running")
+            end = time.time() if live else (self.last_time or self.started_at)
+            row("elapsed", fmt_duration(max(0.0, end - self.started_at)))
         est = self.app.last_estimate
         est_total = attr(est, "total_gib") if est is not None else None
         used = self.gpu_stats.get("used_gib")
