@@ -454,3 +454,40 @@ async def test_panel_shows_elapsed_time_and_tokens_seen(wizard_env):
         stats = str(app.screen.query_one("#stats", Static).render())
         assert "3,000 seen" in stats
         assert "elapsed   35s" in stats  # run_started to run_stopped
+
+
+# ---- missing: "copy the command" --------------------------------------------------------------
+
+async def test_the_command_shown_is_the_setup_exactly(wizard_env):
+    import shlex
+
+    from core.presets import load_preset
+    from tui.screens.modals import CommandScreen
+
+    data = write_jsonl(wizard_env["tmp"] / "my data.jsonl", QA_ROWS)
+    app = demo_app("cpu", [f"data.path='{data}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        app.screen.query_one("#lora-r", Input).value = "8"
+        app.screen.query_one("#train-warmup_ratio", Input).value = "0.1"
+        await pilot.press("ctrl+y")
+        assert isinstance(app.screen, CommandScreen)
+        line = app.screen.query_one("#command").text
+        assert app.clipboard == line
+        argv = shlex.split(line)
+        assert argv[:3] == ["snugtune", "train", "demo"]
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        # what `snugtune train` would build from it (tui/cmd_runs.cmd_train) is the setup on screen
+        rebuilt = load_preset("demo").with_overrides(sets)
+        assert rebuilt.to_dict() == app.config().to_dict()
+        assert "lora.r=8" in sets and any(s.startswith("data.path=") for s in sets)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, CommandScreen)
+
+
+def test_the_command_without_a_preset_uses_the_closest_builtin():
+    from core.presets import load_preset
+    from tui.command import train_command
+
+    cfg = load_preset("gtx-1650-qwen2.5-0.5b").with_overrides(["lora.r=4"]).to_dict()
+    line, note = train_command(cfg, None)
+    assert line == "snugtune train gtx-1650-qwen2.5-0.5b --set lora.r=4" and "built-in preset" in note

@@ -235,6 +235,24 @@ class SnugtuneApp(App[int]):
         screen.save_state()
         self.goto(self.step - 1)
 
+    # ---- the equivalent command ------------------------------------------------------
+
+    def action_show_command(self) -> None:
+        from tui.command import train_command
+        from tui.screens.modals import CommandScreen
+
+        screen = self.screen
+        if not isinstance(screen, StepScreen):
+            return
+        screen.save_state()
+        try:
+            cfg = self.config()
+        except UserError as exc:
+            screen.set_status(f"no command yet: {exc}", "error")
+            return
+        line, note = train_command(cfg.to_dict(), self.preset_name)
+        self.push_screen(CommandScreen(line, note))
+
     # ---- presets ----------------------------------------------------------------------
 
     def action_save_preset(self) -> None:

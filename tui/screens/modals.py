@@ -132,3 +132,32 @@ class FilePickerScreen(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class CommandScreen(ModalScreen[None]):
+    """The `snugtune train ...` line of the setup, selectable, and already on the clipboard."""
+
+    BINDINGS = [Binding("escape", "close", "Close")]
+
+    def __init__(self, command: str, note: str | None = None):
+        super().__init__()
+        self.command, self.note = command, note
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import TextArea
+
+        with Vertical(classes="dialog", id="command-dialog"):
+            yield Label("The same run from a shell", classes="dialog-title")
+            yield TextArea(self.command, read_only=True, soft_wrap=True, show_line_numbers=False, id="command")
+            if self.note:
+                yield Static(self.note, classes="hint")
+            yield Static("Copied to the clipboard where the terminal allows it (OSC 52); or select it here "
+                         "(shift+arrows, ctrl+c). Escape: close", classes="hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.copy_to_clipboard(self.command)
+        self.query_one("#command").focus()
+
+    def action_close(self) -> None:
+        self.dismiss(None)

@@ -135,7 +135,8 @@ def config_errors(exc: ConfigError) -> dict[str, str]:
 
 class SettingsScreen(StepScreen):
     STEP = 3
-    BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+f", "autofit", "Auto-fit", priority=True)]
+    BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+f", "autofit", "Auto-fit", priority=True),
+                                      Binding("ctrl+y", "app.show_command", "Command", priority=True)]
 
     def compose_body(self):
         with Horizontal(id="settings-body"):

@@ -50,6 +50,7 @@ class TrainScreen(StepScreen):
         Binding("ctrl+t", "start", "Start", priority=True),
         Binding("ctrl+x", "stop", "Stop", priority=True),
         Binding("ctrl+r", "resume", "Resume", priority=True),
+        Binding("ctrl+y", "app.show_command", "Command", priority=True),
     ]
 
     def compose_body(self):
