@@ -221,7 +221,8 @@ async def test_offline_catalog_model_previews_with_a_fallback_and_reaches_settin
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+b")
         assert isinstance(app.screen, DataScreen)
-        await wait_for(pilot, lambda: app.data_report is not None, timeout=120, what="the fallback preview")
+        await wait_for(pilot, lambda: "Paris" in str(app.screen.query_one("#samples", Static).render()),
+                       timeout=120, what="the fallback preview")
         samples = str(app.screen.query_one("#samples", Static).render())
         assert "Paris" in samples and "token counts are estimates" in samples
         assert "estimated" in status_text(app)

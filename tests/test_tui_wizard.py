@@ -69,7 +69,8 @@ async def test_every_step_forward_and_back(wizard_env):
         assert "plain recipe" in str(app.screen.query_one("#totals", Static).render())
         await pilot.press("ctrl+n")
         assert isinstance(app.screen, TrainScreen)
-        assert "ctrl+t" in str(app.screen.query_one("#run-title").render())
+        # a card profile on this GPU-less machine (gpus=[]): planned, not startable (test_tui_issue14)
+        assert "cannot train here" in status_text(app)
         # no run yet: Done is refused with the reason
         await pilot.press("ctrl+n")
         assert isinstance(app.screen, TrainScreen)

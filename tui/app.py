@@ -64,7 +64,6 @@ class SnugtuneApp(App[int]):
         # coming back to the data step, or settings asking for lengths, reuses them (issue 14)
         self.data_cache: dict[tuple, dict] = {}
         self._data_reading: set[tuple] = set()
-        self.data_key_wanted: tuple = ()
         self.data_reads = 0  # `data inspect` runs started (the tests count them)
         self.run_dir: Path | None = Path(attach) if attach else None
         self.last_estimate: Any = None
@@ -155,7 +154,6 @@ class SnugtuneApp(App[int]):
         answer comes as a DataInspected message to the screen on show. The read belongs to the
         App, not to a step, so moving between steps does not kill and restart it."""
         key = self.data_key(path, fmt, columns)
-        self.data_key_wanted = key
         if key in self.data_cache:
             self.data_report = self.data_cache[key]
             return key, self.data_report
@@ -183,8 +181,7 @@ class SnugtuneApp(App[int]):
             return  # cancelled (the wizard is quitting)
         if report is not None:
             self.data_cache[key] = report
-        if key == self.data_key_wanted:
-            self.data_report = report
+        # the screen on show takes it (and sets data_report) when the message arrives
         self.screen.post_message(DataInspected(path, report=report, error=error, key=key))
 
     # ---- moving between steps ---------------------------------------------------------
