@@ -492,3 +492,19 @@ def test_the_command_without_a_preset_uses_the_closest_builtin():
     cfg = load_preset("gtx-1650-qwen2.5-0.5b").with_overrides(["lora.r=4"]).to_dict()
     line, note = train_command(cfg, None)
     assert line == "snugtune train gtx-1650-qwen2.5-0.5b --set lora.r=4" and "built-in preset" in note
+
+
+def test_the_command_round_trips_awkward_values():
+    import shlex
+
+    from core.presets import load_preset
+    from tui.command import train_command
+
+    cfg = load_preset("demo").with_overrides(["gpu.profile='gtx-1650'", "data.path='/tmp/my data.jsonl'",
+                                              "lora.target_modules=['q_proj']", "data.columns={instruction='q'}",
+                                              "output.name='true'", "train.learning_rate=0.0003"])
+    line, _ = train_command(cfg.to_dict(), "demo")
+    assert "--set gpu.profile=gtx-1650 " in line  # bare where --set reads it back the same
+    argv = shlex.split(line)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert load_preset("demo").with_overrides(sets).to_dict() == cfg.to_dict()

@@ -26,17 +26,24 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def toml_value(value: Any) -> str:
+def toml_value(value: Any, top: bool = True) -> str:
     """A value as `--set` parses it (TOML: quoted strings, true/false, numbers, arrays, tables)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(v, False)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string for the characters paths and ids use
+        return "[" + ", ".join(toml_value(v, False) for v in value) + "]"
+    text = str(value)
+    from core.config import parse_value
+
+    # bare where --set reads it back as this same string (gtx-1650, Qwen/Qwen2.5-0.5B): easier to
+    # read and edit; quoted where it would parse as something else (true, 12, a list)
+    if top and text and not any(c.isspace() or c in "'\"\\#=" for c in text) and parse_value(text) == text:
+        return text
+    return json.dumps(text)  # a TOML basic string
 
 
 def overrides(base: dict, current: dict) -> list[str] | None:

@@ -401,7 +401,8 @@ class SettingsScreen(StepScreen):
         if step_s is None:
             return Text("")
         steps = self.steps_per_epoch(cfg)
-        out = Text(f"≈ {step_s:.2f} s per step" if step_s < 90 else f"≈ {fmt_duration(step_s)} per step",
+        # durations as the rest of the wizard writes them (89s, 22m28s); decimals only below 10 s
+        out = Text(f"≈ {step_s:.2f}s per step" if step_s < 10 else f"≈ {fmt_duration(step_s)} per step",
                    style="bold")
         if steps:
             out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({plural(steps, 'step')})", style="bold")

@@ -50,7 +50,8 @@ class TrainScreen(StepScreen):
         Binding("ctrl+t", "start", "Start", priority=True),
         Binding("ctrl+x", "stop", "Stop", priority=True),
         Binding("ctrl+r", "resume", "Resume", priority=True),
-        Binding("ctrl+y", "app.show_command", "Command", priority=True),
+        # (not in the footer: at 80 columns it would push Resume off; the settings step shows it)
+        Binding("ctrl+y", "app.show_command", "Command", priority=True, show=False),
     ]
 
     def compose_body(self):
