@@ -508,3 +508,16 @@ def test_the_command_round_trips_awkward_values():
     argv = shlex.split(line)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert load_preset("demo").with_overrides(sets).to_dict() == cfg.to_dict()
+
+
+async def test_checkboxes_say_on_or_off_in_words(wizard_env, monkeypatch):
+    from textual.widgets import Checkbox
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.screen.query_one("#data-packing", Checkbox)
+        assert str(box.label).endswith(": on")
+        box.focus()
+        await pilot.press("enter")
+        assert box.value is False and str(box.label).endswith(": off")

@@ -16,6 +16,7 @@ from textual.widgets import Checkbox, Input, RichLog, Static
 
 from tui.messages import ChatReply, JobDone
 from tui.screens.base import Cancelled, StepScreen, run_command
+from tui.widgets.onoff import OnOff
 
 # Loading a model for chat takes seconds on a GPU, longer on the CPU; a reply longer than this
 # means the chat process is stuck, and the user is told so rather than waiting forever.
@@ -101,8 +102,8 @@ class DoneScreen(StepScreen):
 
     def compose_body(self):
         yield Static("", id="adapter-info")
-        yield Checkbox("Answer with the base model too (adapter switched off)", value=self.compare_default(),
-                       id="compare", compact=True)
+        yield OnOff("Base model's answer beside it (adapter switched off, twice the wait)",
+                    value=self.compare_default(), id="compare", compact=True)
         with Horizontal(id="chat-logs"):
             yield RichLog(id="chat-adapter", wrap=True, markup=False)
             yield RichLog(id="chat-base", wrap=True, markup=False)

@@ -16,6 +16,7 @@ from core.config import ConfigError, RunConfig, field_help
 from core.errors import UserError
 from tui.messages import DataInspected, ModelResolved
 from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors, plural
+from tui.widgets.onoff import OnOff
 from tui.widgets.vrambar import VramBar
 
 # Typing pauses shorter than this are one edit: the estimate waits for the pause.
@@ -179,7 +180,7 @@ class SettingsScreen(StepScreen):
         for dotted, label, adv in CHECKBOX_FIELDS:
             if adv != advanced:
                 continue
-            yield Checkbox(label, value=bool(self.app.get_value(dotted, field_default(dotted))),
+            yield OnOff(label, value=bool(self.app.get_value(dotted, field_default(dotted))),
                            id=field_id(dotted), compact=True, classes="field-check")
             yield Static(field_help(dotted), classes="hint")
 
