@@ -481,17 +481,13 @@ class SettingsScreen(StepScreen):
 
 
 def shared_autofit():
-    """The auto-fit `snugtune estimate --autofit` runs: core.plan's once the one plan has it
-    (issue 9), core.estimate's until then. One function, so the wizard and the CLI cannot
-    disagree (issue 14: the wizard's ignored the model's context length)."""
-    try:
-        from core import plan
-    except ImportError:
-        plan = None
-    fn = getattr(plan, "autofit", None)
-    if fn is None:
-        from core.estimate import autofit as fn
-    return fn
+    """The auto-fit `snugtune estimate --autofit` runs: core.estimate.fit_for once issue 9 has
+    made it the one auto-fit (it respects the model's positions), core.estimate.autofit before.
+    One function, so the wizard and the CLI cannot disagree (issue 14: the wizard's ignored the
+    model's context length); tests/test_tui_issue14.py compares the two."""
+    from core import estimate
+
+    return getattr(estimate, "fit_for", None) or estimate.autofit
 
 
 def position_warning(spec: Any, seq: int) -> str | None:
