@@ -152,7 +152,7 @@ class GpuScreen(StepScreen):
                 return "memory budget: must be more than 0 and at most 1024 GiB"
             card, total = self.chosen_card()
             if total and value > total:
-                return (f"memory budget: {value:g} GiB is more than the {card}'s {total:.1f} GiB; "
+                return (f"memory budget: {value:g} GiB is more than the {card}'s {total:.2f} GiB; "
                         "give at most that, or leave it blank for the whole card")
         return None
 
