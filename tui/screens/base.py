@@ -106,6 +106,8 @@ def plural(n: float, word: str) -> str:
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 1:
+        return "<1s"  # not "0s": something that takes no time at all reads as a bug
     seconds = int(seconds)
     if seconds < 90:
         return f"{seconds}s"

@@ -406,11 +406,11 @@ class SettingsScreen(StepScreen):
         out = Text(f"≈ {step_s:.2f}s per step" if step_s < 10 else f"≈ {fmt_duration(step_s)} per step",
                    style="bold")
         if steps:
-            out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({plural(steps, 'step')})", style="bold")
+            out.append(f"\n{_about(step_s * steps)} per epoch ({plural(steps, 'step')})", style="bold")
         elif self.data_error:
             out.append(f"\nper epoch: unknown, the data could not be read ({self.data_error})", style="dim")
         if cfg.train.max_steps:
-            out.append(f"\nmax_steps {cfg.train.max_steps}: ≈ {fmt_duration(step_s * cfg.train.max_steps)}")
+            out.append(f"\nmax_steps {cfg.train.max_steps}: {_about(step_s * cfg.train.max_steps)}")
         return out
 
     def steps_per_epoch(self, cfg: RunConfig) -> int | None:
@@ -496,6 +496,12 @@ def position_warning(spec: Any, seq: int) -> str | None:
     if isinstance(limit, int) and seq > limit:
         return f"{seq:,} tokens is longer than the model's {limit:,} positions: quality degrades past them"
     return None
+
+
+def _about(seconds: float) -> str:
+    # "≈ 3s", but "<1s" alone: "≈ <1s" says the same twice
+    text = fmt_duration(seconds)
+    return text if text.startswith("<") else f"≈ {text}"
 
 
 def _gib(x: float) -> str:
