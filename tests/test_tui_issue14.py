@@ -281,7 +281,7 @@ async def test_a_budget_above_the_cards_memory_is_refused(wizard_env):
         app.screen.query_one("#budget", Input).value = "500"
         await pilot.press("ctrl+n")
         assert isinstance(app.screen, GpuScreen)
-        assert "500 GiB is more than the" in status_text(app) and "3.8 GiB" in status_text(app)
+        assert "500 GiB is more than the" in status_text(app) and "3.82 GiB" in status_text(app)
         app.screen.query_one("#budget", Input).value = "3.5"
         await pilot.press("ctrl+n")
         assert not isinstance(app.screen, GpuScreen)
