@@ -150,7 +150,10 @@ class ModelSpec:
     def size_label(self) -> str:
         # a guessed shape shows the Hub's own count, not the guess's
         n = self.hub_params if (not self.exact and self.hub_params) else self.params_total
-        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+        # one decimal below 100M and from 0.95B (3.5M, 1.0B, 1.5B; not 3M or 1000M), as the wizard shows it
+        if n >= 0.95e9:
+            return f"{n / 1e9:.1f}B"
+        return f"{n / 1e6:.1f}M" if n < 100e6 else f"{n / 1e6:.0f}M"
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -2,7 +2,9 @@
 
 Built-in presets ship as package data in `presets/*.toml`; user presets live in
 platformdirs' user_config_dir("snugtune")/presets (`SNUGTUNE_CONFIG_DIR` overrides the config
-directory). A user preset with a built-in's name shadows it. No torch here: the wizard imports it.
+directory). Saving under a built-in's name is refused: the README's `snugtune --preset demo`
+must always mean the shipped demo. (A file put there by hand still shadows it; listings say so.)
+No torch here: the wizard imports it.
 """
 from __future__ import annotations
 
@@ -111,6 +113,12 @@ def save_preset(cfg: RunConfig, name: str, overwrite: bool = False, header: Opti
         raise UserError(
             f"invalid preset name {name!r}",
             hint="use letters, digits, '.', '_' and '-' (starting with a letter or digit)",
+        )
+    builtin = _scan(builtin_presets_dir(), "builtin")
+    if name in builtin:
+        raise UserError(
+            f"{name!r} is the name of a built-in preset ({builtin[name].description or builtin[name].path.name})",
+            hint=f"choose another name, e.g. {name}-mine; the built-in stays as shipped",
         )
     directory = user_presets_dir()
     try:

@@ -34,7 +34,11 @@ def test_demo_preset_is_offline_and_short():
 def test_listing_has_builtins_then_user_presets_and_a_user_preset_shadows_a_builtin(config_dir):
     cfg = presets.load_preset("demo").with_overrides(["train.max_steps=3", "description='my quick demo'"])
     presets.save_preset(cfg, "mine")
-    presets.save_preset(cfg, "demo")
+    # saving under a built-in's name is refused (issue 14); a file put there by hand still shadows it
+    with pytest.raises(UserError, match="built-in preset"):
+        presets.save_preset(cfg, "demo")
+    assert not (presets.user_presets_dir() / "demo.toml").exists()
+    cfg.write_toml(presets.user_presets_dir() / "demo.toml")
     listed = presets.list_presets()
     by_name = {p.name: p for p in listed}
     assert by_name["mine"].source == "user" and by_name["mine"].description == "my quick demo"

@@ -61,16 +61,19 @@ def finished_run(base: Path, name: str = "demo-run") -> Path:
     cfg = load_preset("demo").with_overrides(["gpu.profile='gtx-1650'"])
     cfg.write_toml(run_dir / "config.toml")
     steps = 8
-    events = [{"event": "run_started", "config": cfg.to_dict(), "versions": {}, "total_steps": steps,
+    # fixed event times (the writer keeps a given one), 2 s a step: the panel's elapsed time must
+    # not depend on how fast this machine writes the log
+    t0 = 1_700_000_000.0
+    events = [{"event": "run_started", "time": t0, "config": cfg.to_dict(), "versions": {}, "total_steps": steps,
                "device": {"type": "cpu", "name": "cpu"}, "resumed_from": None}]
     for s in range(1, steps + 1):
-        events.append({"event": "step_logged", "step": s, "total_steps": steps, "epoch": s / steps,
+        events.append({"event": "step_logged", "time": t0 + 2 * s, "step": s, "total_steps": steps, "epoch": s / steps,
                        "loss": 8.0 - 0.5 * s, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_s": 900.0,
                        "mem_allocated_gib": None, "mem_reserved_gib": None, "eta_s": (steps - s) * 2.0})
         if s == 4:
             events.append({"event": "eval_logged", "step": 4, "eval_loss": 6.5})
             events.append({"event": "checkpoint_saved", "step": 4, "path": str(run_dir / "checkpoints/checkpoint-4")})
-    events.append({"event": "run_finished", "adapter_path": str(run_dir / "adapter"), "steps": steps,
+    events.append({"event": "run_finished", "time": t0 + 2 * steps, "adapter_path": str(run_dir / "adapter"), "steps": steps,
                    "final_loss": 4.0, "runtime_s": 16.0})
     write_events(run_dir, events)
     (run_dir / "pid").write_text("999999999\n")  # no such process: the run is over

@@ -60,9 +60,15 @@ class SnugtuneApp(App[int]):
         self._gpu_targets: dict[tuple, Any] = {}
         self.spec: Any = None  # core.catalog.ModelSpec of the chosen model
         self.data_report: dict | None = None  # the last `data inspect --json` report
+        # reports by what they read (path, format, columns, model, length, template, file mtime):
+        # coming back to the data step, or settings asking for lengths, reuses them (issue 14)
+        self.data_cache: dict[tuple, dict] = {}
+        self._data_reading: set[tuple] = set()
+        self.data_reads = 0  # `data inspect` runs started (the tests count them)
         self.run_dir: Path | None = Path(attach) if attach else None
         self.last_estimate: Any = None
         self.run_result: dict | None = None  # the run_finished event of the run in step 5
+        self.run_state: str | None = None  # the state step 5 last showed (ready, running, failed...)
         self.check_runs = check_runs and attach is None
         self.exit_after_first_frame = os.environ.get(EXIT_AFTER_FIRST_FRAME, "")
         self.step = 0
@@ -70,6 +76,17 @@ class SnugtuneApp(App[int]):
             self.step = 4
         elif preset is not None:
             self.step = 3
+
+    async def on_event(self, event) -> None:
+        from textual import events
+
+        if isinstance(event, events.Key) and not event.is_forwarded:
+            # every key runs to the end before the next one starts (tui/keyorder.py says why)
+            from tui.keyorder import handle_in_order
+
+            await handle_in_order(self, event)
+            return
+        await super().on_event(event)
 
     # ---- the configuration ------------------------------------------------------------
 
@@ -119,6 +136,54 @@ class SnugtuneApp(App[int]):
                 return None
         return self._gpu_targets[key]
 
+    # ---- reading the data (one reader for the data and settings steps) -------------------
+
+    def data_key(self, path: str, fmt: str, columns: dict[str, str]) -> tuple:
+        import json
+
+        try:
+            st = Path(path).expanduser().stat()
+            stamp: tuple | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None  # a Hub dataset or builtin: data: the name is the version
+        return (path, fmt, json.dumps(columns, sort_keys=True), self.get_value("model.name_or_path"),
+                self.get_value("data.max_seq_len"), self.get_value("data.template"), stamp)
+
+    def read_data(self, path: str, fmt: str, columns: dict[str, str]) -> tuple[tuple, dict | None]:
+        """(key, the cached report) or (key, None) with a read started or already going; the
+        answer comes as a DataInspected message to the screen on show. The read belongs to the
+        App, not to a step, so moving between steps does not kill and restart it."""
+        key = self.data_key(path, fmt, columns)
+        if key in self.data_cache:
+            self.data_report = self.data_cache[key]
+            return key, self.data_report
+        if key not in self._data_reading:
+            self._data_reading.add(key)
+            self.data_reads += 1
+            self.run_worker(lambda: self._read_data(key, path, fmt, columns), thread=True, exit_on_error=False,
+                            name="data preview", group="data")
+        return key, None
+
+    def _read_data(self, key: tuple, path: str, fmt: str, columns: dict[str, str]) -> None:
+        from tui.screens.data import inspect_data
+
+        try:
+            report, error = inspect_data(self, path, fmt, columns)
+        except Exception as exc:  # noqa: BLE001 - said on screen; the next ask reads again
+            report, error = None, f"reading the data failed: {exc}"
+        self.call_from_thread(self._data_read, key, path, report, error)
+
+    def _data_read(self, key: tuple, path: str, report: dict | None, error: str | None) -> None:
+        from tui.messages import DataInspected
+
+        self._data_reading.discard(key)
+        if report is None and error is None:
+            return  # cancelled (the wizard is quitting)
+        if report is not None:
+            self.data_cache[key] = report
+        # the screen on show takes it (and sets data_report) when the message arrives
+        self.screen.post_message(DataInspected(path, report=report, error=error, key=key))
+
     # ---- moving between steps ---------------------------------------------------------
 
     def on_mount(self) -> None:
@@ -167,6 +232,24 @@ class SnugtuneApp(App[int]):
         screen.save_state()
         self.goto(self.step - 1)
 
+    # ---- the equivalent command ------------------------------------------------------
+
+    def action_show_command(self) -> None:
+        from tui.command import train_command
+        from tui.screens.modals import CommandScreen
+
+        screen = self.screen
+        if not isinstance(screen, StepScreen):
+            return
+        screen.save_state()
+        try:
+            cfg = self.config()
+        except UserError as exc:
+            screen.set_status(f"no command yet: {exc}", "error")
+            return
+        line, note = train_command(cfg.to_dict(), self.preset_name)
+        self.push_screen(CommandScreen(line, note))
+
     # ---- presets ----------------------------------------------------------------------
 
     def action_save_preset(self) -> None:
@@ -181,9 +264,12 @@ class SnugtuneApp(App[int]):
         except UserError as exc:
             screen.set_status(f"cannot save yet: {exc}", "error")
             return
+        suggested = self.preset_name or ""
+        if suggested in self._preset_names("builtin"):
+            suggested += "-mine"  # a built-in's own name would be refused
         self.push_screen(
             PromptScreen("Save this setup as a preset", "preset name (letters, digits, - _)",
-                         value=self.preset_name or ""),
+                         value=suggested),
             lambda name: self._save_preset(cfg, name) if name else None,
         )
 
@@ -192,7 +278,12 @@ class SnugtuneApp(App[int]):
         from tui.screens.modals import ConfirmScreen
 
         screen = self.screen
-        if not overwrite and name in self._user_preset_names():
+        if name in self._preset_names("builtin"):
+            # refused, not asked: `snugtune --preset demo` must keep meaning the shipped demo
+            screen.set_status(f"{name!r} is a built-in preset's name and stays as shipped; "
+                              f"save under another name (e.g. {name}-mine) with ctrl+s", "error")
+            return
+        if not overwrite and name in self._preset_names("user"):
             self.push_screen(
                 ConfirmScreen(f"A preset named {name!r} exists. Overwrite it?"),
                 lambda yes: self._save_preset(cfg, name, overwrite=True) if yes else screen.set_status("not saved", "warning"),
@@ -206,14 +297,10 @@ class SnugtuneApp(App[int]):
         self.preset_name = name
         screen.set_status(f"saved preset {name!r} ({path}); open it with: snugtune --preset {name}", "ok")
 
-    def _user_preset_names(self) -> set[str]:
+    def _preset_names(self, source: str) -> set[str]:
         from core import presets
 
-        names = set()
-        for p in presets.list_presets():
-            if attr(p, "source", default="user") == "user":
-                names.add(attr(p, "name"))
-        return names
+        return {attr(p, "name") for p in presets.list_presets() if attr(p, "source", default="user") == source}
 
     # ---- runs still going -------------------------------------------------------------
 

@@ -254,6 +254,18 @@ def _build_cfg(args):
     return RunConfig.from_dict(base, source="snugtune estimate")
 
 
+def _duration(seconds: float) -> str:
+    """12.3 s, 4m05s, 3h02m, 16d11h: not "1426241.0 s" (issue 14)."""
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    if s < 90 * 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 48 * 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
 def cmd_estimate(args) -> int:
     from core.catalog import resolve_model
     from core.estimate import autofit, estimate, estimate_step_time, fit_for, format_table
@@ -301,6 +313,8 @@ def cmd_estimate(args) -> int:
         print("")
         print("plan (what the engine will do, core.plan):")
         print(est.plan.format())
-    print(f"time: about {step_s:.1f} s per optimizer step ({cfg.train.micro_batch} x {cfg.train.grad_accum} "
-          f"sequences) on {gpu.label}; a rough figure from the card's throughput")
+    # the header above says "N tokens x micro-batch": the time line uses the same order (issue 14)
+    print(f"time: about {_duration(step_s)} per optimizer step ({cfg.data.max_seq_len} tokens x "
+          f"{cfg.train.micro_batch} x {cfg.train.grad_accum} accumulated) on {gpu.label}; "
+          "a rough figure from the card's throughput")
     return 0

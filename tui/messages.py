@@ -44,7 +44,7 @@ class DataInspected(Message):
     path: str
     report: dict | None = None
     error: str | None = None
-    request: int = 0  # which preview asked; an older one arriving late is dropped
+    key: tuple = ()  # what was read (tui.app.SnugtuneApp.data_key); a late answer to an older ask is dropped
 
 
 @dataclass

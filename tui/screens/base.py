@@ -98,9 +98,16 @@ def fmt_gib(x: Any) -> str:
     return "?" if x is None else f"{float(x):.1f} GiB"
 
 
+def plural(n: float, word: str) -> str:
+    """`1 epoch`, `2 epochs`, `0.5 epochs`, `1 step` (issue 14: "1 epochs", "(1 steps)")."""
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 1:
+        return "<1s"  # not "0s": something that takes no time at all reads as a bug
     seconds = int(seconds)
     if seconds < 90:
         return f"{seconds}s"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import Suggester
@@ -122,14 +122,15 @@ def render_samples(samples: list[Any]) -> Text:
     return out
 
 
-def inspect_command(app, path: str, fmt: str, columns: dict[str, str]) -> list[str]:
+def inspect_command(app, path: str, fmt: str, columns: dict[str, str], model: str | None = None,
+                    template: str | None = None) -> list[str]:
     """`snugtune data inspect --json` for the data on screen, with the model's tokenizer."""
     cmd = [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", path, "--json", "--hint-syntax", "wizard",
            "--format", fmt, "--seq", str(app.get_value("data.max_seq_len", 1024))]
-    template = app.get_value("data.template")
+    template = template or app.get_value("data.template")
     if template:
         cmd += ["--template", template]
-    model = app.get_value("model.name_or_path")
+    model = model or app.get_value("model.name_or_path")
     if model:
         cmd += ["--model", model]
     for key, value in columns.items():
@@ -137,10 +138,32 @@ def inspect_command(app, path: str, fmt: str, columns: dict[str, str]) -> list[s
     return cmd
 
 
+# Offline, a catalog model whose tokenizer is not in the local cache cannot be loaded; the
+# preview then uses the demo model's small byte-level tokenizer and the built-in template, so
+# the data step (and settings, and the estimate, which need no tokenizer) stay reachable.
+FALLBACK_MODEL = "builtin:tiny-llama"
+
+
 def inspect_data(app, path: str, fmt: str, columns: dict[str, str]) -> tuple[dict | None, str | None]:
     """Run the inspection from a worker: (report, None), (None, the CLI's message), or
-    (None, None) when the worker was cancelled."""
+    (None, None) when the worker was cancelled. A report made without the model's own
+    tokenizer carries `fallback`: why, said on screen."""
     cmd = inspect_command(app, path, fmt, columns)
+    report, error = _run_inspect(cmd)
+    model = app.get_value("model.name_or_path")
+    if error and model and model != FALLBACK_MODEL and error.startswith("model.name_or_path"):
+        reason = error.splitlines()[0].split(": ", 1)[-1]
+        cmd = inspect_command(app, path, fmt, columns, model=FALLBACK_MODEL, template="builtin")
+        report, second = _run_inspect(cmd)
+        if report is None:
+            return None, second if second is not None else None
+        report["fallback"] = (f"{model}'s tokenizer is not available ({reason}): the preview uses the "
+                              "built-in template and the demo's byte-level tokenizer, so token counts are "
+                              "estimates; the engine uses the model's own when it loads it")
+    return report, error if report is None else None
+
+
+def _run_inspect(cmd: list[str]) -> tuple[dict | None, str | None]:
     try:
         returncode, stdout, stderr = run_command(cmd, INSPECT_TIMEOUT_S)
     except Cancelled:
@@ -200,7 +223,7 @@ class DataScreen(StepScreen):
     def on_mount(self) -> None:
         self.report = self.app.data_report
         self.inspected_for: tuple | None = None
-        self.request = 0
+        self.wanted: tuple = ()
         if self.report is not None:
             self.show_report(self.report)
             self.inspected_for = self._key()
@@ -232,6 +255,9 @@ class DataScreen(StepScreen):
         problem = local_problem(path)
         if problem:
             self.report = None
+            self.app.data_report = None
+            self.query_one("#samples", Static).update(Text(problem, style="red"))
+            self.query_one("#lengths", Static).update("")
             self.set_status(problem, "error")
             return
         try:
@@ -240,25 +266,25 @@ class DataScreen(StepScreen):
             self.set_status(f"columns: {exc}", "error")
             return
         self.save_state()
+        self.wanted, cached = self.app.read_data(path, self.query_one("#format", Select).value, columns)
+        if cached is not None:
+            # read before (this visit or an earlier one) and unchanged on disk: no second read
+            self._inspected(DataInspected(path, report=cached, key=self.wanted))
+            return
         self.set_status(f"reading {path} and counting tokens…")
         self.query_one("#samples", Static).update(Text("reading…", style="dim"))
-        self.request += 1
-        self.run_inspect(path, self.query_one("#format", Select).value, columns, self.request)
-
-    @work(thread=True, exit_on_error=False, name="data preview", exclusive=True, group="inspect")
-    def run_inspect(self, path: str, fmt: str, columns: dict[str, str], request: int) -> None:
-        report, error = inspect_data(self.app, path, fmt, columns)
-        if report is not None or error is not None:  # (None, None): cancelled
-            self.post_message(DataInspected(path, request=request, report=report, error=error))
+        self.query_one("#lengths", Static).update("")
 
     @on(DataInspected)
     def _inspected(self, msg: DataInspected) -> None:
-        if msg.request != self.request:
+        if msg.key != self.wanted:
             return  # a preview the user has since replaced (a thread cannot be cancelled mid-run)
         if msg.error:
             self.report = None
             self.app.data_report = None
             self.query_one("#samples", Static).update(Text(msg.error, style="red"))
+            # the previous file's lengths and histogram must not stand beside this file's error
+            self.query_one("#lengths", Static).update("")
             self.set_status(msg.error.splitlines()[0], "error")
             return
         self.report = msg.report
@@ -267,12 +293,20 @@ class DataScreen(StepScreen):
         self.show_report(msg.report)
         fmt = format_kind(msg.report)
         n = attr(msg.report, "samples_total", "num_samples", default=None)
-        self.set_status(f"{msg.path}: {fmt} format" + (f", {n} samples" if n is not None else "")
-                        + " · ctrl+n: settings", "ok")
+        said = f"{msg.path}: {fmt} format" + (f", {n} samples" if n is not None else "")
+        if msg.report.get("fallback"):
+            self.set_status(said + " · token counts estimated (the model's tokenizer is not here) · ctrl+n: settings",
+                            "warning")
+        else:
+            self.set_status(said + " · ctrl+n: settings", "ok")
 
     def show_report(self, report: dict) -> None:
         samples = attr(report, "samples", default=[])[:3]
-        self.query_one("#samples", Static).update(render_samples(samples))
+        shown = Text()
+        if report.get("fallback"):
+            shown.append(f"! {report['fallback']}\n", style="bold yellow")
+        shown.append_text(render_samples(samples))
+        self.query_one("#samples", Static).update(shown)
         self.query_one("#lengths", Static).update(self.lengths_text(report))
         cols = format_columns(report)
         if cols and not self.query_one("#columns", Input).value.strip():
@@ -289,7 +323,7 @@ class DataScreen(StepScreen):
             out.append(f"samples {n}\n")
         for k, v in format_columns(report).items():
             out.append(f"  {k} ← {v}\n")
-        out.append("tokens per sample\n", style="bold")
+        out.append("tokens per sample" + (" (estimated)" if report.get("fallback") else "") + "\n", style="bold")
         bits = [f"{k} {attr(stats, k)}" for k in ("p50", "p95", "max") if attr(stats, k) is not None]
         if bits:
             out.append("  " + " · ".join(str(b) for b in bits) + "\n")

@@ -150,7 +150,11 @@ class GpuScreen(StepScreen):
                 return f"memory budget: {raw!r} is not a number of GiB (e.g. 3.5), or leave it blank"
             if not 0 < value <= 1024:
                 return "memory budget: must be more than 0 and at most 1024 GiB"
-            # the budget is what the card gives the run (context included): at most its memory
+            card, total = self.chosen_card()
+            if total and value > total:
+                return (f"memory budget: {value:g} GiB is more than the {card}'s {total:.2f} GiB; "
+                        "give at most that, or leave it blank for the whole card")
+            # and what core.gpu itself refuses (the same rule the CLI applies)
             from core.errors import UserError
             from core.gpu import resolve_gpu
 
@@ -160,3 +164,20 @@ class GpuScreen(StepScreen):
             except UserError as exc:
                 return str(exc).splitlines()[0]
         return None
+
+    def chosen_card(self) -> tuple[str, float | None]:
+        """The highlighted card's name and memory in GiB (None for the CPU, whose budget is RAM)."""
+        from core import gpu as core_gpu
+
+        profile = self.app.get_value("gpu.profile", "auto")
+        if profile == "auto":
+            gpus = self.app.detected_gpus or []
+            index = int(self.app.get_value("gpu.device_index", 0) or 0)
+            if index < len(gpus):
+                g = gpus[index]
+                return str(attr(g, "name", default="GPU")), attr(g, "total_gib", "memory_total_gib")
+            return "CPU", None
+        prof = core_gpu.PROFILES.get(profile)
+        if prof is None or profile == "cpu":
+            return profile, None
+        return str(attr(prof, "label", "name", default=profile)), attr(prof, "total_gib", "vram_gib", "memory_gib")

@@ -94,9 +94,10 @@ class RunsScreen(ModalScreen[Path | None]):
 
 
 class FilePickerScreen(ModalScreen[str | None]):
-    """A file tree to pick a data file from (directories and data files only)."""
+    """A file tree to pick a data file from (directories and data files only); backspace goes
+    up a folder, above the one it opened in (issue 14: it could not)."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("backspace", "parent", "Parent folder")]
 
     def __init__(self, root: str | Path, suffixes: set[str]):
         super().__init__()
@@ -113,13 +114,50 @@ class FilePickerScreen(ModalScreen[str | None]):
                         and (p.is_dir() or p.suffix.lower() in suffixes)]
 
         with Vertical(classes="dialog", id="picker"):
-            yield Label(f"Pick a data file under {self.root}", classes="dialog-title")
+            yield Label(f"Pick a data file under {self.root}", classes="dialog-title", id="picker-title")
             yield DataTree(self.root, id="tree")
-            yield Static("Enter: open a folder / pick a file · Escape: cancel", classes="hint")
+            yield Static("Enter: open a folder / pick a file · Backspace: parent folder · Escape: cancel",
+                         classes="hint")
         yield Footer()
+
+    def action_parent(self) -> None:
+        if self.root.parent == self.root:
+            return  # at the file system's root
+        self.root = self.root.parent
+        self.query_one("#tree").path = self.root
+        self.query_one("#picker-title", Label).update(f"Pick a data file under {self.root}")
 
     def on_directory_tree_file_selected(self, event) -> None:
         self.dismiss(str(event.path))
 
     def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class CommandScreen(ModalScreen[None]):
+    """The `snugtune train ...` line of the setup, selectable, and already on the clipboard."""
+
+    BINDINGS = [Binding("escape", "close", "Close")]
+
+    def __init__(self, command: str, note: str | None = None):
+        super().__init__()
+        self.command, self.note = command, note
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import TextArea
+
+        with Vertical(classes="dialog", id="command-dialog"):
+            yield Label("The same run from a shell", classes="dialog-title")
+            yield TextArea(self.command, read_only=True, soft_wrap=True, show_line_numbers=False, id="command")
+            if self.note:
+                yield Static(self.note, classes="hint")
+            yield Static("Copied to the clipboard where the terminal allows it (OSC 52); or select it here "
+                         "(shift+arrows, ctrl+c). Escape: close", classes="hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.copy_to_clipboard(self.command)
+        self.query_one("#command").focus()
+
+    def action_close(self) -> None:
         self.dismiss(None)

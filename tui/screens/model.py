@@ -14,6 +14,11 @@ from tui.messages import ModelResolved, ModelsListed
 from tui.screens.base import StepScreen, attr, estimator, hub_errors
 
 SOURCES = [("Catalog", "catalog"), ("Local cache", "cache"), ("Hub", "hub")]
+# The fixed columns keep their full words ("too big" is 7 cells); the model column takes the
+# rest of the table's width, whatever the terminal's (issue 14: "too b" at 80 columns, names cut
+# at 120 with 45 columns empty beside them).
+FIXED_COLUMNS = [("params", "params", 6), ("fit", "fit", 7), ("access", "gated", 6)]
+MODEL_MIN_W = 16
 SORTS = [("downloads", "downloads"), ("likes", "likes"), ("recent", "recent")]
 
 
@@ -27,6 +32,22 @@ def spec_params_b(spec: Any) -> float | None:
         b = attr(spec, "params_b", "params_billion")
         return None if b is None else float(b)
     return float(n) / 1e9
+
+
+def params_label(spec: Any) -> str:
+    """The parameter count as the CLI writes it (core.catalog.ModelSpec.size_label: 3.5M, 1.5B)."""
+    label = attr(spec, "size_label")
+    if isinstance(label, str):
+        return label
+    p = spec_params_b(spec)
+    return "?" if p is None else format_params(p * 1e9)
+
+
+def format_params(n: float) -> str:
+    # the same rule as core.catalog.ModelSpec.size_label, for specs that are plain dicts
+    if n >= 0.95e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.1f}M" if n < 100e6 else f"{n / 1e6:.0f}M"
 
 
 def fit_badge(verdict: Any) -> Text:
@@ -46,9 +67,10 @@ def spec_details(spec: Any) -> str:
     arch = attr(spec, "architecture", "arch", "model_type")
     if arch:
         rows.append(f"architecture  {arch}")
-    p = spec_params_b(spec)
-    if p is not None:
-        rows.append(f"parameters    {p:.2f} B")
+    if spec_params_b(spec) is not None or attr(spec, "size_label"):
+        rows.append(f"parameters    {params_label(spec)}")
+    if attr(spec, "gated"):
+        rows.append("access        gated: accept the licence on the Hub, then `hf auth login`")
     for label, names in [("layers", ("num_layers", "num_hidden_layers", "n_layers")),
                          ("hidden", ("hidden_size", "hidden")),
                          ("MLP", ("intermediate_size", "ffn_size")),
@@ -92,14 +114,34 @@ class ModelScreen(StepScreen):
         self.specs: list[Any] = []
         self.gpu = self.app.gpu_target()
         table = self.query_one("#models", DataTable)
-        table.add_column("model", key="model", width=33)
-        table.add_column("params", key="params", width=6)
-        table.add_column("fit", key="fit", width=7)
+        table.add_column("model", key="model", width=MODEL_MIN_W)
+        for label, key, width in FIXED_COLUMNS:
+            table.add_column(label, key=key, width=width)
         self.searched: str | None = None
         self.load_source("catalog")
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.resolve(self.app.get_value("model.name_or_path"))
         self.query_one("#query", Input).focus()
+
+    def on_resize(self, event) -> None:
+        self.call_after_refresh(self.fit_columns)
+
+    def fit_columns(self) -> None:
+        """Give the model column all the width the fixed columns leave."""
+        tables = self.query("#models").results(DataTable)
+        table = next(tables, None)
+        if table is None or not table.size.width:  # the step was left before the refresh came
+            return
+        pad = 2 * table.cell_padding
+        fixed = sum(w + pad for _label, _key, w in FIXED_COLUMNS)
+        # the vertical scrollbar is there when the rows outnumber the lines
+        scrollbar = table.styles.scrollbar_size_vertical if table.row_count + 1 > table.size.height else 0
+        width = max(MODEL_MIN_W, table.size.width - fixed - pad - scrollbar)
+        for col in table.columns.values():
+            if str(col.key.value) == "model" and col.width != width:
+                col.width = width
+                table._require_update_dimensions = True
+                table.refresh()
 
     # ---- listing -------------------------------------------------------------------
 
@@ -109,12 +151,18 @@ class ModelScreen(StepScreen):
         query = self.query_one("#query", Input).value.strip()
         if source == "catalog":
             specs = list(catalog.builtin_catalog())
-            if query and not self._looks_like_id(query):
-                specs = [s for s in specs if query.lower() in spec_id(s).lower()
-                         or query.lower() in str(attr(s, "model_type", default="")).lower()]
+            wanted = self._filter_text(query)
+            matching = [s for s in specs if wanted.lower() in spec_id(s).lower()
+                        or wanted.lower() in str(attr(s, "model_type", default="")).lower()]
+            if wanted and not matching:
+                # nothing matches: the whole catalog stays listed (still a choice) beside the hint
+                self.show_specs(specs)
+                self.set_status(f"no catalog model matches {query!r} · Enter looks it up as a Hub id or local path")
+                return
+            specs = matching
             self.show_specs(specs)
             self.set_status(f"{len(specs)} models in the built-in catalog"
-                            + (f" matching {query!r}" if query and not self._looks_like_id(query) else "")
+                            + (f" matching {query!r}" if wanted else "")
                             + " · Enter on a row chooses it")
         elif source == "cache":
             self.set_status("scanning the local Hugging Face cache…")
@@ -122,6 +170,16 @@ class ModelScreen(StepScreen):
         else:
             self.set_status("asking the Hub…")
             self.search_hub(query if not self._looks_like_id(query) else "", self.query_one("#sort", Select).value)
+
+    def _filter_text(self, query: str) -> str:
+        """What the catalog is filtered by: the typed text, also with `/` or `builtin:` in it
+        (issue 14: `builtin:` matched nothing); not a local path, nor the chosen model's own id
+        (coming back to this step shows the whole list with the choice highlighted)."""
+        if not query or query == self.app.get_value("model.name_or_path"):
+            return ""
+        if query.startswith((".", "~")) or Path(query).expanduser().exists():
+            return ""
+        return query
 
     @staticmethod
     def _looks_like_id(text: str) -> bool:
@@ -177,8 +235,10 @@ class ModelScreen(StepScreen):
                     verdict = attr(est, "verdict")
                 except Exception:  # noqa: BLE001 - a spec the estimator cannot size gets "?" not a crash
                     verdict = None
-            p = spec_params_b(spec)
-            table.add_row(spec_id(spec), "?" if p is None else f"{p:.2f}B", fit_badge(verdict), key=str(i))
+            gated = Text("gated", style="bold yellow") if attr(spec, "gated") else Text("")
+            # a name longer than its column ends in an ellipsis rather than mid-word
+            table.add_row(Text(spec_id(spec), no_wrap=True, overflow="ellipsis"), params_label(spec), fit_badge(verdict), gated, key=str(i))
+        self.call_after_refresh(self.fit_columns)
         ids = [spec_id(s) for s in self.specs]
         if chosen in ids:
             table.move_cursor(row=ids.index(chosen))
@@ -213,7 +273,7 @@ class ModelScreen(StepScreen):
     @on(Input.Changed, "#query")
     def _typed(self, event: Input.Changed) -> None:
         # the catalog filters as the user types (pure Python, instant); cache and Hub wait for Enter
-        if self.query_one("#source", Select).value == "catalog" and not self._looks_like_id(event.value.strip()):
+        if self.query_one("#source", Select).value == "catalog":
             self.load_source("catalog")
 
     @on(Input.Submitted, "#query")
@@ -222,7 +282,12 @@ class ModelScreen(StepScreen):
         if not text:
             return
         source = self.query_one("#source", Select).value
-        if self._looks_like_id(text):
+        ids = {spec_id(sp) for sp in self.specs}
+        # an id or path is looked up, unless it is part of catalog ids still listed (`builtin:`,
+        # `meta-llama/`): then Enter takes the highlighted row, as for any other filter
+        partial = (source == "catalog" and text not in ids and bool(self._filter_text(text))
+                   and any(text.lower() in i.lower() for i in ids))
+        if self._looks_like_id(text) and not partial:
             self.set_status(f"looking up {text}…")
             self.resolve(text)
         elif source != "catalog" and text != self.searched:

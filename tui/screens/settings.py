@@ -15,7 +15,8 @@ from textual.widgets import Checkbox, Input, Label, Select, Static
 from core.config import ConfigError, RunConfig, field_help
 from core.errors import UserError
 from tui.messages import DataInspected, ModelResolved
-from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors
+from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors, plural
+from tui.widgets.onoff import OnOff
 from tui.widgets.vrambar import VramBar
 
 # Typing pauses shorter than this are one edit: the estimate waits for the pause.
@@ -64,6 +65,19 @@ def _show_targets(value: Any) -> str:
     return ", ".join(value) if isinstance(value, list) else str(value)
 
 
+def _optional_float(text: str) -> float | None:
+    return _float(text) if text else None
+
+
+def _name(text: str) -> str | None:
+    # blank: the run is named after the preset or the data file (core.runs); RunConfig checks the pattern
+    return text or None
+
+
+def _show_opt(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
 # (dotted key, label, parse, show). Text fields: parse raises ValueError with the reason.
 TEXT_FIELDS: list[tuple[str, str, Callable[[str], Any], Callable[[Any], str]]] = [
     ("lora.r", "LoRA rank", _int, str),
@@ -74,9 +88,41 @@ TEXT_FIELDS: list[tuple[str, str, Callable[[str], Any], Callable[[Any], str]]] =
     ("train.micro_batch", "Micro-batch", _int, str),
     ("train.grad_accum", "Grad accum", _int, str),
     ("train.epochs", "Epochs", _float, lambda v: f"{v:g}"),
-    ("train.max_steps", "Max steps", _optional_int, lambda v: "" if v is None else str(v)),
+    ("train.max_steps", "Max steps", _optional_int, _show_opt),
     ("train.learning_rate", "Learning rate", _float, lambda v: f"{v:g}"),
 ]
+
+# The "advanced" group: what LlamaBoard users look for, reachable before only through TOML or --set.
+ADVANCED_TEXT_FIELDS: list[tuple[str, str, Callable[[str], Any], Callable[[Any], str]]] = [
+    ("output.name", "Run name", _name, _show_opt),
+    ("train.warmup_ratio", "Warmup ratio", _float, lambda v: f"{v:g}"),
+    ("train.weight_decay", "Weight decay", _float, lambda v: f"{v:g}"),
+    ("data.eval_fraction", "Eval fraction", _float, lambda v: f"{v:g}"),
+    ("train.eval_steps", "Eval steps", _optional_int, _show_opt),
+    ("train.save_steps", "Save steps", _int, str),
+]
+PLACEHOLDERS = {"train.max_steps": "blank: use epochs", "train.eval_steps": "blank: each epoch's end",
+                "output.name": "blank: from the preset or data file"}
+
+SELECT_FIELDS = [
+    ("train.optimizer", "Optimizer", tuple(v for v, _ in OPTIMIZERS), False),
+    ("train.lr_scheduler", "Scheduler", ("cosine", "linear", "constant", "constant_with_warmup"), True),
+    ("data.template", "Template", ("auto", "builtin"), True),
+]
+CHECKBOX_FIELDS = [
+    ("train.gradient_checkpointing", "Gradient checkpointing", False),
+    ("data.packing", "Packing", True),
+]
+
+
+def all_text_fields():
+    return TEXT_FIELDS + ADVANCED_TEXT_FIELDS
+
+
+def field_default(dotted: str) -> Any:
+    section, _, name = dotted.partition(".")
+    field = RunConfig.model_fields[section].annotation.model_fields[name]
+    return field.get_default(call_default_factory=True)
 
 
 def field_id(dotted: str) -> str:
@@ -97,34 +143,56 @@ def config_errors(exc: ConfigError) -> dict[str, str]:
 
 class SettingsScreen(StepScreen):
     STEP = 3
-    BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+f", "autofit", "Auto-fit", priority=True)]
+    BINDINGS = StepScreen.BINDINGS + [Binding("ctrl+f", "autofit", "Auto-fit", priority=True),
+                                      Binding("ctrl+y", "app.show_command", "Command", priority=True)]
 
     def compose_body(self):
         with Horizontal(id="settings-body"):
             with VerticalScroll(id="fields"):
-                for dotted, label, _parse, show in TEXT_FIELDS:
-                    fid = field_id(dotted)
-                    default = RunConfig.model_fields[dotted.split(".")[0]].annotation.model_fields[dotted.split(".")[1]].default
-                    value = self.app.get_value(dotted, default)
-                    with Horizontal(classes="row"):
-                        yield Label(label, classes="field-label")
-                        yield Input(show(value) if value is not None else "", id=fid, compact=True,
-                                    placeholder="blank: use epochs" if dotted == "train.max_steps" else "")
-                    yield Static("", id=f"{fid}-error", classes="field-error")
-                    yield Static(field_help(dotted), classes="hint")
-                with Horizontal(classes="row"):
-                    yield Label("Optimizer", classes="field-label")
-                    yield Select(OPTIMIZERS, value=self.app.get_value("train.optimizer", "auto"),
-                                 allow_blank=False, id="train-optimizer", compact=True)
-                yield Static(field_help("train.optimizer"), classes="hint")
-                yield Checkbox("Gradient checkpointing", value=bool(self.app.get_value("train.gradient_checkpointing", True)),
-                               id="train-gradient_checkpointing", compact=True)
-                yield Static(field_help("train.gradient_checkpointing"), classes="hint")
+                yield from self._text_rows(TEXT_FIELDS)
+                yield from self._select_rows(False)
+                yield from self._checkbox_rows(False)
+                yield Label("Advanced", classes="group-title")
+                yield from self._text_rows(ADVANCED_TEXT_FIELDS)
+                yield from self._select_rows(True)
+                yield from self._checkbox_rows(True)
             with Vertical(id="estimate-panel"):
                 yield Label("Peak memory (estimate)", classes="panel-title", id="estimate-title")
                 yield VramBar(id="vram")
                 yield Static("", id="totals")
                 yield Static("", id="timing")
+
+    def _text_rows(self, fields):
+        for dotted, label, _parse, show in fields:
+            fid = field_id(dotted)
+            value = self.app.get_value(dotted, field_default(dotted))
+            with Horizontal(classes="row"):
+                yield Label(label, classes="field-label")
+                yield Input(show(value) if value is not None else "", id=fid, compact=True,
+                            placeholder=PLACEHOLDERS.get(dotted, ""))
+            yield Static("", id=f"{fid}-error", classes="field-error")
+            yield Static(field_help(dotted), classes="hint")
+
+    def _select_rows(self, advanced: bool):
+        for dotted, label, choices, adv in SELECT_FIELDS:
+            if adv != advanced:
+                continue
+            with Horizontal(classes="row"):
+                yield Label(label, classes="field-label")
+                yield Select([(c, c) for c in choices], value=self.app.get_value(dotted, field_default(dotted)),
+                             allow_blank=False, id=field_id(dotted), compact=True)
+            yield Static(field_help(dotted), classes="hint")
+
+    def _checkbox_rows(self, advanced: bool):
+        for dotted, label, adv in CHECKBOX_FIELDS:
+            if adv != advanced:
+                continue
+            yield OnOff(label, value=bool(self.app.get_value(dotted, field_default(dotted))),
+                           id=field_id(dotted), compact=True, classes="field-check")
+            yield Static(field_help(dotted), classes="hint")
+
+    def text_fields(self):
+        return all_text_fields()
 
     def on_mount(self) -> None:
         self._timer: Timer | None = None
@@ -153,18 +221,17 @@ class SettingsScreen(StepScreen):
         except hub_errors() as exc:
             self.post_message(ModelResolved(name, error=str(exc)))
 
-    @work(thread=True, exit_on_error=False, name="data statistics", exclusive=True, group="inspect")
     def read_data(self) -> None:
-        from tui.screens.data import inspect_data
-
         path = self.app.get_value("data.path")
-        report, error = inspect_data(self.app, path, self.app.get_value("data.format", "auto"),
-                                     self.app.get_value("data.columns", {}) or {})
-        if report is not None or error is not None:
-            self.post_message(DataInspected(path, report=report, error=error))
+        self.data_wanted, cached = self.app.read_data(path, self.app.get_value("data.format", "auto"),
+                                                      self.app.get_value("data.columns", {}) or {})
+        if cached is not None:
+            self._data_read(DataInspected(path, report=cached, key=self.data_wanted))
 
     @on(DataInspected)
     def _data_read(self, msg: DataInspected) -> None:
+        if msg.key != getattr(self, "data_wanted", ()):
+            return
         self.data_pending = False
         self.data_error = msg.error.splitlines()[0] if msg.error else None
         if msg.report is not None:
@@ -187,7 +254,7 @@ class SettingsScreen(StepScreen):
         Bad values stay in their boxes; the configuration keeps the last good value."""
         data = copy.deepcopy(self.app.cfg_data)
         errors: dict[str, str] = {}
-        for dotted, _label, parse, _show in TEXT_FIELDS:
+        for dotted, _label, parse, _show in all_text_fields():
             raw = self.query_one(f"#{field_id(dotted)}", Input).value.strip()
             section, _, key = dotted.partition(".")
             try:
@@ -199,11 +266,15 @@ class SettingsScreen(StepScreen):
                 data.setdefault(section, {}).pop(key, None)
             else:
                 data.setdefault(section, {})[key] = value
-        data.setdefault("train", {})["optimizer"] = self.query_one("#train-optimizer", Select).value
-        data["train"]["gradient_checkpointing"] = self.query_one("#train-gradient_checkpointing", Checkbox).value
+        for dotted, *_ in SELECT_FIELDS:
+            section, _, key = dotted.partition(".")
+            data.setdefault(section, {})[key] = self.query_one(f"#{field_id(dotted)}", Select).value
+        for dotted, *_ in CHECKBOX_FIELDS:
+            section, _, key = dotted.partition(".")
+            data.setdefault(section, {})[key] = self.query_one(f"#{field_id(dotted)}", Checkbox).value
         # Validate through RunConfig; each reason lands beside its own field, and that field
         # falls back to its last good value so the other fields are still checked.
-        for _ in range(len(TEXT_FIELDS) + 2):
+        for _ in range(len(all_text_fields()) + len(SELECT_FIELDS) + len(CHECKBOX_FIELDS)):
             try:
                 RunConfig.from_dict(_filled(data))
                 break
@@ -229,14 +300,29 @@ class SettingsScreen(StepScreen):
     @on(Select.Changed)
     @on(Checkbox.Changed)
     def _changed(self, event) -> None:
+        if isinstance(event, Input.Changed) and self._says_the_config(event.input):
+            # set by the program (mount, auto-fit): nothing new to estimate, and the status
+            # line keeps what auto-fit said
+            return
         if self._timer is not None:
             self._timer.stop()
         self._timer = self.set_timer(DEBOUNCE_S, self.refresh_estimate)
 
+    def _says_the_config(self, box: Input) -> bool:
+        for dotted, _label, parse, _show in self.text_fields():
+            if field_id(dotted) == box.id:
+                if dotted in getattr(self, "field_errors", {}):
+                    return False
+                try:
+                    return parse(box.value.strip()) == self.app.get_value(dotted, field_default(dotted))
+                except ValueError:
+                    return False
+        return False
+
     def refresh_estimate(self) -> None:
         data, errors = self.read_fields()
         self.field_errors = errors
-        for dotted, *_ in TEXT_FIELDS:
+        for dotted, *_ in all_text_fields():
             box = self.query_one(f"#{field_id(dotted)}-error", Static)
             reason = errors.get(dotted)
             box.update(Text(f"✗ {reason}", style="bold red") if reason else "")
@@ -270,7 +356,7 @@ class SettingsScreen(StepScreen):
             self.estimate_error = str(exc)
             totals.update(Text(str(exc), style="red"))
             key = str(exc).split(" ", 1)[0]
-            if key in {d for d, *_ in TEXT_FIELDS}:  # the estimator names the field: show it there
+            if key in {d for d, *_ in all_text_fields()}:  # the estimator names the field: show it there
                 box = self.query_one(f"#{field_id(key)}-error", Static)
                 box.update(Text("✗ " + str(exc).split(" ", 1)[1].splitlines()[0], style="bold red"))
                 box.display = True
@@ -299,12 +385,15 @@ class SettingsScreen(StepScreen):
         self.query_one("#estimate-title", Label).update(f"Peak memory on {attr(self.gpu, 'name', default='the GPU')}")
         self.verdict = str(attr(est, "verdict", default="?"))
         out = Text()
-        out.append(f"snugtune     {total:5.2f} GiB  ")
+        out.append(f"snugtune     {_gib(total)}  ")
         out.append_text(fit_badge(self.verdict))
-        out.append(f"\nplain recipe {plain_total:5.2f} GiB  ")
+        out.append(f"\nplain recipe {_gib(plain_total)}  ")
         out.append_text(fit_badge(attr(plain, "verdict")))
         if budget:
-            out.append(f"\nbudget       {float(budget):5.2f} GiB", style="dim")
+            out.append(f"\nbudget       {_gib(float(budget))}", style="dim")
+        too_long = position_warning(self.app.spec, cfg.data.max_seq_len)
+        if too_long:
+            out.append(f"\n! {too_long}", style="bold yellow")
         self.query_one("#totals", Static).update(out)
         timing = self.timing_text(step_s, cfg)
         plan = attr(est, "plan", default=None)
@@ -320,6 +409,8 @@ class SettingsScreen(StepScreen):
             if fit_badge(self.verdict).plain == "too big":
                 self.set_status(f"does not fit: {total:.2f} GiB > {float(budget or 0):.2f} GiB budget — "
                                 "ctrl+f auto-fits, or lower sequence length / micro-batch", "error")
+            elif too_long:
+                self.set_status(f"{too_long} (data.max_seq_len)", "warning")
             else:
                 self.set_status(f"estimated peak {total:.2f} GiB of {float(budget or 0):.2f} GiB · ctrl+n to train")
 
@@ -327,14 +418,15 @@ class SettingsScreen(StepScreen):
         if step_s is None:
             return Text("")
         steps = self.steps_per_epoch(cfg)
-        out = Text(f"≈ {step_s:.2f} s per step" if step_s < 90 else f"≈ {fmt_duration(step_s)} per step",
+        # durations as the rest of the wizard writes them (89s, 22m28s); decimals only below 10 s
+        out = Text(f"≈ {step_s:.2f}s per step" if step_s < 10 else f"≈ {fmt_duration(step_s)} per step",
                    style="bold")
         if steps:
-            out.append(f"\n≈ {fmt_duration(step_s * steps)} per epoch ({steps} steps)", style="bold")
+            out.append(f"\n{_about(step_s * steps)} per epoch ({plural(steps, 'step')})", style="bold")
         elif self.data_error:
             out.append(f"\nper epoch: unknown, the data could not be read ({self.data_error})", style="dim")
         if cfg.train.max_steps:
-            out.append(f"\nmax_steps {cfg.train.max_steps}: ≈ {fmt_duration(step_s * cfg.train.max_steps)}")
+            out.append(f"\nmax_steps {cfg.train.max_steps}: {_about(step_s * cfg.train.max_steps)}")
         return out
 
     def steps_per_epoch(self, cfg: RunConfig) -> int | None:
@@ -358,10 +450,11 @@ class SettingsScreen(StepScreen):
         if est_mod is None or self.app.spec is None or self.gpu is None:
             self.set_status("auto-fit needs the model and a GPU profile", "error")
             return
+        self.save_state()  # what is typed counts, even inside the debounce
         try:
             # the auto-fit `snugtune estimate --autofit` runs: the model's position limit, the card,
             # and a fitting setting kept unless another is faster by the estimate
-            result = est_mod.fit_for(self.app.spec, self.app.estimate_config(), self.gpu)
+            result = shared_autofit()(self.app.spec, self.app.estimate_config(), self.gpu)
         except UserError as exc:
             self.set_status(f"auto-fit: {exc}", "error")
             return
@@ -380,8 +473,12 @@ class SettingsScreen(StepScreen):
             self.query_one(f"#{field_id(dotted)}", Input).value = str(value)
             self.app.set_value(dotted, value)
         self.refresh_estimate()
-        self.set_status("auto-fit: " + ("; ".join(notes) if notes else "the settings already fit; nothing changed"),
-                        "ok")
+        said = "auto-fit: " + ("; ".join(notes) if notes else "the settings already fit; nothing changed")
+        too_long = position_warning(self.app.spec, int(result.max_seq_len))
+        if too_long:
+            self.set_status(f"{said}; but {too_long}", "warning")
+        else:
+            self.set_status(said, "ok")
 
     # ---- leaving -------------------------------------------------------------------
 
@@ -403,6 +500,35 @@ class SettingsScreen(StepScreen):
         if self.verdict is not None and fit_badge_word(self.verdict) == "too big":
             return "these settings do not fit the card's memory: ctrl+f auto-fits them"
         return None
+
+
+def shared_autofit():
+    """The auto-fit `snugtune estimate --autofit` runs: core.estimate.fit_for once issue 9 has
+    made it the one auto-fit (it respects the model's positions), core.estimate.autofit before.
+    One function, so the wizard and the CLI cannot disagree (issue 14: the wizard's ignored the
+    model's context length); tests/test_tui_issue14.py compares the two."""
+    from core import estimate
+
+    return getattr(estimate, "fit_for", None) or estimate.autofit
+
+
+def position_warning(spec: Any, seq: int) -> str | None:
+    """Said when the sequence is longer than the positions the model was trained with."""
+    limit = attr(spec, "max_position_embeddings")
+    if isinstance(limit, int) and seq > limit:
+        return f"{seq:,} tokens is longer than the model's {limit:,} positions: quality degrades past them"
+    return None
+
+
+def _about(seconds: float) -> str:
+    # "≈ 3s", but "<1s" alone: "≈ <1s" says the same twice
+    text = fmt_duration(seconds)
+    return text if text.startswith("<") else f"≈ {text}"
+
+
+def _gib(x: float) -> str:
+    # a 48,462 GiB plain-recipe total must not push the verdict off a 36-column panel
+    return f"{x:5.2f} GiB" if x < 1000 else f"{x:,.0f} GiB"
 
 
 def fit_badge_word(verdict: str) -> str:

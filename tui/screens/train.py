@@ -6,6 +6,7 @@ SSH session, does not stop it; the wizard (or `snugtune attach`) can follow it a
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from textual.worker import get_current_worker
 from core.config import ConfigError
 from core.errors import UserError
 from tui.messages import GpuStats, RunEvent
-from tui.screens.base import StepScreen, attr, fmt_duration
+from tui.screens.base import StepScreen, attr, fmt_duration, plural
 from tui.widgets.lossplot import LossPlot
 
 # NVML readings every this many seconds: often enough to see memory climb, cheap for the driver.
@@ -49,6 +50,8 @@ class TrainScreen(StepScreen):
         Binding("ctrl+t", "start", "Start", priority=True),
         Binding("ctrl+x", "stop", "Stop", priority=True),
         Binding("ctrl+r", "resume", "Resume", priority=True),
+        # (not in the footer: at 80 columns it would push Resume off; the settings step shows it)
+        Binding("ctrl+y", "app.show_command", "Command", priority=True, show=False),
     ]
 
     def compose_body(self):
@@ -68,7 +71,16 @@ class TrainScreen(StepScreen):
         self.set_interval(PLOT_REDRAW_S, self._redraw_plot)
         if self.gpu is not None and not attr(self.gpu, "is_cpu", default=False) and attr(self.gpu, "detected", default=False):
             self.set_interval(GPU_POLL_S, self.poll_gpu)
-        if self.app.run_dir is not None:
+        previous = getattr(self.app, "run_state", None)
+        if self.app.run_dir is not None and previous == "failed":
+            # back here after a failed run (to change a setting): a fresh start, not the old panel
+            # with its error and a bar that moves without a run
+            name = self.app.run_dir.name
+            self.app.run_dir = None
+            self.app.run_state = None
+            self.show_ready()
+            self.set_status(f"the last run, {name}, failed; ctrl+t starts a new one with these settings", "warning")
+        elif self.app.run_dir is not None:
             self.follow(self.app.run_dir)
         else:
             self.show_ready()
@@ -83,6 +95,8 @@ class TrainScreen(StepScreen):
         self.gpu_stats: dict = {}
         self.failure: dict | None = None
         self.setup_message = ""
+        self.started_at: float | None = None  # the run_started event's time (this session of the run)
+        self.last_time: float | None = None
         plot = self.query_one("#loss", LossPlot)
         plot.train.clear()
         plot.evals.clear()
@@ -96,7 +110,12 @@ class TrainScreen(StepScreen):
         except ConfigError as exc:
             self.query_one("#run-title", Label).update(Text(f"Not ready: {exc}", style="bold red"))
             return
-        self.query_one("#run-title", Label).update(Text("Ready to train. ctrl+t starts the run.", style="bold"))
+        problem = self.cannot_train_here()
+        if problem:
+            self.query_one("#run-title", Label).update(Text("Planned for a card this machine does not have.",
+                                                            style="bold red"))
+        else:
+            self.query_one("#run-title", Label).update(Text("Ready to train. ctrl+t starts the run.", style="bold"))
         est = self.app.last_estimate
         lines = [
             f"model      {cfg.model.name_or_path}",
@@ -104,20 +123,48 @@ class TrainScreen(StepScreen):
             f"gpu        {attr(self.gpu, 'label', 'name', default=cfg.gpu.profile)}",
             f"LoRA       r={cfg.lora.r} alpha={cfg.lora.alpha:g} targets={cfg.lora.target_modules}",
             f"batch      {cfg.train.micro_batch} x {cfg.train.grad_accum} accum, seq {cfg.data.max_seq_len}",
-            "length     " + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"),
+            "length     " + (plural(cfg.train.max_steps, "step") if cfg.train.max_steps else plural(cfg.train.epochs, "epoch")),
         ]
         if est is not None:
             lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB")
         lines += ["", "The run keeps going if you close the wizard; reopen it or `snugtune attach` to watch."]
         self.query_one("#stats", Static).update("\n".join(lines))
         self.add_class("ready")
-        self.set_status("ctrl+t: start training")
+        if problem:
+            self.set_status(problem, "error")
+        else:
+            self.set_status("ctrl+t: start training")
+
+    def cannot_train_here(self) -> str | None:
+        """Why this setup cannot train on this machine (a card profile planned for, no GPU here),
+        in the wizard's words: the engine's own error would arrive later with command-line hints."""
+        target = self.gpu
+        if target is None or attr(target, "is_cpu", default=False) or attr(target, "detected", default=False):
+            return None
+        gpus = self.app.detected_gpus
+        if gpus is None:
+            from core import gpu as core_gpu
+
+            try:
+                gpus = list(core_gpu.detect_gpus())
+            except Exception:  # noqa: BLE001 - no driver: no GPU
+                gpus = []
+        if gpus:
+            return None
+        label = attr(target, "label", "name", default="chosen card")
+        return (f"planned for the {label}, but this machine has no NVIDIA GPU: it cannot train here. "
+                "Train here: step 1 (ctrl+b ×4), choose the CPU. On that card: save (ctrl+s) and open it "
+                "in the wizard there.")
 
     def action_start(self) -> None:
         from core import runs
 
         if self.state in ("starting", "running"):
             self.set_status("a run is already going; ctrl+x stops it", "warning")
+            return
+        problem = self.cannot_train_here()
+        if problem:
+            self.set_status(problem, "error")
             return
         try:
             cfg = self.app.config()
@@ -164,7 +211,10 @@ class TrainScreen(StepScreen):
     def _event(self, msg: RunEvent) -> None:
         e = msg.event
         kind = e.get("event")
+        if isinstance(e.get("time"), (int, float)):
+            self.last_time = float(e["time"])
         if kind == "run_started":
+            self.started_at = self.last_time
             self.state = "running"
             self.failure = None
             self.query_one("#engine-error", Static).display = False
@@ -227,6 +277,8 @@ class TrainScreen(StepScreen):
                         + "ctrl+b to change the settings, ctrl+t to start again", "error")
 
     def _redraw_plot(self) -> None:
+        if self.state in ("starting", "running") and self.started_at is not None:
+            self.query_one("#stats", Static).update(self.stats_text())  # the elapsed time ticks
         if self._plot_dirty:
             self._plot_dirty = False
             self.query_one("#loss", LossPlot).redraw()
@@ -244,11 +296,16 @@ class TrainScreen(StepScreen):
         if self.last.get("epoch") is not None:
             title.append(f" · epoch {float(self.last['epoch']):.2f}")
         self.query_one("#run-title", Label).update(title)
+        self.app.run_state = self.state
         bar = self.query_one("#progress", ProgressBar)
+        over = self.state in ("stopped", "failed")
         if total:
             bar.update(total=total, progress=step if self.state != "finished" else total)
+        elif over:
+            bar.update(total=1, progress=0)  # no run going: the bar stands still
         eta = self.last.get("eta_s")
-        self.query_one("#eta", Label).update("done" if self.state == "finished" else
+        # a stopped or failed run has no time left to show
+        self.query_one("#eta", Label).update("done" if self.state == "finished" else self.state if over else
                                              f"ETA {fmt_duration(eta)}" if eta is not None else "ETA …")
         self.query_one("#stats", Static).update(self.stats_text())
 
@@ -266,6 +323,13 @@ class TrainScreen(StepScreen):
         row("lr", f"{lr:.2e}" if isinstance(lr, (int, float)) else "…")
         tps = last.get("tokens_per_s")
         row("tokens/s", f"{tps:,.0f}" if isinstance(tps, (int, float)) else "…")
+        seen = last.get("tokens_seen")
+        if isinstance(seen, (int, float)):
+            row("tokens", f"{int(seen):,} seen")
+        if self.started_at is not None:
+            live = self.state in ("starting", "running")
+            end = time.time() if live else (self.last_time or self.started_at)
+            row("elapsed", fmt_duration(max(0.0, end - self.started_at)))
         est = self.app.last_estimate
         est_total = attr(est, "total_gib") if est is not None else None
         used = self.gpu_stats.get("used_gib")
