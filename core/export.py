@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -167,6 +168,23 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+@contextmanager
+def _staged_dir(out_dir: Path):
+    """A temporary folder beside out_dir to write into; renamed to out_dir (normal file modes)
+    when the block ends, removed when it fails: an out_dir that exists is complete."""
+    tmp = _tmp_beside(out_dir, is_dir=True)
+    try:
+        yield tmp
+        _fix_modes(tmp)
+        tmp.rename(out_dir)
+    except OSError as exc:
+        _remove(tmp)
+        raise _disk_error(exc, out_dir) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 # ---- merged -------------------------------------------------------------------------------------
 
 
@@ -179,18 +197,9 @@ def save_merged(m: Merged, out_dir: Path, progress: Progress = _stderr) -> Path:
     _check_space(out_dir.parent, n_bytes + 2**26)
     model = m.model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype])
     progress(f"writing {out_dir} ({m.dtype}) ...")
-    tmp = _tmp_beside(out_dir, is_dir=True)
-    try:
+    with _staged_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         m.tokenizer.save_pretrained(str(tmp))
-        _fix_modes(tmp)
-        tmp.rename(out_dir)
-    except OSError as exc:
-        _remove(tmp)
-        raise _disk_error(exc, out_dir) from None
-    except BaseException:
-        _remove(tmp)
-        raise
     return out_dir
 
 
@@ -435,19 +444,10 @@ def save_ollama(m: Merged, out_dir: Path, quant: str = "q4_k_m", progress: Progr
     if template.go is None:
         raise UserError("the tokenizer's chat template cannot be written as an Ollama TEMPLATE",
                         hint="export --gguf and run it in llama.cpp or LM Studio, which read the template from the GGUF")
-    tmp = _tmp_beside(out_dir, is_dir=True)
-    try:
+    with _staged_dir(out_dir) as tmp:
         gguf_name = "model.gguf"
         save_gguf(m, tmp / gguf_name, quant, progress, template=template)
         (tmp / "Modelfile").write_text(modelfile_text(gguf_name, template, data_system_prompt(m.cfg)), encoding="utf-8")
-        _fix_modes(tmp)
-        tmp.rename(out_dir)
-    except OSError as exc:
-        _remove(tmp)
-        raise _disk_error(exc, out_dir) from None
-    except BaseException:
-        _remove(tmp)
-        raise
     return out_dir
 
 
