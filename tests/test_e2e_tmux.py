@@ -214,14 +214,14 @@ def test_wizard_walks_the_demo_to_an_adapter(tmp_path):
         assert len(adapters) == 1, f"no adapter under {runs}: {sorted(p.name for p in runs.iterdir())}"
         assert adapters[0].stat().st_size > 0
         assert adapters[0].parent.parent.name in shown.replace("\n", "")
-        # a quick chat: the fine-tuned answer and the base model's arrive in their panes
+        # a quick chat: the fine-tuned model's answer arrives (comparing with the base is off by default)
         prompt = "What does len do?"
         wait_for("the chat input focused", lambda: chat_input(session) == "", session, KEY_LIMIT_S)
         type_text(session, prompt, lambda: chat_input(session))
         send(session, "Enter")
         # "answered" is set only when a reply came back (an error shows "chat: ..." instead)
         shown = wait_screen(session, "answered", CHAT_LIMIT_S)
-        assert "fine-tuned" in shown and "base model" in shown and "chat:" not in shown
+        assert "fine-tuned" in shown and "chat:" not in shown
         # export: merged 16-bit weights (the last choice), in a new directory under the run
         send(session, "C-e")
         wait_screen(session, "Export the fine-tuned model as")
