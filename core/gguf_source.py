@@ -225,9 +225,28 @@ def converted_dir(path: str | os.PathLike) -> Path:
     return _cache_root() / f"{stem}-{key}"
 
 
+# transformers before 5.24 builds a GGUF's SentencePiece tokenizer wrongly: on Gemma 3 270M's file,
+# 5.17 splits "Instruction" into "_In st ru ct ion" and adds no <bos> where 5.24 gives
+# "_Instruction" and <bos> (measured here; bench/real_weights.py's H200 runs 1-2 ran on 5.17).
+GGUF_TOKENIZER_MIN_TRANSFORMERS = (5, 24)
+
+
+def _check_transformers_for(p: Path) -> None:
+    import transformers
+
+    got = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+    if got < GGUF_TOKENIZER_MIN_TRANSFORMERS and read_metadata(p).get("tokenizer.ggml.model") == "llama":
+        need = ".".join(map(str, GGUF_TOKENIZER_MIN_TRANSFORMERS))
+        raise UserError(f"{p}: transformers {transformers.__version__} reads this GGUF file's SentencePiece "
+                        "tokenizer wrongly (words split into pieces, no BOS), so training would not see the "
+                        "text as the model does",
+                        hint=f"pip install 'transformers>={need}'")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer and chat template of a GGUF file, without converting its weights."""
     p = Path(path).expanduser().resolve()
+    _check_transformers_for(p)
     from transformers import AutoTokenizer
 
     try:
@@ -253,6 +272,7 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
         return out
     meta = read_metadata(p)
     arch = str(meta.get("general.architecture") or "")
+    _check_transformers_for(p)
     if progress:
         progress(f"dequantizing {p.name} ({arch}) into {out} (once)")
     import torch

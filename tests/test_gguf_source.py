@@ -209,3 +209,30 @@ def test_estimate_inspect_train_chat_and_export_take_a_gguf_path(demo_gguf, runs
     cfg = json.loads((merged / "config.json").read_text())
     assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
     assert (merged / "tokenizer.json").is_file()
+
+
+def test_old_transformers_is_refused_for_sentencepiece_gguf_tokenizers(tmp_path, monkeypatch):
+    """transformers < 5.24 splits a GGUF SentencePiece vocabulary's words (Gemma 3: '_In st ru ct ion')."""
+    import gguf
+    import transformers
+
+    from core.errors import UserError
+    from core.gguf_source import _check_transformers_for
+
+    def write(name, tokenizer_model):
+        w = gguf.GGUFWriter(str(tmp_path / name), "gemma3")
+        w.add_string("tokenizer.ggml.model", tokenizer_model)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    spm, bpe = write("spm.gguf", "llama"), write("bpe.gguf", "gpt2")
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(UserError) as err:
+        _check_transformers_for(spm)
+    assert "transformers>=5.24" in err.value.hint and "5.17.0" in str(err.value)
+    _check_transformers_for(bpe)  # byte-level BPE vocabularies are read right
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    _check_transformers_for(spm)
