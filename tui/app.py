@@ -234,18 +234,25 @@ class SnugtuneApp(App[int]):
 
     # ---- the equivalent command ------------------------------------------------------
 
+    def _step_config(self, refused: str):
+        """The setup as a RunConfig, from a step screen's current values; None (and the reason in
+        the step's status line, after `refused`) where there is no step or the setup is invalid."""
+        screen = self.screen
+        if not isinstance(screen, StepScreen):
+            return None
+        screen.save_state()
+        try:
+            return self.config()
+        except UserError as exc:
+            screen.set_status(f"{refused}: {exc}", "error")
+            return None
+
     def action_show_command(self) -> None:
         from tui.command import train_command
         from tui.screens.modals import CommandScreen
 
-        screen = self.screen
-        if not isinstance(screen, StepScreen):
-            return
-        screen.save_state()
-        try:
-            cfg = self.config()
-        except UserError as exc:
-            screen.set_status(f"no command yet: {exc}", "error")
+        cfg = self._step_config("no command yet")
+        if cfg is None:
             return
         line, note = train_command(cfg.to_dict(), self.preset_name)
         self.push_screen(CommandScreen(line, note))
@@ -255,14 +262,8 @@ class SnugtuneApp(App[int]):
     def action_save_preset(self) -> None:
         from tui.screens.modals import PromptScreen
 
-        screen = self.screen
-        if not isinstance(screen, StepScreen):
-            return
-        screen.save_state()
-        try:
-            cfg = self.config()
-        except UserError as exc:
-            screen.set_status(f"cannot save yet: {exc}", "error")
+        cfg = self._step_config("cannot save yet")
+        if cfg is None:
             return
         suggested = self.preset_name or ""
         if suggested in self._preset_names("builtin"):
