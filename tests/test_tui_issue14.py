@@ -332,6 +332,7 @@ async def test_back_to_train_after_a_failed_run_starts_fresh(wizard_env):
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.screen.state == "failed", what="the failed run")
         assert app.screen.query_one("#engine-error").display
+        assert "boom" in str(app.screen.query_one("#engine-error").render())  # the engine's own message
         await pilot.press("ctrl+b")
         assert isinstance(app.screen, SettingsScreen)
         await pilot.press("ctrl+n")

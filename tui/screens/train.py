@@ -157,10 +157,9 @@ class TrainScreen(StepScreen):
                 "in the wizard there.")
 
     def action_start(self) -> None:
-        from core import runs
-
-        if self.state in ("starting", "running"):
-            self.set_status("a run is already going; ctrl+x stops it", "warning")
+        if self.state in ("starting", "running", "checking"):
+            self.set_status("a run is already going; ctrl+x stops it" if self.state != "checking"
+                            else "checking the data and the model already", "warning")
             return
         problem = self.cannot_train_here()
         if problem:
@@ -168,13 +167,38 @@ class TrainScreen(StepScreen):
             return
         try:
             cfg = self.app.config()
-            run_dir = runs.create_run_dir(cfg, preset=getattr(self.app, "preset_name", None))  # named like the CLI's
-            runs.launch(run_dir, detach=True)
         except UserError as exc:
             self.set_status(f"could not start the engine: {exc}", "error")
             return
-        except OSError as exc:
-            self.set_status(f"could not start the engine: {exc}", "error")
+        # The CLI's pre-run check (data, model, tokenizer, GPU profile, disk) before any run
+        # directory exists: a mistake is said here, not as a failed run seconds later.
+        self.state = "checking"
+        self.set_status("checking the data and the model before the run starts ...")
+        self.preflight_then_launch(cfg)
+
+    @work(thread=True, exit_on_error=False, name="pre-run check", exclusive=True, group="preflight")
+    def preflight_then_launch(self, cfg) -> None:
+        from core import runs
+
+        try:
+            runs.preflight(cfg)
+        except UserError as exc:
+            self.app.call_from_thread(self._not_started, f"cannot start: {exc}")
+            return
+        self.app.call_from_thread(self._launch, cfg)
+
+    def _not_started(self, message: str) -> None:
+        self.state = "ready"
+        self.set_status(message, "error")
+
+    def _launch(self, cfg) -> None:
+        from core import runs
+
+        try:
+            run_dir = runs.create_run_dir(cfg, preset=getattr(self.app, "preset_name", None))  # named like the CLI's
+            runs.launch(run_dir, detach=True)
+        except (UserError, OSError) as exc:
+            self._not_started(f"could not start the engine: {exc}")
             return
         self.app.run_dir = Path(run_dir)
         self.app.run_result = None
