@@ -42,6 +42,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -198,6 +199,7 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
         oom_events=len(ooms) + int(bool(failed and (failed.get("kind") == "oom"
                                                     or "out of memory" in (failed.get("error") or "")))),
         measured_reserved_gib=max((e.get("mem_peak_gib") or 0) for e in steps) if steps else None,
+        measured_allocated_gib=(max((e.get("mem_peak_allocated_gib") or 0) for e in steps) or None) if steps else None,
         cuda_graphs=steps[-1].get("cuda_graphs") if steps else None,
         savers=started.get("savers"),
         engine_plan_keep=(started.get("plan") or {}).get("keep_blocks"),
@@ -269,11 +271,13 @@ def trains(n):
         ok = False
     opt.zero_grad(set_to_none=True)
     gc.collect()
-    peak = 0.0
+    peak = alloc = 0.0
     if D == "cuda":
         torch.cuda.empty_cache()
         peak = torch.cuda.max_memory_reserved() / 2**30
-    print("@@" + json.dumps({"len": n, "ok": ok, "peak_reserved_gib": round(peak, 3)}), flush=True)
+        alloc = torch.cuda.max_memory_allocated() / 2**30
+    print("@@" + json.dumps({"len": n, "ok": ok, "peak_reserved_gib": round(peak, 3),
+                             "peak_allocated_gib": round(alloc, 3)}), flush=True)
     FAILED.append(n) if not ok else None
     return ok
 FAILED = []
@@ -369,7 +373,8 @@ class MemPool:
 
 
 def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = False, jobs: int = 15,
-               mem_gib: float = 120.0) -> dict:
+               mem_gib: float = 120.0, only_rows: Optional[list] = None, bisect_cards: Optional[list] = None,
+               command: str = "") -> dict:
     from core.catalog import catalog_lookup
 
     t0 = time.time()
@@ -379,15 +384,26 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         for c in cards:
             for st in starts:
                 rows.append(plan_row(s, c, st, spec=specs[s], budget=cards[c], profile=_profile(smoke)))
-    only = {tuple(x.split(":")) for x in os.environ.get("FIT_ROWS", "").split(",") if x}
-    if only:
-        rows = [r for r in rows if (r["shape"], r["card"], r["start"]) in only]
+    if only_rows:  # in the order given: the device call's time runs out on the last ones first
+        order = {key: i for i, key in enumerate(only_rows)}
+        rows = sorted((r for r in rows if (r["shape"], r["card"], r["start"]) in order),
+                      key=lambda r: order[(r["shape"], r["card"], r["start"])])
+        shapes = [s for s in dict.fromkeys(k[0] for k in only_rows) if s in specs]
     print(f"planned {len(rows)} rows in {time.time() - t0:.1f}s", flush=True)
     models: dict[str, Path] = {}
     built = {s: threading.Event() for s in shapes}
 
+    todo = list(shapes)
+    todo_lock = threading.Lock()
+
     def build_all():
-        for s in shapes:  # one at a time: each needs its bf16 weights on the device while saving
+        # three builders: saving is disk- and CPU-bound, and each holds one model's bf16 weights
+        # on the device (at most ~6 GiB) while it saves
+        while True:
+            with todo_lock:
+                if not todo:
+                    return
+                s = todo.pop(0)
             try:
                 models[s] = build_model(root, s, spec=specs[s], device="cpu" if smoke else "cuda")
             except Exception as exc:  # noqa: BLE001 - the rows of this shape say why
@@ -395,8 +411,8 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
             built[s].set()
             print(f"built {s} at {time.time() - t0:.0f}s", flush=True)
 
-    builder = threading.Thread(target=build_all, daemon=True)
-    builder.start()
+    for _ in range(1 if smoke else 3):
+        threading.Thread(target=build_all, daemon=True).start()
     pool = MemPool(mem_gib)
     work = root / "work"
 
@@ -443,6 +459,8 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
     with ThreadPoolExecutor(max_workers=jobs) as ex:
         for s in shapes:  # bisections first: they take longest
             for c in cards:
+                if bisect_cards is not None and c not in bisect_cards:
+                    continue
                 if any(r["shape"] == s and r["card"] == c and r["start"] == "full" for r in rows):
                     tasks.append(ex.submit(do_bisect, s, c))
         for r in rows:
@@ -456,7 +474,7 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         r["bisect_tries"] = b.get("tries")
         if b.get("error"):
             r["bisect_error"] = b["error"]
-    result = {"meta": {"command": "PYTHONPATH=. python bench/fit_truth.py" + (" --smoke" if smoke else ""),
+    result = {"meta": {"command": command or ("PYTHONPATH=. python bench/fit_truth.py" + (" --smoke" if smoke else "")),
                        "wall_s": round(time.time() - t0, 1), "profile": _profile(smoke),
                        "held_out": sorted(HELD_OUT), "cards_gib": cards},
               "rows": rows}
@@ -511,8 +529,8 @@ def markdown(result: dict) -> str:
         lines += [f"Estimates: {meta['estimates']}.", ""]
     lines += [
         "| model | card | start | choice (seq x mb x accum) | kept blocks | offload | est. reserved GiB | "
-        "measured GiB | error % | run | longest that trains | choice / longest |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "measured GiB | error % | allocated est. / measured GiB | run | longest that trains | choice / longest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     errs, ooms, lows, unknown = [], 0, [], 0
     for r in result["rows"]:
@@ -541,11 +559,13 @@ def markdown(result: dict) -> str:
         star = "*" if r.get("held_out") else ""
         choice = f"{r['seq']} x {r['micro_batch']} x {r['grad_accum']}" if r["fits"] else "nothing fits"
         lt_s = "-" if lt is None else (f"{lt}" + (f" ({fa})" if fa else ""))
+        ma = e.get("measured_allocated_gib")
+        alloc_s = f"{r.get('est_allocated_gib', 0):.2f} / " + ("-" if ma is None else f"{ma:.2f}")
         lines.append(
             f"| {r['shape']}{star} | {r['card']} | {r['start']} | {choice} | {plan.get('keep_blocks', '-')} | "
             f"{'yes' if plan.get('offload') else 'no'} | {r['est_reserved_gib']:.2f} | "
-            f"{'-' if meas is None else f'{meas:.2f}'} | {'-' if err is None else f'{err:+.1f}'} | {status} | "
-            f"{lt_s if r['start'] == 'full' else ''} | {share} |")
+            f"{'-' if meas is None else f'{meas:.2f}'} | {'-' if err is None else f'{err:+.1f}'} | {alloc_s} | "
+            f"{status} | {lt_s if r['start'] == 'full' else ''} | {share} |")
     lines.append("")
     if errs:
         within = sum(1 for x in errs if x <= 5.0)
@@ -639,7 +659,9 @@ def main(argv=None) -> int:
                     help="today's choices with the measurements of the runs that trained them")
     ap.add_argument("--rescore", metavar="FILE.json", help="today's estimator against a result file's measurements")
     ap.add_argument("--rows", default=os.environ.get("FIT_ROWS", ""),
-                    help="only these rows, shape:card:start comma-separated (re-running failed rows)")
+                    help="only these rows, shape:card:start comma-separated, run in this order (the device "
+                         "call's time runs out on the last ones first)")
+    ap.add_argument("--bisect-cards", default="", help="bisect only on these cards (comma-separated)")
     a = ap.parse_args(argv)
     if a.combine:
         res = combine([Path(x) for x in a.combine])
@@ -667,7 +689,13 @@ def main(argv=None) -> int:
         return 0 if all((r.get("engine") or {}).get("rc") == 0 for r in res["rows"]) else 1
     shapes = [s for s in (a.only.split(",") if a.only else SHAPES) if s]
     cards = {c: CARDS[c] for c in (a.cards.split(",") if a.cards else CARDS)}
-    res = run_matrix(shapes, cards, list(STARTS), root, out, jobs=a.jobs)
+    only_rows = [tuple(x.split(":")) for x in a.rows.split(",") if x] or None
+    if only_rows:
+        shapes = [s for s in dict.fromkeys(k[0] for k in only_rows)]
+        cards = {c: CARDS[c] for c in dict.fromkeys(k[1] for k in only_rows)}
+    command = "PYTHONPATH=. python bench/fit_truth.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    run_matrix(shapes, cards, list(STARTS), root, out, jobs=a.jobs, only_rows=only_rows,
+               bisect_cards=[c for c in a.bisect_cards.split(",") if c] or None, command=command.strip())
     return 0
 
 

@@ -358,6 +358,16 @@ class ActivationOffloader:
     On the CPU it just keeps a reference (the autograd path is the same).
     """
 
+    # Copies queued on the side stream but not yet seen finished by the host. A tensor handed to
+    # the side stream (record_stream) is reusable only once the host has seen its copy end, and
+    # the CPU runs ahead of the GPU by as many blocks as the launch queue holds: without a bound,
+    # every block input queued ahead stayed on the card (Gemma-2-2B at 8,192 tokens peaked 0.65
+    # GiB, 18 block inputs, higher under an 8 GB cap than under a 6 GB one with the same plan,
+    # bench/results/fit_truth_run1.json; under a tight cap the allocator syncs and frees them, so
+    # they cost time there, not an OOM). The plan prices two inputs on the card (core.estimate):
+    # waiting for the copy two back keeps it so, and costs the CPU only lookahead it cannot use.
+    MAX_IN_FLIGHT = 2
+
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
@@ -365,6 +375,12 @@ class ActivationOffloader:
         self.host: dict[int, torch.Tensor] = {}  # pinned buffers, reused across steps
         self.saved: dict[int, tuple] = {}  # i -> (host view, done event, shape, dtype)
         self.fetched: dict[int, tuple] = {}  # i -> (gpu tensor, ready event)
+        self.in_flight: list = []  # events of the side stream's latest copies, oldest first
+
+    def _bound(self, ev) -> None:
+        self.in_flight.append(ev)
+        while len(self.in_flight) > self.MAX_IN_FLIGHT:
+            self.in_flight.pop(0).synchronize()
 
     def save(self, i: int, t: torch.Tensor) -> None:
         if not self.cuda:
@@ -385,6 +401,7 @@ class ActivationOffloader:
         t.record_stream(self.stream)  # the allocator must not reuse t before the copy ends
         self.saved[i] = (view, ev, t.shape, t.dtype)
         self.fetched.pop(i, None)
+        self._bound(ev)
 
     def prefetch(self, i: int) -> None:
         if not self.cuda or i not in self.saved or i in self.fetched:
@@ -402,6 +419,7 @@ class ActivationOffloader:
             ready.record(self.stream)
         gpu.record_stream(self.stream)
         self.fetched[i] = (gpu, ready)
+        self._bound(ready)
 
     def load(self, i: int) -> torch.Tensor:
         if not self.cuda:

@@ -777,13 +777,16 @@ class EventCallback(_trainer_callback_base()):
         done = state.global_step - self._step0
         remaining = max(state.max_steps - state.global_step, 0)
         eta = (now - self._t0) / done * remaining if done > 0 else None
-        mem: dict[str, Any] = {"mem_allocated_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None}
+        mem: dict[str, Any] = {"mem_allocated_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None,
+                               "mem_peak_allocated_gib": None}
         if self.engine.device.get("type") == "cuda":
             idx = self.engine.device["index"]
             mem = {
                 "mem_allocated_gib": round(torch.cuda.memory_allocated(idx) / 2**30, 3),
                 "mem_reserved_gib": round(torch.cuda.memory_reserved(idx) / 2**30, 3),
                 "mem_peak_gib": round(torch.cuda.max_memory_reserved(idx) / 2**30, 3),
+                # the peak the tensors themselves took (the estimate's allocated_gib), beside the reserve
+                "mem_peak_allocated_gib": round(torch.cuda.max_memory_allocated(idx) / 2**30, 3),
             }
         self.engine.last_loss = logs["loss"]
         if self._health is None:
