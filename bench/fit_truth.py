@@ -397,7 +397,7 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
     todo_lock = threading.Lock()
 
     def build_all():
-        # three builders: saving is disk- and CPU-bound, and each holds one model's bf16 weights
+        # two builders: saving is disk- and CPU-bound, and each holds one model's bf16 weights
         # on the device (at most ~6 GiB) while it saves
         while True:
             with todo_lock:
@@ -411,7 +411,7 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
             built[s].set()
             print(f"built {s} at {time.time() - t0:.0f}s", flush=True)
 
-    for _ in range(1 if smoke else 3):
+    for _ in range(1 if smoke else 2):
         threading.Thread(target=build_all, daemon=True).start()
     pool = MemPool(mem_gib)
     work = root / "work"
