@@ -395,6 +395,9 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
 
     todo = list(shapes)
     todo_lock = threading.Lock()
+    # transformers' lazy imports are not thread-safe: two builders importing AutoConfig at once
+    # failed one of them (run 4: "cannot import name 'AutoConfig'"); import once, here
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
     def build_all():
         # two builders: saving is disk- and CPU-bound, and each holds one model's bf16 weights
