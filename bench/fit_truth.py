@@ -108,6 +108,7 @@ def plan_row(shape: str, card: str, start: str, spec=None, budget=None, profile:
         "shape": shape, "card": card, "budget_gib": budget, "start": start, "held_out": shape in HELD_OUT,
         "fits": fit.fits, "seq": fit.max_seq_len, "micro_batch": fit.micro_batch, "grad_accum": fit.grad_accum,
         "longest_est": fit.longest_seq_len, "notes": fit.notes, "suggestions": fit.suggestions,
+        "position_limit": spec.max_position_embeddings,
         "est_reserved_gib": round(est.reserved_gib, 4), "est_total_gib": round(est.total_gib, 4),
         "est_allocated_gib": round(est.allocated_gib, 4), "peak_phase": est.peak_phase,
         "plan": est.plan.to_dict() if est.plan is not None else None,
@@ -507,10 +508,20 @@ def _status(e: dict) -> tuple[str, bool]:
     if oom:
         return "OUT OF MEMORY", True
     if e.get("rc") == 0:
-        return "ok", False
+        return "ok" + (f" ({e['run']})" if e.get("run") else ""), False
     if e.get("steps"):
-        return f"{e['steps']} of 2 steps, then the call's time ran out", False
+        return f"{e['steps']} of 2 steps, then the call's time ran out" + (f" ({e['run']})" if e.get("run") else ""), False
     return f"no step logged (rc {e.get('rc')})", False
+
+
+def _position_limit(row: dict) -> Optional[int]:
+    if row.get("position_limit"):
+        return row["position_limit"]
+    if row["shape"] not in SHAPES:
+        return None
+    from core.catalog import catalog_lookup
+
+    return catalog_lookup(SHAPES[row["shape"]]).max_position_embeddings
 
 
 def markdown(result: dict) -> str:
@@ -523,9 +534,12 @@ def markdown(result: dict) -> str:
         f", profile {meta['profile']} (allocator capped at budget - 0.35 GiB). Held out from every constant "
         f"fitted before fit_truth (bench/results/estimate_accuracy.json's models): {', '.join(meta['held_out'])} "
         f"(marked *); the two backward terms added after run 1 (ATTN_BWD_BYTES, NORM_BWD_BYTES in "
-        f"core/estimate.py) were chosen on runs 1-2, these rows included. `longest that trains`: the "
+        f"core/estimate.py) were chosen on runs 1-2, and the verdict's allocator need (a share of per-step "
+        f"memory only) on runs 1-3's 4 GB bisections, these rows included; run 4's choices are lengths no "
+        f"earlier run trained. `longest that trains`: the "
         "longest length that trained at micro-batch 1 and, in brackets, the shortest that ran out; the "
-        "share is the choice over that range (the true longest lies in it).",
+        "share is the choice over that range (the true longest lies in it). `allocated`: the estimate's "
+        "and the engine's peak max_memory_allocated (logged from run 4 on).",
         "",
     ]
     if meta.get("estimates"):
@@ -552,10 +566,10 @@ def markdown(result: dict) -> str:
                 lo_share, hi_share = r["seq"] / fa, min(1.0, r["seq"] / lt)
                 lows.append(lo_share)
                 share = f"{lo_share:.0%}-{hi_share:.0%}"
-            elif lt and lt >= r["seq"] and lt == (r.get("plan") or {}).get("seq_len") and r["seq"] >= 8192:
-                share = "100% (position limit)" if r["seq"] == lt else ""
+            elif lt and r["seq"] == _position_limit(r):
+                share = "100% (position limit)"
             elif lt:
-                share = f"<= {min(1.0, r['seq'] / lt):.0%}"
+                share = "no bracket (not bisected)"
                 unknown += 1
             else:
                 unknown += 1
@@ -606,17 +620,26 @@ def rescore(path: Path) -> dict:
     return res
 
 
-def combine(paths: list[Path]) -> dict:
+def combine(paths: list[Path], bisect_paths: Optional[list] = None) -> dict:
     """Today's auto-fit choices, each with the measurement of a run that trained exactly that setting
-    (the latest such run), re-estimated by today's code; the longest length that trains from every
-    try of every run (the longest that trained, the shortest that did not). Needs no GPU."""
+    (the latest such run, named in the row), re-estimated by today's code; the longest length that
+    trains from the tries of every run (the longest that trained) and the shortest that did not in
+    the runs of `bisect_paths` (default: all; after an engine change that lowers memory, the runs with
+    today's engine). Needs no GPU."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    for res, p in zip(runs, paths):
+        for r in res["rows"]:
+            r["_run"] = Path(p).stem.replace("fit_truth_", "")
+    bis_names = None if bisect_paths is None else {Path(p).stem.replace("fit_truth_", "") for p in bisect_paths}
     tries: dict[tuple, list] = {}
     ran: dict[tuple, list] = {}
     for res in runs:
         for r in res["rows"]:
             key = (r["shape"], r["card"])
-            tries.setdefault(key, []).extend(r.get("bisect_tries") or [])
+            # the other runs' lengths that trained still count (the engine change since, the offload
+            # bound, only lowers memory), their out-of-memory lengths do not
+            keep_all = bis_names is None or r["_run"] in bis_names
+            tries.setdefault(key, []).extend(t for t in (r.get("bisect_tries") or []) if keep_all or t["ok"])
             ran.setdefault((r["shape"], r["card"], r["start"]), []).append(r)
     rows = []
     for shape in SHAPES:
@@ -633,6 +656,8 @@ def combine(paths: list[Path]) -> dict:
                 now["engine"] = dict(match["engine"]) if match else {"skipped": "this choice was not run"}
                 if match is None:
                     now["engine"]["rc"] = None
+                else:
+                    now["engine"]["run"] = match["_run"]
                 t = list(tries.get((shape, card), []))
                 e = now["engine"]
                 if start == "full" and now["micro_batch"] == 1 and e.get("steps") and not e.get("oom_events"):
@@ -644,9 +669,11 @@ def combine(paths: list[Path]) -> dict:
                 now["bisect_tries"] = t
                 rows.append(now)
     meta = dict(runs[-1]["meta"])
+    meta["cards_gib"] = dict(CARDS)
     meta["estimates"] = ("today's code: each row is today's auto-fit choice, with the measurement of the latest run "
                          "that trained exactly that setting (else 'not run')")
     meta["command"] = ("python bench/fit_truth.py --combine " + " ".join(str(p) for p in paths) +
+                       (" --bisect-from " + " ".join(str(p) for p in bisect_paths) if bisect_paths else "") +
                        " (measurements: " + "; ".join(r["meta"]["command"] for r in runs) + ")")
     return {"meta": meta, "rows": rows}
 
@@ -660,6 +687,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=15)
     ap.add_argument("--combine", nargs="+", metavar="FILE.json",
                     help="today's choices with the measurements of the runs that trained them")
+    ap.add_argument("--bisect-from", nargs="+", metavar="FILE.json",
+                    help="with --combine: take the longest length that trains from these runs only")
     ap.add_argument("--rescore", metavar="FILE.json", help="today's estimator against a result file's measurements")
     ap.add_argument("--rows", default=os.environ.get("FIT_ROWS", ""),
                     help="only these rows, shape:card:start comma-separated, run in this order (the device "
@@ -667,7 +696,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bisect-cards", default="", help="bisect only on these cards (comma-separated)")
     a = ap.parse_args(argv)
     if a.combine:
-        res = combine([Path(x) for x in a.combine])
+        res = combine([Path(x) for x in a.combine], [Path(x) for x in a.bisect_from] if a.bisect_from else None)
         out = Path(os.environ.get("OUT") or REPO / "bench" / "results")
         (out / "fit_truth.json").write_text(json.dumps(res, indent=1))
         (out / "fit_truth.md").write_text(markdown(res))

@@ -462,3 +462,51 @@ def test_bench_rescore_rewrites_the_markdown_from_stored_measurements(bench, tmp
     bad.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a bench result file"):
         bench.main(["--rescore", str(bad)])
+
+
+# ---- auto-fit against real training (bench/results/fit_truth_run4*.json, today's engine) -------------
+
+FIT_TRUTH = [Path(__file__).resolve().parents[1] / "bench" / "results" / f"fit_truth_run{n}.json" for n in ("4", "4b")]
+
+
+def _fit_truth_rows():
+    rows = []
+    for path in FIT_TRUTH:
+        rows += json.loads(path.read_text())["rows"]
+    return rows
+
+
+def test_no_length_that_ran_out_of_memory_is_called_fits():
+    """Every length the H200 bisection saw run out of memory under a card's allocator cap (today's
+    engine) is not "fits" by today's estimate, and auto-fit's choice for that model and card is
+    shorter than all of them: a "fits" that then runs out of memory is what the estimator exists
+    to prevent."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.fit_truth import SHAPES, base_config, plan_row
+
+    failed: dict[tuple, set] = {}
+    for r in _fit_truth_rows():
+        for t in r.get("bisect_tries") or []:
+            if not t["ok"]:
+                failed.setdefault((r["shape"], r["card"], r["budget_gib"]), set()).add(t["len"])
+    assert len(failed) >= 6  # the 4 GB card's six models whose choice is under their position limit
+    for (shape, card, budget), lengths in failed.items():
+        spec = catalog_lookup(SHAPES[shape])
+        gpu = resolve_gpu("rtx-3050", budget)
+        for n in sorted(lengths):
+            assert E.estimate(spec, base_config(spec.id, n, 1, 2, budget), gpu).verdict != "fits", (shape, card, n)
+        assert plan_row(shape, card, "full")["seq"] < min(lengths), (shape, card)
+
+
+def test_fit_truth_choices_that_ran_are_today_s_choices():
+    """The run-4 rows were trained at exactly what auto-fit chooses today (a change to the estimate
+    that moves a choice must come with a new GPU run: bench/fit_truth.py --rows SHAPE:CARD:START)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.fit_truth import plan_row
+
+    for r in _fit_truth_rows():
+        if r.get("engine", {}).get("skipped"):
+            continue
+        now = plan_row(r["shape"], r["card"], r["start"])
+        assert (now["seq"], now["micro_batch"], now["plan"]["keep_blocks"], now["plan"]["offload"]) == (
+            r["seq"], r["micro_batch"], r["plan"]["keep_blocks"], r["plan"]["offload"]), (r["shape"], r["card"], r["start"])
