@@ -203,6 +203,7 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
         measured_allocated_gib=(max((e.get("mem_peak_allocated_gib") or 0) for e in steps) or None) if steps else None,
         cuda_graphs=steps[-1].get("cuda_graphs") if steps else None,
         savers=started.get("savers"),
+        load_peak=started.get("load_peak"),  # the loading's own peak (engines from run 4b on)
         engine_plan_keep=(started.get("plan") or {}).get("keep_blocks"),
         engine_plan_cap=(started.get("plan") or {}).get("allocator_cap_gib"),
         plan_file=(rd / "plan.json").is_file(),

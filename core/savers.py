@@ -26,7 +26,8 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
    With offload (the plan's offload rule, core.plan.offload_rule: on, or auto when L*T*H*2 bytes
    exceeds 10% of the budget), each block input is copied to pinned CPU memory on a side stream
    right after the block's forward; in backward it is copied back one block ahead (prefetch),
-   so ~2 block inputs (2 x T x H x 2 bytes) live on the GPU instead of L. Host RAM: L x T x H
+   so ~2 block inputs (2 x T x H x 2 bytes) live on the GPU instead of L (at most two copies
+   in flight: ActivationOffloader.MAX_IN_FLIGHT). Host RAM: L x T x H
    x 2 bytes pinned. Offload and selective checkpointing are decided by the plan per
    micro-batch size (plan.blocks_at(T)), not here. Selective checkpointing: when the budget
    allows (short rows), the last `kept` blocks run without checkpointing to skip their

@@ -467,6 +467,13 @@ class Engine:
         self._load_model(source)
         resumed = self.resume_from = self._checkpoint_to_resume()
         self._check_disk(source, resumed)
+        load_peak = None
+        if self.device["type"] == "cuda":
+            # the peaks of loading (weights quantized on the device); the steps' peaks count from
+            # process start, so a step's mem_peak_gib includes these: this tells the two apart
+            idx = self.device["index"]
+            load_peak = {"allocated_gib": round(torch.cuda.max_memory_allocated(idx) / 2**30, 3),
+                         "reserved_gib": round(torch.cuda.max_memory_reserved(idx) / 2**30, 3)}
         self.events.emit(
             "run_started",
             config=cfg.to_dict(),
@@ -478,6 +485,7 @@ class Engine:
             model=self.model_info,
             savers=self.model_info.get("savers", {}),
             plan=self.plan.to_dict(),
+            load_peak=load_peak,
             pid=os.getpid(),
         )
         self.events.emit(
