@@ -361,12 +361,13 @@ class ActivationOffloader:
 
     # Copies queued on the side stream but not yet seen finished by the host. A tensor handed to
     # the side stream (record_stream) is reusable only once the host has seen its copy end, and
-    # the CPU runs ahead of the GPU by as many blocks as the launch queue holds: without a bound,
-    # every block input queued ahead stayed on the card (Gemma-2-2B at 8,192 tokens peaked 0.65
-    # GiB, 18 block inputs, higher under an 8 GB cap than under a 6 GB one with the same plan,
-    # bench/results/fit_truth_run1.json; under a tight cap the allocator syncs and frees them, so
-    # they cost time there, not an OOM). The plan prices two inputs on the card (core.estimate):
-    # waiting for the copy two back keeps it so, and costs the CPU only lookahead it cannot use.
+    # the CPU runs ahead of the GPU by as many blocks as the launch queue holds: unbounded, every
+    # block input queued ahead stays on the card until the allocator, short of memory, syncs and
+    # frees them (no out-of-memory error, but a full stall, and peaks that vary with timing). The
+    # plan prices two inputs on the card (core.estimate): waiting for the copy two back keeps it
+    # so, and costs the CPU only lookahead it cannot use. (It was suspected of Gemma-2-2B's 8 GB
+    # row, 0.65 GiB over the same run under a 6 GB cap; with the bound that row measured the same,
+    # bench/results/fit_truth_run4.json: the cause lies elsewhere.)
     MAX_IN_FLIGHT = 2
 
     def __init__(self, device: torch.device):
