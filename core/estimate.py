@@ -102,7 +102,8 @@ SNUG_FRAGMENT_SHARE = 0.25
 # bisections of bench/results/fit_truth_run1-3.json): the caching allocator gives its cache back
 # before it fails. Counting the weights there held auto-fit at 77-83% of the longest length that
 # trains for the weight-heavy models (Qwen2.5-3B, Llama-3.2-3B, Gemma-2-2B, 4 GB card); without
-# them the choices are 87-95% of it and each stays below every length that ran out in runs 1-3.
+# them every 4 GB choice trained in fit_truth run 4 (no out-of-memory run), at 87-95% of the
+# longest length that trains, Qwen2.5-3B at 82-85% (bench/results/fit_truth.md).
 # With the model's own (unchunked) loss, token x vocab tensors of two sizes (2- and 4-byte
 # logits) come and go each step and about one 4-byte block stays unusable even with
 # expandable segments: measured 0.37 and 0.66 GiB above allocated with 0.38 GiB blocks
@@ -534,9 +535,9 @@ def estimate(
         notes.append("CPU target: budget is the available RAM; training runs in fp32 and is slow")
 
     # With memory to spare the allocator keeps `cached` above allocated; under the plan's cap it
-    # gives cache back before it fails, so max_memory_reserved never exceeds the cap while the
-    # run needs less than it (4 GB bisections: 3.45-3.48 GiB at every length that trained under
-    # a 3.47 GiB cap, bench/results/fit_truth_run3.json).
+    # gives cache back before it fails, so max_memory_reserved stays at the cap while the run
+    # needs less than it (4 GB bisections: every length that trained peaked at 3.35-3.47 GiB
+    # reserved under a 3.47 GiB cap, bench/results/fit_truth_run3.json and _run4.json).
     reserved = allocated + cached
     if not cpu and not plain and plan.allocator_cap_gib:
         reserved = min(reserved, max(allocated + overhead, plan.allocator_cap_gib * GIB))
