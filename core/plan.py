@@ -521,8 +521,8 @@ def _big_savers(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> Plan:
     frugal = dict(offload=p.offload_mode != "off", keep_blocks=0, cuda_graphs=False)
     if _fits(replace(p, **frugal), cfg, spec, gpu):
         return p
-    graphs = dict(cuda_graphs=False, cuda_graphs_why="the input embedding's rows come from CPU memory "
-                                                    "(a host copy each step, outside any graph)")
+    graphs = dict(cuda_graphs=False, cuda_graphs_why=p.cuda_graphs_why if not p.cuda_graphs else
+                  "the input embedding's rows come from CPU memory (a host copy each step, outside any graph)")
     gib = emb / GIB
     if not spec.tie_word_embeddings:
         q = replace(p, cpu_embedding=True, **graphs,
