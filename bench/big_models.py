@@ -57,6 +57,7 @@ UNSLOTH = {("llama-3.1-8b", "8gb"): "2,972 (published)", ("llama-3.1-8b", "12gb"
 # (shape, card, LoRA rank, engine length = the issue's target, tries: (length, savers) pairs)
 ROWS = [
     ("llama-3.1-8b", "8gb", 32, 8192, [(8192, "none"), (12288, "emb"), (12288, "auto"), (16384, "auto")]),
+    ("llama-3.1-8b", "8gb", 32, 16384, [(20480, "auto")]),
     ("llama-3.1-8b", "12gb", 32, 32768, [(32768, "none"), (40960, "auto")]),
     ("qwen2.5-7b", "8gb", 32, 8192, [(8192, "none"), (12288, "auto"), (16384, "auto")]),
     ("qwen2.5-1.5b", "4gb", 16, 32768, [(32768, "none"), (28672, "auto")]),
@@ -85,9 +86,10 @@ def run_toml(model_dir: Path, data: Path, seq: int, budget, r: int, name: str, p
 WRAP = r"""
 import atexit, runpy, sys
 def _rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            print("@@RSS " + str(int(line.split()[1]) / 2**20), file=sys.stderr, flush=True)
+    # the CLI trains in a child process (core.runs): the largest waited-for child's peak, and ours
+    import resource
+    kib = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print("@@RSS " + str(kib / 2**20), file=sys.stderr, flush=True)
 atexit.register(_rss)
 sys.argv = ["snugtune", "train", sys.argv[1]]
 runpy.run_module("tui.cli", run_name="__main__")
