@@ -452,8 +452,10 @@ def estimate(
             wo += V * h + V * 4
             qc, vt = P.head_tiles(V, h, plan.ce_chunk_tokens or 32)
             loss_ws += vt * h * 2 + min(qc, T) * h * (4 + 2)
-        if plan.cpu_embedding:
-            notes.append(f"input embedding in pinned CPU memory: {emb16 / GIB:.2f} GiB of host RAM")
+        if plan.cpu_embedding or plan.head_8bit:
+            host = emb16 * (int(plan.cpu_embedding) + int(plan.head_8bit and not spec.tie_word_embeddings))
+            notes.append(f"the 16-bit embedding{' and head' if host > emb16 else ''} in CPU memory while training: "
+                         f"{host / GIB:.2f} GiB of host RAM")
     largest_bwd = tile * I * s  # the backward's largest transient: an MLP tensor, or a score tensor
     if plain and (spec.model_type in EAGER_PLAIN or spec.num_kv_heads < spec.num_heads):
         largest_bwd = max(largest_bwd, score)
