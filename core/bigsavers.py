@@ -19,6 +19,14 @@ under LoRA, so neither needs a gradient, only its forward use:
    gradient. With tied weights the 8-bit copy is the head and the 16-bit original stays on the
    CPU for the embedding (the plan turns both on together for tied models).
 
+3. Lean RMSNorm (plan.lean_norms, with the two above on Llama / Qwen2 / Qwen3 / Mistral blocks):
+   transformers' RMSNorm keeps an fp32 copy of its input for backward (4 bytes x hidden a token,
+   two norms a block: 8 h bytes); the lean one keeps the 16-bit input (which the recomputed block
+   holds anyway for the first norm, a 2 h-byte residual for the second) and 1/rms (4 bytes a
+   token), and rebuilds the fp32 values in its backward, a few thousand rows at a time. Its
+   forward is the same sequence of operations (the same numbers); its backward is the same
+   formula in another order (fp32 rounding). In a recomputed block: 6 h bytes a token less.
+
 Quantization error of the head, the only difference from the 16-bit run: each weight moves by
 at most half a step, absmax(row) / 254, so a logit moves by at most sum_j |h_j| x that, and the
 cross-entropy by at most twice the largest logit change (tests/test_bigsavers.py checks the
@@ -182,6 +190,71 @@ class _ChunkedQ8CE(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------
+# Lean RMSNorm
+# ---------------------------------------------------------------------------------------
+
+# transformers' RMSNorm classes with exactly w * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + w differs)
+LEAN_NORM_CLASSES = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
+_NORM_ROWS_BYTES = 64 * 2**20  # fp32 temporaries of one slice of rows in the backward
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        H = x.shape[-1]
+        x2, g2, r2 = x.reshape(-1, H), gy.reshape(-1, H), rstd.reshape(-1, 1)
+        gx = torch.empty_like(x)
+        out = gx.view(-1, H)
+        step = max(1, _NORM_ROWS_BYTES // (H * 4 * 3))
+        for s in range(0, x2.shape[0], step):
+            n = x2[s:s + step].to(torch.float32) * r2[s:s + step]
+            g = (g2[s:s + step] * weight).to(torch.float32)  # through w * n16: grad x w in 16 bits, as autograd
+            dot = (g * n).mean(-1, keepdim=True)
+            out[s:s + step] = ((g - n * dot) * r2[s:s + step]).to(x.dtype)
+        return gx, None, None
+
+
+def _lean_norm_forward(mod):
+    orig = mod.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        if args or kwargs or mod.weight.requires_grad or not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            return orig(hidden_states, *args, **kwargs)
+        return _LeanRMSNorm.apply(hidden_states, mod.weight, mod.variance_epsilon)
+
+    forward._snug_orig = orig
+    mod.forward = forward
+
+
+def lean_norms(hf) -> int:
+    """Route the decoder blocks' two RMSNorms through _LeanRMSNorm; returns how many."""
+    n = 0
+    for lyr in _layers(hf):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            mod = getattr(lyr, name, None)
+            if mod is not None and type(mod).__name__ in LEAN_NORM_CLASSES and hasattr(mod, "variance_epsilon") \
+                    and "forward" not in mod.__dict__:
+                _lean_norm_forward(mod)
+                n += 1
+    return n
+
+
+def _layers(hf):
+    from core.savers import _decoder_layers  # noqa: PLC0415 (savers imports this module lazily)
+
+    return _decoder_layers(hf) or []
+
+
+# ---------------------------------------------------------------------------------------
 # install / restore
 # ---------------------------------------------------------------------------------------
 
@@ -234,6 +307,9 @@ def install(hf, plan) -> dict:
         _restore_head(hf)
     if not want_emb and emb is not None and hasattr(emb, "_snug_cpu_weight"):
         _restore_embedding(emb)
+    if getattr(plan, "lean_norms", False):
+        n = lean_norms(hf)
+        applied["lean_norms"] = f"{n} RMSNorms keep their 16-bit input and 1/rms (not an fp32 copy)"
     if not (want_emb or want_head):
         return applied
     if want_head:

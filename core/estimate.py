@@ -452,6 +452,11 @@ def estimate(
             wo += V * h + V * 4
             qc, vt = P.head_tiles(V, h, plan.ce_chunk_tokens or 32)
             loss_ws += vt * h * 2 + min(qc, T) * h * (4 + 2)
+        if plan.lean_norms and gc_on:
+            # core/bigsavers.py's RMSNorm: a recomputed block's two norms keep 2 h bytes a token (the
+            # second's 16-bit input) where they kept 8 h (fp32 copies); 1/rms is 4 bytes a token each
+            block -= T * (6 * h - 8)
+            kept -= (keep_layers or 0) * T * (6 * h - 8)
         if plan.cpu_embedding or plan.head_8bit:
             host = emb16 * (int(plan.cpu_embedding) + int(plan.head_8bit and not spec.tie_word_embeddings))
             notes.append(f"the 16-bit embedding{' and head' if host > emb16 else ''} in CPU memory while training: "

@@ -222,6 +222,7 @@ class Plan:
     # from CPU memory, the frozen output layer in 8 bits read tile by tile by the chunked loss
     cpu_embedding: bool = False
     head_8bit: bool = False
+    lean_norms: bool = False  # the blocks' RMSNorms keep their 16-bit input, not an fp32 copy (with the two above)
     big_savers_why: str = "not needed: the run fits with the 16-bit embedding and head on the card"
     # inputs kept to re-plan after an out-of-memory retry (not part of the plan's record)
     _cfg: Any = field(default=None, compare=False, repr=False)
@@ -494,6 +495,8 @@ def _spare_keep(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> int:
 
 # Below this a 16-bit embedding is not worth a host copy per step (the savers leave it on the card).
 BIG_SAVER_MIN_BYTES = 64 * 2**20
+# Block norms of exactly w * (x / rms(x)).to(dtype) (core/bigsavers.py LEAN_NORM_CLASSES)
+LEAN_NORM_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 # One dequantized tile of the 8-bit head (vocab_tile x hidden, 2 bytes): small beside a 6-12 GB budget.
 HEAD_TILE_BYTES = 32 * 2**20
 
@@ -522,7 +525,8 @@ def _big_savers(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> Plan:
     if _fits(replace(p, **frugal), cfg, spec, gpu):
         return p
     graphs = dict(cuda_graphs=False, cuda_graphs_why=p.cuda_graphs_why if not p.cuda_graphs else
-                  "the input embedding's rows come from CPU memory (a host copy each step, outside any graph)")
+                  "the input embedding's rows come from CPU memory (a host copy each step, outside any graph)",
+                  lean_norms=spec.model_type in LEAN_NORM_TYPES and spec.norm == "rms" and spec.norms_per_layer == 2)
     gib = emb / GIB
     if not spec.tie_word_embeddings:
         q = replace(p, cpu_embedding=True, **graphs,

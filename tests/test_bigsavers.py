@@ -218,3 +218,77 @@ def test_catalog_knows_the_7_9b_models():
     assert catalog_lookup("meta-llama/Llama-3.1-8B").params_embedding * 2 == 128256 * 4096 * 2
     assert not catalog_lookup("meta-llama/Llama-3.1-8B").tie_word_embeddings
     assert catalog_lookup("google/gemma-2-9b").tie_word_embeddings
+
+
+# ---- the lean RMSNorm -------------------------------------------------------------------------------
+
+def test_lean_norms_same_loss_and_lora_grads():
+    """Its forward is transformers' own sequence of operations: the loss is bit for bit the same; its
+    backward is the same formula in another order (fp32 rounding only)."""
+    base = _lora(_tiny_llama(tied=False))
+    ours = copy.deepcopy(base)
+    batch = _batch(211)
+    savers.install_savers(base, _plan(base, offload_activations="on"))
+    ref = _loss_and_grads(base, batch)
+    applied = savers.install_savers(ours, replace(_plan(ours, offload_activations="on"), lean_norms=True))
+    assert applied["lean_norms"].startswith("4 RMSNorms")  # 2 blocks x 2 norms
+    calls = []
+    real = bigsavers._LeanRMSNorm.apply
+    bigsavers._LeanRMSNorm.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = _loss_and_grads(ours, batch)
+    finally:
+        bigsavers._LeanRMSNorm.apply = real
+    assert len(calls) == 4  # each block's recompute (its forward runs without grad)
+    assert torch.equal(got[0], ref[0])
+    for k in ref[1]:
+        assert _rel(got[1][k], ref[1][k]) < 1e-5, k
+    savers.uninstall_savers(ours)
+    assert all("forward" not in m.__dict__ for m in savers._unwrap(ours).modules())
+
+
+def _saved_bytes(fn, *args):
+    """Bytes of the distinct storages autograd saves for backward while running fn (16-bit as on a GPU)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(seen.values())
+
+
+def test_lean_norm_keeps_the_16bit_input_not_an_fp32_copy():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    T, H = 300, 64
+    norm = LlamaRMSNorm(H).to(torch.bfloat16)
+    norm.weight.requires_grad_(False)
+    x = torch.randn(1, T, H, dtype=torch.bfloat16, requires_grad=True)
+    y_ref, b_ref = _saved_bytes(norm, x)
+    bigsavers._lean_norm_forward(norm)
+    y, b = _saved_bytes(norm, x)
+    assert torch.equal(y, y_ref)
+    assert b_ref >= T * H * 4  # transformers keeps the fp32 copy of x
+    # the lean one: x itself (2 bytes, already alive as the block's input or residual) and 1/rms (4 bytes a row)
+    assert b <= T * H * 2 + T * 4 + H * 2
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    x2 = x.detach().clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(LlamaRMSNorm.forward(norm, x2), x2, g)
+    assert _rel(gx.float(), gx_ref.float()) < 1e-2  # bf16 outputs: one rounding of each element apart
+
+
+def test_plan_lean_norms_only_where_the_formula_matches():
+    from core.catalog import catalog_lookup
+    from core.gpu import resolve_gpu
+    from core.plan import plan
+
+    llama = catalog_lookup("meta-llama/Llama-3.1-8B")
+    p = plan(_cfg(llama.id, 12288), llama, resolve_gpu("rtx-4060-ti-16gb", 8.0))
+    assert p.lean_norms
+    gemma = catalog_lookup("google/gemma-2-9b")
+    g = plan(_cfg(gemma.id, 8192), gemma, resolve_gpu("rtx-4060-ti-16gb", 8.0))
+    assert g.cpu_embedding and g.head_8bit and not g.lean_norms  # Gemma's (1 + w) norm keeps transformers' own
