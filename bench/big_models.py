@@ -65,6 +65,12 @@ ROWS = [
     ("qwen2.5-3b", "4gb", 16, 16384, [(12288, "auto"), (14336, "auto")]),
     ("gemma-2-2b", "4gb", 16, 8192, [(8192, "none"), (6144, "auto")]),
 ]
+# --set lean: the lean RMSNorm (added after runs 1-2) at the lengths that ran out there; `nolean` = it forced off
+ROWS_LEAN = [
+    ("llama-3.1-8b", "8gb", 32, 16384, [(14336, "nolean"), (14336, "auto")]),
+    ("llama-3.2-1b", "4gb", 16, 28672, [(28672, "nolean"), (30720, "auto"), (32768, "auto")]),
+    ("qwen2.5-3b", "4gb", 16, 18432, [(20480, "auto")]),
+]
 NOTES = {"SmolLM2-1.7B": "its config's position limit is 8,192 tokens: no longer row is tried"}
 DEADLINE = [float("inf")]
 
@@ -176,8 +182,10 @@ def plan_at(n, savers_mode):
         pl = replace(pl, cpu_embedding=False, head_8bit=False)
     elif savers_mode == "emb":
         pl = replace(pl, cpu_embedding=True, head_8bit=False)
+    elif savers_mode == "nolean":
+        pl = replace(pl, lean_norms=False)
     elif savers_mode == "both":  # the smoke test: both savers on the CPU (where the plan never turns them on)
-        pl = replace(pl, cpu_embedding=True, head_8bit=True, cuda_graphs=False)
+        pl = replace(pl, cpu_embedding=True, head_8bit=True, lean_norms=True, cuda_graphs=False)
     return pl, cfg
 pl, cfg = plan_at(a["tries"][0][0], a["tries"][0][1])
 if D == "cuda":
@@ -231,7 +239,7 @@ for n, mode in a["tries"]:
     print("@@" + json.dumps({"len": n, "savers": mode, "ok": ok, "peak_reserved_gib": round(peak, 3),
                              "losses": [round(x, 4) for x in losses], "s": round(time.time() - t, 1),
                              "cpu_embedding": pl.cpu_embedding, "head_8bit": pl.head_8bit, "offload": pl.offload,
-                             "applied": {k: applied.get(k) for k in ("cpu_embedding", "head_8bit", "offload")},
+                             "lean_norms": pl.lean_norms, "applied": {k: applied.get(k) for k in ("cpu_embedding", "head_8bit", "lean_norms", "offload")},
                              "host_peak_gib": round(rss, 2), "error": err}), flush=True)
 """
 
@@ -266,6 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--table", metavar="FILE.json")
     ap.add_argument("--name", default="big_models_run1")
+    ap.add_argument("--set", default="issue", choices=["issue", "lean"],
+                    help="issue: the issue's rows (runs 1-2); lean: the lean RMSNorm where runs 1-2 ran out")
     a = ap.parse_args(argv)
     if a.table:
         res = json.loads(Path(a.table).read_text())
@@ -281,14 +291,14 @@ def main(argv=None) -> int:
         from core.catalog import TINY_LLAMA
 
         specs = {"tiny": TINY_LLAMA}
-        rows = [("tiny", "cpu", 8, 256, [(128, "none"), (256, "both")])]
+        rows = [("tiny", "cpu", 8, 256, [(128, "none"), (256, "both"), (256, "nolean")])]
         budgets = {"cpu": None}
         profile, device = "cpu", "cpu"
     else:
         from core.catalog import catalog_lookup
 
         only = {s for s in a.only.split(",") if s}
-        rows = [r for r in ROWS if not only or r[0] in only]
+        rows = [r for r in (ROWS_LEAN if a.set == "lean" else ROWS) if not only or r[0] in only]
         specs = {s: catalog_lookup(SHAPES[s]) for s in dict.fromkeys(r[0] for r in rows)}
         budgets, profile, device = CARDS, PROFILE, "cuda"
     env_info = _machine()
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
         for f in futs:
             f.result()
     cmd = "PYTHONPATH=. python bench/big_models.py" + (" --smoke" if a.smoke else "") + \
-        (f" --only {a.only}" if a.only else "")
+        (f" --only {a.only}" if a.only else "") + (f" --set {a.set}" if a.set != "issue" else "")
     res = {"meta": {"command": cmd, "wall_s": round(time.time() - t0, 1), "profile": profile,
                     "machine": env_info, "cards_gib": budgets}, "results": results}
     out.mkdir(parents=True, exist_ok=True)
@@ -416,8 +426,8 @@ def markdown(res: dict) -> str:
                  f"{r.get('measured_reserved_gib') or ''} | {losses} | {pl} | {r.get('host_peak_gib') or ''} | "
                  f"{UNSLOTH.get((r['shape'], r['card']), '')} |")
     L += ["", "## Each saver's worth: the same process, other lengths and savers (2 steps each)", "",
-          "`none`: the CPU embedding and the 8-bit head forced off; `emb`: the CPU embedding only; `auto`: "
-          "what the plan decides.", "",
+          "`none`: the CPU embedding and the 8-bit head forced off; `emb`: the CPU embedding only; `nolean`: "
+          "the lean RMSNorm forced off; `auto`: what the plan decides.", "",
           "| model | card | length | savers | plan: embedding / head / offload | result | peak reserved GiB | host RAM GiB | losses |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
