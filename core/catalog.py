@@ -208,6 +208,15 @@ _CATALOG: list[ModelSpec] = [
     _spec("meta-llama/Llama-3.2-3B", "llama", 3072, 28, 24, 8, 8192, 128256, True, 131072, head_dim=128),
     _spec("meta-llama/Llama-3.2-3B-Instruct", "llama", 3072, 28, 24, 8, 8192, 128256, True, 131072, head_dim=128),
     _spec("microsoft/Phi-3.5-mini-instruct", "phi3", 3072, 32, 32, 32, 8192, 32064, False, 131072, **_PHI3),
+    # 7-9B: for 8-12 GB cards (core/bigsavers.py keeps their 1-2 GB embeddings and heads off the card)
+    _spec("mistralai/Mistral-7B-v0.3", "mistral", 4096, 32, 32, 8, 14336, 32768, False, 32768, head_dim=128),
+    _spec("Qwen/Qwen2.5-7B", "qwen2", 3584, 28, 28, 4, 18944, 152064, False, 131072, **_QWEN2),
+    _spec("Qwen/Qwen2.5-7B-Instruct", "qwen2", 3584, 28, 28, 4, 18944, 152064, False, 32768, **_QWEN2),
+    _spec("meta-llama/Llama-3.1-8B", "llama", 4096, 32, 32, 8, 14336, 128256, False, 131072, head_dim=128),
+    _spec("meta-llama/Llama-3.1-8B-Instruct", "llama", 4096, 32, 32, 8, 14336, 128256, False, 131072, head_dim=128),
+    _spec("Qwen/Qwen3-8B-Base", "qwen3", 4096, 36, 32, 8, 12288, 151936, False, 32768, head_dim=128, **_QWEN3),
+    _spec("Qwen/Qwen3-8B", "qwen3", 4096, 36, 32, 8, 12288, 151936, False, 40960, head_dim=128, **_QWEN3),
+    _spec("google/gemma-2-9b", "gemma2", 3584, 42, 16, 8, 14336, 256000, True, 8192, head_dim=256, **_GEMMA2),
 ]
 
 # The offline demo model core/demo.py builds (tiny_llama_config()): trains on a CPU in seconds.

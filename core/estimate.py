@@ -453,6 +453,27 @@ def estimate(
                 wq += spec.params_quantizable * CACHED_SCALE_BYTES  # expanded block scales (fused path)
                 notes.append(f"{keep_layers} of {L} blocks run un-checkpointed (spare memory, no recompute): "
                              "their activations are counted here")
+    if not plain and not cpu and (plan.cpu_embedding or plan.head_8bit):
+        # core/bigsavers.py, as the plan decided (7-9B models on small cards): the embedding's V x h
+        # 16-bit weight in pinned CPU memory (its T rows come over each step: the same T x h output);
+        # the frozen head as int8 rows + an fp32 scale a row, its 16-bit weight off the card, and the
+        # loss's working set per token chunk: one dequantized tile of rows (2 bytes), the chunk's fp32
+        # hidden-gradient accumulator and its hidden rows, beside the same chunk x vocab of logits.
+        emb16 = V * h * 2
+        wo -= emb16 * (int(plan.cpu_embedding) + int(plan.head_8bit and not spec.tie_word_embeddings))
+        if plan.head_8bit:
+            wo += V * h + V * 4
+            qc, vt = P.head_tiles(V, h, plan.ce_chunk_tokens or 32)
+            loss_ws += vt * h * 2 + min(qc, T) * h * (4 + 2)
+        if plan.lean_norms and gc_on:
+            # core/bigsavers.py's RMSNorm: a recomputed block's two norms keep 2 h bytes a token (the
+            # second's 16-bit input) where they kept 8 h (fp32 copies); 1/rms is 4 bytes a token each
+            block -= T * (6 * h - 8)
+            kept -= (keep_layers or 0) * T * (6 * h - 8)
+        if plan.cpu_embedding or plan.head_8bit:
+            host = emb16 * (int(plan.cpu_embedding) + int(plan.head_8bit and not spec.tie_word_embeddings))
+            notes.append(f"the 16-bit embedding{' and head' if host > emb16 else ''} in CPU memory while training: "
+                         f"{host / GIB:.2f} GiB of host RAM")
     largest_bwd = tile * I * s  # the backward's largest transient: an MLP tensor, or a score tensor
     if plain and (spec.model_type in EAGER_PLAIN or spec.num_kv_heads < spec.num_heads):
         largest_bwd = max(largest_bwd, score)

@@ -218,6 +218,12 @@ class Plan:
     hidden_size: int = 0
     intermediate_size: int = 0
     budget_bytes: Optional[int] = None
+    # 7-9B models on small cards (core/bigsavers.py, decided by _big_savers): the input embedding's rows
+    # from CPU memory, the frozen output layer in 8 bits read tile by tile by the chunked loss
+    cpu_embedding: bool = False
+    head_8bit: bool = False
+    lean_norms: bool = False  # the blocks' RMSNorms keep their 16-bit input, not an fp32 copy (with the two above)
+    big_savers_why: str = "not needed: the run fits with the 16-bit embedding and head on the card"
     # inputs kept to re-plan after an out-of-memory retry (not part of the plan's record)
     _cfg: Any = field(default=None, compare=False, repr=False)
     _spec: Any = field(default=None, compare=False, repr=False)
@@ -299,6 +305,10 @@ class Plan:
             ("CUDA graphs", "on" if self.cuda_graphs else "off", self.cuda_graphs_why),
             ("fp16 guard", "on" if self.fp16_guard else "off", self.fp16_guard_why),
         ]
+        if self.cpu_embedding or self.head_8bit:
+            what = " + ".join(w for w, on in (("embedding on CPU", self.cpu_embedding),
+                                               ("8-bit head", self.head_8bit)) if on)
+            rows.append(("embed / head", what, self.big_savers_why))
         if self.attempt:
             rows.append(("retry", f"attempt {self.attempt + 1}", self.retry_why))
         return rows
@@ -418,6 +428,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
         intermediate_size=spec.intermediate_size, budget_bytes=budget_bytes,
         _cfg=cfg, _spec=spec, _gpu=gpu,
     )
+    p = _big_savers(p, cfg, spec, gpu)
     if not gc_on:
         return replace(p, keep_blocks=spec.num_layers, keep_why="gradient checkpointing is off: every block keeps "
                                                                  "its activations")
@@ -478,6 +489,58 @@ def _spare_keep(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> int:
         else:
             hi = mid
     return lo
+
+
+# ---- 7-9B models on small cards: the embedding and the head (core/bigsavers.py) ---------------------
+
+# Below this a 16-bit embedding is not worth a host copy per step (the savers leave it on the card).
+BIG_SAVER_MIN_BYTES = 64 * 2**20
+# Block norms of exactly w * (x / rms(x)).to(dtype) (core/bigsavers.py LEAN_NORM_CLASSES)
+LEAN_NORM_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+# One dequantized tile of the 8-bit head (vocab_tile x hidden, 2 bytes): small beside a 6-12 GB budget.
+HEAD_TILE_BYTES = 32 * 2**20
+
+
+def head_tiles(vocab: int, hidden: int, chunk_tokens: int, vocab_tile: Optional[int] = None) -> tuple[int, int]:
+    """(tokens a chunk, vocabulary rows a tile) of the 8-bit head's chunked loss: the tile's dequantized
+    rows within HEAD_TILE_BYTES, and as many tokens a chunk as keep chunk x tile logits at the plan's
+    chunk x vocab (the same loss working set as the 16-bit chunked loss)."""
+    vt = vocab_tile or max(256, min(vocab, HEAD_TILE_BYTES // (2 * max(hidden, 1)) // 256 * 256))
+    vt = min(vt, vocab)
+    return max(32, int(chunk_tokens) * vocab // vt), vt
+
+
+def _big_savers(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> Plan:
+    """The input embedding in CPU memory and the 8-bit head, on only where the run does not fit
+    without them even in its most frugal form (every block checkpointed, inputs offloaded where
+    offload is allowed). Untied models move the embedding first (no cost but a T-row host copy a
+    step), then the head; tied ones need both at once (the 8-bit copy is then the only head on the
+    card). Both are frozen under LoRA, so neither needs a gradient."""
+    if p.device != "cuda" or not p.chunked_loss or not p.gradient_checkpointing:
+        return p
+    emb = spec.vocab_size * spec.hidden_size * 2
+    if emb < BIG_SAVER_MIN_BYTES:
+        return p
+    frugal = dict(offload=p.offload_mode != "off", keep_blocks=0, cuda_graphs=False)
+    if _fits(replace(p, **frugal), cfg, spec, gpu):
+        return p
+    graphs = dict(cuda_graphs=False, cuda_graphs_why=p.cuda_graphs_why if not p.cuda_graphs else
+                  "the input embedding's rows come from CPU memory (a host copy each step, outside any graph)",
+                  lean_norms=spec.model_type in LEAN_NORM_TYPES and spec.norm == "rms" and spec.norms_per_layer == 2)
+    gib = emb / GIB
+    if not spec.tie_word_embeddings:
+        q = replace(p, cpu_embedding=True, **graphs,
+                    big_savers_why=f"does not fit with the 16-bit embedding on the card: its {gib:.2f} GiB in "
+                                   "pinned CPU memory, each batch's rows copied over")
+        if _fits(replace(q, **frugal), cfg, spec, gpu):
+            return q
+        return replace(q, head_8bit=True,
+                       big_savers_why=f"does not fit with the 16-bit embedding and head ({gib:.2f} GiB each): the "
+                                      "embedding in pinned CPU memory, the frozen head in 8 bits "
+                                      f"({gib / 2:.2f} GiB), read by the loss tile by tile")
+    return replace(p, cpu_embedding=True, head_8bit=True, **graphs,
+                   big_savers_why=f"does not fit with the tied 16-bit embedding ({gib:.2f} GiB) on the card: the "
+                                  f"head as an 8-bit copy ({gib / 2:.2f} GiB), the 16-bit rows from pinned CPU memory")
 
 
 # ---- the budget -------------------------------------------------------------------------------------

@@ -259,6 +259,8 @@ def chunked_lm_loss(
     ys = y.index_select(0, keep)
     if chunk_tokens is None:
         chunk_tokens = P.ce_chunk_tokens(weight.shape[0], softcap is not None)
+    if not torch.is_tensor(weight):  # core.bigsavers.Int8Head: the 8-bit head, read tile by tile
+        return weight.loss(hs, ys, divisor, softcap, int(chunk_tokens))
     return _ChunkedLinearCE.apply(hs, weight, ys, divisor, softcap, int(chunk_tokens))
 
 
@@ -289,6 +291,8 @@ def chunked_lm_loss_static(
     yc = torch.where(valid, y, torch.zeros_like(y))
     if chunk_tokens is None:
         chunk_tokens = P.ce_chunk_tokens(weight.shape[0], softcap is not None)
+    if not torch.is_tensor(weight):  # core.bigsavers.Int8Head (no host sync on its path either)
+        return weight.loss(h, yc, divisor, softcap, int(chunk_tokens), wts)
     return _ChunkedLinearCE.apply(h, weight, yc, divisor, softcap, int(chunk_tokens), wts)
 
 
@@ -957,7 +961,8 @@ def _patch_loss(hf) -> tuple[bool, str]:
         kwargs.setdefault("use_cache", False)
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        w = self.get_output_embeddings().weight
+        # the 8-bit head when core.bigsavers holds one (the 16-bit weight is then off the card)
+        w = getattr(self, "_snug_qhead", None) or self.get_output_embeddings().weight
         if static:
             loss = chunked_lm_loss_static(hidden, w, labels, _PackState.div_given, _PackState.div_per_token,
                                           softcap=softcap, chunk_tokens=self._snug_ce_chunk)
@@ -1011,7 +1016,9 @@ def install_savers(model, plan: Plan) -> dict:
     from `plan` (core.plan). An out-of-memory retry installs the retry's plan (plan.after_oom()).
     Returns what was applied (for the event log).
     """
-    uninstall_savers(model)  # idempotent: a second install replaces the first instead of stacking on it
+    # idempotent: a second install replaces the first instead of stacking on it (weights that
+    # core.bigsavers moved stay where they are until its install below decides for the new plan)
+    uninstall_savers(model, _keep_moved_weights=True)
     hf = _unwrap(model)
     applied: dict[str, Any] = {}
     hfc = hf.config
@@ -1114,13 +1121,22 @@ def install_savers(model, plan: Plan) -> dict:
                 n += 1
         t = plan.mlp_tile_tokens
         applied["mlp_tiling"] = f"tiles of {t} tokens beyond {2 * t}" if n else "off"
+    # 7-9B models on small cards: the embedding's rows from CPU memory, the 8-bit head
+    from core import bigsavers
+
+    applied.update(bigsavers.install(hf, plan))
     return applied
 
 
-def uninstall_savers(model) -> None:
-    """Undo install_savers' patches (the model's own forward functions come back)."""
+def uninstall_savers(model, _keep_moved_weights: bool = False) -> None:
+    """Undo install_savers' patches (the model's own forward functions come back, and the 16-bit
+    embedding and head core.bigsavers moved go back to the card)."""
     hf = _unwrap(model)
     for mod in [hf, *hf.modules()]:
         f = mod.__dict__.get("forward")
         if f is not None and hasattr(f, "_snug_orig"):
             del mod.__dict__["forward"]
+    if not _keep_moved_weights:
+        from core import bigsavers
+
+        bigsavers.restore(hf)
