@@ -185,6 +185,13 @@ class TrainSettings(_Section):
         "much faster for small models on fast GPUs. 'auto' uses it on CUDA for rows up to 8,192 tokens "
         "without dropout, and falls back to normal steps (saying why) where it cannot.",
     )
+    big_savers: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The input embedding's rows from CPU memory and the frozen output layer in 8 bits "
+        "(core/bigsavers.py). 'auto' uses them for 5B+ models where a run does not fit without them "
+        "(measured on 7-8B models); 'on' also for smaller models, where they let longer rows fit "
+        "(auto-fit's choices for those were measured without them); 'off' never.",
+    )
     logging_steps: int = Field(1, ge=1, description="Log loss, speed and memory every N optimizer steps.")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (default: at the end of each epoch).")
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")

@@ -495,6 +495,11 @@ def _spare_keep(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> int:
 
 # Below this a 16-bit embedding is not worth a host copy per step (the savers leave it on the card).
 BIG_SAVER_MIN_BYTES = 64 * 2**20
+# train.big_savers = "auto" considers them from this size up: the 7-9B models they were built and
+# measured for. Smaller models get them with "on" (they fit longer rows with them: Qwen2.5-1.5B at
+# 32,768 tokens on a 4 GB card, big_models run 1), but auto-fit's measured choices for those
+# (fit_truth run 4) were made without them.
+BIG_SAVER_AUTO_PARAMS = 5_000_000_000
 # Block norms of exactly w * (x / rms(x)).to(dtype) (core/bigsavers.py LEAN_NORM_CLASSES)
 LEAN_NORM_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 # One dequantized tile of the 8-bit head (vocab_tile x hidden, 2 bytes): small beside a 6-12 GB budget.
@@ -516,10 +521,17 @@ def _big_savers(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> Plan:
     offload is allowed). Untied models move the embedding first (no cost but a T-row host copy a
     step), then the head; tied ones need both at once (the 8-bit copy is then the only head on the
     card). Both are frozen under LoRA, so neither needs a gradient."""
-    if p.device != "cuda" or not p.chunked_loss or not p.gradient_checkpointing:
+    setting = getattr(cfg.train, "big_savers", "auto")
+    if setting == "off" or p.device != "cuda" or not p.chunked_loss or not p.gradient_checkpointing:
+        if setting == "off":
+            return replace(p, big_savers_why="off (train.big_savers = 'off')")
         return p
     emb = spec.vocab_size * spec.hidden_size * 2
     if emb < BIG_SAVER_MIN_BYTES:
+        return p
+    if setting == "auto" and spec.params_total < BIG_SAVER_AUTO_PARAMS:
+        # measured where they are needed (7-8B, bench/results/big_models_run2); on smaller models
+        # auto-fit's choices were trained without them (fit_truth run 4), so they stay opt-in
         return p
     frugal = dict(offload=p.offload_mode != "off", keep_blocks=0, cuda_graphs=False)
     if _fits(replace(p, **frugal), cfg, spec, gpu):
