@@ -34,8 +34,9 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
    estimate (which counts them) within 90% of the budget (core.plan.KEEP_SHARE).
 
 3b. Fused NF4 + LoRA linear (every LoRA'd Linear4bit, plain setups): one autograd node that
-   keeps only its input x (the same tensor for q/k/v and for gate/up, so no copy) and x A^T
-   (T x r); peft keeps a 16-bit copy of x per adapter and clones the output. The dequantized
+   keeps only its input x (the same tensor for q/k/v and for gate/up, so no copy), x A^T
+   (T x r) and the adapters' 16-bit copies (r x (in + out) x 2 bytes, made in forward anyway);
+   peft keeps a 16-bit copy of x per adapter and clones the output. The dequantized
    weight (out x in, 2 bytes) exists transiently in forward and again in backward. When some
    blocks are un-checkpointed (spare memory), the double-quantized block scales are kept
    expanded in fp32 (+1/8 of the 4-bit weight bytes, ~80 MiB on Qwen2.5-1.5B) to make each
@@ -499,6 +500,12 @@ def _dequant(spec: "_QSpec") -> torch.Tensor:
     return bnbf.dequantize_4bit(w.data, qs)
 
 
+# The fused node keeps the adapters' 16-bit copies made in forward for its backward instead of
+# casting the fp32 masters again (bench/gpu_time.py measures both settings in one run; the values
+# are the same, tests/test_savers.py checks the gradients bit for bit).
+KEEP_ADAPTER_CASTS = True
+
+
 class _LoRA4bitLinear(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T with W in NF4, as one autograd node.
 
@@ -522,16 +529,23 @@ class _LoRA4bitLinear(torch.autograd.Function):
             out = F.linear(xc, W, spec.bias)
             del W
             a16 = A.to(dt)
+            b16 = B.to(dt)
             xa = F.linear(xc, a16)
-            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.to(dt).t(), alpha=scale)
-        ctx.save_for_backward(xc, xa, A, B)
-        ctx.spec, ctx.scale, ctx.xdtype = spec, scale, x.dtype
+            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b16.t(), alpha=scale)
+        if KEEP_ADAPTER_CASTS:
+            # the adapters' 16-bit copies (2 bytes x r x (in + out), 1/2 of the fp32 masters) serve
+            # the backward too: two cast kernels fewer per projection, the same values
+            ctx.save_for_backward(xc, xa, a16, b16)
+        else:
+            ctx.save_for_backward(xc, xa, A, B)
+        ctx.spec, ctx.scale, ctx.xdtype, ctx.wdtypes = spec, scale, x.dtype, (A.dtype, B.dtype)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         # backward runs outside any autocast region (autograd's engine threads), no guard needed
-        xc, xa, A, B = ctx.saved_tensors
+        xc, xa, A, B = ctx.saved_tensors  # A, B: the 16-bit copies (or the masters, cast here)
+        adt, bdt = ctx.wdtypes
         dt = xc.dtype
         g2 = g.reshape(-1, g.shape[-1])
         if g2.dtype != dt:
@@ -541,9 +555,9 @@ class _LoRA4bitLinear(torch.autograd.Function):
         dB = dA = dx = None
         need = ctx.needs_input_grad
         if need[2]:
-            dB = torch.mm(g2.t(), xa.reshape(-1, xa.shape[-1])).mul_(ctx.scale).to(B.dtype)
+            dB = torch.mm(g2.t(), xa.reshape(-1, xa.shape[-1])).mul_(ctx.scale).to(bdt)
         if need[1]:
-            dA = torch.mm(gxa.t(), x2).to(A.dtype)
+            dA = torch.mm(gxa.t(), x2).to(adt)
         if need[0]:
             dx = torch.mm(g2, _dequant(ctx.spec))
             dx.addmm_(gxa, A.to(dt))

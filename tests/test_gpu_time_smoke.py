@@ -1,0 +1,105 @@
+"""bench/gpu_time.py's pieces that run without a GPU, and the speed fix it measures.
+
+The bench itself needs CUDA for numbers; here: the FLOPs formula against hand counts, the kernel
+classifier on names the profiler reports (H200, torch 2.11, bench/results/run2_profile_*.txt),
+and the fused NF4 + LoRA node giving bit-identical gradients with and without the 16-bit adapter
+copies kept for backward (core.savers.KEEP_ADAPTER_CASTS).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import gpu_time  # noqa: E402
+
+from core import savers  # noqa: E402
+
+
+def test_flops_per_token_qwen15b_by_hand():
+    cfg = gpu_time.shape_cfg("qwen2.5-1.5b")
+    f = gpu_time.flops_per_token(cfg, 1024)
+    # per block: q 1536x1536, k/v 1536x256 each, o 1536x1536, gate/up/down 1536x8960 each
+    per_layer = 1536 * 1536 * 2 + 2 * 1536 * 256 + 3 * 1536 * 8960
+    assert f["N"] == 28 * per_layer + 151936 * 1536
+    assert f["attn_per_token"] == 6 * 28 * 12 * 128 * 1024
+    assert f["conv_6N"] == 6 * f["N"] + f["attn_per_token"]
+    assert f["qlora_4N"] < f["conv_6N"]
+    f8 = gpu_time.flops_per_token(gpu_time.LLAMA31_8B, 2048)
+    assert 7.4e9 < f8["N"] < 7.6e9  # 6.98 B in the blocks + 0.53 B untied head
+
+
+@pytest.mark.parametrize("name,ops,kind", [
+    ("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_TNT", ["aten::mm", "aten::matmul"], "matmul"),
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, ...)",
+     ["bitsandbytes::dequantize_4bit"], "dequant"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", ["aten::_cudnn_attention_backward"], "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, exp>", ["aten::exp_", "_ChunkedLinearCE"], "loss"),
+    ("void at::native::unrolled_elementwise_kernel<copy>", ["aten::copy_", "aten::_to_copy", "aten::to"], "copies"),
+    ("Memcpy HtoD (Pinned -> Device)", ["aten::copy_"], "copies"),
+    ("void kOptimizerStatic8bit2StateBlockwise<float, 0, 256, 1>", ["bitsandbytes::optimizer_update_8bit_blockwise",
+                                                                    "gt.opt"], "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, mul>", ["aten::mul", "gt.block"], "elementwise"),
+    ("nvjet_sm90_tst_96x128_64x6_2x1_v_bz_NNN", ["gt.graph"], "matmul"),  # a graph replay: by name
+])
+def test_kernel_kinds(name, ops, kind):
+    assert gpu_time.kind_of(name, ops) == kind
+
+
+def test_phases():
+    assert gpu_time.phase_of(["aten::mm", "gt.block", "gt.fwd"], True) == "forward"
+    assert gpu_time.phase_of(["aten::mm", "gt.block", "_CheckpointBlockBackward"], True) == "recompute"
+    assert gpu_time.phase_of(["aten::mm", "autograd::engine::evaluate_function: MmBackward0"], True) == "backward"
+    assert gpu_time.phase_of(["Optimizer.step#PagedAdamW8bit.step"], True) == "optimizer"
+    assert gpu_time.phase_of(["gt.graph"], True) == "graph replay"
+
+
+def _fused_layer(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    c = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    Qwen2ForCausalLM(c).to(torch.bfloat16).save_pretrained(tmp_path / "q")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=q, dtype=torch.bfloat16,
+                                             device_map={"": "cpu"})
+    savers.prepare_for_kbit_training(m, False)  # as the engine: before the adapters (they stay fp32)
+    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=24, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]))
+    for n, p in m.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+            with torch.no_grad():
+                p.normal_(0, 0.05)  # B starts at zero in peft: give both adapters values
+    assert savers.fuse_lora_4bit(m) == 7
+    return m.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def test_kept_adapter_casts_give_identical_gradients(tmp_path, monkeypatch):
+    """The 16-bit adapter copies kept from forward: same output and same x/A/B gradients, bit for bit,
+    as casting the fp32 masters again in backward (a scale of 3, not a power of two)."""
+    layer = _fused_layer(tmp_path)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 9, 64, generator=gen).to(torch.bfloat16)
+    g = torch.randn(2, 9, 64, generator=gen).to(torch.bfloat16)
+    got = {}
+    for keep in (False, True):
+        monkeypatch.setattr(savers, "KEEP_ADAPTER_CASTS", keep)
+        A.grad = B.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = layer(x)
+        y.backward(g)
+        got[keep] = (y.detach(), x.grad, A.grad.clone(), B.grad.clone())
+    assert got[True][2].dtype == torch.float32 and got[True][3].dtype == torch.float32
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
+    assert float(got[True][3].abs().sum()) > 0
