@@ -216,6 +216,7 @@ def _summarize_by_kernels(evts, tokens, steps, ancestors) -> dict:
     by_kind = {k: 0.0 for k in KINDS}
     by_phase: dict[str, float] = {}
     claimed: Counter = Counter()
+    top: dict = {}
     n = 0
     for e in evts:
         if e.device_type != DeviceType.CPU or not e.kernels:
@@ -226,6 +227,9 @@ def _summarize_by_kernels(evts, tokens, steps, ancestors) -> dict:
             by_kind[kd] += kern.duration
             by_phase[ph] = by_phase.get(ph, 0.0) + kern.duration
             claimed[kern.name] += kern.duration
+            t = top.setdefault((kern.name[:90], kd), [0.0, 0])
+            t[0] += kern.duration
+            t[1] += 1
             n += 1
     allk: Counter = Counter()
     for e in evts:
@@ -235,15 +239,19 @@ def _summarize_by_kernels(evts, tokens, steps, ancestors) -> dict:
     for name, us in allk.items():
         rest = us - claimed.get(name, 0.0)
         if rest > 0.5:
-            by_kind[kind_of(name, ["gt.graph"])] += rest
+            kd = kind_of(name, ["gt.graph"])
+            by_kind[kd] += rest
             by_phase["graph replay"] = by_phase.get("graph replay", 0.0) + rest
             unl += rest
+            top.setdefault((name[:90], kd), [0.0, 0])[0] += rest
     per_k = 1000.0 / tokens
+    top_list = sorted(([k[0], round(v[0] / 1000 * per_k, 3), v[1] // max(steps, 1), k[1]] for k, v in top.items()),
+                      key=lambda r: -r[1])[:15]
     return {"gpu_ms_per_1k_tokens": round(sum(by_kind.values()) / 1000 * per_k, 3),
             "unlinked_ms_per_1k": round(unl / 1000 * per_k, 3), "kernels_per_step": n // max(steps, 1),
             "by_kind_ms_per_1k": {k: round(v / 1000 * per_k, 3) for k, v in by_kind.items()},
             "by_phase_ms_per_1k": {k: round(v / 1000 * per_k, 3) for k, v in sorted(by_phase.items())},
-            "top_kernels": [], "summary_path": "FunctionEvent.kernels"}
+            "top_kernels": top_list, "summary_path": "FunctionEvent.kernels"}
 
 
 # ---------------------------------------------------------------------------------------
