@@ -408,7 +408,7 @@ def worker(a: dict) -> int:
                 variants.append((seq, "graphs", None, True))
             if seq == seqs[0] and a.get("extra", True):
                 variants.append((seq, "normal, every block checkpointed", 0, False))
-                variants.append((seq, "normal, adapter casts redone in backward (before)", "before", False))
+                variants.append((seq, "normal, before this pass (REUSE_IN_BACKWARD off)", "before", False))
         else:
             variants.append((seq, "", None, False))
 
@@ -421,7 +421,7 @@ def worker(a: dict) -> int:
             if snug is not None:
                 from core import savers
 
-                savers.KEEP_ADAPTER_CASTS = keep != "before"
+                savers.REUSE_IN_BACKWARD = keep != "before"
                 applied = snug.install(seq, None if keep == "before" else keep)
             else:
                 applied = None

@@ -421,6 +421,12 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Recompute:
+    # True while a checkpointed block's forward runs again inside its backward (the fused 4-bit
+    # linears may then keep their dequantized weight for the backward that follows at once)
+    active: bool = False
+
+
 class _CheckpointBlock(torch.autograd.Function):
     """Run a block without keeping activations; keep (or offload) its input; recompute in backward."""
 
@@ -455,7 +461,11 @@ class _CheckpointBlock(torch.autograd.Function):
         x = hidden.detach().requires_grad_(True)
         rng = ctx.rng.fork() if ctx.rng is not None else _Null()
         with torch.enable_grad(), _autocast_ctx(ctx.dev_type, ctx.autocast), rng:
-            out = _first(ctx.run(x))
+            _Recompute.active = True
+            try:
+                out = _first(ctx.run(x))
+            finally:
+                _Recompute.active = False
         torch.autograd.backward(out, grad_out)
         return x.grad, None, None, None, None, None
 
@@ -471,11 +481,15 @@ class _QSpec:
     64 weights, +12.5% over the 4-bit weights) a dequantization is one kernel instead of three.
     """
 
-    __slots__ = ("weight", "absmax", "dtype", "bias")
+    __slots__ = ("weight", "absmax", "dtype", "bias", "keep_w")
 
     def __init__(self, weight, bias, cache_absmax: bool):
         self.weight = weight
         self.absmax = None
+        # spare memory (the same decision as the expanded scales): a recomputed block keeps its
+        # dequantized weights from the recompute to its backward (one block's 16-bit weights,
+        # ~94 MiB on Qwen2.5-1.5B, ~436 MiB on Llama-3.1-8B, while that block's backward runs)
+        self.keep_w = cache_absmax
         qs = weight.quant_state
         self.dtype = qs.dtype
         # the frozen bias in the compute dtype, once (Qwen2's q/k/v have one)
@@ -500,10 +514,24 @@ def _dequant(spec: "_QSpec") -> torch.Tensor:
     return bnbf.dequantize_4bit(w.data, qs)
 
 
-# The fused node keeps the adapters' 16-bit copies made in forward for its backward instead of
-# casting the fp32 masters again (bench/gpu_time.py measures both settings in one run; the values
-# are the same, tests/test_savers.py checks the gradients bit for bit).
-KEEP_ADAPTER_CASTS = True
+# The fused node's backward reuses what its forward made: the adapters' 16-bit copies (instead of
+# casting the fp32 masters again) and, in a checkpointed block's recompute where memory is spare,
+# the dequantized weight (instead of dequantizing it a third time); a power-of-two LoRA scale
+# (alpha / r, 2 by default) is applied by the matmul instead of a separate multiply. False: the
+# earlier kernels (bench/gpu_time.py measures both in one run; the values are the same bit for
+# bit, tests/test_gpu_time_smoke.py checks it).
+REUSE_IN_BACKWARD = True
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """(a @ b) * scale, rounded as `torch.mm(a, b).mul_(scale)` rounds it.
+
+    A power-of-two scale commutes with rounding, so the matmul applies it itself (alpha, beta 0:
+    the empty input is never read): one kernel instead of two, the same bits. Any other scale
+    keeps the separate multiply (folding it in would round once instead of twice)."""
+    if REUSE_IN_BACKWARD and scale > 0 and math.frexp(scale)[0] == 0.5:
+        return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=scale)
+    return torch.mm(a, b).mul_(scale)
 
 
 class _LoRA4bitLinear(torch.autograd.Function):
@@ -527,12 +555,13 @@ class _LoRA4bitLinear(torch.autograd.Function):
         guard = x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != dt
         with (torch.autocast("cuda", enabled=False) if guard else _NULL):
             out = F.linear(xc, W, spec.bias)
+            ctx.w = W if (REUSE_IN_BACKWARD and spec.keep_w and _Recompute.active) else None
             del W
             a16 = A.to(dt)
             b16 = B.to(dt)
             xa = F.linear(xc, a16)
             out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b16.t(), alpha=scale)
-        if KEEP_ADAPTER_CASTS:
+        if REUSE_IN_BACKWARD:
             # the adapters' 16-bit copies (2 bytes x r x (in + out), 1/2 of the fp32 masters) serve
             # the backward too: two cast kernels fewer per projection, the same values
             ctx.save_for_backward(xc, xa, a16, b16)
@@ -551,15 +580,18 @@ class _LoRA4bitLinear(torch.autograd.Function):
         if g2.dtype != dt:
             g2 = g2.to(dt)
         x2 = xc.reshape(-1, xc.shape[-1])
-        gxa = torch.mm(g2, B.to(dt)).mul_(ctx.scale)  # d loss / d (x A^T)
+        gxa = _mm_scaled(g2, B.to(dt), ctx.scale)  # d loss / d (x A^T)
         dB = dA = dx = None
         need = ctx.needs_input_grad
         if need[2]:
-            dB = torch.mm(g2.t(), xa.reshape(-1, xa.shape[-1])).mul_(ctx.scale).to(bdt)
+            dB = _mm_scaled(g2.t(), xa.reshape(-1, xa.shape[-1]), ctx.scale).to(bdt)
         if need[1]:
             dA = torch.mm(gxa.t(), x2).to(adt)
         if need[0]:
-            dx = torch.mm(g2, _dequant(ctx.spec))
+            W = ctx.w if ctx.w is not None else _dequant(ctx.spec)
+            ctx.w = None
+            dx = torch.mm(g2, W)
+            del W
             dx.addmm_(gxa, A.to(dt))
             dx = dx.view(xc.shape)
             if dx.dtype != ctx.xdtype:

@@ -3,7 +3,7 @@
 The bench itself needs CUDA for numbers; here: the FLOPs formula against hand counts, the kernel
 classifier on names the profiler reports (H200, torch 2.11, bench/results/run2_profile_*.txt),
 and the fused NF4 + LoRA node giving bit-identical gradients with and without the 16-bit adapter
-copies kept for backward (core.savers.KEEP_ADAPTER_CASTS).
+copies kept for backward (core.savers.REUSE_IN_BACKWARD).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_phases():
     assert gpu_time.phase_of(["gt.graph"], True) == "graph replay"
 
 
-def _fused_layer(tmp_path):
+def _fused_layer(tmp_path, alpha=24, cache_absmax=False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -71,7 +71,7 @@ def _fused_layer(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=q, dtype=torch.bfloat16,
                                              device_map={"": "cpu"})
     savers.prepare_for_kbit_training(m, False)  # as the engine: before the adapters (they stay fp32)
-    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=24, lora_dropout=0.0, task_type="CAUSAL_LM",
+    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"]))
     for n, p in m.named_parameters():
@@ -79,8 +79,48 @@ def _fused_layer(tmp_path):
             p.requires_grad_(True)
             with torch.no_grad():
                 p.normal_(0, 0.05)  # B starts at zero in peft: give both adapters values
-    assert savers.fuse_lora_4bit(m) == 7
+    assert savers.fuse_lora_4bit(m, cache_absmax=cache_absmax) == 7
     return m.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def _reference(layer, x, g):
+    """The fused node's math as it was written before this pass: the fp32 masters cast again in
+    backward, every scale a separate multiply (core.savers before bench/gpu_time.py run 1)."""
+    import bitsandbytes.functional as bnbf
+
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = float(layer.scaling["default"])
+    base = layer.base_layer
+    W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    dt = W.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.nn.functional.linear(x2, W, base.bias.to(dt) if base.bias is not None else None)
+    xa = torch.nn.functional.linear(x2, A.to(dt))
+    out.addmm_(xa, B.to(dt).t(), alpha=s)
+    g2 = g.reshape(-1, g.shape[-1])
+    gxa = torch.mm(g2, B.to(dt)).mul_(s)
+    dB = torch.mm(g2.t(), xa).mul_(s).to(B.dtype)
+    dA = torch.mm(gxa.t(), x2).to(A.dtype)
+    dx = torch.mm(g2, W)
+    dx.addmm_(gxa, A.to(dt))
+    return out.view(x.shape[:-1] + out.shape[-1:]), dx.view(x.shape), dA, dB
+
+
+@pytest.mark.parametrize("alpha", [16, 24])  # scale 2 (a power of two: folded into the matmul) and 3
+def test_fused_node_gradients_bit_identical_to_the_earlier_kernels(tmp_path, alpha):
+    layer = _fused_layer(tmp_path, alpha)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 9, 64, generator=gen).to(torch.bfloat16)
+    g = torch.randn(2, 9, 64, generator=gen).to(torch.bfloat16)
+    A.grad = B.grad = None
+    x = x0.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(g)
+    with torch.no_grad():
+        ry, rdx, rdA, rdB = _reference(layer, x0, g)
+    for got, ref in ((y.detach(), ry), (x.grad, rdx), (A.grad, rdA), (B.grad, rdB)):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
 
 
 def test_kept_adapter_casts_give_identical_gradients(tmp_path, monkeypatch):
@@ -93,7 +133,7 @@ def test_kept_adapter_casts_give_identical_gradients(tmp_path, monkeypatch):
     g = torch.randn(2, 9, 64, generator=gen).to(torch.bfloat16)
     got = {}
     for keep in (False, True):
-        monkeypatch.setattr(savers, "KEEP_ADAPTER_CASTS", keep)
+        monkeypatch.setattr(savers, "REUSE_IN_BACKWARD", keep)
         A.grad = B.grad = None
         x = x0.clone().requires_grad_(True)
         y = layer(x)
@@ -103,3 +143,55 @@ def test_kept_adapter_casts_give_identical_gradients(tmp_path, monkeypatch):
     for a, b in zip(got[False], got[True]):
         assert torch.equal(a, b)
     assert float(got[True][3].abs().sum()) > 0
+
+
+def test_recompute_reuses_the_dequantized_weight(tmp_path, monkeypatch):
+    """Where memory is spare (expanded scales), a linear run inside a checkpointed block's recompute
+    keeps its dequantized weight for the backward that follows: one dequantization fewer, the same
+    bits; outside a recompute, or with memory tight, the backward dequantizes again."""
+    calls = []
+    real = savers._dequant
+
+    def counting(spec):
+        calls.append(1)
+        return real(spec)
+
+    monkeypatch.setattr(savers, "_dequant", counting)
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(1, 7, 64, generator=gen).to(torch.bfloat16)
+    g = torch.randn(1, 7, 64, generator=gen).to(torch.bfloat16)
+    got = {}
+    for cache in (False, True):
+        layer = _fused_layer(tmp_path / str(cache), 16, cache_absmax=cache)
+        for active in (False, True):
+            for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                p.grad = None
+            x = x0.clone().requires_grad_(True)
+            calls.clear()
+            monkeypatch.setattr(savers._Recompute, "active", active)
+            y = layer(x)
+            monkeypatch.setattr(savers._Recompute, "active", False)
+            y.backward(g)
+            reused = cache and active
+            assert len(calls) == (1 if reused else 2), (cache, active, len(calls))
+            got[(cache, active)] = (y.detach(), x.grad, layer.lora_A["default"].weight.grad.clone(),
+                                    layer.lora_B["default"].weight.grad.clone())
+    for key in [(False, True), (True, False), (True, True)]:
+        for a, b in zip(got[(False, False)], got[key]):
+            assert torch.equal(a, b), key
+
+
+def test_checkpointed_block_flags_its_recompute_only():
+    """_CheckpointBlock raises the recompute flag around the block's second forward, nowhere else."""
+    seen = []
+
+    def run(h):
+        seen.append(savers._Recompute.active)
+        return h * 2.0
+
+    x = torch.randn(3, 4, requires_grad=True)
+    out = savers._CheckpointBlock.apply(x, run, 0, None, [], False)
+    assert seen == [False]
+    out.sum().backward()
+    assert seen == [False, True] and not savers._Recompute.active
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
