@@ -100,7 +100,8 @@ _MM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbm
 _COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::to",
              "aten::index_select", "aten::cat", "aten::_foreach_copy_"}
 _LOSS_MARKS = ("_chunkedlinearce", "cross_entropy", "log_softmax", "nll_loss", "logsoftmax", "nllloss",
-               "crossentropy", "cce", "fused_linear_cross", "forcausallmloss")
+               "crossentropy", "cce", "fused_linear_cross", "forcausallmloss", "fused_ce", "ce_loss", "fusedloss",
+               "fused_loss")
 _ATTN_MARKS = ("scaled_dot_product", "flash", "fmha", "attention", "sdpa", "_efficient_attention")
 
 
@@ -581,6 +582,9 @@ def main() -> int:
     ap.add_argument("--prof-steps", type=int, default=1, help="profiled steps")
     ap.add_argument("--deadline-s", type=float, default=210,
                     help="no variant starts after this many seconds (the device call's budget)")
+    ap.add_argument("--extra", choices=["first", "all"], default="first",
+                    help="snugtune's extra variants (every block checkpointed; before the kernel cuts) "
+                    "at the first shape's first length, or at every shape's")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     ap.add_argument("--name", default="gpu_time_run1")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -624,7 +628,8 @@ def main() -> int:
             continue
         for eng in engines:
             spec = dict(engine=eng, shape=shape, root=root, seqs=seqs, cap=cap, wait=True,
-                        deadline=t_start + args.deadline_s, extra=shape == next(iter(runs)),
+                        deadline=t_start + args.deadline_s,
+                        extra=args.extra == "all" or shape == next(iter(runs)),
                         warmup=args.warmup, steps=args.steps, prof_steps=args.prof_steps)
             env = dict(os.environ)
             if eng == "snugtune":
