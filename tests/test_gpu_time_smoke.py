@@ -197,6 +197,7 @@ def test_checkpointed_block_flags_its_recompute_only():
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
 
 
+@pytest.mark.slow
 def test_engine_savers_train_bit_identically_with_the_reuse(tmp_path, monkeypatch):
     """Through install_savers with 1 of 3 blocks kept (spare memory: expanded scales, weight reuse in
     the 2 recomputed blocks): 3 AdamW steps give the same losses and adapters, bit for bit, with the
