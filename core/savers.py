@@ -35,8 +35,9 @@ D = head dim, c = compute dtype (bf16, or fp16 on pre-Ampere cards; 2 bytes).
    estimate (which counts them) within 90% of the budget (core.plan.KEEP_SHARE).
 
 3b. Fused NF4 + LoRA linear (every LoRA'd Linear4bit, plain setups): one autograd node that
-   keeps only its input x (the same tensor for q/k/v and for gate/up, so no copy) and x A^T
-   (T x r); peft keeps a 16-bit copy of x per adapter and clones the output. The dequantized
+   keeps only its input x (the same tensor for q/k/v and for gate/up, so no copy), x A^T
+   (T x r) and the adapters' 16-bit copies (r x (in + out) x 2 bytes, made in forward anyway);
+   peft keeps a 16-bit copy of x per adapter and clones the output. The dequantized
    weight (out x in, 2 bytes) exists transiently in forward and again in backward. When some
    blocks are un-checkpointed (spare memory), the double-quantized block scales are kept
    expanded in fp32 (+1/8 of the 4-bit weight bytes, ~80 MiB on Qwen2.5-1.5B) to make each
@@ -444,6 +445,12 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Recompute:
+    # True while a checkpointed block's forward runs again inside its backward (the fused 4-bit
+    # linears may then keep their dequantized weight for the backward that follows at once)
+    active: bool = False
+
+
 class _CheckpointBlock(torch.autograd.Function):
     """Run a block without keeping activations; keep (or offload) its input; recompute in backward."""
 
@@ -478,7 +485,11 @@ class _CheckpointBlock(torch.autograd.Function):
         x = hidden.detach().requires_grad_(True)
         rng = ctx.rng.fork() if ctx.rng is not None else _Null()
         with torch.enable_grad(), _autocast_ctx(ctx.dev_type, ctx.autocast), rng:
-            out = _first(ctx.run(x))
+            _Recompute.active = True
+            try:
+                out = _first(ctx.run(x))
+            finally:
+                _Recompute.active = False
         torch.autograd.backward(out, grad_out)
         return x.grad, None, None, None, None, None
 
@@ -494,11 +505,15 @@ class _QSpec:
     64 weights, +12.5% over the 4-bit weights) a dequantization is one kernel instead of three.
     """
 
-    __slots__ = ("weight", "absmax", "dtype", "bias")
+    __slots__ = ("weight", "absmax", "dtype", "bias", "keep_w")
 
     def __init__(self, weight, bias, cache_absmax: bool):
         self.weight = weight
         self.absmax = None
+        # spare memory (the same decision as the expanded scales): a recomputed block keeps its
+        # dequantized weights from the recompute to its backward (one block's 16-bit weights,
+        # ~94 MiB on Qwen2.5-1.5B, ~436 MiB on Llama-3.1-8B, while that block's backward runs)
+        self.keep_w = cache_absmax
         qs = weight.quant_state
         self.dtype = qs.dtype
         # the frozen bias in the compute dtype, once (Qwen2's q/k/v have one)
@@ -523,6 +538,26 @@ def _dequant(spec: "_QSpec") -> torch.Tensor:
     return bnbf.dequantize_4bit(w.data, qs)
 
 
+# The fused node's backward reuses what its forward made: the adapters' 16-bit copies (instead of
+# casting the fp32 masters again) and, in a checkpointed block's recompute where memory is spare,
+# the dequantized weight (instead of dequantizing it a third time); a power-of-two LoRA scale
+# (alpha / r, 2 by default) is applied by the matmul instead of a separate multiply. False: the
+# earlier kernels (bench/gpu_time.py measures both in one run; the values are the same bit for
+# bit, tests/test_gpu_time_smoke.py checks it).
+REUSE_IN_BACKWARD = True
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """(a @ b) * scale, rounded as `torch.mm(a, b).mul_(scale)` rounds it.
+
+    A power-of-two scale commutes with rounding, so the matmul applies it itself (alpha, beta 0:
+    the empty input is never read): one kernel instead of two, the same bits. Any other scale
+    keeps the separate multiply (folding it in would round once instead of twice)."""
+    if REUSE_IN_BACKWARD and scale > 0 and math.frexp(scale)[0] == 0.5:
+        return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=scale)
+    return torch.mm(a, b).mul_(scale)
+
+
 class _LoRA4bitLinear(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T with W in NF4, as one autograd node.
 
@@ -544,32 +579,43 @@ class _LoRA4bitLinear(torch.autograd.Function):
         guard = x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != dt
         with (torch.autocast("cuda", enabled=False) if guard else _NULL):
             out = F.linear(xc, W, spec.bias)
+            ctx.w = W if (REUSE_IN_BACKWARD and spec.keep_w and _Recompute.active) else None
             del W
             a16 = A.to(dt)
+            b16 = B.to(dt)
             xa = F.linear(xc, a16)
-            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.to(dt).t(), alpha=scale)
-        ctx.save_for_backward(xc, xa, A, B)
-        ctx.spec, ctx.scale, ctx.xdtype = spec, scale, x.dtype
+            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b16.t(), alpha=scale)
+        if REUSE_IN_BACKWARD:
+            # the adapters' 16-bit copies (2 bytes x r x (in + out), 1/2 of the fp32 masters) serve
+            # the backward too: two cast kernels fewer per projection, the same values
+            ctx.save_for_backward(xc, xa, a16, b16)
+        else:
+            ctx.save_for_backward(xc, xa, A, B)
+        ctx.spec, ctx.scale, ctx.xdtype, ctx.wdtypes = spec, scale, x.dtype, (A.dtype, B.dtype)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         # backward runs outside any autocast region (autograd's engine threads), no guard needed
-        xc, xa, A, B = ctx.saved_tensors
+        xc, xa, A, B = ctx.saved_tensors  # A, B: the 16-bit copies (or the masters, cast here)
+        adt, bdt = ctx.wdtypes
         dt = xc.dtype
         g2 = g.reshape(-1, g.shape[-1])
         if g2.dtype != dt:
             g2 = g2.to(dt)
         x2 = xc.reshape(-1, xc.shape[-1])
-        gxa = torch.mm(g2, B.to(dt)).mul_(ctx.scale)  # d loss / d (x A^T)
+        gxa = _mm_scaled(g2, B.to(dt), ctx.scale)  # d loss / d (x A^T)
         dB = dA = dx = None
         need = ctx.needs_input_grad
         if need[2]:
-            dB = torch.mm(g2.t(), xa.reshape(-1, xa.shape[-1])).mul_(ctx.scale).to(B.dtype)
+            dB = _mm_scaled(g2.t(), xa.reshape(-1, xa.shape[-1]), ctx.scale).to(bdt)
         if need[1]:
-            dA = torch.mm(gxa.t(), x2).to(A.dtype)
+            dA = torch.mm(gxa.t(), x2).to(adt)
         if need[0]:
-            dx = torch.mm(g2, _dequant(ctx.spec))
+            W = ctx.w if ctx.w is not None else _dequant(ctx.spec)
+            ctx.w = None
+            dx = torch.mm(g2, W)
+            del W
             dx.addmm_(gxa, A.to(dt))
             dx = dx.view(xc.shape)
             if dx.dtype != ctx.xdtype:
