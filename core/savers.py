@@ -545,6 +545,11 @@ def _dequant(spec: "_QSpec") -> torch.Tensor:
 # earlier kernels (bench/gpu_time.py measures both in one run; the values are the same bit for
 # bit, tests/test_gpu_time_smoke.py checks it).
 REUSE_IN_BACKWARD = True
+# The recompute's dequantized weight kept for the backward: off. It holds one block's 16-bit
+# weights through that block's backward (~94 MiB at Qwen2.5-1.5B, ~436 MiB at Llama-3.1-8B), which
+# the estimate does not price and no GPU run has measured; the plan's kept blocks are sized
+# without it (KEEP_SHARE), so it could take a run past its budget.
+REUSE_DEQUANT_IN_RECOMPUTE = False
 
 
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -579,7 +584,7 @@ class _LoRA4bitLinear(torch.autograd.Function):
         guard = x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != dt
         with (torch.autocast("cuda", enabled=False) if guard else _NULL):
             out = F.linear(xc, W, spec.bias)
-            ctx.w = W if (REUSE_IN_BACKWARD and spec.keep_w and _Recompute.active) else None
+            ctx.w = W if (REUSE_DEQUANT_IN_RECOMPUTE and REUSE_IN_BACKWARD and spec.keep_w and _Recompute.active) else None
             del W
             a16 = A.to(dt)
             b16 = B.to(dt)

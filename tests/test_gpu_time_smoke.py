@@ -157,6 +157,7 @@ def test_recompute_reuses_the_dequantized_weight(tmp_path, monkeypatch):
         return real(spec)
 
     monkeypatch.setattr(savers, "_dequant", counting)
+    monkeypatch.setattr(savers, "REUSE_DEQUANT_IN_RECOMPUTE", True)
     gen = torch.Generator().manual_seed(7)
     x0 = torch.randn(1, 7, 64, generator=gen).to(torch.bfloat16)
     g = torch.randn(1, 7, 64, generator=gen).to(torch.bfloat16)
@@ -218,6 +219,7 @@ def test_engine_savers_train_bit_identically_with_the_reuse(tmp_path, monkeypatc
     calls = []
     real = savers._dequant
     monkeypatch.setattr(savers, "_dequant", lambda spec: calls.append(1) or real(spec))
+    monkeypatch.setattr(savers, "REUSE_DEQUANT_IN_RECOMPUTE", True)
     runs = {}
     for reuse in (False, True):
         monkeypatch.setattr(savers, "REUSE_IN_BACKWARD", reuse)
