@@ -71,6 +71,32 @@ ROWS_LEAN = [
     ("llama-3.2-1b", "4gb", 16, 28672, [(28672, "nolean"), (30720, "auto"), (32768, "auto")]),
     ("qwen2.5-3b", "4gb", 16, 18432, [(20480, "auto")]),
 ]
+# --set autofit: the engine at auto-fit's choice from the model's full context (what `snugtune
+# estimate --autofit --full-context` and the wizard pick), r = 32; tries at lengths around it,
+# with the lean RMSNorm on (auto) and off, so its worth is measured beside the choice.
+AUTOFIT = [("llama-3.1-8b", "8gb", 32, [12288, 14336]), ("llama-3.1-8b", "12gb", 32, [32768, 36864]),
+           ("qwen2.5-7b", "8gb", 32, [16384, 18432])]
+
+
+def autofit_rows() -> list:
+    from core.catalog import catalog_lookup
+    from core.estimate import fit_for
+    from core.gpu import resolve_gpu
+    from core.config import RunConfig
+
+    rows = []
+    for shape, card, r, around in AUTOFIT:
+        spec = catalog_lookup(SHAPES[shape])
+        cfg = RunConfig.from_dict({"gpu": {"profile": PROFILE, "vram_budget_gib": CARDS[card]},
+                                   "model": {"name_or_path": spec.id},
+                                   "data": {"path": "(bench)", "max_seq_len": spec.max_position_embeddings},
+                                   "lora": {"r": r, "alpha": 2 * r}, "train": {"micro_batch": 1, "grad_accum": 8}})
+        fit = fit_for(spec, cfg, resolve_gpu(PROFILE, CARDS[card]), from_full_context=True)
+        tries = [(n, "auto") for n in around] + [(around[0], "nolean")]
+        rows.append((shape, card, r, fit.max_seq_len, tries))
+    return rows
+
+
 NOTES = {"SmolLM2-1.7B": "its config's position limit is 8,192 tokens: no longer row is tried"}
 DEADLINE = [float("inf")]
 
@@ -274,7 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--table", metavar="FILE.json")
     ap.add_argument("--name", default="big_models_run1")
-    ap.add_argument("--set", default="issue", choices=["issue", "lean"],
+    ap.add_argument("--set", default="issue", choices=["issue", "lean", "autofit"],
                     help="issue: the issue's rows (runs 1-2); lean: the lean RMSNorm where runs 1-2 ran out")
     a = ap.parse_args(argv)
     if a.table:
@@ -298,7 +324,8 @@ def main(argv=None) -> int:
         from core.catalog import catalog_lookup
 
         only = {s for s in a.only.split(",") if s}
-        rows = [r for r in (ROWS_LEAN if a.set == "lean" else ROWS) if not only or r[0] in only]
+        pool = autofit_rows() if a.set == "autofit" else ROWS_LEAN if a.set == "lean" else ROWS
+        rows = [r for r in pool if not only or r[0] in only]
         specs = {s: catalog_lookup(SHAPES[s]) for s in dict.fromkeys(r[0] for r in rows)}
         budgets, profile, device = CARDS, PROFILE, "cuda"
     env_info = _machine()
