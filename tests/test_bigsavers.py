@@ -179,19 +179,22 @@ def test_plan_moves_the_8b_embedding_and_head_only_when_needed():
 
     spec = catalog_lookup("meta-llama/Llama-3.1-8B")
     gpu = resolve_gpu("rtx-4060-ti-16gb", 8.0)
-    p = plan(_cfg(spec.id, 12288), spec, gpu)
+    # 14,336 tokens: both (big_models run 3 trained this plan at 6.80 GiB under a 7.65 GiB cap)
+    p = plan(_cfg(spec.id, 14336), spec, gpu)
     assert p.cpu_embedding and p.head_8bit and not p.cuda_graphs
     assert "8 bits" in p.big_savers_why and "embed / head" in p.format()
-    est = estimate(spec, _cfg(spec.id, 12288), gpu, plan=p)
-    bare = estimate(spec, _cfg(spec.id, 12288), gpu, plan=replace(p, cpu_embedding=False, head_8bit=False))
+    est = estimate(spec, _cfg(spec.id, 14336), gpu, plan=p)
+    bare = estimate(spec, _cfg(spec.id, 14336), gpu, plan=replace(p, cpu_embedding=False, head_8bit=False))
     emb = spec.vocab_size * spec.hidden_size * 2
     # weights: the embedding and the head leave (2 x 0.98 GiB), the int8 head comes (0.49 GiB)
     saved = bare.components["weights"] - est.components["weights"]
     assert abs(saved - (2 * emb - spec.vocab_size * (spec.hidden_size + 4)) / 2**30) < 0.01
     assert est.verdict == "fits" and bare.verdict == "does not fit"
-    # 8,192 tokens: the embedding alone is enough; a 24 GB budget needs neither
-    p8 = plan(_cfg(spec.id, 8192), spec, gpu)
-    assert p8.cpu_embedding and not p8.head_8bit
+    # 8,192 and 12,288 tokens: the embedding alone is enough (run 3: 12,288 so at 7.00 GiB); a
+    # 24 GB budget needs neither
+    for n in (8192, 12288):
+        p8 = plan(_cfg(spec.id, n), spec, gpu)
+        assert p8.cpu_embedding and not p8.head_8bit, n
     big = plan(_cfg(spec.id, 8192), spec, resolve_gpu("rtx-4090", 23.0))
     assert not big.cpu_embedding and not big.head_8bit and "not needed" in big.big_savers_why
 
@@ -205,6 +208,33 @@ def test_plan_keeps_small_models_as_they_were():
     p = plan(_cfg(spec.id, 1024, r=16), spec, resolve_gpu("rtx-4060-ti-16gb", 4.0))
     assert not p.cpu_embedding and not p.head_8bit and p.cuda_graphs
     assert all(row[0] != "embed / head" for row in p.decisions())
+
+
+def test_big_savers_setting_auto_on_off():
+    """train.big_savers: 'auto' leaves models under 5B as auto-fit measured them (fit_truth run 4)
+    even at a length that needs the savers; 'on' gives them the savers there; 'off' keeps an 8B
+    model's embedding and head on the card and says why."""
+    from core.catalog import catalog_lookup
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+    from core.plan import plan
+
+    small = catalog_lookup("Qwen/Qwen2.5-1.5B")
+    gpu4 = resolve_gpu("rtx-4060-ti-16gb", 4.0)
+    cfg = _cfg(small.id, 32768, r=16)
+    auto = plan(cfg, small, gpu4)
+    assert not auto.cpu_embedding and not auto.head_8bit
+    assert estimate(small, cfg, gpu4, plan=auto).verdict != "fits"
+    on_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"big_savers": "on"})})
+    on = plan(on_cfg, small, gpu4)
+    assert on.cpu_embedding and on.head_8bit  # tied: both at once
+    assert estimate(small, on_cfg, gpu4, plan=on).verdict == "fits"  # measured: trains at 3.63 GiB (big_models run 1)
+    big = catalog_lookup("meta-llama/Llama-3.1-8B")
+    bcfg = _cfg(big.id, 12288)
+    assert plan(bcfg, big, resolve_gpu("rtx-4060-ti-16gb", 8.0)).cpu_embedding
+    off_cfg = bcfg.model_copy(update={"train": bcfg.train.model_copy(update={"big_savers": "off"})})
+    off = plan(off_cfg, big, resolve_gpu("rtx-4060-ti-16gb", 8.0))
+    assert not off.cpu_embedding and not off.head_8bit and "big_savers" in off.big_savers_why
 
 
 def test_catalog_knows_the_7_9b_models():
