@@ -341,7 +341,8 @@ def run_estimate_probe(spec: dict) -> dict:
     spec_m = resolve_model(spec["model_dir"])
     import torch
 
-    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    # (the CPU smoke has no card: the H200's size, as estimate_for uses)
+    total = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 139.81
     gpu = resolve_gpu("h200")
     gpu = replace(gpu, total_gib=total, budget_gib=total)
     est = estimate(spec_m, cfg, gpu, "snugtune", keep_layers=0)
@@ -523,8 +524,8 @@ def main(argv=None) -> int:
         variants = ["sn-bf16-pack", "sn-bf16-nopack", "plain-bf16", "sn-bf16-pack-nographs-seed2"]
     jobs = [spec_of(v) for v in variants]
     if a.estimator:
-        for seq in (512, 2048):
-            for mb in (1, 4):
+        for seq in ((512, 2048) if not cpu else (128,)):  # the CPU smoke: the code path, not the numbers
+            for mb in ((1, 4) if not cpu else (1,)):
                 # every token labelled (train_on_responses_only off): the estimator counts the loss's
                 # working set for a full chunk of labelled rows, which a prompt-masked date row
                 # (~1/3 of its tokens labelled) does not fill at 512 tokens (run 2's +20% there)
