@@ -303,51 +303,45 @@ def run_plain(spec: dict) -> dict:
     return res
 
 
-def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 139.81) -> dict:
-    """core.estimate's peak for one estimator probe (all blocks checkpointed), on the H200."""
+def _kept_blocks(r: dict) -> int:
+    """Un-checkpointed blocks a measured run had (the plan fills spare memory with them; on the
+    H200 that is all 18 of Gemma 3 270M): the estimate is priced for the same count."""
+    return int((r.get("savers") or {}).get("uncheckpointed_blocks") or 0)
+
+
+def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 139.81, keep_layers: int = 0,
+                 responses_only: bool = False) -> dict:
+    """core.estimate's peak for one estimator probe on the H200, with `keep_layers` blocks un-checkpointed."""
     from dataclasses import replace
 
     from core.catalog import resolve_model
     from core.estimate import estimate
     from core.gpu import resolve_gpu
 
-    cfg = _cfg(model_dir, "(none)", "/tmp", 3, "bf16", True, False, seq, micro_batch)
+    cfg = _cfg(model_dir, "(none)", "/tmp", 3, "bf16", True, False, seq, micro_batch, responses_only=responses_only)
     gpu = replace(resolve_gpu("h200"), total_gib=total_gib, budget_gib=total_gib)
-    est = estimate(resolve_model(model_dir), cfg, gpu, "snugtune", keep_layers=0)
+    est = estimate(resolve_model(model_dir), cfg, gpu, "snugtune", keep_layers=keep_layers)
     return {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
-            "components": est.components, "peak_phase": est.peak_phase}
+            "components": est.components, "peak_phase": est.peak_phase, "keep_layers": keep_layers}
 
 
 def rescore(path: Path, model_dir: str) -> dict:
     """Today's estimator against stored measurements (no GPU): model_dir holds the model's config.json."""
     res = json.loads(Path(path).read_text())
     for r in res.get("estimator", []):
-        r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"])
+        r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"], keep_layers=_kept_blocks(r))
     return res
 
 
 def run_estimate_probe(spec: dict) -> dict:
-    """3 steps at one (length, micro-batch): measured peaks beside core.estimate's."""
-    os.environ["SNUGTUNE_KEEP_LAYERS"] = "0"  # every block checkpointed: the estimate's 'need'
+    """3 steps at one (length, micro-batch): measured peaks beside core.estimate's for the same plan."""
     r = run_snugtune({**spec, "score": False})
-    from dataclasses import replace
-
-    from core.catalog import resolve_model
-    from core.estimate import estimate
-    from core.gpu import resolve_gpu
-
-    cfg = _cfg(spec["model_dir"], spec["data"], spec["runs"], spec["steps"], spec["dtype"], True, False,
-               spec["seq"], spec["micro_batch"])
-    spec_m = resolve_model(spec["model_dir"])
     import torch
 
-    # (the CPU smoke has no card: the H200's size, as estimate_for uses)
+    # (the CPU smoke has no card: the H200's size)
     total = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 139.81
-    gpu = resolve_gpu("h200")
-    gpu = replace(gpu, total_gib=total, budget_gib=total)
-    est = estimate(spec_m, cfg, gpu, "snugtune", keep_layers=0)
-    r["estimate"] = {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
-                     "components": est.components, "peak_phase": est.peak_phase}
+    r["estimate"] = estimate_for(spec["model_dir"], spec["seq"], spec["micro_batch"], total, _kept_blocks(r),
+                                 spec.get("responses_only", True))
     r["seq"], r["micro_batch"] = spec["seq"], spec["micro_batch"]
     return r
 
@@ -427,7 +421,10 @@ def markdown(res: dict) -> str:
                     f"{(ls[0] if ls else float('nan')):.3f} / {w1:.3f} / {last:.3f} | {b.get('exact', '-')}/{b.get('n', '-')} | "
                     f"{a.get('exact', '-')}/{a.get('n', '-')} | {r.get('peak_reserved_gib')} | {r.get('tokens_per_s')} |")
     out = ["# Real weights: Gemma 3 270M learns a date-writing task", "", f"command: `{res['command']}`", "",
-           f"machine: {res.get('device')}", "", *rows, ""]
+           f"machine: {res.get('device')}; versions: {res.get('versions')}; GGUF conversion {res.get('convert_s')} s", "",
+           *rows, ""]
+    if res.get("rescored"):
+        out[4:4] = [f"estimator columns re-scored: `{res['rescored']}`", ""]
     if res.get("curves"):
         out += [f"## Loss curves compared (windows of {WINDOW} steps; curve_rel = sum |mean a - mean b| / sum mean b)", "",
                 "| a | b | what | curve_rel | mean loss rel | held-out a / b | per-window rel |", "|---|---|---|---|---|---|---|"]
