@@ -606,6 +606,9 @@ class Engine:
             callbacks=[EventCallback(self), *self.extra_callbacks],
         )
         trainer.snug_length_buckets = not self.cfg.data.packing
+        from core.fp16guard import set_initial_loss_scale
+
+        set_initial_loss_scale(trainer)  # fp16 only: no skipped first steps (see core.fp16guard)
         if graphs:
             from core.graphs import CudaGraphStep
 

@@ -229,3 +229,21 @@ def test_the_estimator_counts_the_guard_on_fp16_cards_only():
     assert guarded.total_gib - plain16.total_gib >= 0.9 * extra
     assert any("fp16 guard on" in n for n in guarded.notes)
     assert estimate(spec, cfg, l4).total_gib == estimate(spec, off, l4).total_gib  # bf16: no guard
+
+
+def test_the_fp16_loss_scaler_starts_lower_and_keeps_its_other_settings():
+    """2^16 skipped Gemma 3's first two fp16 steps (H200 run 2): the engine's scaler starts at 2^12."""
+    import types
+
+    import torch
+
+    old = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=77)
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(scaler=old))
+    assert fp16guard.set_initial_loss_scale(trainer) == fp16guard.FP16_INIT_SCALE == 4096.0
+    new = trainer.accelerator.scaler
+    assert new is not old and new.is_enabled()
+    assert new.get_scale() == 4096.0 and new.get_growth_interval() == 77
+    assert new.get_growth_factor() == old.get_growth_factor() and new.get_backoff_factor() == old.get_backoff_factor()
+    # bf16 / CPU runs have no scaler (accelerate leaves it None): nothing is set
+    none = types.SimpleNamespace(accelerator=types.SimpleNamespace(scaler=None))
+    assert fp16guard.set_initial_loss_scale(none) is None and none.accelerator.scaler is None

@@ -156,6 +156,26 @@ def test_conversion_keeps_weights_tokenizer_and_template_and_happens_once(demo_g
     assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9
 
 
+def test_a_conversion_parses_the_file_once(demo_gguf, tmp_path, monkeypatch):
+    """transformers parses the whole header at each of its three loads (19 s each on Gemma 3 270M)."""
+    import shutil
+
+    import gguf
+
+    made = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, *a, **k):
+            made.append(a[0] if a else k.get("path"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    copy = shutil.copy(demo_gguf, tmp_path / "again.gguf")  # another path: not converted yet
+    out = gguf_source.ensure_converted(copy)
+    assert (out / "config.json").is_file() and len(made) == 1
+    assert gguf.GGUFReader is Counting  # put back afterwards
+
+
 def test_a_tokenizer_alone_is_read_from_the_file_without_converting_it(demo_gguf, demo_dir, tmp_path):
     from transformers import AutoTokenizer
 
