@@ -491,7 +491,10 @@ def estimate(
         per_block_store = block
         notes.append("gradient checkpointing off: every block keeps its activations (fast, memory-hungry)")
     else:
-        block_phase_act = block + transient
+        # with every block kept nothing is recomputed: the backward adds no block's activations
+        # on top of the kept ones (real_weights run 3: Gemma 3 270M at 2,048 x 4, 18 of 18 kept,
+        # +10.1% reserved with the recompute counted, +5.4% without)
+        block_phase_act = (0 if (keep_layers or 0) >= L else block) + transient
         per_block_store = kept if use_offload else k_layer  # offload: ~2 inputs on the card throughout
     if accum > 1:
         store_g = (kept, grads)
