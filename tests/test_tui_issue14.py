@@ -125,7 +125,7 @@ async def test_catalog_filter_matches_builtin_prefix_and_enter_takes_the_row(wiz
         assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == ["builtin:tiny-llama"]
         assert "matching 'builtin:'" in status_text(app)
         await pilot.press("ctrl+u", *"meta-llama/")
-        assert table.row_count == 4
+        assert table.row_count == 6  # Llama-3.2 1B, 3B and Llama-3.1 8B, base and Instruct
         await pilot.press("down", "enter")
         assert app.get_value("model.name_or_path") == "meta-llama/Llama-3.2-1B-Instruct"
 
