@@ -218,6 +218,9 @@ class Plan:
     hidden_size: int = 0
     intermediate_size: int = 0
     budget_bytes: Optional[int] = None
+    # processes (one per GPU) training this run together (gpu.nproc): every figure above is per GPU,
+    # since each process holds the whole 4-bit model (DDP); only the effective batch grows with it
+    world_size: int = 1
     # inputs kept to re-plan after an out-of-memory retry (not part of the plan's record)
     _cfg: Any = field(default=None, compare=False, repr=False)
     _spec: Any = field(default=None, compare=False, repr=False)
@@ -226,6 +229,11 @@ class Plan:
     @property
     def tokens(self) -> int:
         return self.seq_len * self.micro_batch
+
+    @property
+    def effective_batch(self) -> int:
+        """Rows per optimizer step, over every process: micro_batch x grad_accum x world_size."""
+        return self.micro_batch * self.grad_accum * self.world_size
 
     # ---- per row length ----------------------------------------------------------------------
 
@@ -279,6 +287,7 @@ class Plan:
         for k in ("_cfg", "_spec", "_gpu"):
             d.pop(k, None)
         d["tokens"] = self.tokens
+        d["effective_batch"] = self.effective_batch
         d["blocks"] = asdict(self.blocks_at(self.tokens))
         return d
 
@@ -299,6 +308,11 @@ class Plan:
             ("CUDA graphs", "on" if self.cuda_graphs else "off", self.cuda_graphs_why),
             ("fp16 guard", "on" if self.fp16_guard else "off", self.fp16_guard_why),
         ]
+        if self.world_size > 1:
+            rows.append(("processes", f"{self.world_size} GPUs",
+                         f"per GPU: every figure here is one card's (each process loads the whole 4-bit model); "
+                         f"effective batch {self.micro_batch} x {self.grad_accum} x {self.world_size} = "
+                         f"{self.effective_batch} rows a step"))
         if self.attempt:
             rows.append(("retry", f"attempt {self.attempt + 1}", self.retry_why))
         return rows
@@ -333,6 +347,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
     check_budget(gpu)
     on_cuda = not gpu.is_cpu
     t = cfg.train
+    world = int(getattr(cfg.gpu, "nproc", None) or 1)
     seq, mb = cfg.data.max_seq_len, t.micro_batch
     T = seq * mb
     dtype, dtype_why = compute_dtype(cfg.model.compute_dtype, on_cuda, gpu.bf16)
@@ -385,6 +400,10 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
         graphs, graphs_why = False, "off after an out-of-memory error (a graph's memory pool comes on top)"
     elif not on_cuda:
         graphs, graphs_why = False, "not on a CUDA device"
+    elif world > 1:
+        # DDP all-reduces gradients from hooks inside backward; a replayed graph would skip them or
+        # capture collectives, and neither was measured on several GPUs (no multi-GPU machine yet)
+        graphs, graphs_why = False, f"{world} processes (DDP): graphed steps are single-process only for now"
     elif dtype != "bf16":
         graphs, graphs_why = False, f"compute is {dtype} (fp16's loss scaler lives outside the graph)"
     elif cfg.lora.dropout > 0:
@@ -415,7 +434,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
         compile=compiled, cuda_graphs=graphs, cuda_graphs_why=graphs_why,
         fp16_guard=guard, fp16_guard_why=guard_why, oom_recovery=bool(t.oom_recovery),
         attempt=attempt, retry_why=retry_why, hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size, budget_bytes=budget_bytes,
+        intermediate_size=spec.intermediate_size, budget_bytes=budget_bytes, world_size=world,
         _cfg=cfg, _spec=spec, _gpu=gpu,
     )
     if not gc_on:
@@ -552,7 +571,8 @@ def plan_summary(d: Optional[dict]) -> str:
     if not d:
         return ""
     b = d.get("blocks") or {}
-    parts = [f"{d.get('seq_len')} x {d.get('micro_batch')} x {d.get('grad_accum')}",
+    parts = [f"{d.get('seq_len')} x {d.get('micro_batch')} x {d.get('grad_accum')}"
+             + (f" x {d['world_size']} GPUs" if (d.get("world_size") or 1) > 1 else ""),
              f"{d.get('compute_dtype')}", f"{d.get('optimizer')}"]
     if d.get("allocator_cap_gib") is not None:
         parts.append(f"cap {d['allocator_cap_gib']:.2f} GiB")
