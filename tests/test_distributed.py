@@ -1,0 +1,177 @@
+"""Several processes, one run (core.distributed): `snugtune train demo --nproc 2` on the CPU.
+
+Two engine ranks under torchrun with the gloo backend, as CI runs them (no GPU needed): the
+losses of --nproc 2 at micro-batch 2 are those of one process at micro-batch 4 (the same rows
+in each optimizer step, the same effective batch), step by step within 1e-3; one log, one
+plan and one set of checkpoints, written by rank 0; a stop only rank 0 hears of, then
+`snugtune stop` and `snugtune resume`, end on the uninterrupted curve; an out-of-memory error on
+rank 1 restarts both ranks with micro-batch 1 x accumulation 2 and the same curve.
+
+The model and data are the built-in demo's (core/demo.py). Each two-process run costs two
+interpreters importing torch, so the module is marked slow; no assertion is about time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import runs
+from core.events import read_events
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+SNUGTUNE = Path(sys.executable).parent / "snugtune"
+CMD = [str(SNUGTUNE)] if SNUGTUNE.exists() else [sys.executable, "-m", "tui.cli"]
+LONG = 600  # a ceiling for one command on a loaded 2-core machine (not a timing assertion)
+TESTS = Path(__file__).resolve().parent
+# Packed demo rows, no dropout (each rank has its own random stream), no eval (speed).
+COMMON = ["gpu.profile=cpu", f"train.max_steps={STEPS}", "train.save_steps=5", "train.save_total_limit=3",
+          "data.eval_fraction=0", "lora.dropout=0"]
+REFERENCE_TOKENS: dict = {}  # the reference run's tokens_seen at its last step
+
+
+def snugtune(*args, hook=None, runs_dir: Path, env=None, timeout=LONG) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SNUGTUNE_RUNS_DIR": str(runs_dir), **(env or {})}
+    env["PYTHONPATH"] = str(TESTS) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if hook:
+        env["SNUGTUNE_CALLBACKS"] = "distributed_hooks:Hook"
+        env["SNUGTUNE_TEST_HOOK"] = hook
+    else:
+        env.pop("SNUGTUNE_CALLBACKS", None)
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def train_two(runs_dir: Path, *extra: str, hook=None) -> tuple[subprocess.CompletedProcess, Path]:
+    sets = [a for s in [*COMMON, "train.micro_batch=2", *extra] for a in ("--set", s)]
+    done = snugtune("train", "demo", "--nproc", "2", "--no-preflight", *sets, hook=hook, runs_dir=runs_dir)
+    m = re.search(r"^run directory: (.+)$", done.stdout, re.MULTILINE)
+    assert m, (done.stdout, done.stderr)
+    return done, Path(m.group(1).strip())
+
+
+def losses(events) -> dict[int, float]:
+    """Each step's loss as the run ended up with it (a step redone after a restart: its last)."""
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step_logged"}
+
+
+def assert_curve(got: dict, reference: dict) -> None:
+    assert sorted(got) == list(range(1, STEPS + 1)), got
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-3), (step, got, reference)
+
+
+def engine_log(run_dir: Path) -> str:
+    try:
+        return (run_dir / "engine.log").read_text(errors="replace")[-6000:]
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist-runs")
+
+
+@pytest.fixture(scope="module")
+def reference(runs_dir) -> dict[int, float]:
+    """One process at micro-batch 4 (`snugtune train demo`, no --nproc): the curve every two-process
+    run must give. One thread, as torchrun gives each rank: on a loaded 2-core machine, two spinning
+    OpenMP threads made this run 10x slower than it is alone."""
+    sets = [a for s in [*COMMON, "train.micro_batch=4"] for a in ("--set", s)]
+    done = snugtune("train", "demo", "--no-preflight", *sets, runs_dir=runs_dir, env={"OMP_NUM_THREADS": "1"})
+    m = re.search(r"^run directory: (.+)$", done.stdout, re.MULTILINE)
+    assert m and done.returncode == 0, (done.stdout, done.stderr)
+    run_dir = Path(m.group(1).strip())
+    events = read_events(run_dir)
+    got = losses(events)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [e["world_size"] for e in events if e["event"] == "run_started"] == [1]
+    REFERENCE_TOKENS["n"] = [e for e in events if e["event"] == "step_logged"][-1]["tokens_seen"]
+    return got
+
+
+def test_two_processes_at_micro_batch_2_give_the_losses_of_one_at_4_and_write_one_log(runs_dir, reference):
+    done, run_dir = train_two(runs_dir)
+    assert done.returncode == 0, (done.stdout, done.stderr, engine_log(run_dir))
+    events = read_events(run_dir)
+    assert_curve(losses(events), reference)
+    # rank 0 alone writes the log: one run_started (with the world size), one line a step, one end
+    started = [e for e in events if e["event"] == "run_started"]
+    assert len(started) == 1 and started[0]["world_size"] == 2
+    assert [e["step"] for e in events if e["event"] == "step_logged"] == list(range(1, STEPS + 1))
+    assert [e["event"] for e in events].count("run_finished") == 1 and events[-1]["event"] == "run_finished"
+    assert [e["step"] for e in events if e["event"] == "checkpoint_saved"] == [5, 10]
+    # the plan says what a step is: 2 rows on each of 2 processes, per-GPU figures
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert (plan["micro_batch"], plan["grad_accum"], plan["world_size"], plan["effective_batch"]) == (2, 1, 2, 4)
+    assert started[0]["plan"]["world_size"] == 2
+    # the supervisor's pid (not a rank's) is the run's; both ranks' RNG states are in each checkpoint
+    assert runs.run_status(run_dir)["status"] == "finished"
+    for _, ckpt in runs.checkpoints(run_dir):
+        assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+        assert runs.verify_checkpoint(ckpt) is None
+    assert not (run_dir / "failures").exists() and not (run_dir / "stop").exists()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # the tokens of both ranks are counted: the same rows, so the one process's count
+    assert [e for e in events if e["event"] == "step_logged"][-1]["tokens_seen"] == REFERENCE_TOKENS["n"]
+
+
+def test_a_stop_one_rank_hears_of_stops_both_and_stop_resume_finish_the_same_curve(runs_dir, reference):
+    # 1. rank 0 alone is signalled before step 3: both ranks checkpoint step 3 and stop
+    done, run_dir = train_two(runs_dir, hook="sigterm:0:3")
+    assert done.returncode == 0, (done.stdout, done.stderr, engine_log(run_dir))
+    events = read_events(run_dir)
+    assert events[-1]["event"] == "run_stopped" and events[-1]["step"] == 3, events[-1]
+    assert Path(events[-1]["checkpoint"]).name == "checkpoint-3"
+    assert runs.run_status(run_dir)["status"] == "stopped"
+
+    # 2. resumed in the background, held before step 6 until `snugtune stop --wait` has arrived
+    (run_dir / "paused").unlink(missing_ok=True)
+    resumed = snugtune("resume", str(run_dir), "--detach", hook="pause:0:6", runs_dir=runs_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    deadline = time.monotonic() + LONG
+    while not (run_dir / "paused").exists():
+        assert time.monotonic() < deadline, engine_log(run_dir)
+        assert runs.run_status(run_dir)["status"] in ("running", "stopped"), engine_log(run_dir)
+        time.sleep(0.05)
+    stopped = snugtune("stop", str(run_dir), "--wait", runs_dir=runs_dir)
+    assert stopped.returncode == 0, (stopped.stdout, stopped.stderr, engine_log(run_dir))
+    assert "stopped at step 6" in stopped.stdout, stopped.stdout
+    assert runs.run_status(run_dir)["status"] == "stopped"
+
+    # 3. resumed in the foreground: it ends at exactly max_steps, on the uninterrupted curve
+    final = snugtune("resume", str(run_dir), runs_dir=runs_dir)
+    assert final.returncode == 0, (final.stdout, final.stderr, engine_log(run_dir))
+    events = read_events(run_dir)
+    assert_curve(losses(events), reference)
+    assert events[-1]["event"] == "run_finished" and events[-1]["steps"] == STEPS
+    assert [e["resumed_from"] and Path(e["resumed_from"]).name for e in events if e["event"] == "run_started"] == \
+        [None, "checkpoint-3", "checkpoint-6"]
+
+
+def test_out_of_memory_on_one_rank_restarts_both_at_half_the_micro_batch_on_the_same_curve(runs_dir, reference):
+    done, run_dir = train_two(runs_dir, "train.save_steps=2", hook="oom:1:4")
+    assert done.returncode == 0, (done.stdout, done.stderr, engine_log(run_dir))
+    events = read_events(run_dir)
+    recovered = [e for e in events if e["event"] == "oom_recovered"]
+    assert len(recovered) == 1, engine_log(run_dir)
+    r = recovered[0]
+    assert (r["micro_batch"], r["grad_accum"], r["world_size"], r["step"]) == (1, 2, 2, 3)
+    assert Path(r["resume_from"]).name == "checkpoint-2" and r["plan"]["effective_batch"] == 4
+    assert json.loads((run_dir / "plan.json").read_text())["micro_batch"] == 1
+    # no failure reached the log: the restart is part of the run, which ends once
+    assert not [e for e in events if e["event"] == "run_failed"]
+    steps = [(e["step"], e["micro_batch"], e["grad_accum"]) for e in events if e["event"] == "step_logged"]
+    assert steps == [(1, 2, 1), (2, 2, 1), (3, 2, 1), *[(s, 1, 2) for s in range(3, STEPS + 1)]]
+    # the same rows a step (packed rows: the seeded sampler's order, whatever the micro-batch)
+    assert_curve(losses(events), reference)
+    assert events[-1]["event"] == "run_finished"
