@@ -465,6 +465,11 @@ class Engine:
         from core import plan as plan_mod
 
         self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
+        if distributed.nproc_of(self.cfg) != self.ranks.world_size:
+            raise UserError(f"gpu.nproc = {distributed.nproc_of(self.cfg)}, but this engine is one of "
+                            f"{self.ranks.world_size} process(es)",
+                            hint="start it with `snugtune resume` (or `python -m core.distributed RUN_DIR`), "
+                                 "which starts gpu.nproc of them")
         if self.ranks.world_size > 1:
             self.cfg = self._join_group(self.cfg)
         cfg = self.cfg
@@ -790,10 +795,6 @@ class Engine:
     def _join_group(self, cfg: RunConfig) -> RunConfig:
         """This rank's device (LOCAL_RANK: the supervisor narrowed CUDA_VISIBLE_DEVICES to the run's
         cards) and the process group."""
-        n = distributed.nproc_of(cfg)
-        if n != self.ranks.world_size:
-            raise UserError(f"gpu.nproc = {n} but torchrun started {self.ranks.world_size} processes",
-                            hint="start several-process runs with `snugtune train ... --nproc N` or `snugtune resume`")
         cfg = cfg.with_overrides([f"gpu.device_index={self.ranks.local_rank}"])
         on_cuda = cfg.gpu.profile != "cpu" and torch.cuda.is_available()
         if on_cuda:

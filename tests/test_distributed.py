@@ -175,3 +175,37 @@ def test_out_of_memory_on_one_rank_restarts_both_at_half_the_micro_batch_on_the_
     # the same rows a step (packed rows: the seeded sampler's order, whatever the micro-batch)
     assert_curve(losses(events), reference)
     assert events[-1]["event"] == "run_finished"
+
+
+@pytest.mark.parametrize("n_rows", [64, 61])
+def test_the_length_bucket_order_split_over_two_ranks_is_the_one_process_order(n_rows):
+    """Unpacked rows: the engine's sampler at micro-batch 2 on 2 ranks, cut by accelerate's own
+    BatchSamplerShard as the Trainer's dataloader is, gives each optimizer step the rows one
+    process at micro-batch 4 reads (no training: the real sampler code, the real shard)."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from core.train import _counting_trainer
+
+    trainer_cls = _counting_trainer(None)
+    rows = [{"input_ids": [0] * (3 + (i * 37) % 50)} for i in range(n_rows)]  # lengths 3-52, mixed
+
+    def sampler(micro_batch: int, world: int):
+        fake = SimpleNamespace(snug_length_buckets=True, train_dataset=rows, args=SimpleNamespace(
+            data_seed=7, seed=7, train_batch_size=micro_batch, world_size=world))
+        return trainer_cls._get_train_sampler(fake)
+
+    one = list(BatchSampler(sampler(4, 1), 4, drop_last=False))
+    ranks = [list(BatchSamplerShard(BatchSampler(sampler(2, 2), 2, drop_last=False), num_processes=2,
+                                    process_index=r, split_batches=False, even_batches=True)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    full = n_rows // 4  # every whole global micro-batch: rank 0's half, then rank 1's
+    for step in range(full):
+        assert ranks[0][step] + ranks[1][step] == one[step], step
+    if n_rows % 4:
+        # the epoch's short last batch (here 1 row): accelerate's even_batches tops it up with the
+        # epoch's first rows so that both ranks step (a known difference: one process trains it alone)
+        padded = ranks[0][full] + ranks[1][full]
+        assert padded[: len(one[full])] == one[full] and padded[len(one[full]):] == one[0][: 4 - len(one[full])]

@@ -81,7 +81,8 @@ class Printer:
             dev = ev.get("device") or {}
             model = (ev.get("config") or {}).get("model", {}).get("name_or_path")
             resumed = f", resuming from {Path(ev['resumed_from']).name}" if ev.get("resumed_from") else ""
-            self._line(f"  training {model} on {dev.get('type')} ({dev.get('name')}), "
+            procs = f" x {ev['world_size']} processes" if (ev.get("world_size") or 1) > 1 else ""
+            self._line(f"  training {model} on {dev.get('type')} ({dev.get('name')}){procs}, "
                        f"{ev.get('total_steps')} steps{resumed}")
         elif kind == "data_prepared":
             self._line(f"  data: {ev.get('train_samples')} train / {ev.get('eval_samples')} eval samples, "
