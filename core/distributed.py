@@ -34,6 +34,7 @@ No torch at module level: the CLI imports check_nproc, and the supervisor never 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -147,6 +148,19 @@ class Group:
 
     def barrier(self) -> None:
         self._dist.barrier(group=self._cpu)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first, the others after it: a download, the demo model's build, a
+        damaged checkpoint set aside. (transformers' save_pretrained writes nothing on ranks other
+        than 0, so a demo model built by rank 1 was a directory without config.json: measured.)"""
+        if not self.main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.main:
+                self.barrier()
 
     def close(self) -> None:
         try:

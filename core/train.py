@@ -14,6 +14,7 @@ verifies (core.runs.verify_checkpoint) and never trains past the planned steps.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -480,7 +481,8 @@ class Engine:
             self.device["free_gib"] = round(free / 2**30, 3)
         target = plan_mod.target_for_device(cfg, self.device)  # a budget above the card: UserError here
         self.events.emit("setup_progress", message="resolving the model")
-        source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+        with self.group.main_first() if self.group is not None else contextlib.nullcontext():
+            source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
         self.spec = source_spec(source, cfg.model.revision)
         self.plan = plan_mod.plan(cfg, self.spec, target)
         retried = self._relaunch_retries()
@@ -505,11 +507,8 @@ class Engine:
                             hint="check the file's contents and data.format / data.columns")
         self.events.emit("setup_progress", message="loading the model")
         self._load_model(source)
-        if self.group is not None and not self.ranks.main:
-            self.group.barrier()  # rank 0 first: it sets damaged checkpoints aside
-        resumed = self.resume_from = self._checkpoint_to_resume()
-        if self.group is not None and self.ranks.main:
-            self.group.barrier()
+        with self.group.main_first() if self.group is not None else contextlib.nullcontext():
+            resumed = self.resume_from = self._checkpoint_to_resume()  # rank 0 sets damaged ones aside
         if retried is not None:
             self.events.emit("oom_recovered", step=retried, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
                              resume_from=str(resumed) if resumed else None, mem_allocated_after_free_gib=None,

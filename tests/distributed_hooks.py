@@ -39,6 +39,8 @@ class Hook(TrainerCallback):
             deadline = time.monotonic() + WAIT_S
             while not (run_dir / "stop").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+        elif self.what == "fail":
+            raise RuntimeError("injected failure on one rank")
         elif self.what == "oom" and self.relaunch == 0:
             import torch
 

@@ -209,3 +209,56 @@ def test_the_length_bucket_order_split_over_two_ranks_is_the_one_process_order(n
         # epoch's first rows so that both ranks step (a known difference: one process trains it alone)
         padded = ranks[0][full] + ranks[1][full]
         assert padded[: len(one[full])] == one[full] and padded[len(one[full]):] == one[0][: 4 - len(one[full])]
+
+
+def test_a_failure_on_one_rank_is_said_once_by_the_supervisor_naming_that_rank(runs_dir):
+    done, run_dir = train_two(runs_dir, "train.max_steps=4", hook="fail:1:2")
+    assert done.returncode == 1, (done.stdout, done.stderr, engine_log(run_dir))
+    events = read_events(run_dir)
+    failed = [e for e in events if e["event"] == "run_failed"]
+    # rank 1's error, not the broken connection it then left rank 0 with
+    assert len(failed) == 1 and events[-1] is failed[0], failed
+    assert failed[0]["rank"] == 1 and failed[0]["kind"] == "internal"
+    assert "injected failure on one rank" in failed[0]["error"] and failed[0]["step"] == 1
+    assert runs.run_status(run_dir)["status"] == "failed"
+    assert "failed (internal): RuntimeError: injected failure on one rank" in done.stdout
+
+
+def test_the_plan_is_per_gpu_and_says_the_effective_batch():
+    from core.catalog import catalog_lookup
+    from core.config import RunConfig
+    from core.gpu import resolve_gpu
+    from core.plan import plan, plan_summary
+
+    spec = catalog_lookup("Qwen/Qwen2.5-1.5B")
+    base = {"model": {"name_or_path": spec.id}, "data": {"path": "x.jsonl", "max_seq_len": 2048},
+            "train": {"micro_batch": 2, "grad_accum": 4}}
+    one = plan(RunConfig.from_dict(base), spec, resolve_gpu("rtx-3090"))
+    two = plan(RunConfig.from_dict({**base, "gpu": {"nproc": 2}}), spec, resolve_gpu("rtx-3090"))
+    assert (one.world_size, one.effective_batch, two.world_size, two.effective_batch) == (1, 8, 2, 16)
+    # the same card's figures: each process holds the whole model
+    assert (two.budget_gib, two.keep_blocks, two.micro_batch) == (one.budget_gib, one.keep_blocks, one.micro_batch)
+    rows = {r[0]: r for r in two.decisions()}
+    assert "processes" not in {r[0] for r in one.decisions()}
+    assert rows["processes"][1] == "2 GPUs" and "per GPU" in rows["processes"][2] and "= 16 rows" in rows["processes"][2]
+    assert not two.cuda_graphs and "DDP" in two.cuda_graphs_why and "x 2 GPUs" in plan_summary(two.to_dict())
+    # after an out-of-memory retry: still two processes, the same effective batch
+    nxt = two.after_oom().after_oom()
+    assert (nxt.micro_batch, nxt.grad_accum, nxt.world_size, nxt.effective_batch) == (1, 8, 2, 16)
+
+
+def test_nproc_beyond_the_cards_is_one_message_and_the_cpu_takes_any(monkeypatch):
+    from core import gpu
+    from core.config import RunConfig
+    from core.distributed import check_nproc
+    from core.errors import UserError
+
+    cfg = RunConfig.from_dict({"model": {"name_or_path": "m"}, "data": {"path": "x.jsonl"}, "gpu": {"nproc": 3}})
+    check_nproc(cfg.with_overrides(["gpu.profile=cpu"]))  # gloo on the CPU: any number
+    card = gpu.GpuInfo(index=0, name="NVIDIA GeForce RTX 3090", total_gib=23.7, used_gib=0.5, free_gib=23.2,
+                       compute_capability=(8, 6), bf16=True, driver="")
+    monkeypatch.setattr(gpu, "detect_gpus", lambda: [card, card])
+    with pytest.raises(UserError, match=r"gpu.nproc = 3 .* needs cards 0..2, but this machine shows 2") as err:
+        check_nproc(cfg)
+    assert "--nproc 2" in str(err.value)
+    check_nproc(cfg.with_overrides(["gpu.nproc=2"]))
