@@ -48,6 +48,12 @@ class GpuConfig(_Section):
         "desktop sharing the card, and simulates a small card on a large one.",
     )
     device_index: int = Field(0, ge=0, description="Which CUDA device to train on, when there are several.")
+    nproc: Optional[int] = Field(
+        None, ge=1, le=64,
+        description="Processes (GPUs) one run trains on (unset: 1): each loads the whole 4-bit model on its own card "
+        "(devices device_index .. device_index + nproc - 1) and the Trainer's DDP averages their gradients; "
+        "the effective batch is micro_batch x grad_accum x nproc. On the CPU, processes share the cores (gloo).",
+    )
 
 
 class ModelConfig(_Section):

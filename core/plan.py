@@ -224,6 +224,9 @@ class Plan:
     head_8bit: bool = False
     lean_norms: bool = False  # the blocks' RMSNorms keep their 16-bit input, not an fp32 copy (with the two above)
     big_savers_why: str = "not needed: the run fits with the 16-bit embedding and head on the card"
+    # processes (one per GPU) training this run together (gpu.nproc): every figure above is per GPU,
+    # since each process holds the whole 4-bit model (DDP); only the effective batch grows with it
+    world_size: int = 1
     # inputs kept to re-plan after an out-of-memory retry (not part of the plan's record)
     _cfg: Any = field(default=None, compare=False, repr=False)
     _spec: Any = field(default=None, compare=False, repr=False)
@@ -232,6 +235,11 @@ class Plan:
     @property
     def tokens(self) -> int:
         return self.seq_len * self.micro_batch
+
+    @property
+    def effective_batch(self) -> int:
+        """Rows per optimizer step, over every process: micro_batch x grad_accum x world_size."""
+        return self.micro_batch * self.grad_accum * self.world_size
 
     # ---- per row length ----------------------------------------------------------------------
 
@@ -285,6 +293,7 @@ class Plan:
         for k in ("_cfg", "_spec", "_gpu"):
             d.pop(k, None)
         d["tokens"] = self.tokens
+        d["effective_batch"] = self.effective_batch
         d["blocks"] = asdict(self.blocks_at(self.tokens))
         return d
 
@@ -309,6 +318,11 @@ class Plan:
             what = " + ".join(w for w, on in (("embedding on CPU", self.cpu_embedding),
                                                ("8-bit head", self.head_8bit)) if on)
             rows.append(("embed / head", what, self.big_savers_why))
+        if self.world_size > 1:
+            rows.append(("processes", f"{self.world_size} GPUs",
+                         f"per GPU: every figure here is one card's (each process loads the whole 4-bit model); "
+                         f"effective batch {self.micro_batch} x {self.grad_accum} x {self.world_size} = "
+                         f"{self.effective_batch} rows a step"))
         if self.attempt:
             rows.append(("retry", f"attempt {self.attempt + 1}", self.retry_why))
         return rows
@@ -343,6 +357,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
     check_budget(gpu)
     on_cuda = not gpu.is_cpu
     t = cfg.train
+    world = int(getattr(cfg.gpu, "nproc", None) or 1)
     seq, mb = cfg.data.max_seq_len, t.micro_batch
     T = seq * mb
     dtype, dtype_why = compute_dtype(cfg.model.compute_dtype, on_cuda, gpu.bf16)
@@ -395,6 +410,10 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
         graphs, graphs_why = False, "off after an out-of-memory error (a graph's memory pool comes on top)"
     elif not on_cuda:
         graphs, graphs_why = False, "not on a CUDA device"
+    elif world > 1:
+        # DDP all-reduces gradients from hooks inside backward; a replayed graph would skip them or
+        # capture collectives, and neither was measured on several GPUs (no multi-GPU machine yet)
+        graphs, graphs_why = False, f"{world} processes (DDP): graphed steps are single-process only for now"
     elif dtype != "bf16":
         graphs, graphs_why = False, f"compute is {dtype} (fp16's loss scaler lives outside the graph)"
     elif cfg.lora.dropout > 0:
@@ -425,7 +444,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
         compile=compiled, cuda_graphs=graphs, cuda_graphs_why=graphs_why,
         fp16_guard=guard, fp16_guard_why=guard_why, oom_recovery=bool(t.oom_recovery),
         attempt=attempt, retry_why=retry_why, hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size, budget_bytes=budget_bytes,
+        intermediate_size=spec.intermediate_size, budget_bytes=budget_bytes, world_size=world,
         _cfg=cfg, _spec=spec, _gpu=gpu,
     )
     p = _big_savers(p, cfg, spec, gpu)
@@ -627,7 +646,8 @@ def plan_summary(d: Optional[dict]) -> str:
     if not d:
         return ""
     b = d.get("blocks") or {}
-    parts = [f"{d.get('seq_len')} x {d.get('micro_batch')} x {d.get('grad_accum')}",
+    parts = [f"{d.get('seq_len')} x {d.get('micro_batch')} x {d.get('grad_accum')}"
+             + (f" x {d['world_size']} GPUs" if (d.get("world_size") or 1) > 1 else ""),
              f"{d.get('compute_dtype')}", f"{d.get('optimizer')}"]
     if d.get("allocator_cap_gib") is not None:
         parts.append(f"cap {d['allocator_cap_gib']:.2f} GiB")

@@ -145,7 +145,12 @@ def _package_root() -> str:
 
 
 def engine_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "core.train", str(run_dir)]
+    """The engine, or with gpu.nproc > 1 the supervisor that starts N of it under torchrun (core.distributed)."""
+    try:
+        nproc = RunConfig.from_toml(Path(run_dir) / CONFIG_FILE).gpu.nproc or 1
+    except Exception:  # noqa: BLE001 - a config the engine cannot read either: it says why in its log
+        nproc = 1
+    return [sys.executable, "-m", "core.distributed" if nproc > 1 else "core.train", str(run_dir)]
 
 
 def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subprocess.Popen:
@@ -443,7 +448,13 @@ def _check_torch_zip(path: Path) -> Optional[str]:
 def verify_checkpoint(path: Union[str, Path]) -> Optional[str]:
     """None if the checkpoint's files are all there and whole; else what is wrong, naming the file."""
     path = Path(path)
-    for name in CHECKPOINT_FILES:
+    names = list(CHECKPOINT_FILES)
+    if not (path / "rng_state.pth").is_file():
+        # a run on several processes (core.distributed): the Trainer writes one RNG state a rank
+        ranked = sorted(p.name for p in path.glob("rng_state_*.pth"))
+        if ranked:
+            names = [n for n in names if n != "rng_state.pth"] + ranked
+    for name in names:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"

@@ -14,6 +14,7 @@ verifies (core.runs.verify_checkpoint) and never trains past the planned steps.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -32,6 +33,7 @@ import torch
 from core.config import RunConfig
 from core.errors import UserError
 from core.events import EventWriter
+from core import distributed
 from core import runs as rundirs
 from core.runs import CONFIG_FILE, PID_FILE, STOP_FILE, DiskSpaceError, last_checkpoint  # noqa: F401
 
@@ -132,6 +134,7 @@ def _counting_trainer(counter: _TokenCounter):
     class CountingTrainer(Trainer):
         snug_graphs = None  # core.graphs.CudaGraphStep, set by the engine when train.cuda_graphs allows
         snug_length_buckets = False  # unpacked rows: core.data.LengthBucketSampler, set by the engine
+        snug_group = None  # core.distributed.Group when several processes train this run
 
         def _get_train_sampler(self, *args, **kwargs):
             # Unpacked rows are padded per micro-batch: like-length rows together keep the padding
@@ -145,7 +148,10 @@ def _counting_trainer(counter: _TokenCounter):
                 from core.data import LengthBucketSampler
 
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                return LengthBucketSampler([len(r["input_ids"]) for r in ds], self.args.train_batch_size, seed)
+                # at the global micro-batch (x processes): accelerate gives rank r slice r of each one,
+                # so N processes read the rows one process with N times the micro-batch reads (core.distributed)
+                return LengthBucketSampler([len(r["input_ids"]) for r in ds],
+                                           self.args.train_batch_size * self.args.world_size, seed)
             return super()._get_train_sampler(*args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -191,13 +197,22 @@ def _counting_trainer(counter: _TokenCounter):
             final_root = Path(self.args.output_dir)
             staging = final_root / rundirs.STAGING_DIR
             name = f"checkpoint-{self.state.global_step}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+            group = self.snug_group  # several processes: rank 0 stages and renames, each writes its RNG state
+            if group is None or group.main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            if group is not None:
+                group.barrier()
             self._get_output_dir = lambda trial=None: str(staging)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 del self._get_output_dir
+            if group is not None:
+                group.barrier()  # every rank's files are written
+                if not group.main:
+                    group.barrier()  # rank 0 has renamed the checkpoint into place
+                    return
             _fsync_tree(staging / name)
             target = final_root / name
             if target.exists():  # a step redone after an OOM retry or past a damaged checkpoint
@@ -205,6 +220,8 @@ def _counting_trainer(counter: _TokenCounter):
             (staging / name).rename(target)
             shutil.rmtree(staging, ignore_errors=True)
             _rotate_checkpoints(final_root.parent, self.args.save_total_limit or None)
+            if group is not None:
+                group.barrier()
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             n = inputs.pop(REAL_TOKENS_KEY, None)
@@ -291,6 +308,8 @@ class Engine:
         self.stopped = False
         self.resume_from: Optional[Path] = None  # the verified checkpoint this attempt starts from
         self.checkpoint_bytes: int = 0  # what one checkpoint of this run writes (estimated)
+        self.ranks = distributed.Ranks.from_env()  # torchrun's rank (core.distributed); rank 0 of 1 alone
+        self.group: Optional[distributed.Group] = None
 
     # ---- stop requests --------------------------------------------------------------------
 
@@ -303,7 +322,9 @@ class Engine:
         self._signal = signum
 
     def stop_requested(self) -> bool:
-        return self._signal is not None or (self.run_dir / STOP_FILE).exists()
+        asked = self._signal is not None or (self.run_dir / STOP_FILE).exists()
+        # several processes: every rank calls this at the same points and they agree, so all stop together
+        return self.group.any(asked) if self.group is not None else asked
 
     def _install_handlers(self) -> None:
         if not self.install_signal_handlers:
@@ -327,8 +348,9 @@ class Engine:
             print(f"snugtune engine: this run already finished ({self.run_dir / 'adapter'} exists); "
                   "start a new run with `snugtune train`", file=sys.stderr)
             return EXIT_USER
-        self.events = EventWriter(self.run_dir / "events.jsonl")
-        if self.install_signal_handlers:
+        # several processes: the log (and the pid file: the supervisor's) is rank 0's alone
+        self.events = EventWriter(self.run_dir / "events.jsonl") if self.ranks.main else distributed.NullWriter()
+        if self.install_signal_handlers and self.ranks.world_size == 1:
             # Our own pid, for viewers' liveness checks, also when started without runs.spawn
             # (`python -m core.train RUN_DIR` by hand or from a benchmark).
             (self.run_dir / PID_FILE).write_text(f"{os.getpid()}\n")
@@ -384,6 +406,16 @@ class Engine:
             print(tb, file=sys.stderr)
         except OSError:
             pass  # engine.log on a full disk
+        if self.ranks.world_size > 1:
+            # one rank's failure makes its peers fail next: the supervisor says the first cause, once
+            step = self.trainer.state.global_step if self.trainer is not None else None
+            try:
+                distributed.record_failure(self.run_dir, self.ranks.rank, dict(
+                    error=error + (f"\n  hint: {hint}" if hint else ""), kind=kind, traceback=tb, step=step,
+                    **fields))
+            except OSError:
+                pass
+            return
         try:
             self.events.emit("run_failed", error=error + (f"\n  hint: {hint}" if hint else ""), kind=kind,
                              traceback=tb, **fields)
@@ -434,6 +466,13 @@ class Engine:
         from core import plan as plan_mod
 
         self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
+        if distributed.nproc_of(self.cfg) != self.ranks.world_size:
+            raise UserError(f"gpu.nproc = {distributed.nproc_of(self.cfg)}, but this engine is one of "
+                            f"{self.ranks.world_size} process(es)",
+                            hint="start it with `snugtune resume` (or `python -m core.distributed RUN_DIR`), "
+                                 "which starts gpu.nproc of them")
+        if self.ranks.world_size > 1:
+            self.cfg = self._join_group(self.cfg)
         cfg = self.cfg
         self.device = select_device(cfg)
         if self.device["type"] == "cuda" and not cfg.gpu.vram_budget_gib:
@@ -442,16 +481,19 @@ class Engine:
             self.device["free_gib"] = round(free / 2**30, 3)
         target = plan_mod.target_for_device(cfg, self.device)  # a budget above the card: UserError here
         self.events.emit("setup_progress", message="resolving the model")
-        source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+        with self.group.main_first() if self.group is not None else contextlib.nullcontext():
+            source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
         self.spec = source_spec(source, cfg.model.revision)
         self.plan = plan_mod.plan(cfg, self.spec, target)
+        retried = self._relaunch_retries()
         if self.device["type"] == "cuda":
             from core import savers
 
             # before anything is allocated: the model loads under the cap too
             savers.apply_vram_budget(self.plan, self.device["index"])
         self.micro_batch, self.grad_accum = self.plan.micro_batch, self.plan.grad_accum
-        write_plan(self.run_dir, self.plan)
+        if self.ranks.main:
+            write_plan(self.run_dir, self.plan)
 
         from core.model import load_tokenizer
 
@@ -465,7 +507,12 @@ class Engine:
                             hint="check the file's contents and data.format / data.columns")
         self.events.emit("setup_progress", message="loading the model")
         self._load_model(source)
-        resumed = self.resume_from = self._checkpoint_to_resume()
+        with self.group.main_first() if self.group is not None else contextlib.nullcontext():
+            resumed = self.resume_from = self._checkpoint_to_resume()  # rank 0 sets damaged ones aside
+        if retried is not None:
+            self.events.emit("oom_recovered", step=retried, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
+                             resume_from=str(resumed) if resumed else None, mem_allocated_after_free_gib=None,
+                             reason=self.plan.retry_why, plan=self.plan.to_dict(), world_size=self.ranks.world_size)
         self._check_disk(source, resumed)
         load_peak = None
         if self.device["type"] == "cuda":
@@ -479,9 +526,9 @@ class Engine:
             config=cfg.to_dict(),
             versions=_versions(),
             device={k: self.device.get(k) for k in ("type", "name", "total_gib", "budget_gib", "index", "capability")},
-            total_steps=planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum,
-                                      cfg.train.epochs, cfg.train.max_steps),
+            total_steps=self._total_steps(),
             resumed_from=str(resumed) if resumed else None,
+            world_size=self.ranks.world_size,
             model=self.model_info,
             savers=self.model_info.get("savers", {}),
             plan=self.plan.to_dict(),
@@ -519,8 +566,7 @@ class Engine:
         """Refuse to start when the checkpoints and the adapter this run will write do not fit."""
         cfg = self.cfg
         lora = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs,
-                              cfg.train.max_steps)
+        total = self._total_steps()
         done = 0
         if resumed is not None:
             try:
@@ -552,7 +598,7 @@ class Engine:
 
         cfg, dev = self.cfg, self.device
         compute = self.plan.compute_dtype
-        total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, cfg.train.epochs, cfg.train.max_steps)
+        total = self._total_steps()
         has_eval = bool(self.eval_rows)
         return TrainingArguments(
             output_dir=str(self.run_dir / "checkpoints"),
@@ -589,6 +635,9 @@ class Engine:
             remove_unused_columns=False,  # rows are plain dicts the collate function reads
             dataloader_num_workers=0,
             dataloader_pin_memory=dev["type"] == "cuda",
+            # several processes: every LoRA weight gets a gradient each step (no search for unused ones)
+            ddp_find_unused_parameters=False if self.ranks.world_size > 1 else None,
+            ddp_timeout=distributed.COLLECTIVE_TIMEOUT_S,
         )
 
     def _make_trainer(self):
@@ -609,6 +658,7 @@ class Engine:
         from core.fp16guard import set_initial_loss_scale
 
         set_initial_loss_scale(trainer)  # fp16 only: no skipped first steps (see core.fp16guard)
+        trainer.snug_group = self.group
         if graphs:
             from core.graphs import CudaGraphStep
 
@@ -629,7 +679,8 @@ class Engine:
             try:
                 self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             except BaseException as exc:  # noqa: BLE001
-                if not (_is_oom(exc) and self.cfg.train.oom_recovery):
+                # several processes: the peers wait in a collective; the supervisor restarts them all
+                if not (_is_oom(exc) and self.cfg.train.oom_recovery) or self.ranks.world_size > 1:
                     raise
                 out_of_memory = True
             if not out_of_memory:
@@ -650,8 +701,7 @@ class Engine:
         from transformers import TrainerState
 
         state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
-        total = planned_steps(len(self.train_rows), self.micro_batch, self.grad_accum, self.cfg.train.epochs,
-                              self.cfg.train.max_steps)
+        total = self._total_steps()
         if state.global_step < total:
             return False
         self.events.emit("setup_progress", message=f"{ckpt.name} is the run's last step ({state.global_step} of "
@@ -723,6 +773,8 @@ class Engine:
     def save(self) -> Path:
         """The final adapter, written to adapter.tmp and renamed: a present adapter/ is complete."""
         final = self.run_dir / "adapter"
+        if not self.ranks.main:
+            return final  # rank 0 writes it
         tmp = self.run_dir / "adapter.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -735,9 +787,51 @@ class Engine:
 
     def cleanup(self) -> None:
         self._restore_handlers()
-        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        if self.ranks.main:
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         if self.events is not None:
             self.events.close()
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    # ---- several processes (core.distributed) ---------------------------------------------------
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the run: each reads micro_batch x grad_accum rows on every process."""
+        return planned_steps(len(self.train_rows), self.micro_batch * self.ranks.world_size, self.grad_accum,
+                             self.cfg.train.epochs, self.cfg.train.max_steps)
+
+    def _join_group(self, cfg: RunConfig) -> RunConfig:
+        """This rank's device (LOCAL_RANK: the supervisor narrowed CUDA_VISIBLE_DEVICES to the run's
+        cards) and the process group."""
+        cfg = cfg.with_overrides([f"gpu.device_index={self.ranks.local_rank}"])
+        on_cuda = cfg.gpu.profile != "cpu" and torch.cuda.is_available()
+        if on_cuda:
+            torch.cuda.set_device(self.ranks.local_rank)
+        self.group = distributed.Group(self.ranks, "cuda" if on_cuda else "cpu")
+        return cfg
+
+    def _relaunch_retries(self) -> Optional[int]:
+        """Several processes, started again after an out-of-memory error (core.distributed): the same
+        retry plan on every rank, the k-th after_oom() of the config's. Returns the failed step."""
+        try:
+            attempts = int(os.environ.get(distributed.ENV_OOM_ATTEMPT, "0"))
+        except ValueError:
+            attempts = 0
+        if self.ranks.world_size <= 1 or attempts <= 0:
+            return None
+        for _ in range(attempts):
+            nxt = self.plan.after_oom()
+            if nxt is None:
+                raise UserError(f"CUDA out of memory even at micro-batch 1 (on one of {self.ranks.world_size} GPUs)",
+                                hint="lower data.max_seq_len or lora.r, or choose a smaller model; "
+                                     "`snugtune estimate` shows what fits one card")
+            self.plan = nxt
+        try:
+            return int(os.environ.get(distributed.ENV_OOM_STEP, "0"))
+        except ValueError:
+            return 0
 
 
 def _trainer_callback_base():
@@ -761,6 +855,8 @@ class EventCallback(_trainer_callback_base()):
         self._t0 = self._last_t = time.monotonic()
         self._step0 = state.global_step
         self._last_tokens = self.engine.counter.tokens if self.engine.counter else 0
+        if self.engine.group is not None:
+            self._last_tokens = self.engine.group.sum(self._last_tokens)
         if self.engine.stop_requested():
             control.should_training_stop = True
 
@@ -782,6 +878,8 @@ class EventCallback(_trainer_callback_base()):
             return  # the end-of-training summary (train_runtime ...) is not a step
         now = time.monotonic()
         tokens = self.engine.counter.tokens if self.engine.counter else 0
+        if self.engine.group is not None:  # every rank logs the same steps: the tokens of all of them
+            tokens = self.engine.group.sum(tokens)
         dt = max(now - self._last_t, 1e-9)
         tps = (tokens - self._last_tokens) / dt
         self._last_t, self._last_tokens = now, tokens
@@ -842,7 +940,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(argv) != 1:
         print("usage: python -m core.train RUN_DIR", file=sys.stderr)
         return EXIT_USER
-    return Engine(argv[0]).run()
+    return Engine(argv[0], callbacks=_env_callbacks()).run()
+
+
+def _env_callbacks() -> list:
+    """TrainerCallbacks named in $SNUGTUNE_CALLBACKS ("module:factory,..."): the plug-in point that
+    tests and benchmarks use when the engine runs in its own processes (several ranks, a spawn)."""
+    import importlib
+
+    out = []
+    for item in filter(None, os.environ.get("SNUGTUNE_CALLBACKS", "").split(",")):
+        module, _, name = item.strip().partition(":")
+        out.append(getattr(importlib.import_module(module), name)())
+    return out
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def register(subparsers) -> None:
     e.add_argument("--optim", metavar="NAME", help="auto, paged_adamw_8bit, adamw_8bit or adamw_torch")
     e.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
     e.add_argument("--offload", choices=["auto", "on", "off"], help="activation offload to CPU (snugtune recipe)")
+    e.add_argument("--nproc", type=int, metavar="N",
+                   help="a run on N GPUs (train --nproc N): the figures stay per GPU, the batch is N times larger")
     e.add_argument("--recipe", choices=["snugtune", "plain"], default="snugtune",
                    help="snugtune's engine (default) or the plain transformers+peft recipe")
     e.add_argument("--preset", metavar="NAME", help="start from a preset's settings (flags override them)")
@@ -236,11 +238,11 @@ def _build_cfg(args):
     for flag, section, key in (
         ("batch", "train", "micro_batch"), ("grad_accum", "train", "grad_accum"), ("rank", "lora", "r"),
         ("alpha", "lora", "alpha"), ("dropout", "lora", "dropout"), ("optim", "train", "optimizer"),
-        ("offload", "train", "offload_activations"),
+        ("offload", "train", "offload_activations"), ("nproc", "gpu", "nproc"),
     ):
         value = getattr(args, flag)
         if value is not None:
-            if flag in ("batch", "grad_accum", "rank") and value <= 0:
+            if flag in ("batch", "grad_accum", "rank", "nproc") and value <= 0:
                 raise UserError(f"--{flag.replace('_', '-')} must be a positive whole number, got {value}")
             base.setdefault(section, {})[key] = value
     if args.no_grad_ckpt:

@@ -81,7 +81,8 @@ class Printer:
             dev = ev.get("device") or {}
             model = (ev.get("config") or {}).get("model", {}).get("name_or_path")
             resumed = f", resuming from {Path(ev['resumed_from']).name}" if ev.get("resumed_from") else ""
-            self._line(f"  training {model} on {dev.get('type')} ({dev.get('name')}), "
+            procs = f" x {ev['world_size']} processes" if (ev.get("world_size") or 1) > 1 else ""
+            self._line(f"  training {model} on {dev.get('type')} ({dev.get('name')}){procs}, "
                        f"{ev.get('total_steps')} steps{resumed}")
         elif kind == "data_prepared":
             self._line(f"  data: {ev.get('train_samples')} train / {ev.get('eval_samples')} eval samples, "
@@ -211,13 +212,19 @@ def cmd_train(args) -> int:
     needs_data = cfg.data.path.startswith("REPLACE")
     if args.set:
         cfg = cfg.with_overrides(args.set)
+    if args.nproc:  # several GPUs (core.distributed): frozen in the run's config, so a resume keeps it
+        cfg = cfg.with_overrides([f"gpu.nproc={args.nproc}"], source="--nproc")
+    from core.distributed import check_nproc
+
+    check_nproc(cfg)
     # Data, model, tokenizer, GPU profile and disk space checked before the run directory exists:
     # a mistake is one message and exit 2 (also with --detach), and leaves no failed run behind.
     if not args.no_preflight:
         print("checking the data and the model ...", file=sys.stderr, flush=True)
         runs.preflight(cfg, in_process=True)
     run_dir = runs.create_run_dir(cfg, header=f"Started with: snugtune train {args.preset}"
-                                  + "".join(f" --set {s}" for s in args.set or []),
+                                  + "".join(f" --set {s}" for s in args.set or [])
+                                  + (f" --nproc {args.nproc}" if args.nproc else ""),
                                   preset=None if needs_data else args.preset)
     return _run_engine(run_dir, args.detach, args.json)
 
@@ -459,6 +466,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a setting, e.g. --set train.max_steps=4 --set data.path=my.jsonl (repeatable)")
     p.add_argument("--detach", action="store_true", help="start the run in the background and return at once")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N GPUs at once (one process each, DDP through torchrun; same as --set gpu.nproc=N); "
+                   "the effective batch is micro_batch x grad_accum x N")
     p.add_argument("--resume", metavar="RUN", help="resume a stopped or died run (name or directory) instead")
     p.add_argument("--json", action="store_true", help="with --detach: print {run_dir, pid} as JSON")
     p.add_argument("--no-preflight", action="store_true",

@@ -105,6 +105,9 @@ class GpuScreen(StepScreen):
         options: list[Option] = []
         for i, g in enumerate(gpus):
             options.append(Option(f"GPU {i}  {describe_gpu(g)}", id=f"detected:{i}"))
+        for k in range(2, len(gpus) + 1):  # one run on several cards: one process each (core.distributed)
+            options.append(Option(f"GPUs 0-{k - 1}  {k} cards at once, one process each: the plan is per card, "
+                                  f"the batch {k}x", id=f"several:{k}"))
         options.append(Option("cpu                train on the CPU: slow, for the demo and trials", id="profile:cpu"))
         for name, prof in core_gpu.PROFILES.items():
             if name == "cpu":
@@ -115,7 +118,9 @@ class GpuScreen(StepScreen):
         choices.add_options(options)
         # Highlight what the configuration already says (a preset, or coming back here).
         profile = self.app.get_value("gpu.profile", "auto")
-        wanted = (f"detected:{self.app.get_value('gpu.device_index', 0)}" if profile == "auto" and gpus
+        nproc = self.app.get_value("gpu.nproc") or 1
+        wanted = (f"several:{nproc}" if nproc > 1 and profile == "auto" and gpus
+                  else f"detected:{self.app.get_value('gpu.device_index', 0)}" if profile == "auto" and gpus
                   else "profile:cpu" if profile == "auto" else f"profile:{profile}")
         ids = [o.id for o in options]
         choices.highlighted = ids.index(wanted) if wanted in ids else 0
@@ -123,7 +128,11 @@ class GpuScreen(StepScreen):
     @on(OptionList.OptionHighlighted, "#choices")
     def _picked(self, event: OptionList.OptionHighlighted) -> None:
         kind, _, value = (event.option.id or "").partition(":")
-        if kind == "detected":
+        self.app.set_value("gpu.nproc", int(value) if kind == "several" else None)
+        if kind == "several":
+            self.app.set_value("gpu.profile", "auto")
+            self.app.set_value("gpu.device_index", 0)
+        elif kind == "detected":
             self.app.set_value("gpu.profile", "auto")
             self.app.set_value("gpu.device_index", int(value))
         else:
