@@ -13,6 +13,7 @@ from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from tui.screens.base import attr
+from tui.keyorder import focus_now
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -157,7 +158,7 @@ class CommandScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         self.app.copy_to_clipboard(self.command)
-        self.query_one("#command").focus()
+        focus_now(self.query_one("#command"))
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -12,6 +12,7 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 from core.errors import UserError
 from tui.messages import ModelResolved, ModelsListed
 from tui.screens.base import StepScreen, attr, estimator, hub_errors
+from tui.keyorder import focus_now
 
 SOURCES = [("Catalog", "catalog"), ("Local cache", "cache"), ("Hub", "hub")]
 # The fixed columns keep their full words ("too big" is 7 cells); the model column takes the
@@ -121,7 +122,7 @@ class ModelScreen(StepScreen):
         self.load_source("catalog")
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.resolve(self.app.get_value("model.name_or_path"))
-        self.query_one("#query", Input).focus()
+        focus_now(self.query_one("#query", Input))
 
     def on_resize(self, event) -> None:
         self.call_after_refresh(self.fit_columns)
