@@ -101,6 +101,7 @@ class DoneScreen(StepScreen):
     STEP = 5
     BINDINGS = StepScreen.BINDINGS + [
         Binding("ctrl+e", "export", "Export", priority=True),
+        Binding("ctrl+l", "app.runs", "Runs", priority=True),
     ]
 
     def compose_body(self):
