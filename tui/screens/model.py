@@ -18,6 +18,18 @@ SOURCES = [("Catalog", "catalog"), ("Local cache", "cache"), ("Hub", "hub")]
 # The fixed columns keep their full words ("too big" is 7 cells); the model column takes the
 # rest of the table's width, whatever the terminal's (issue 14: "too b" at 80 columns, names cut
 # at 120 with 45 columns empty beside them).
+def elide_middle(text: str, width: int) -> str:
+    """`text` in `width` cells, its middle replaced by "…" when it does not fit: a model id's
+    owner and its variant (the end: -Instruct, -Chat-v1.0, -3T) both stay readable."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return text[:width]
+    keep = width - 1
+    head = keep // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
 FIXED_COLUMNS = [("params", "params", 6), ("fit", "fit", 7), ("access", "gated", 6)]
 MODEL_MIN_W = 16
 SORTS = [("downloads", "downloads"), ("likes", "likes"), ("recent", "recent")]
@@ -143,6 +155,15 @@ class ModelScreen(StepScreen):
                 col.width = width
                 table._require_update_dimensions = True
                 table.refresh()
+        # names longer than the column lose their middle, not their end: at 80 columns two
+        # TinyLlama ids both read "TinyLlama/TinyLlama-1.1B-…" cut at the end
+        for i, spec in enumerate(getattr(self, "specs", [])):
+            label = elide_middle(spec_id(spec), width)
+            try:
+                if str(table.get_cell(str(i), "model")) != label:
+                    table.update_cell(str(i), "model", Text(label, no_wrap=True), update_width=False)
+            except Exception:  # noqa: BLE001 - rows replaced meanwhile; their own refresh follows
+                break
 
     # ---- listing -------------------------------------------------------------------
 
