@@ -41,3 +41,46 @@ async def test_model_names_cut_in_the_middle_stay_told_apart(wizard_env, size):
             assert "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T" in shown  # room for it whole
         else:
             assert any("…" in label for label in shown)
+
+
+async def test_the_off_box_is_drawn_empty_not_ticked(wizard_env):
+    """ "▐X▌ ...: off" read as ticked: the X is now drawn only when the box is on."""
+    from textual.app import App
+
+    from tui.widgets.onoff import OnOff
+
+    class One(App):
+        def compose(self):
+            yield OnOff("compare", value=False, id="box")
+
+    app = One()
+    async with app.run_test(size=(40, 3)) as pilot:
+        box = app.query_one("#box", OnOff)
+
+        def line() -> str:
+            return box.render_line(0).text
+
+        await wait_for(pilot, lambda: "compare: off" in line(), what="the box drawn")
+        assert "▐ ▌" in line() and "X" not in line()
+        await pilot.click("#box")
+        await wait_for(pilot, lambda: "compare: on" in line(), what="the box ticked")
+        assert "▐X▌" in line()
+
+
+async def test_a_long_question_wraps_in_its_dialog(wizard_env):
+    """At 80 columns "Delete run NAME (finished, step" was all of the question: the rest, with the
+    directory that would go, was cut off."""
+    from tui.screens.modals import ConfirmScreen
+
+    app = SnugtuneApp(gpus=[], check_runs=False)
+    question = ("Delete run python-docs-qa-20261201-140454 (finished, step 2/2) and everything in "
+                "/home/someone/.local/share/snugtune/runs/python-docs-qa-20261201-140454?")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.push_screen(ConfirmScreen(question))
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen)
+                       and app.screen.query_one(".dialog-title").size.height > 0, what="the question laid out")
+        title = app.screen.query_one(".dialog-title")
+        # inside its dialog (a Label is as wide as its text and the dialog cut it), every word shown
+        assert title.region.right <= app.screen.query_one(".dialog").content_region.right
+        shown = "".join(title.render_line(y).text.strip() for y in range(title.size.height))
+        assert shown.replace(" ", "") == question.replace(" ", "")

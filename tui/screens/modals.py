@@ -54,7 +54,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-title")
+            # a Static, not a Label: a long question (a run's name and directory) wraps, not cut
+            yield Static(self.question, classes="dialog-title")
             yield Static("y: yes · n: no", classes="hint")
         yield Footer()
 
