@@ -51,6 +51,16 @@ def focus_now(widget: Widget) -> None:
     """Focus `widget` on its screen now (Widget.focus() would queue it behind waiting keys)."""
     widget.screen.set_focus(widget)
 
+    # An Input's Focus handler puts the terminal cursor in it from its place on screen, which a
+    # screen still mounting has not got yet (the cursor stayed in the corner, where a screen
+    # reader or tmux looks for the field): once the screen is laid out, put it there again.
+    def place_cursor() -> None:
+        if widget.has_focus and hasattr(widget, "cursor_screen_offset"):
+            widget.app.cursor_position = widget.cursor_screen_offset
+            widget.refresh()
+
+    widget.call_after_refresh(place_cursor)
+
 
 async def _caught_up(pump: MessagePump) -> bool:
     """Wait until `pump` has handled everything queued for it; True if something was queued."""
