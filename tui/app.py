@@ -303,6 +303,24 @@ class SnugtuneApp(App[int]):
 
         return {attr(p, "name") for p in presets.list_presets() if attr(p, "source", default="user") == source}
 
+    # ---- every run: open one, delete one (issue 14: only the CLI could delete) ------------
+
+    def action_runs(self) -> None:
+        from tui.screens.modals import RunListScreen
+
+        self.push_screen(RunListScreen(), self._run_picked)
+
+    def _run_picked(self, run_dir: Path | None) -> None:
+        from core.runs import CONFIG_FILE
+
+        if self.run_dir is not None and not (self.run_dir / CONFIG_FILE).is_file():
+            # the run on the Train or Done step was deleted: those steps start afresh
+            self.run_dir, self.run_result, self.run_state = None, None, None
+            if run_dir is None and self.step >= 4:
+                self.goto(4)
+        if run_dir is not None:
+            self._attach(run_dir)
+
     # ---- runs still going -------------------------------------------------------------
 
     def offer_running_runs(self) -> None:

@@ -20,6 +20,7 @@ from core.config import field_help
 from tui.messages import DataInspected
 from tui.screens.base import Cancelled, StepScreen, attr, run_command
 from tui.widgets.histogram import render_histogram
+from tui.keyorder import focus_now
 
 FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("segments", "segments"),
            ("text", "text")]
@@ -229,7 +230,7 @@ class DataScreen(StepScreen):
             self.inspected_for = self._key()
         elif self.app.get_value("data.path"):
             self.inspect()
-        self.query_one("#path", Input).focus()
+        focus_now(self.query_one("#path", Input))
 
     def _key(self) -> tuple:
         return (self.query_one("#path", Input).value.strip(), self.query_one("#format", Select).value,

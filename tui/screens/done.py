@@ -19,6 +19,7 @@ from textual.widgets import Checkbox, Input, OptionList, RichLog, Static
 from tui.messages import ChatReply, JobDone
 from tui.screens.base import Cancelled, StepScreen, run_command
 from tui.widgets.onoff import OnOff
+from tui.keyorder import focus_now
 
 # Loading a model for chat takes seconds on a GPU, longer on the CPU; a reply longer than this
 # means the chat process is stuck, and the user is told so rather than waiting forever.
@@ -100,6 +101,7 @@ class DoneScreen(StepScreen):
     STEP = 5
     BINDINGS = StepScreen.BINDINGS + [
         Binding("ctrl+e", "export", "Export", priority=True),
+        Binding("ctrl+l", "app.runs", "Runs", priority=True),
     ]
 
     def compose_body(self):
@@ -143,7 +145,7 @@ class DoneScreen(StepScreen):
         self.query_one("#chat-adapter", RichLog).border_title = "fine-tuned"
         self.query_one("#chat-base", RichLog).border_title = "base model"
         self._show_compare(self.query_one("#compare", Checkbox).value)
-        self.query_one("#chat-input", Input).focus()
+        focus_now(self.query_one("#chat-input", Input))
         self.set_status("Enter: send a prompt · ctrl+e: export · ctrl+s: save as preset")
 
     def on_unmount(self) -> None:

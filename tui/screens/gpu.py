@@ -10,6 +10,7 @@ from textual.widgets.option_list import Option
 
 from tui.messages import GpusDetected
 from tui.screens.base import StepScreen, attr, fmt_gib
+from tui.keyorder import focus_now
 
 
 def describe_gpu(g: Any) -> str:
@@ -59,7 +60,7 @@ class GpuScreen(StepScreen):
             self.detect()
         else:
             self.show_choices(self.app.detected_gpus, self.app.gpu_error)
-        self.query_one("#choices").focus()
+        focus_now(self.query_one("#choices"))
 
     def _fill_hint(self) -> None:
         from core.config import field_help

@@ -1,4 +1,5 @@
-"""Small dialogs that return a value: a name prompt, a yes/no, the list of runs still going."""
+"""Small dialogs that return a value: a name prompt, a yes/no, the list of runs still going,
+every run (open or delete one)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from tui.screens.base import attr
+from tui.keyorder import focus_now
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -52,7 +54,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-title")
+            # a Static, not a Label: a long question (a run's name and directory) wraps, not cut
+            yield Static(self.question, classes="dialog-title")
             yield Static("y: yes · n: no", classes="hint")
         yield Footer()
 
@@ -90,6 +93,97 @@ class RunsScreen(ModalScreen[Path | None]):
         self.dismiss(Path(attr(run, "run_dir", "path", "dir", default=str(run))))
 
     def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
+def run_line(run: dict) -> str:
+    """One run as the list shows it: name, status, step, loss (as `snugtune runs` has them)."""
+    step, total = run.get("step") or 0, run.get("total_steps")
+    loss = run.get("loss")
+    return (f"{run['name']}  {run['status']}  step {step}/{total or '?'}"
+            + (f"  loss {loss:.3f}" if isinstance(loss, (int, float)) else ""))
+
+
+class RunListScreen(ModalScreen[Path | None]):
+    """Every run in the runs directory, newest first: Enter opens one in the live panel, d (or
+    Delete) removes one after asking, like `snugtune runs rm`; a running run is refused."""
+
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("d,delete", "delete", "Delete run")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="runlist-dialog"):
+            yield Label("Runs", classes="dialog-title")
+            yield OptionList(id="runlist")
+            yield Static("", id="runlist-said", classes="hint")
+            yield Static("Enter: open in the live panel · d: delete (asks) · Escape: close", classes="hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.fill()
+        focus_now(self.query_one("#runlist", OptionList))
+
+    def fill(self) -> None:
+        from core import runs
+        from core.errors import UserError
+
+        listing = self.query_one("#runlist", OptionList)
+        listing.clear_options()
+        try:
+            self.runs = list(reversed(runs.list_runs()))
+        except UserError as exc:
+            self.runs = []
+            self.say(str(exc), "error")
+            return
+        listing.add_options([Option(run_line(r), id=str(i)) for i, r in enumerate(self.runs)])
+        if self.runs:
+            listing.highlighted = 0
+        else:
+            self.say(f"no runs in {runs.default_runs_dir()}")
+
+    def say(self, message: str, kind: str = "info") -> None:
+        prefix = {"error": "✗ ", "ok": "✓ ", "warning": "! "}.get(kind, "")
+        said = self.query_one("#runlist-said", Static)
+        said.set_classes(f"hint {kind}")
+        said.update(prefix + message)
+
+    def _highlighted(self) -> dict | None:
+        index = self.query_one("#runlist", OptionList).highlighted
+        return self.runs[index] if index is not None and 0 <= index < len(self.runs) else None
+
+    @on(OptionList.OptionSelected, "#runlist")
+    def _open(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(Path(self.runs[int(event.option.id)]["dir"]))
+
+    def action_delete(self) -> None:
+        from core import runs
+
+        run = self._highlighted()
+        if run is None:
+            return
+        run_dir = Path(run["dir"])
+        status = runs.run_status(run_dir)  # now, not when the list was filled
+        if status["status"] == "running":
+            self.say(f"run {run_dir.name} is running (pid {status['pid']}); nothing removed. Stop it first: "
+                     f"ctrl+x in its live panel, or `snugtune stop {run_dir.name} --wait`", "error")
+            return
+        self.app.push_screen(
+            ConfirmScreen(f"Delete run {run_dir.name} ({status['status']}, step {status['step']}/"
+                          f"{status['total_steps'] or '?'}) and everything in {run_dir}?"),
+            lambda yes: self._delete(run_dir) if yes else self.say("nothing removed"))
+
+    def _delete(self, run_dir: Path) -> None:
+        from core import runs
+        from core.errors import UserError
+
+        try:
+            runs.remove_run(run_dir)  # refuses a run that started meanwhile
+        except UserError as exc:
+            self.say(str(exc), "error")
+            return
+        self.fill()
+        self.say(f"removed {run_dir}", "ok")
+
+    def action_close(self) -> None:
         self.dismiss(None)
 
 
@@ -157,7 +251,7 @@ class CommandScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         self.app.copy_to_clipboard(self.command)
-        self.query_one("#command").focus()
+        focus_now(self.query_one("#command"))
 
     def action_close(self) -> None:
         self.dismiss(None)

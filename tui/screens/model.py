@@ -12,11 +12,24 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 from core.errors import UserError
 from tui.messages import ModelResolved, ModelsListed
 from tui.screens.base import StepScreen, attr, estimator, hub_errors
+from tui.keyorder import focus_now
 
 SOURCES = [("Catalog", "catalog"), ("Local cache", "cache"), ("Hub", "hub")]
 # The fixed columns keep their full words ("too big" is 7 cells); the model column takes the
 # rest of the table's width, whatever the terminal's (issue 14: "too b" at 80 columns, names cut
 # at 120 with 45 columns empty beside them).
+def elide_middle(text: str, width: int) -> str:
+    """`text` in `width` cells, its middle replaced by "…" when it does not fit: a model id's
+    owner and its variant (the end: -Instruct, -Chat-v1.0, -3T) both stay readable."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return text[:width]
+    keep = width - 1
+    head = keep // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
 FIXED_COLUMNS = [("params", "params", 6), ("fit", "fit", 7), ("access", "gated", 6)]
 MODEL_MIN_W = 16
 SORTS = [("downloads", "downloads"), ("likes", "likes"), ("recent", "recent")]
@@ -121,7 +134,7 @@ class ModelScreen(StepScreen):
         self.load_source("catalog")
         if self.app.spec is None and self.app.get_value("model.name_or_path"):
             self.resolve(self.app.get_value("model.name_or_path"))
-        self.query_one("#query", Input).focus()
+        focus_now(self.query_one("#query", Input))
 
     def on_resize(self, event) -> None:
         self.call_after_refresh(self.fit_columns)
@@ -142,6 +155,15 @@ class ModelScreen(StepScreen):
                 col.width = width
                 table._require_update_dimensions = True
                 table.refresh()
+        # names longer than the column lose their middle, not their end: at 80 columns two
+        # TinyLlama ids both read "TinyLlama/TinyLlama-1.1B-…" cut at the end
+        for i, spec in enumerate(getattr(self, "specs", [])):
+            label = elide_middle(spec_id(spec), width)
+            try:
+                if str(table.get_cell(str(i), "model")) != label:
+                    table.update_cell(str(i), "model", Text(label, no_wrap=True), update_width=False)
+            except Exception:  # noqa: BLE001 - rows replaced meanwhile; their own refresh follows
+                break
 
     # ---- listing -------------------------------------------------------------------
 

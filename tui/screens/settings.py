@@ -18,6 +18,7 @@ from tui.messages import DataInspected, ModelResolved
 from tui.screens.base import StepScreen, attr, estimator, fmt_duration, hub_errors, plural
 from tui.widgets.onoff import OnOff
 from tui.widgets.vrambar import VramBar
+from tui.keyorder import focus_now
 
 # Typing pauses shorter than this are one edit: the estimate waits for the pause.
 DEBOUNCE_S = 0.25
@@ -210,7 +211,7 @@ class SettingsScreen(StepScreen):
         if self.data_pending:
             # samples and lengths give the time per epoch; read them in the background
             self.call_after_refresh(self.read_data)
-        self.query_one(f"#{field_id(TEXT_FIELDS[0][0])}", Input).focus()
+        focus_now(self.query_one(f"#{field_id(TEXT_FIELDS[0][0])}", Input))
 
     @work(thread=True, exit_on_error=False, name="model lookup", exclusive=True, group="resolve")
     def resolve(self, name: str) -> None:

@@ -50,7 +50,9 @@ class TrainScreen(StepScreen):
         Binding("ctrl+t", "start", "Start", priority=True),
         Binding("ctrl+x", "stop", "Stop", priority=True),
         Binding("ctrl+r", "resume", "Resume", priority=True),
-        # (not in the footer: at 80 columns it would push Resume off; the settings step shows it)
+        # (not in the footer: at 80 columns they would push Resume off; the settings step shows
+        # ctrl+y, the status line and the Done step's footer ctrl+l)
+        Binding("ctrl+l", "app.runs", "Runs", priority=True, show=False),
         Binding("ctrl+y", "app.show_command", "Command", priority=True, show=False),
     ]
 
@@ -133,7 +135,7 @@ class TrainScreen(StepScreen):
         if problem:
             self.set_status(problem, "error")
         else:
-            self.set_status("ctrl+t: start training")
+            self.set_status("ctrl+t: start training · ctrl+l: every run (open, delete)")
 
     def cannot_train_here(self) -> str | None:
         """Why this setup cannot train on this machine (a card profile planned for, no GPU here),
