@@ -397,3 +397,49 @@ async def test_targets_that_match_no_layer_stay_with_reason(wizard_env):
         assert app.get_value("lora.target_modules") == ["q_proj", "v_proj"]
         await pilot.press("ctrl+n")
         assert isinstance(app.screen, TrainScreen)
+
+
+async def test_two_detected_cards_offer_one_run_on_both(wizard_env):
+    """Two cards from NVML: the GPU step lists each and "GPUs 0-1" (issue 16); choosing it sets
+    gpu.nproc = 2 on the first card, and going back to one card clears it again."""
+    from core.gpu import GpuInfo
+
+    cards = [GpuInfo(index=i, name="NVIDIA GeForce RTX 3090", total_gib=23.57, used_gib=0.3, free_gib=23.27,
+                     compute_capability=(8, 6), bf16=True, driver="550.54") for i in (0, 1)]
+    app = SnugtuneApp(gpus=cards, check_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        choices = app.screen.query_one("#choices", OptionList)
+        ids = [choices.get_option_at_index(i).id for i in range(choices.option_count)]
+        assert ids[:3] == ["detected:0", "detected:1", "several:2"], ids
+        assert "2 cards at once" in str(choices.get_option_at_index(2).prompt)
+        assert choices.get_option_at_index(choices.highlighted).id == "detected:0"
+        assert not app.get_value("gpu.nproc")
+        await pilot.press("down", "down")
+        await wait_for(pilot, lambda: app.get_value("gpu.nproc") == 2, what="gpu.nproc = 2")
+        assert app.get_value("gpu.profile") == "auto" and app.get_value("gpu.device_index") == 0
+        await pilot.press("up")
+        await wait_for(pilot, lambda: not app.get_value("gpu.nproc"), what="gpu.nproc cleared")
+        assert app.get_value("gpu.device_index") == 1
+
+
+async def test_train_step_shows_the_cards_and_the_batch_of_a_run_on_two(wizard_env):
+    """A run set for two cards (gpu.nproc = 2): the Train step names both, the batch N times
+    larger and the estimate per GPU."""
+    from core.gpu import GpuInfo
+    from core.presets import load_preset
+
+    cards = [GpuInfo(index=i, name="NVIDIA GeForce RTX 3090", total_gib=23.57, used_gib=0.3, free_gib=23.27,
+                     compute_capability=(8, 6), bf16=True, driver="550.54") for i in (0, 1)]
+    cfg = load_preset("demo").with_overrides(["gpu.profile='auto'", "gpu.nproc=2"])
+    app = SnugtuneApp(cfg, preset_name="demo", gpus=cards, check_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        # a preset opens on Settings
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen) and app.last_estimate is not None,
+                       what="the estimate")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: isinstance(app.screen, TrainScreen), what="the train step")
+        stats = str(app.screen.query_one("#stats", Static).render())
+        assert "x 2: GPUs 0-1, one process each" in stats, stats
+        mb, ga = cfg.train.micro_batch, cfg.train.grad_accum
+        assert f"{mb} x {ga} accum x 2 GPUs = {mb * ga * 2} rows a step" in stats, stats
+        assert "GiB per GPU" in stats, stats

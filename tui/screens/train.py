@@ -119,16 +119,20 @@ class TrainScreen(StepScreen):
         else:
             self.query_one("#run-title", Label).update(Text("Ready to train. ctrl+t starts the run.", style="bold"))
         est = self.app.last_estimate
+        n = cfg.gpu.nproc or 1  # several cards (core.distributed): one process each, the plan per card
+        gpu = attr(self.gpu, 'label', 'name', default=cfg.gpu.profile)
         lines = [
             f"model      {cfg.model.name_or_path}",
             f"data       {cfg.data.path}",
-            f"gpu        {attr(self.gpu, 'label', 'name', default=cfg.gpu.profile)}",
+            f"gpu        {gpu}" + (f" x {n}: GPUs 0-{n - 1}, one process each" if n > 1 else ""),
             f"LoRA       r={cfg.lora.r} alpha={cfg.lora.alpha:g} targets={cfg.lora.target_modules}",
-            f"batch      {cfg.train.micro_batch} x {cfg.train.grad_accum} accum, seq {cfg.data.max_seq_len}",
+            f"batch      {cfg.train.micro_batch} x {cfg.train.grad_accum} accum"
+            + (f" x {n} GPUs = {cfg.train.micro_batch * cfg.train.grad_accum * n} rows a step" if n > 1 else "")
+            + f", seq {cfg.data.max_seq_len}",
             "length     " + (plural(cfg.train.max_steps, "step") if cfg.train.max_steps else plural(cfg.train.epochs, "epoch")),
         ]
         if est is not None:
-            lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB")
+            lines.append(f"est. peak  {float(attr(est, 'total_gib', default=0)):.2f} GiB" + (" per GPU" if n > 1 else ""))
         lines += ["", "The run keeps going if you close the wizard; reopen it or `snugtune attach` to watch."]
         self.query_one("#stats", Static).update("\n".join(lines))
         self.add_class("ready")
