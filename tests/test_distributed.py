@@ -262,3 +262,13 @@ def test_nproc_beyond_the_cards_is_one_message_and_the_cpu_takes_any(monkeypatch
         check_nproc(cfg)
     assert "--nproc 2" in str(err.value)
     check_nproc(cfg.with_overrides(["gpu.nproc=2"]))
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_nproc_zero_or_less_is_one_message_and_no_run(tmp_path, n):
+    """`--nproc 0` was taken as "not given" and trained one process; now it is the config's own
+    check (gpu.nproc >= 1): one message, exit 2, no run directory."""
+    done = snugtune("train", "demo", "--nproc", n, "--set", "gpu.profile=cpu", runs_dir=tmp_path / "runs")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "--nproc: gpu.nproc" in done.stderr and "greater than or equal to 1" in done.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -212,7 +212,9 @@ def cmd_train(args) -> int:
     needs_data = cfg.data.path.startswith("REPLACE")
     if args.set:
         cfg = cfg.with_overrides(args.set)
-    if args.nproc:  # several GPUs (core.distributed): frozen in the run's config, so a resume keeps it
+    # several GPUs (core.distributed): frozen in the run's config, so a resume keeps it; 0 or less
+    # reaches the config's check (gpu.nproc >= 1): one message, exit 2, no run directory
+    if args.nproc is not None:
         cfg = cfg.with_overrides([f"gpu.nproc={args.nproc}"], source="--nproc")
     from core.distributed import check_nproc
 
