@@ -540,10 +540,10 @@ def _big_savers(p: Plan, cfg, spec: ModelSpec, gpu: GpuTarget) -> Plan:
     offload is allowed). Untied models move the embedding first (no cost but a T-row host copy a
     step), then the head; tied ones need both at once (the 8-bit copy is then the only head on the
     card). Both are frozen under LoRA, so neither needs a gradient."""
-    setting = getattr(cfg.train, "big_savers", "auto")
-    if setting == "off" or p.device != "cuda" or not p.chunked_loss or not p.gradient_checkpointing:
-        if setting == "off":
-            return replace(p, big_savers_why="off (train.big_savers = 'off')")
+    setting = cfg.train.big_savers
+    if setting == "off":
+        return replace(p, big_savers_why="off (train.big_savers = 'off')")
+    if p.device != "cuda" or not p.chunked_loss or not p.gradient_checkpointing:
         return p
     emb = spec.vocab_size * spec.hidden_size * 2
     if emb < BIG_SAVER_MIN_BYTES:
