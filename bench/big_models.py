@@ -76,6 +76,44 @@ ROWS_LEAN = [
 # with the lean RMSNorm on (auto) and off, so its worth is measured beside the choice.
 AUTOFIT = [("llama-3.1-8b", "8gb", 32, [12288, 14336]), ("llama-3.1-8b", "12gb", 32, [32768, 36864]),
            ("qwen2.5-7b", "8gb", 32, [16384, 18432])]
+# --set run4: the lean norm with its outputs rebuilt (core/bigsavers.py _NormOutput) and priced as
+# measured: the four 4 GB rows with train.big_savers = "on" (the 6th field), Llama-3.2-1B at 32,768
+# beside `keepout` (the outputs kept, the lean norm of run 3) and `nolean`; the 7-8B rows at auto-fit's
+# new choices (autofit_rows), with `keepout` beside `auto` at one shorter length.
+RUN4_SMALL = [
+    ("llama-3.2-1b", "4gb", 16, 32768, [(32768, "keepout"), (32768, "nolean"), (36864, "auto")], "on"),
+    ("qwen2.5-1.5b", "4gb", 16, 32768, [], "on"),
+    ("qwen2.5-3b", "4gb", 16, 16384, [(20480, "auto")], "on"),
+    ("gemma-2-2b", "4gb", 16, 8192, [], "on"),
+]
+RUN4_TRIES = {("llama-3.1-8b", "8gb"): [(16384, "auto"), (16384, "keepout")],
+              ("llama-3.1-8b", "12gb"): [(40960, "auto"), (40960, "keepout")],
+              ("qwen2.5-7b", "8gb"): [(20480, "auto"), (20480, "keepout")]}
+
+
+def run4_rows() -> list:
+    return RUN4_SMALL + [(shape, card, r, seq, RUN4_TRIES[(shape, card)])
+                         for shape, card, r, seq, _ in autofit_rows()]
+
+
+def estimated(shape, card, r, seq, big=None, model_id=None):
+    """The estimate's reserved GiB at this row as the plan decides it (None where it cannot say)."""
+    try:
+        from core.catalog import catalog_lookup
+        from core.config import RunConfig
+        from core.estimate import estimate
+        from core.gpu import resolve_gpu
+        from core import plan as P
+
+        spec = catalog_lookup(model_id or SHAPES[shape])
+        gpu = resolve_gpu(PROFILE, CARDS[card])
+        train = {"micro_batch": 1, "grad_accum": 1, **({"big_savers": big} if big else {})}
+        cfg = RunConfig.from_dict({"gpu": {"profile": PROFILE, "vram_budget_gib": CARDS[card]},
+                                   "model": {"name_or_path": spec.id}, "data": {"path": "(bench)", "max_seq_len": seq},
+                                   "lora": {"r": r, "alpha": 2 * r}, "train": train})
+        return round(estimate(spec, cfg, gpu, plan=P.plan(cfg, spec, gpu)).reserved_gib, 3)
+    except Exception:  # noqa: BLE001 - the smoke run's tiny model is not in the catalog
+        return None
 
 
 def autofit_rows() -> list:
@@ -105,12 +143,13 @@ def _left() -> float:
     return DEADLINE[0] - time.time()
 
 
-def run_toml(model_dir: Path, data: Path, seq: int, budget, r: int, name: str, profile: str) -> str:
+def run_toml(model_dir: Path, data: Path, seq: int, budget, r: int, name: str, profile: str, big=None) -> str:
     gpu = f'[gpu]\nprofile = "{profile}"\n' + (f"vram_budget_gib = {budget}\n" if budget else "")
     return (gpu + f'[model]\nname_or_path = "{model_dir}"\n'
             f'[data]\npath = "{data}"\nformat = "text"\nmax_seq_len = {seq}\neval_fraction = 0.0\npacking = true\n'
             f"[lora]\nr = {r}\nalpha = {2 * r}\n"
             f"[train]\nmicro_batch = 1\ngrad_accum = 1\nmax_steps = 2\nsave_steps = 1000\nlogging_steps = 1\n"
+            + (f'big_savers = "{big}"\n' if big else "") +
             f'[output]\nname = "{name}"\n')
 
 
@@ -133,13 +172,14 @@ def _peak_rss(err: str):
     return round(max(vals), 2) if vals else None
 
 
-def engine_trial(shape, card, r, seq, model_dir: Path, work: Path, budget, profile=PROFILE, timeout=400.0) -> dict:
+def engine_trial(shape, card, r, seq, model_dir: Path, work: Path, budget, profile=PROFILE, timeout=400.0,
+                 big=None) -> dict:
     name = f"{shape}-{card}-{seq}"
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     data = write_data(d / "data.jsonl", seq * 3)
     cfg = d / "run.toml"
-    cfg.write_text(run_toml(model_dir, data, seq, budget, r, name, profile))
+    cfg.write_text(run_toml(model_dir, data, seq, budget, r, name, profile, big))
     env = {**os.environ, "SNUGTUNE_RUNS_DIR": str(d / "runs"),
            "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -181,8 +221,9 @@ import json, sys, time, gc, math
 sys.path.insert(0, sys.argv[1])
 from dataclasses import replace
 import torch
-from core import plan as P, savers
+from core import plan as P, savers, bigsavers
 from core.catalog import spec_from_dir
+from core.estimate import estimate
 from core.config import RunConfig
 from core.model import load_for_training
 a = json.loads(sys.argv[2])
@@ -202,8 +243,10 @@ def plan_at(n, savers_mode):
     cfg = RunConfig.from_dict({"gpu": gpu, "model": {"name_or_path": a["model"]},
                                "data": {"path": "(bench)", "max_seq_len": n},
                                "lora": {"r": a["r"], "alpha": 2 * a["r"]},
-                               "train": {"micro_batch": 1, "grad_accum": 1}})
+                               "train": {"micro_batch": 1, "grad_accum": 1,
+                                         **({"big_savers": a["big"]} if a.get("big") else {})}})
     pl = P.plan(cfg, spec, P.target_for_device(cfg, dev))
+    bigsavers.REBUILD_NORM_OUTPUTS = savers_mode != "keepout"  # keepout: the lean norm of run 3
     if savers_mode == "none":
         pl = replace(pl, cpu_embedding=False, head_8bit=False)
     elif savers_mode == "emb":
@@ -229,8 +272,9 @@ for n, mode in a["tries"]:
     if time.time() > a["deadline"]:
         print("@@" + json.dumps({"len": n, "savers": mode, "skipped": "out of time"}), flush=True)
         continue
-    pl, _ = plan_at(n, mode)
+    pl, tcfg = plan_at(n, mode)
     applied = savers.install_savers(model, pl)
+    est = round(estimate(spec, tcfg, P.target_for_device(tcfg, dev), plan=pl).reserved_gib, 3) if D == "cuda" else None
     gc.collect()
     if D == "cuda":
         torch.cuda.empty_cache()
@@ -256,6 +300,7 @@ for n, mode in a["tries"]:
     opt.zero_grad(set_to_none=True)
     gc.collect()
     peak = torch.cuda.max_memory_reserved() / 2**30 if D == "cuda" else 0.0
+    peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if D == "cuda" else 0.0
     if D == "cuda":
         torch.cuda.empty_cache()
     rss = 0.0
@@ -263,6 +308,7 @@ for n, mode in a["tries"]:
         if line.startswith("VmHWM:"):
             rss = int(line.split()[1]) / 2**20
     print("@@" + json.dumps({"len": n, "savers": mode, "ok": ok, "peak_reserved_gib": round(peak, 3),
+                             "peak_allocated_gib": round(peak_alloc, 3), "estimate_reserved_gib": est,
                              "losses": [round(x, 4) for x in losses], "s": round(time.time() - t, 1),
                              "cpu_embedding": pl.cpu_embedding, "head_8bit": pl.head_8bit, "offload": pl.offload,
                              "lean_norms": pl.lean_norms, "applied": {k: applied.get(k) for k in ("cpu_embedding", "head_8bit", "lean_norms", "offload")},
@@ -271,8 +317,8 @@ for n, mode in a["tries"]:
 
 
 def tries_trial(shape, card, r, tries, model_dir: Path, budget, profile=PROFILE, device="cuda",
-                timeout=400.0) -> dict:
-    args = {"model": str(model_dir), "budget": budget, "profile": profile, "r": r, "tries": tries,
+                timeout=400.0, big=None) -> dict:
+    args = {"model": str(model_dir), "budget": budget, "profile": profile, "r": r, "tries": tries, "big": big,
             "device": device, "t0": time.time(), "deadline": DEADLINE[0] - 20}
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -300,8 +346,10 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--table", metavar="FILE.json")
     ap.add_argument("--name", default="big_models_run1")
-    ap.add_argument("--set", default="issue", choices=["issue", "lean", "autofit"],
-                    help="issue: the issue's rows (runs 1-2); lean: the lean RMSNorm where runs 1-2 ran out")
+    ap.add_argument("--set", default="issue", choices=["issue", "lean", "autofit", "run4"],
+                    help="issue: the issue's rows (runs 1-2); lean: the lean RMSNorm where runs 1-2 ran out; "
+                         "autofit: auto-fit's 7-8B choices (run 3); run4: the 4 GB rows with big_savers on and "
+                         "auto-fit's 7-8B choices, the norm outputs rebuilt")
     a = ap.parse_args(argv)
     if a.table:
         res = json.loads(Path(a.table).read_text())
@@ -317,14 +365,14 @@ def main(argv=None) -> int:
         from core.catalog import TINY_LLAMA
 
         specs = {"tiny": TINY_LLAMA}
-        rows = [("tiny", "cpu", 8, 256, [(128, "none"), (256, "both"), (256, "nolean")])]
+        rows = [("tiny", "cpu", 8, 256, [(128, "none"), (256, "both"), (256, "nolean"), (256, "keepout")], "on")]
         budgets = {"cpu": None}
         profile, device = "cpu", "cpu"
     else:
         from core.catalog import catalog_lookup
 
         only = {s for s in a.only.split(",") if s}
-        pool = autofit_rows() if a.set == "autofit" else ROWS_LEAN if a.set == "lean" else ROWS
+        pool = {"autofit": autofit_rows, "run4": run4_rows, "lean": lambda: ROWS_LEAN, "issue": lambda: ROWS}[a.set]()
         rows = [r for r in pool if not only or r[0] in only]
         specs = {s: catalog_lookup(SHAPES[s]) for s in dict.fromkeys(r[0] for r in rows)}
         budgets, profile, device = CARDS, PROFILE, "cuda"
@@ -332,10 +380,13 @@ def main(argv=None) -> int:
     print(json.dumps(env_info), flush=True)
     models: dict[str, Path] = {}
     built = {s: threading.Event() for s in specs}
-    # small shapes first: their trials start while the 7-8B models are saved
+    # two builders: the 7-9B shapes largest first (their long rows are the last to end), the small
+    # shapes beside them, smallest first (their trials start while the big models are saved)
     order = sorted(specs, key=lambda s: specs[s].params_total)
+    big_first = [s for s in reversed(order) if specs[s].params_total >= 5e9]
+    small = [s for s in order if s not in big_first]
 
-    def build_all():
+    def build_all(order=order):
         for s in order:
             tb = time.time()
             try:
@@ -345,25 +396,31 @@ def main(argv=None) -> int:
             built[s].set()
             print(f"built {s} in {time.time() - tb:.0f}s (at {time.time() - t0:.0f}s)", flush=True)
 
-    threading.Thread(target=build_all, daemon=True).start()
+    for part in (big_first, small):
+        if part:
+            threading.Thread(target=build_all, args=(part,), daemon=True).start()
     results = []
     lock = threading.Lock()
 
     def one(kind, row):
-        shape, card, r, seq, tries = row
+        shape, card, r, seq, tries, *rest = row
+        big = rest[0] if rest else None
         built[shape].wait()
         rec = {"kind": kind, "shape": shape, "card": card, "budget_gib": budgets[card], "r": r, "seq": seq,
-               "model_id": specs[shape].id, "max_positions": specs[shape].max_position_embeddings}
+               "model_id": specs[shape].id, "max_positions": specs[shape].max_position_embeddings,
+               "big_savers": big}
+        if kind == "engine" and not a.smoke:
+            rec["estimate_reserved_gib"] = estimated(shape, card, r, seq, big, specs[shape].id)
         if shape not in models:
             rec["skipped"] = "model build failed"
         elif _left() < 40:
             rec["skipped"] = "out of time"
         elif kind == "engine":
             rec.update(engine_trial(shape, card, r, seq, models[shape], root / "work", budgets[card], profile,
-                                    timeout=max(30, min(900, _left()))))
+                                    timeout=max(30, min(900, _left())), big=big))
         else:
             rec.update(tries_trial(shape, card, r, tries, models[shape], budgets[card], profile, device,
-                                   timeout=max(30, min(900, _left()))))
+                                   timeout=max(30, min(900, _left())), big=big))
         with lock:
             results.append(rec)
         brief = {k: rec.get(k) for k in ("rc", "measured_reserved_gib", "losses", "host_peak_gib", "skipped", "error")}
@@ -375,7 +432,8 @@ def main(argv=None) -> int:
         futs = []
         for row in rows:  # in order of the table: the big rows' processes start first once built
             futs.append(ex.submit(one, "engine", row))
-            futs.append(ex.submit(one, "tries", row))
+            if row[4]:
+                futs.append(ex.submit(one, "tries", row))
         for f in futs:
             f.result()
     cmd = "PYTHONPATH=. python bench/big_models.py" + (" --smoke" if a.smoke else "") + \
@@ -432,8 +490,8 @@ def markdown(res: dict) -> str:
          "shapes, packed rows of random words, micro-batch 1, 2 optimizer steps per trial, LoRA on all seven "
          "projections (alpha = 2 r).", "",
          "## Through `snugtune train` at the issue's target length", "",
-         "| model | card | LoRA r | length | result | peak reserved GiB | losses | plan: embedding / head / offload | host RAM peak GiB | Unsloth |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| model | card | LoRA r | length | big_savers | result | peak reserved GiB | estimate GiB | losses | plan: embedding / head / offload | host RAM peak GiB | Unsloth |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         if r["kind"] != "engine":
             continue
@@ -449,28 +507,31 @@ def markdown(res: dict) -> str:
         losses = ", ".join(f"{x:.3f}" for x in (r.get("losses") or []) if isinstance(x, (int, float)))
         pl = (f"{'CPU' if p.get('cpu_embedding') else 'card'} / {'8-bit' if p.get('head_8bit') else '16-bit'} / "
               f"{'yes' if p.get('offload') else 'no'}") if p else ""
-        L.append(f"| {r['model_id']} | {r['card']} | {r['r']} | {_fmt_len(r['seq'])} | {status} | "
-                 f"{r.get('measured_reserved_gib') or ''} | {losses} | {pl} | {r.get('host_peak_gib') or ''} | "
+        L.append(f"| {r['model_id']} | {r['card']} | {r['r']} | {_fmt_len(r['seq'])} | {r.get('big_savers') or 'auto'} | "
+                 f"{status} | {r.get('measured_reserved_gib') or ''} | {r.get('estimate_reserved_gib') or ''} | "
+                 f"{losses} | {pl} | {r.get('host_peak_gib') or ''} | "
                  f"{UNSLOTH.get((r['shape'], r['card']), '')} |")
     L += ["", "## Each saver's worth: the same process, other lengths and savers (2 steps each)", "",
           "`none`: the CPU embedding and the 8-bit head forced off; `emb`: the CPU embedding only; `nolean`: "
-          "the lean RMSNorm forced off; `auto`: what the plan decides.", "",
-          "| model | card | length | savers | plan: embedding / head / offload | result | peak reserved GiB | host RAM GiB | losses |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "the lean RMSNorm forced off; `keepout`: the lean RMSNorm with its outputs kept (run 3's); `auto`: what "
+          "the plan decides.", "",
+          "| model | card | length | savers | plan: embedding / head / offload | result | peak reserved GiB | peak allocated GiB | estimate GiB | host RAM GiB | losses |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         if r["kind"] != "tries":
             continue
         if r.get("skipped") or (not r.get("tries") and r.get("error")):
-            L.append(f"| {r['model_id']} | {r['card']} | | | | {r.get('skipped') or 'failed: ' + r['error'][-120:]} | | | |")
+            L.append(f"| {r['model_id']} | {r['card']} | | | | {r.get('skipped') or 'failed: ' + r['error'][-120:]} | | | | | |")
         for t in r.get("tries", []):
             if t.get("skipped"):
-                L.append(f"| {r['model_id']} | {r['card']} | {_fmt_len(t['len'])} | {t['savers']} | | {t['skipped']} | | | |")
+                L.append(f"| {r['model_id']} | {r['card']} | {_fmt_len(t['len'])} | {t['savers']} | | {t['skipped']} | | | | | |")
                 continue
             st = "trains" if t["ok"] else ("OUT OF MEMORY" if t.get("error") else "NaN loss")
             pl = (f"{'CPU' if t.get('cpu_embedding') else 'card'} / {'8-bit' if t.get('head_8bit') else '16-bit'} / "
                   f"{'yes' if t.get('offload') else 'no'}")
             L.append(f"| {r['model_id']} | {r['card']} | {_fmt_len(t['len'])} | {t['savers']} | {pl} | {st} | "
-                     f"{t.get('peak_reserved_gib')} | {t.get('host_peak_gib')} | "
+                     f"{t.get('peak_reserved_gib')} | {t.get('peak_allocated_gib', '')} | {t.get('estimate_reserved_gib') or ''} | "
+                     f"{t.get('host_peak_gib')} | "
                      f"{', '.join(f'{x:.3f}' for x in t.get('losses') or [])} |")
     L += ["", "Position limits: " + "; ".join(f"{k}: {v}" for k, v in NOTES.items()) + "."]
     return "\n".join(L) + "\n"

@@ -26,6 +26,13 @@ under LoRA, so neither needs a gradient, only its forward use:
    token), and rebuilds the fp32 values in its backward, a few thousand rows at a time. Its
    forward is the same sequence of operations (the same numbers); its backward is the same
    formula in another order (fp32 rounding). In a recomputed block: 6 h bytes a token less.
+   Its output is not kept either: the attention's q/k/v projections and the MLP save the norm's
+   output for their backward (2 h bytes each), and it is rebuilt from what the norm keeps anyway
+   (its 16-bit input and 1/rms) when their backward asks for it (saved-tensor hooks around the
+   attention and the MLP: _NormOutput). The rebuilt rows are bit for bit the forward's (the same
+   operations on the same values), so the math does not move; 4 h bytes a token less again, and
+   neither output exists during the attention's backward, the block's largest moment on long
+   rows. The cost: one elementwise pass over T x h per consumer's backward.
 
 Quantization error of the head, the only difference from the 16-bit run: each weight moves by
 at most half a step, absmax(row) / 254, so a logit moves by at most sum_j |h_j| x that, and the
@@ -39,6 +46,7 @@ so a model goes back exactly as it was).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -205,6 +213,7 @@ class _LeanRMSNorm(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         y = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.rstd = rstd  # for _NormOutput (the same tensor as the saved one: no extra memory)
         return y
 
     @staticmethod
@@ -223,28 +232,104 @@ class _LeanRMSNorm(torch.autograd.Function):
         return gx, None, None
 
 
+# The norms' outputs are rebuilt for their consumers' backward instead of kept (False: kept, as
+# before; bench/big_models.py's `keepout` tries set it to measure what rebuilding saves).
+REBUILD_NORM_OUTPUTS = True
+
+
+class _NormOutput:
+    """A lean norm's output as its consumers' saved tensor: rebuilt from the norm's 16-bit input x
+    and 1/rms (which the norm's own backward keeps anyway) when a backward unpacks it, in the
+    forward's operations (weight * (x_fp32 * rstd).to(dtype)), so bit for bit the same rows.
+    q, k and v each unpack it; while one rebuilt copy is alive the others get it (a weak reference)."""
+
+    __slots__ = ("x", "rstd", "weight", "ref", "version")
+
+    def __init__(self, x, rstd, weight):
+        self.x, self.rstd, self.weight, self.ref, self.version = x, rstd, weight, None, x._version
+
+    def rebuild(self) -> torch.Tensor:
+        y = self.ref() if self.ref is not None else None
+        if y is not None:
+            return y
+        if self.x._version != self.version:  # as autograd refuses a saved tensor modified in place
+            raise RuntimeError("a lean RMSNorm's input was modified in place after its forward: its output "
+                               "cannot be rebuilt (core.bigsavers.REBUILD_NORM_OUTPUTS = False keeps it)")
+        x, H = self.x, self.x.shape[-1]
+        x2, r2 = x.detach().reshape(-1, H), self.rstd.reshape(-1, 1)
+        y = torch.empty_like(x, dtype=torch.result_type(self.weight, x), memory_format=torch.contiguous_format)
+        out = y.view(-1, H)
+        step = max(1, _NORM_ROWS_BYTES // (H * 4))  # one fp32 slice at a time, not a T x h fp32 copy
+        with torch.no_grad():
+            for s in range(0, x2.shape[0], step):
+                out[s:s + step] = self.weight * (x2[s:s + step].to(torch.float32) * r2[s:s + step]).to(x.dtype)
+        self.ref = weakref.ref(y)
+        return y
+
+
+def _consumer_forward(mod):
+    """Around a lean norm's consumer (the attention, the MLP): its saved copies of the norm's
+    output become _NormOutput recipes (views of it keep their shape, strides and offset)."""
+    orig = mod.forward
+
+    def forward(*args, **kwargs):
+        hs = args[0] if args else kwargs.get("hidden_states")
+        src = hs.__dict__.get("_snug_norm_out") if torch.is_tensor(hs) else None
+        if src is None or not REBUILD_NORM_OUTPUTS or not torch.is_grad_enabled():
+            return orig(*args, **kwargs)
+        # the hooks live as long as the saved tensors: they must not hold the output itself
+        ptr, dtype, version, device = hs.untyped_storage().data_ptr(), hs.dtype, hs._version, hs.device
+        del hs
+
+        def pack(t):
+            if (t.dtype == dtype and t.device == device and t._version == version
+                    and t.untyped_storage().data_ptr() == ptr):
+                return (src, tuple(t.shape), t.stride(), t.storage_offset())
+            return t
+
+        def unpack(p):
+            if isinstance(p, tuple):
+                r, shape, stride, offset = p
+                return r.rebuild().as_strided(shape, stride, offset)
+            return p
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return orig(*args, **kwargs)
+
+    forward._snug_orig = orig
+    mod.forward = forward
+
+
 def _lean_norm_forward(mod):
     orig = mod.forward
 
     def forward(hidden_states, *args, **kwargs):
         if args or kwargs or mod.weight.requires_grad or not (torch.is_grad_enabled() and hidden_states.requires_grad):
             return orig(hidden_states, *args, **kwargs)
-        return _LeanRMSNorm.apply(hidden_states, mod.weight, mod.variance_epsilon)
+        y = _LeanRMSNorm.apply(hidden_states, mod.weight, mod.variance_epsilon)
+        if REBUILD_NORM_OUTPUTS and y.grad_fn is not None:
+            # what its consumers need to rebuild it (x and 1/rms are what _LeanRMSNorm keeps)
+            y.__dict__["_snug_norm_out"] = _NormOutput(hidden_states, y.grad_fn.rstd, mod.weight)
+        return y
 
     forward._snug_orig = orig
     mod.forward = forward
 
 
 def lean_norms(hf) -> int:
-    """Route the decoder blocks' two RMSNorms through _LeanRMSNorm; returns how many."""
+    """Route the decoder blocks' two RMSNorms through _LeanRMSNorm (and their consumers, the
+    attention and the MLP, through _consumer_forward); returns how many norms."""
     n = 0
     for lyr in _layers(hf):
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        for name, consumer in (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")):
             mod = getattr(lyr, name, None)
             if mod is not None and type(mod).__name__ in LEAN_NORM_CLASSES and hasattr(mod, "variance_epsilon") \
                     and "forward" not in mod.__dict__:
                 _lean_norm_forward(mod)
                 n += 1
+                cons = getattr(lyr, consumer, None)
+                if cons is not None:
+                    _consumer_forward(cons)
     return n
 
 

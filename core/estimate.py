@@ -467,9 +467,14 @@ def estimate(
             loss_ws += vt * h * 2 + min(qc, T) * h * (4 + 2)
         if plan.lean_norms and gc_on:
             # core/bigsavers.py's RMSNorm: a recomputed block's two norms keep 2 h bytes a token (the
-            # second's 16-bit input) where they kept 8 h (fp32 copies); 1/rms is 4 bytes a token each
-            block -= T * (6 * h - 8)
-            kept -= (keep_layers or 0) * T * (6 * h - 8)
+            # second's 16-bit input) where they kept 8 h (fp32 copies); 1/rms is 4 bytes a token each;
+            # their outputs (2 x 2 h, among the six h-wide inputs above) are rebuilt for their
+            # consumers' backward, not kept; their backward runs in row slices, so the norm's fp32
+            # T x h temporary (NORM_BWD_BYTES) is gone, the rebuilt output (2 h) in its place
+            lean = T * (10 * h - 8)
+            block -= lean
+            kept -= (keep_layers or 0) * lean
+            transient -= T * h * (NORM_BWD_BYTES - c)
         if plan.cpu_embedding or plan.head_8bit:
             host = emb16 * (int(plan.cpu_embedding) + int(plan.head_8bit and not spec.tie_word_embeddings))
             notes.append(f"the 16-bit embedding{' and head' if host > emb16 else ''} in CPU memory while training: "
