@@ -323,6 +323,11 @@ def lean_norms(hf) -> int:
     for lyr in _layers(hf):
         for name, consumer in (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")):
             mod = getattr(lyr, name, None)
+            if mod is not None and _kernel_norm(mod):
+                # core/kernels.py's fused RMSNorm keeps what this one keeps, but its output stays kept
+                # by q/k/v and the MLP: where the plan asks for lean norms (the rows the estimate
+                # prices with rebuilt outputs, big_models run 4) this one takes the block's norms
+                del mod.__dict__["forward"]
             if mod is not None and type(mod).__name__ in LEAN_NORM_CLASSES and hasattr(mod, "variance_epsilon") \
                     and "forward" not in mod.__dict__:
                 _lean_norm_forward(mod)
@@ -331,6 +336,12 @@ def lean_norms(hf) -> int:
                 if cons is not None:
                     _consumer_forward(cons)
     return n
+
+
+def _kernel_norm(mod) -> bool:
+    """Whether mod's forward is core/kernels.py's fused RMSNorm (its install names it _patch_norm)."""
+    f = mod.__dict__.get("forward")
+    return f is not None and hasattr(f, "_snug_orig") and getattr(f, "__qualname__", "").startswith("_patch_norm")
 
 
 def _layers(hf):
