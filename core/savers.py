@@ -557,10 +557,12 @@ REUSE_DEQUANT_IN_RECOMPUTE = False
 # a term under half a bf16 step (2^-9 relative) then rounds back to the same bf16 number every
 # time, so while B is small (the first updates: lr x ~1 per element against outputs of ~1) most of
 # what the adapters learned never reached the forward. Rounded once, the sum keeps the term on
-# average (round-to-nearest of a sum is unbiased over many elements). Found on the real Gemma 3
-# 270M weights (bench/lora_sum_precision.py, CPU): one Adam step's loss drop in bf16 was ~half of
-# fp32's with the old sum; real_weights run 3 saw it as snugtune bf16 learning slower than guarded
-# fp16 (whose step is 8x finer) and the plain recipe (whose bnb output is fp32) in steps 3-10.
+# average (round-to-nearest of a sum is unbiased over many elements). Measured on the real Gemma 3
+# 270M weights (bench/lora_sum_precision.py, CPU, bench/results/lora_sum_precision_gemma3_270m.json):
+# one Adam step at run 3's step-2 warm-up lr (3.3e-5) moved the bf16 loss 26% as far as fp32's with
+# the old sum (an MLP projection kept 13% of the LoRA term), 102% with this one; guarded fp16 95%
+# -> 100%. Real_weights run 3 saw it as snugtune bf16 learning slower than guarded fp16 (whose
+# step is 8x finer) and the plain recipe (whose bnb output is fp32) in steps 3-10.
 # Cost: one T x out fp32 tensor per projection while it runs (+4 bytes an output element,
 # transient; core.estimate prices it), one cast kernel more; the backward is unchanged.
 LORA_SUM_FP32 = True
@@ -580,6 +582,14 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _lora_sum_fp32(xc, W, bias, xa, B, scale: float, dt) -> torch.Tensor:
     """x W^T + b + scale (x A^T) B^T summed in fp32 and rounded to `dt` once (B: the fp32 master)."""
+    dev = xc.device.type
+    if torch.is_autocast_enabled(dev):  # (the Trainer's forward): autocast would make the fp32 matmuls 16-bit
+        with torch.autocast(dev, enabled=False):
+            return _lora_sum_fp32_body(xc, W, bias, xa, B, scale, dt)
+    return _lora_sum_fp32_body(xc, W, bias, xa, B, scale, dt)
+
+
+def _lora_sum_fp32_body(xc, W, bias, xa, B, scale: float, dt) -> torch.Tensor:
     x2 = xc.reshape(-1, xc.shape[-1])
     o = _mm_f32(x2, W.t())
     o.addmm_(xa.reshape(-1, xa.shape[-1]).float(), B.float().t(), alpha=scale)
