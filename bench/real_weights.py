@@ -176,7 +176,11 @@ def run_snugtune(spec: dict) -> dict:
            "peak_alloc_gib": holder.get("peak_alloc_gib"), "peak_reserved_gib": holder.get("peak_reserved_gib"),
            "fp16_guard": (started.get("model") or {}).get("fp16_guard"),
            "savers": started.get("savers"), "cuda_graphs": steps[-1].get("cuda_graphs") if steps else None,
-           "seed": spec.get("seed", 42), "skipped_steps": _skipped([e.get("grad_norm") for e in steps])}
+           "seed": spec.get("seed", 42), "skipped_steps": _skipped([e.get("grad_norm") for e in steps]),
+           # how the fused node summed LoRA into the base output (core.savers._mm_f32: on CUDA the GEMM's
+           # fp32 output, unless this torch lacks it and the fp32 upcast stood in)
+           "lora_sum": ("16-bit (old)" if not savers.LORA_SUM_FP32 else
+                        "fp32: mm out_dtype" if (cuda and savers._MM_OUT_DTYPE) else "fp32: upcast")}
     if len(marks) > 5 and steps:
         k = min(5, len(steps) - 1)  # after the warm-up (and graph capture) steps
         res["tokens_per_s"] = round((steps[-1]["tokens_seen"] - steps[k - 1]["tokens_seen"]) / (marks[-1] - marks[k - 1]), 1)
