@@ -127,7 +127,18 @@ def run_snugtune(spec: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
+    from core import savers
     from core.events import read_events
+
+    # "-oldsum": the fused NF4 + LoRA node's sum as before run 4 (the 16-bit base output rounded,
+    # then the LoRA term added and rounded again), to measure the change beside it in one run
+    savers.LORA_SUM_FP32 = spec.get("lora_sum_fp32", True)
+    if spec.get("force_guard"):
+        # "-guard" on a bf16 variant: the fp16 guard's patches without fp16 (its cost alone, no
+        # loss scaler); the plan only turns the guard on for fp16, so this bench overrides its rule
+        from core import plan as plan_mod
+
+        plan_mod._fp16_guard = lambda _spec, _dtype, _setting: (True, "forced on by bench/real_weights.py (bf16)")
     from core.runs import create_run_dir
     from core.train import Engine
 
@@ -165,7 +176,11 @@ def run_snugtune(spec: dict) -> dict:
            "peak_alloc_gib": holder.get("peak_alloc_gib"), "peak_reserved_gib": holder.get("peak_reserved_gib"),
            "fp16_guard": (started.get("model") or {}).get("fp16_guard"),
            "savers": started.get("savers"), "cuda_graphs": steps[-1].get("cuda_graphs") if steps else None,
-           "seed": spec.get("seed", 42), "skipped_steps": _skipped([e.get("grad_norm") for e in steps])}
+           "seed": spec.get("seed", 42), "skipped_steps": _skipped([e.get("grad_norm") for e in steps]),
+           # how the fused node summed LoRA into the base output (core.savers._mm_f32: on CUDA the GEMM's
+           # fp32 output, unless this torch lacks it and the fp32 upcast stood in)
+           "lora_sum": ("16-bit (old)" if not savers.LORA_SUM_FP32 else
+                        "fp32: mm out_dtype" if (cuda and savers._MM_OUT_DTYPE) else "fp32: upcast")}
     if len(marks) > 5 and steps:
         k = min(5, len(steps) - 1)  # after the warm-up (and graph capture) steps
         res["tokens_per_s"] = round((steps[-1]["tokens_seen"] - steps[k - 1]["tokens_seen"]) / (marks[-1] - marks[k - 1]), 1)
@@ -178,7 +193,7 @@ def run_snugtune(spec: dict) -> dict:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        res.update(score_adapter(run_dir, cfg, tests))
+        res.update(score_adapter(run_dir, cfg, tests, before=spec.get("score_before", True)))
     return res
 
 
@@ -189,7 +204,7 @@ def _skipped(grad_norms: list) -> int:
     return sum(1 for g in grad_norms if isinstance(g, (int, float)) and not math.isfinite(g))
 
 
-def score_adapter(run_dir: Path, cfg, tests: list[dict]) -> dict:
+def score_adapter(run_dir: Path, cfg, tests: list[dict], before: bool = True) -> dict:
     """Before/after scores the way `snugtune chat` loads a run: a fresh base (NF4, guarded in fp16)
     with the saved adapter on top; the training-time patches are not in the way of generate()."""
     import torch
@@ -208,6 +223,8 @@ def score_adapter(run_dir: Path, cfg, tests: list[dict]) -> dict:
     tok = load_tokenizer(str(run_dir / "adapter"), cfg)
     m = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     after = score(m, tok, cfg.data, tests)
+    if not before:  # the base model's score is the same for every variant: one of them measures it
+        return {"after": after}
     with m.disable_adapter():
         before = score(m, tok, cfg.data, tests)
     return {"before": before, "after": after}
@@ -401,7 +418,12 @@ PAIRS = [
     ("sn-fp16-pack-seed2", "sn-fp16-pack", "noise floor: fp16 vs fp16, another seed"),
     ("sn-bf16-pack", "sn-bf16-pack-nographs", "noise floor: bf16 graphs vs no graphs, same seed"),
     ("sn-bf16-nopack", "sn-bf16-nopack-nographs", "unpacked: graphs vs no graphs, same seed"),
+    ("sn-fp16-pack", "sn-bf16-pack-nographs-oldsum", "before (run 3's code): fp16 (guard) vs bf16 with the old LoRA sum"),
+    ("sn-bf16-pack-nographs", "sn-bf16-pack-nographs-oldsum", "bf16: the LoRA sum in fp32 vs the old sum"),
+    ("sn-fp16-pack", "sn-fp16-pack-oldsum", "fp16 (guard): the LoRA sum in fp32 vs the old sum"),
     ("plain-fp16", "plain-bf16", "plain recipe: fp16 vs bf16"),
+    ("sn-bf16-pack-nographs", "plain-bf16", "snugtune bf16 packed vs the plain recipe (unpacked rows)"),
+    ("sn-fp16-pack", "plain-bf16", "snugtune fp16 (guard) packed vs the plain recipe's bf16 (unpacked rows)"),
     ("sn-bf16-nopack-nographs", "plain-bf16", "snugtune unpacked vs the plain recipe (same unpacked rows)"),
 ]
 
@@ -433,11 +455,13 @@ def markdown(res: dict) -> str:
                        f"{c['held_out'][0]} / {c['held_out'][1]} | {' '.join(f'{x:.3f}' for x in c['windows'])} |")
         out.append("")
     if res.get("speed"):
-        out += ["## Speed alone (one process at a time)", "", "| variant | tokens/s | peak reserved GiB |", "|---|---|---|"]
-        out += [f"| {r['variant']} | {r.get('tokens_per_s')} | {r.get('peak_reserved_gib')} |" for r in res["speed"]]
+        out += ["## Speed alone (one process at a time; tokens/s after the first 5 steps)", "",
+                "| variant | fp16 guard | steps | tokens/s | peak allocated / reserved GiB |", "|---|---|---|---|---|"]
+        out += [f"| {r['variant']} | {r.get('fp16_guard')} | {r.get('steps')} | {r.get('tokens_per_s')} | "
+                f"{r.get('peak_alloc_gib')} / {r.get('peak_reserved_gib')} |" for r in res["speed"]]
         out.append("")
     if res.get("estimator"):
-        out += ["## Estimator on Gemma 3 270M (3 steps, every block checkpointed)", "",
+        out += ["## Estimator on Gemma 3 270M (3 steps, every token labelled; the plan's kept blocks priced)", "",
                 "| tokens x micro-batch | measured reserved | estimated | error | measured allocated | estimated | error |",
                 "|---|---|---|---|---|---|---|"]
         for r in res["estimator"]:
@@ -459,6 +483,9 @@ def main(argv=None) -> int:
                     "sn-fp16-pack,sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2")
     ap.add_argument("--speed", action="store_true", help="bf16 and fp16 packed runs alone, after the others")
     ap.add_argument("--speed-steps", type=int, default=25)
+    ap.add_argument("--speed-variants", default="sn-bf16-pack-nographs,sn-fp16-pack",
+                    help="the runs alone (a bf16 '-guard' variant: the fp16 guard's patches in bf16, its cost alone)")
+    ap.add_argument("--score-before-all", action="store_true", help="every variant scores the base model too")
     ap.add_argument("--speed-deadline-s", type=float, default=330, help="skip --speed when the rest took longer")
     ap.add_argument("--estimator", action="store_true", help="measure peaks at 2 lengths x 2 micro-batches")
     ap.add_argument("--jobs", type=int, default=14, help="variants run at once")
@@ -513,12 +540,20 @@ def main(argv=None) -> int:
         parts = v.split("-")
         kind = "plain" if parts[0] == "plain" else "snugtune"
         return {**base, "variant": v, "kind": kind, "dtype": parts[1], "packing": "pack" in parts[2:],
-                "graphs": "nographs" not in parts, "steps": n_steps, "seed": 43 if "seed2" in parts else 42}
+                "graphs": "nographs" not in parts, "steps": n_steps, "seed": 43 if "seed2" in parts else 42,
+                "lora_sum_fp32": "oldsum" not in parts, "force_guard": "guard" in parts and parts[1] == "bf16",
+                "score_before": v in score_before}
 
     log = open(out / "real_weights.log", "a")
     variants = [v for v in a.variants.split(",") if v]
+    # the base model's held-out score (the same for all): measured by the first variant of each
+    # kind unless --score-before-all
+    score_before = set(variants) if a.score_before_all else {
+        next((v for v in variants if v.startswith(k)), None) for k in ("sn-", "plain-")}
     if cpu:  # no fp16/bf16 on the CPU path: one of each kind is enough to exercise the code
-        variants = ["sn-bf16-pack", "sn-bf16-nopack", "plain-bf16", "sn-bf16-pack-nographs-seed2"]
+        variants = ["sn-bf16-pack", "sn-bf16-nopack", "plain-bf16", "sn-bf16-pack-nographs-seed2",
+                    "sn-bf16-pack-nographs-oldsum"]
+        score_before = {"sn-bf16-pack", "plain-bf16"}
     jobs = [spec_of(v) for v in variants]
     if a.estimator:
         for seq in ((512, 2048) if not cpu else (128,)):  # the CPU smoke: the code path, not the numbers
@@ -551,9 +586,15 @@ def main(argv=None) -> int:
                  "held_out": [(by[x].get("after") or {}).get("exact"), (by[y].get("after") or {}).get("exact")]}
             res["curves"].append(c)
     (out / "real_weights.json").write_text(json.dumps(res, indent=1))
-    if a.speed and not cpu and time.time() - t0 < a.speed_deadline_s:
-        res["speed"] = [child({**spec_of(v, a.speed_steps), "score": False, "variant": v + "-alone"}, log)
-                        for v in ("sn-bf16-pack-nographs", "sn-fp16-pack")]
+    (out / "real_weights.md").write_text(markdown(res))
+    if a.speed and not cpu:
+        res["speed"] = []
+        for v in a.speed_variants.split(","):
+            # each run alone; the later ones are left out when the call's time is short
+            if v and time.time() - t0 < a.speed_deadline_s:
+                res["speed"].append(child({**spec_of(v, a.speed_steps), "score": False, "variant": v + "-alone"}, log))
+            elif v:
+                print(f"-- {v}-alone skipped: {time.time() - t0:.0f} s past the start (--speed-deadline-s)", flush=True)
     (out / "real_weights.json").write_text(json.dumps(res, indent=1))
     (out / "real_weights.md").write_text(markdown(res))
     print(markdown(res))

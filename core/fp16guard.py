@@ -30,9 +30,10 @@ each checkpointed block input costs 2 more bytes: + L x T x H x 2 bytes kept (T 
 micro-batch, H hidden, L blocks; on the host instead when inputs are offloaded), plus ~4 live
 fp32 copies of the stream in the block being run: + 4 x T x H x 4 bytes transient.
 extra_bytes() returns that. Speed: the norms already computed in fp32 internally; the extra
-casts are element-wise. Measured on one H200 with Gemma 3 270M (bench/results/real_weights.json,
-30 steps alone): fp16 + guard 1,972 tokens/s against bf16's 2,323 (the loss scaler's checks
-included), the same peak memory (1.32 GiB reserved); 200 steps all finite.
+casts are element-wise. Measured on one H200 with Gemma 3 270M (real_weights run 4, each run
+alone, bench/results/real_weights_run4_speed.json): fp16 + guard 2,112 tokens/s against bf16's
+2,094 (the loss scaler's checks included; neither graphed), the same peaks (1.37 GiB allocated,
+1.47 reserved); 200 steps all finite, the loss curve 0.7% from bf16's (run 4).
 
 Importing this module does not import torch (core.plan calls needs_fp16_guard in the wizard).
 """

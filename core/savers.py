@@ -552,6 +552,52 @@ REUSE_IN_BACKWARD = True
 REUSE_DEQUANT_IN_RECOMPUTE = False
 
 
+# The LoRA term summed into the frozen projection in fp32, rounded to 16 bits once. Before, the
+# 16-bit base output was rounded first and the LoRA term added to it (addmm_ into a bf16 tensor):
+# a term under half a bf16 step (2^-9 relative) then rounds back to the same bf16 number every
+# time, so while B is small (the first updates: lr x ~1 per element against outputs of ~1) most of
+# what the adapters learned never reached the forward. Rounded once, the sum keeps the term on
+# average (round-to-nearest of a sum is unbiased over many elements). Measured on the real Gemma 3
+# 270M weights (bench/lora_sum_precision.py, CPU, bench/results/lora_sum_precision_gemma3_270m.json):
+# one Adam step at run 3's step-2 warm-up lr (3.3e-5) moved the bf16 loss 26% as far as fp32's with
+# the old sum (an MLP projection kept 13% of the LoRA term), 102% with this one; guarded fp16 95%
+# -> 100%. Real_weights run 3 saw it as snugtune bf16 learning slower than guarded fp16 (whose
+# step is 8x finer) and the plain recipe (whose bnb output is fp32) in steps 3-10.
+# Cost: one T x out fp32 tensor per projection while it runs (+4 bytes an output element,
+# transient; core.estimate prices it), one cast kernel more; the backward is unchanged.
+LORA_SUM_FP32 = True
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=float32) on CUDA (torch >= 2.8); else upcast
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (16-bit operands) with an fp32 result: on CUDA straight from the GEMM's fp32 accumulator."""
+    global _MM_OUT_DTYPE
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return torch.mm(a.float(), b.float())
+
+
+def _lora_sum_fp32(xc, W, bias, xa, B, scale: float, dt) -> torch.Tensor:
+    """x W^T + b + scale (x A^T) B^T summed in fp32 and rounded to `dt` once (B: the fp32 master)."""
+    dev = xc.device.type
+    if torch.is_autocast_enabled(dev):  # (the Trainer's forward): autocast would make the fp32 matmuls 16-bit
+        with torch.autocast(dev, enabled=False):
+            return _lora_sum_fp32_body(xc, W, bias, xa, B, scale, dt)
+    return _lora_sum_fp32_body(xc, W, bias, xa, B, scale, dt)
+
+
+def _lora_sum_fp32_body(xc, W, bias, xa, B, scale: float, dt) -> torch.Tensor:
+    x2 = xc.reshape(-1, xc.shape[-1])
+    o = _mm_f32(x2, W.t())
+    o.addmm_(xa.reshape(-1, xa.shape[-1]).float(), B.float().t(), alpha=scale)
+    if bias is not None:
+        o.add_(bias)
+    return o.to(dt).view(*xc.shape[:-1], o.shape[-1])
+
+
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """(a @ b) * scale, rounded as `torch.mm(a, b).mul_(scale)` rounds it.
 
@@ -583,13 +629,16 @@ class _LoRA4bitLinear(torch.autograd.Function):
         # other autocast (a different dtype) is switched off around the matmuls
         guard = x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != dt
         with (torch.autocast("cuda", enabled=False) if guard else _NULL):
-            out = F.linear(xc, W, spec.bias)
+            out = None if (LORA_SUM_FP32 and dt != torch.float32) else F.linear(xc, W, spec.bias)
             ctx.w = W if (REUSE_DEQUANT_IN_RECOMPUTE and REUSE_IN_BACKWARD and spec.keep_w and _Recompute.active) else None
-            del W
             a16 = A.to(dt)
             b16 = B.to(dt)
             xa = F.linear(xc, a16)
-            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b16.t(), alpha=scale)
+            if LORA_SUM_FP32 and dt != torch.float32:
+                out = _lora_sum_fp32(xc, W, spec.bias, xa, B, scale, dt)
+            else:
+                out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b16.t(), alpha=scale)
+            del W
         if REUSE_IN_BACKWARD:
             # the adapters' 16-bit copies (2 bytes x r x (in + out), 1/2 of the fp32 masters) serve
             # the backward too: two cast kernels fewer per projection, the same values

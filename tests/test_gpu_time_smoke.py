@@ -94,9 +94,16 @@ def _reference(layer, x, g):
     W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
     dt = W.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.nn.functional.linear(x2, W, base.bias.to(dt) if base.bias is not None else None)
     xa = torch.nn.functional.linear(x2, A.to(dt))
-    out.addmm_(xa, B.to(dt).t(), alpha=s)
+    if savers.LORA_SUM_FP32:  # the forward's sum in fp32, rounded once (real_weights run 4's change)
+        out = torch.mm(x2.float(), W.float().t())
+        out.addmm_(xa.float(), B.float().t(), alpha=s)
+        if base.bias is not None:
+            out.add_(base.bias.to(dt))
+        out = out.to(dt)
+    else:
+        out = torch.nn.functional.linear(x2, W, base.bias.to(dt) if base.bias is not None else None)
+        out.addmm_(xa, B.to(dt).t(), alpha=s)
     g2 = g.reshape(-1, g.shape[-1])
     gxa = torch.mm(g2, B.to(dt)).mul_(s)
     dB = torch.mm(g2.t(), xa).mul_(s).to(B.dtype)
