@@ -219,3 +219,21 @@ def test_snugtune_estimate_shows_the_plan(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["plan"]["compute_dtype"] == "fp16" and d["plan"]["optimizer_why"]
     assert d["autofit"]["max_seq_len"] <= 131072 and d["plan"]["seq_len"] == d["autofit"]["max_seq_len"]
+
+
+def test_a_row_shorter_than_the_planned_one_offloads_when_the_planned_one_does():
+    """Memory must not fall as rows grow: under the 10% rule alone a packed row just under its line
+    kept all its block inputs on the card, more than the planned row's two offloaded ones
+    (Gemma-2-2B at 8,192 tokens, 8 GB card: 4.21 GiB allocated by rows of ~6,700 tokens where the
+    estimate priced 3.43, fit_truth run 4)."""
+    g2 = catalog_lookup("google/gemma-2-2b")
+    p = P.plan(cfg(seq=8192), g2, card(7.79))
+    assert p.offload and p.keep_blocks == 0
+    line = int(P.AUTO_OFFLOAD_SHARE * p.budget_bytes / (g2.num_layers * g2.hidden_size * 2))
+    assert 6000 < line < 8192  # a row of 6,700 tokens is under the rule's own line...
+    assert not P.offload_rule("auto", True, True, g2.num_layers, 6700, g2.hidden_size, p.budget_bytes)[0]
+    for n in (128, 2048, 6700, line, 8192):  # ...and still offloads, as the planned row does
+        assert p.blocks_at(n).offloaded, n
+    # a plan that does not offload at its length offloads none shorter; 'off' never does
+    short = P.plan(cfg(seq=1024), Q15, card())
+    assert not short.offload and not short.blocks_at(512).offloaded
