@@ -400,9 +400,10 @@ class MemPool:
 
 
 def probe_length(choice: int, share: float, limit: int, step: int = 64) -> Optional[int]:
-    """The length a probe of `share` trains: the choice over that share, in steps of 64, at most the
-    position limit; None when that is not above the choice (the choice is the limit)."""
-    n = min(limit, math.ceil(choice / share / step) * step)
+    """The length a probe of `share` trains: the choice over that share rounded down to a step of 64
+    (so that running out of memory there puts the choice at `share` or more of the longest), at most
+    the position limit; None when that is not above the choice (the choice is the limit)."""
+    n = min(limit, math.floor(choice / share / step) * step)
     return n if n > choice else None
 
 
