@@ -648,6 +648,10 @@ def markdown(result: dict) -> str:
                 share = f"{lo_share:.0%}-{hi_share:.0%}"
             elif lt and r["seq"] == _position_limit(r):
                 share = "100% (position limit)"
+            elif lt and _position_limit(r) and r["seq"] / _position_limit(r) >= 0.85:
+                # no length past the position limit can be chosen: the limit bounds the longest
+                lows.append(r["seq"] / _position_limit(r))
+                share = f">= {r['seq'] / _position_limit(r):.0%} (position limit {_position_limit(r)})"
             elif lt:
                 share = "no bracket (not bisected)"
                 unknown += 1
