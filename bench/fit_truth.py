@@ -179,22 +179,26 @@ def write_exact_data(path: Path, seq: int, rows: int, seed: int = 0) -> Path:
 # ---- one engine run (`snugtune train`) ------------------------------------------------------------
 
 def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE, timeout: float = 400,
-                 seq: Optional[int] = None, steps: int = 2) -> dict:
+                 seq: Optional[int] = None, steps: int = 2, packed: bool = False) -> dict:
     """`snugtune train` at the row's choice (or at `seq` tokens: a probe above it, micro-batch 1) for
-    `steps` optimizer steps of min(accumulation, 2) micro-batches, every row exactly that long."""
+    `steps` optimizer steps of min(accumulation, 2) micro-batches, every row exactly that long
+    (`packed`: rows of whole ~2,190-token samples instead, shorter than the length, as runs 1-4)."""
     probe, n_steps = seq is not None, steps
     seq, mb = (seq, 1) if probe else (row["seq"], row["micro_batch"])
     ga = min(row["grad_accum"], 2)
-    name = f"{row['shape']}-{row['card']}-{row['start']}" + (f"-probe{seq}" if probe else "")
+    name = f"{row['shape']}-{row['card']}-{row['start']}" + (f"-probe{seq}" if probe else "") + ("-packed" if packed else "")
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
-    data = write_exact_data(d / "data.jsonl", seq, mb * ga * steps + 1)
+    if packed:
+        data = write_data(d / "data.jsonl", seq * mb * ga * 2 + seq)
+    else:
+        data = write_exact_data(d / "data.jsonl", seq, mb * ga * steps + 1)
     cfg = d / "run.toml"
     cfg.write_text(
         f'[gpu]\nprofile = "{profile}"\n' + (f'vram_budget_gib = {row["budget_gib"]}\n' if row["budget_gib"] else "") +
         f'[model]\nname_or_path = "{model_dir}"\n'
         f'[data]\npath = "{data}"\nformat = "text"\nmax_seq_len = {seq}\neval_fraction = 0.0\npacking = true\n'
-        f'long_samples = "truncate"\n'
+        + ('' if packed else 'long_samples = "truncate"\n') +
         f'[train]\nmicro_batch = {mb}\ngrad_accum = {ga}\nmax_steps = {steps}\nsave_steps = 1000\nlogging_steps = 1\n'
         f'[output]\nname = "{name}"\n'
     )
@@ -228,7 +232,7 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
         cuda_graphs=steps[-1].get("cuda_graphs") if steps else None,
         savers=started.get("savers"),
         load_peak=started.get("load_peak"),  # the loading's own peak (engines from run 4b on)
-        seq=seq, rows_exact=True, max_steps=n_steps,
+        seq=seq, rows_exact=not packed, max_steps=n_steps,
         engine_plan_keep=(started.get("plan") or {}).get("keep_blocks"),
         engine_plan_cap=(started.get("plan") or {}).get("allocator_cap_gib"),
         plan_file=(rd / "plan.json").is_file(),
@@ -410,7 +414,7 @@ def probe_length(choice: int, share: float, limit: int, step: int = 64) -> Optio
 def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = False, jobs: int = 15,
                mem_gib: float = 120.0, only_rows: Optional[list] = None, bisect_cards: Optional[list] = None,
                command: str = "", probes: Optional[list] = None, steps: int = 2, bisect_rows: Optional[list] = None,
-               builders: int = 2) -> dict:
+               builders: int = 2, packed_rows: Optional[list] = None) -> dict:
     from core.catalog import catalog_lookup
 
     t0 = time.time()
@@ -467,6 +471,16 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         need = (row["budget_gib"] or 0) + 0.5
         row["engine"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
                                  timeout=120 if smoke else max(30, min(300, _left())), steps=steps)
+        if packed_rows and (row["shape"], row["card"], row["start"]) in packed_rows:
+            # the same choice on packed rows of whole samples (shorter than the length): what a user's
+            # short samples give; shorter rows must not peak above the planned one (Plan.blocks_at)
+            row["engine_packed"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
+                                            timeout=120 if smoke else max(30, min(300, _left())), steps=steps,
+                                            packed=True)
+            ep = row["engine_packed"]
+            print(f"engine (packed rows) {row['shape']} {row['card']} {row['start']}: rc {ep.get('rc')} oom "
+                  f"{ep.get('oom_events')} meas {ep.get('measured_reserved_gib')} / {ep.get('measured_allocated_gib')}",
+                  flush=True)
         e = row["engine"]
         print(f"engine {row['shape']} {row['card']} {row['start']}: seq {row['seq']} x {row['micro_batch']} "
               f"rc {e.get('rc')} oom {e.get('oom_events')} meas {e.get('measured_reserved_gib')} "
@@ -785,6 +799,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps of each engine trial at a choice")
     ap.add_argument("--builders", type=int, default=2, help="threads building the random-init models")
     ap.add_argument("--mem-gib", type=float, default=120.0, help="GPU memory the concurrent trials may take")
+    ap.add_argument("--packed-rows", default="", help="SHAPE:CARD:START,...: these rows also on packed rows of whole "
+                                                      "samples (shorter than the choice)")
     a = ap.parse_args(argv)
     if a.combine:
         res = combine([Path(x) for x in a.combine], [Path(x) for x in a.bisect_from] if a.bisect_from else None)
@@ -810,7 +826,8 @@ def main(argv=None) -> int:
     if a.smoke:
         # the CPU "card": RAM is the budget; the tiny model's shape stands in for each real one
         res = run_matrix(["tiny"], {"cpu": None}, ["full", "preset"], root, out, smoke=True, jobs=2, mem_gib=1e9,
-                         probes=[("tiny", "cpu", 0.85)] if a.probes else None, steps=a.steps)
+                         probes=[("tiny", "cpu", 0.85)] if a.probes else None, steps=a.steps,
+                         packed_rows=[("tiny", "cpu", "preset")] if a.packed_rows else None)
         return 0 if all((r.get("engine") or {}).get("rc") == 0 for r in res["rows"]) else 1
     shapes = [s for s in (a.only.split(",") if a.only else SHAPES) if s]
     cards = {c: CARDS[c] for c in (a.cards.split(",") if a.cards else CARDS)}
@@ -822,7 +839,8 @@ def main(argv=None) -> int:
     bisect_rows = [tuple(x.split(":")[:2]) for x in a.bisect_rows.split(",") if x] or None
     run_matrix(shapes, cards, list(STARTS), root, out, jobs=a.jobs, only_rows=only_rows,
                bisect_cards=[c for c in a.bisect_cards.split(",") if c] or None, command=command.strip(),
-               probes=probes, steps=a.steps, bisect_rows=bisect_rows, builders=a.builders, mem_gib=a.mem_gib)
+               probes=probes, steps=a.steps, bisect_rows=bisect_rows, builders=a.builders, mem_gib=a.mem_gib,
+               packed_rows=[tuple(x.split(":")) for x in a.packed_rows.split(",") if x] or None)
     return 0
 
 
