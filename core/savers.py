@@ -708,15 +708,16 @@ def _tiled_no_grad(run, x, tile):
 
 
 def tiled_mlp_forward(mlp: torch.nn.Module, intermediate: int, min_tokens: Optional[int] = None,
-                      tile: Optional[int] = None):
-    """Wrap mlp.forward so that long inputs run in sequence tiles (see _TiledMLP)."""
+                      tile: Optional[int] = None, whole_below: Optional[Callable[[int], int]] = None):
+    """Wrap mlp.forward so that long inputs run in sequence tiles (see _TiledMLP); rows shorter
+    than `min_tokens`, or whole_below(batch) (the plan's Plan.mlp_whole_below), or two tiles run whole."""
     orig = mlp.forward
 
     def forward(x, *args, **kwargs):
         T = x.shape[-2]
         batch = int(x.numel() // (x.shape[-1] * T)) if x.dim() > 2 else 1
         t = tile or P.mlp_tile_tokens(intermediate, batch)
-        if T < (min_tokens or 2 * t):
+        if T < (min_tokens or (whole_below(batch) if whole_below else 2 * t)):
             return orig(x, *args, **kwargs)
         run = (lambda xs: orig(xs, *args, **kwargs))
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mlp.parameters())):
@@ -1174,10 +1175,10 @@ def install_savers(model, plan: Plan) -> dict:
         for lyr in layers:
             mlp = getattr(lyr, "mlp", None)
             if mlp is not None and not hasattr(mlp.forward, "_snug_orig"):
-                tiled_mlp_forward(mlp, I)
+                tiled_mlp_forward(mlp, I, whole_below=plan.mlp_whole_below)
                 n += 1
         t = plan.mlp_tile_tokens
-        applied["mlp_tiling"] = f"tiles of {t} tokens beyond {2 * t}" if n else "off"
+        applied["mlp_tiling"] = f"tiles of {t} tokens beyond {plan.mlp_whole_below(plan.micro_batch)}" if n else "off"
     # 7-9B models on small cards: the embedding's rows from CPU memory, the 8-bit head
     from core import bigsavers
 
