@@ -657,9 +657,11 @@ def markdown(result: dict) -> str:
         share = ""
         if r["start"] == "full" and r["fits"]:
             if lt and fa:
-                lo_share, hi_share = r["seq"] / fa, min(1.0, r["seq"] / lt)
+                # runs can disagree at the boundary (one trained a length another ran out below):
+                # the share then lies between the two
+                lo_share, hi_share = r["seq"] / max(fa, lt), min(1.0, r["seq"] / min(fa, lt))
                 lows.append(lo_share)
-                share = f"{lo_share:.0%}-{hi_share:.0%}"
+                share = f"{lo_share:.0%}-{hi_share:.0%}" + (" (runs disagree at the boundary)" if lt > fa else "")
             elif lt and r["seq"] == _position_limit(r):
                 share = "100% (position limit)"
             elif lt and _position_limit(r) and r["seq"] / _position_limit(r) >= 0.85:
