@@ -848,11 +848,14 @@ def _tiled_attention(query, key, value, scaling, softcap, window, segments):
             for n, (s0, s1) in enumerate(row):
                 seg[b, s0:s1] = n
     c = max(16, min(Tq, ATTN_TILE_ELEMS // max(1, Hq * Tk)))
-    out = torch.empty((B, Hq, Tq, D), dtype=value.dtype, device=query.device)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     offset = Tk - Tq  # queries are the last Tq positions
-    for q0 in range(0, Tq, c):
-        qc = query[:, :, q0:q0 + c]
+    # query tiles by split and the output by cat, not slices written into a buffer: each slice's
+    # backward made a zero-filled gradient of the whole query, and each write cloned the whole output
+    # gradient (1-2 q-wide tensors more; Gemma-3-1B at 32,768 tokens, 64 MiB each, measured 0.14 GiB
+    # over its estimate in fit_truth run 5); the same values, tests/test_fit_truth_attention.py
+    outs = []
+    for q0, qc in zip(range(0, Tq, c), query.split(c, dim=2)):
         cc = qc.shape[2]
         qv = qc.reshape(B, Hkv, g, cc, D).reshape(B, Hkv, g * cc, D)
         k_hi = offset + q0 + cc
@@ -865,8 +868,8 @@ def _tiled_attention(query, key, value, scaling, softcap, window, segments):
             o = torch.utils.checkpoint.checkpoint(_score_tile, *args, use_reentrant=False)
         else:
             o = _score_tile(*args)
-        out[:, :, q0:q0 + cc] = o.reshape(B, Hkv, g, cc, D).reshape(B, Hq, cc, D)
-    return out
+        outs.append(o.reshape(B, Hkv, g, cc, D).reshape(B, Hq, cc, D))
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 def snug_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
@@ -932,7 +935,7 @@ def _per_sample_attention_inner(query, k, v, segments, dropout, scaling):
     # gradient), so packed rows of several samples held ~2 q-wide tensors more than one sample's row;
     # split's backward is one cat. Measured: Llama-3.2-3B at 32k tokens, 8 GB card, 7.11 GiB allocated
     # on packed rows where one sample a row took 6.90 (fit_truth runs 4 and 5); on the CPU with O(T)
-    # attention, tests/test_fit_truth_packed.py: 3 or 12 samples a row now peak as one does.
+    # attention, tests/test_fit_truth_attention.py: 12 or 32 samples a row, two q-wide tensors less.
     rows = []
     for qb, kb, vb, row in zip(query.split(1, 0), k.split(1, 0), v.split(1, 0), segments):
         sizes = [s1 - s0 for s0, s1 in row]
