@@ -13,7 +13,10 @@ of any accumulation >= 2.
 Beside it, one process per (model, card) finds the longest length that really trains at
 micro-batch 1 by bisection: the engine's own loading path (core.model.load_for_training with
 the plan for each length, savers re-installed per length), one optimizer step x 2 micro-batches
-per length (one optimizer step over 2 micro-batches), under the same allocator cap.
+per length (one optimizer step over 2 micro-batches), under the same allocator cap. Probes
+(--probes) ask the real engine the same question at one length above the choice (choice / 0.85:
+if it runs out of memory, the choice is at least 85% of the longest length that trains).
+Engine trials train rows of exactly their length (write_exact_data).
 
 Starting points: "full" = the model's whole context (max_position_embeddings), micro-batch 1,
 accumulation 8; "preset" = the presets' defaults (1,024 tokens, micro-batch 1, accumulation 16).
@@ -148,7 +151,11 @@ def build_model(root: Path, shape: str, spec=None, device: str = "cuda") -> Path
 
 
 def write_data(path: Path, tokens: int, seed: int = 0) -> Path:
-    """Plain-text samples of ~1,500 words, enough for `tokens` tokens of packed rows."""
+    """Plain-text samples of ~1,500 words (~2,190 tokens), enough for `tokens` tokens of packed rows.
+
+    Not what the engine trials use since run 5: packed whole samples make rows SHORTER than
+    max_seq_len (best-fit of ~2,190-token samples: 6,494-6,799 tokens at 8,192), so runs 1-4
+    measured their choices at 80-99% of the chosen length."""
     r = random.Random(seed)
     n = max(2, math.ceil(tokens / 1500 * 1.2))
     with open(path, "w") as f:
@@ -157,21 +164,42 @@ def write_data(path: Path, tokens: int, seed: int = 0) -> Path:
     return path
 
 
+def write_exact_data(path: Path, seq: int, rows: int, seed: int = 0) -> Path:
+    """`rows` plain-text samples, each longer than `seq` tokens (every word is at least one token),
+    for data.long_samples = 'truncate': every training row is then exactly `seq` tokens of one
+    sample, the longest row the plan is for and the estimate prices (full causal attention over
+    the row, as one long document gives)."""
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(r.choice(WORDS) for _ in range(seq + 64))}) + "\n")
+    return path
+
+
 # ---- one engine run (`snugtune train`) ------------------------------------------------------------
 
-def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE, timeout: float = 400) -> dict:
-    seq, mb = row["seq"], row["micro_batch"]
+def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE, timeout: float = 400,
+                 seq: Optional[int] = None, steps: int = 2, packed: bool = False) -> dict:
+    """`snugtune train` at the row's choice (or at `seq` tokens: a probe above it, micro-batch 1) for
+    `steps` optimizer steps of min(accumulation, 2) micro-batches, every row exactly that long
+    (`packed`: rows of whole ~2,190-token samples instead, shorter than the length, as runs 1-4)."""
+    probe, n_steps = seq is not None, steps
+    seq, mb = (seq, 1) if probe else (row["seq"], row["micro_batch"])
     ga = min(row["grad_accum"], 2)
-    name = f"{row['shape']}-{row['card']}-{row['start']}"
+    name = f"{row['shape']}-{row['card']}-{row['start']}" + (f"-probe{seq}" if probe else "") + ("-packed" if packed else "")
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
-    data = write_data(d / "data.jsonl", seq * mb * ga * 2 + seq)
+    if packed:
+        data = write_data(d / "data.jsonl", seq * mb * ga * 2 + seq)
+    else:
+        data = write_exact_data(d / "data.jsonl", seq, mb * ga * steps + 1)
     cfg = d / "run.toml"
     cfg.write_text(
         f'[gpu]\nprofile = "{profile}"\n' + (f'vram_budget_gib = {row["budget_gib"]}\n' if row["budget_gib"] else "") +
         f'[model]\nname_or_path = "{model_dir}"\n'
         f'[data]\npath = "{data}"\nformat = "text"\nmax_seq_len = {seq}\neval_fraction = 0.0\npacking = true\n'
-        f'[train]\nmicro_batch = {mb}\ngrad_accum = {ga}\nmax_steps = 2\nsave_steps = 1000\nlogging_steps = 1\n'
+        + ('' if packed else 'long_samples = "truncate"\n') +
+        f'[train]\nmicro_batch = {mb}\ngrad_accum = {ga}\nmax_steps = {steps}\nsave_steps = 1000\nlogging_steps = 1\n'
         f'[output]\nname = "{name}"\n'
     )
     env = {**os.environ, "SNUGTUNE_RUNS_DIR": str(d / "runs"), "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
@@ -204,6 +232,7 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
         cuda_graphs=steps[-1].get("cuda_graphs") if steps else None,
         savers=started.get("savers"),
         load_peak=started.get("load_peak"),  # the loading's own peak (engines from run 4b on)
+        seq=seq, rows_exact=not packed, max_steps=n_steps,
         engine_plan_keep=(started.get("plan") or {}).get("keep_blocks"),
         engine_plan_cap=(started.get("plan") or {}).get("allocator_cap_gib"),
         plan_file=(rd / "plan.json").is_file(),
@@ -374,9 +403,18 @@ class MemPool:
                 self.cv.notify_all()
 
 
+def probe_length(choice: int, share: float, limit: int, step: int = 64) -> Optional[int]:
+    """The length a probe of `share` trains: the choice over that share rounded down to a step of 64
+    (so that running out of memory there puts the choice at `share` or more of the longest), at most
+    the position limit; None when that is not above the choice (the choice is the limit)."""
+    n = min(limit, math.floor(choice / share / step) * step)
+    return n if n > choice else None
+
+
 def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = False, jobs: int = 15,
                mem_gib: float = 120.0, only_rows: Optional[list] = None, bisect_cards: Optional[list] = None,
-               command: str = "") -> dict:
+               command: str = "", probes: Optional[list] = None, steps: int = 2, bisect_rows: Optional[list] = None,
+               builders: int = 2, packed_rows: Optional[list] = None) -> dict:
     from core.catalog import catalog_lookup
 
     t0 = time.time()
@@ -416,7 +454,7 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
             built[s].set()
             print(f"built {s} at {time.time() - t0:.0f}s", flush=True)
 
-    for _ in range(1 if smoke else 2):
+    for _ in range(1 if smoke else builders):
         threading.Thread(target=build_all, daemon=True).start()
     pool = MemPool(mem_gib)
     work = root / "work"
@@ -429,9 +467,20 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         if not row["fits"]:
             row["engine"] = {"skipped": "auto-fit says nothing fits"}
             return
-        need = (row["budget_gib"] or 0) + 1.0
+        # the cap (budget - 0.35) + the context outside it (0.74-0.81 GiB measured on the H200)
+        need = (row["budget_gib"] or 0) + 0.5
         row["engine"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
-                                 timeout=120 if smoke else max(30, min(300, _left())))
+                                 timeout=120 if smoke else max(30, min(300, _left())), steps=steps)
+        if packed_rows and (row["shape"], row["card"], row["start"]) in packed_rows:
+            # the same choice on packed rows of whole samples (shorter than the length): what a user's
+            # short samples give; shorter rows must not peak above the planned one (Plan.blocks_at)
+            row["engine_packed"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
+                                            timeout=120 if smoke else max(30, min(300, _left())), steps=steps,
+                                            packed=True)
+            ep = row["engine_packed"]
+            print(f"engine (packed rows) {row['shape']} {row['card']} {row['start']}: rc {ep.get('rc')} oom "
+                  f"{ep.get('oom_events')} meas {ep.get('measured_reserved_gib')} / {ep.get('measured_allocated_gib')}",
+                  flush=True)
         e = row["engine"]
         print(f"engine {row['shape']} {row['card']} {row['start']}: seq {row['seq']} x {row['micro_batch']} "
               f"rc {e.get('rc')} oom {e.get('oom_events')} meas {e.get('measured_reserved_gib')} "
@@ -452,12 +501,38 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         max_len = specs[shape].max_position_embeddings
         if smoke:  # the CPU never runs out of memory: a short climb exercises the same code
             choice, max_len = 128, 256
-        bis[(shape, card)] = pool.run((cards[card] or 0) + 1.0, bisect_trial, shape, card, models[shape], choice,
+        bis[(shape, card)] = pool.run((cards[card] or 0) + 0.5, bisect_trial, shape, card, models[shape], choice,
                                       max_len, cards[card], _profile(smoke),
                                       time_s=20 if smoke else max(20, min(110, _left() - 40)),
                                       timeout=120 if smoke else max(30, min(240, _left())),
                                       device="cpu" if smoke else "cuda")
         print(f"bisect {shape} {card}: {json.dumps({k: v for k, v in bis[(shape, card)].items() if k != 'tries'})} "
+              f"({time.time() - t0:.0f}s)", flush=True)
+
+    probed: dict[tuple, list] = {}
+
+    def do_probe(shape, card, share):
+        # the real engine (`snugtune train`, micro-batch 1) at choice / share: if it runs out of
+        # memory, the choice is at least `share` of the longest length that trains
+        built[shape].wait()
+        full = next((r for r in rows if r["shape"] == shape and r["card"] == card and r["start"] == "full"), None)
+        if shape not in models or full is None or not full["fits"]:
+            return
+        # (on the CPU a short probe above a pretend choice of 128 exercises the same code)
+        n = probe_length(128 if smoke else full["seq"], share, 256 if smoke else specs[shape].max_position_embeddings)
+        if n is None:
+            return
+        e = pool.run((full["budget_gib"] or 0) + 0.5, engine_trial, full, models[shape], work, _profile(smoke),
+                     timeout=120 if smoke else max(30, min(300, _left())), seq=n, steps=1)
+        status, oom = _status(e)
+        ok = None if e.get("skipped") else (not oom and bool(e.get("steps")))
+        if ok is False and not oom:
+            ok = None  # neither trained nor ran out of memory (time): says nothing
+        probed.setdefault((shape, card), []).append({
+            "len": n, "ok": ok, "share": share, "engine": True, "status": status,
+            "peak_reserved_gib": e.get("measured_reserved_gib"), "peak_allocated_gib": e.get("measured_allocated_gib"),
+            "wall_s": e.get("wall_s"), "error": (e.get("error") or "")[:200] or None})
+        print(f"probe {shape} {card} {n} (choice / {share}): {status} meas {e.get('measured_reserved_gib')} "
               f"({time.time() - t0:.0f}s)", flush=True)
 
     tasks = []
@@ -466,8 +541,12 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
             for c in cards:
                 if bisect_cards is not None and c not in bisect_cards:
                     continue
+                if bisect_rows is not None and (s, c) not in bisect_rows:
+                    continue
                 if any(r["shape"] == s and r["card"] == c and r["start"] == "full" for r in rows):
                     tasks.append(ex.submit(do_bisect, s, c))
+        for item in (probes or []):  # in the order given, interleaved with the rows by the pool
+            tasks.append(ex.submit(do_probe, *item))
         for r in rows:
             tasks.append(ex.submit(do_engine, r))
         for t in tasks:
@@ -479,6 +558,18 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         r["bisect_tries"] = b.get("tries")
         if b.get("error"):
             r["bisect_error"] = b["error"]
+        if r["start"] == "full" and probed.get((r["shape"], r["card"])):
+            # the engine's probes count as tries: a length that trained, a length that ran out
+            tries = list(r["bisect_tries"] or []) + [t for t in probed[(r["shape"], r["card"])] if t["ok"] is not None]
+            r["probes"] = probed[(r["shape"], r["card"])]
+            r["bisect_tries"] = tries
+            ok = [t["len"] for t in tries if t["ok"]]
+            bad = [t["len"] for t in tries if t["ok"] is False]
+            e = r.get("engine") or {}
+            if r["micro_batch"] == 1 and e.get("steps") and not e.get("oom_events"):
+                ok.append(r["seq"])
+            r["longest_trains"] = max(ok) if ok else r["longest_trains"]
+            r["fails_at"] = min(bad) if bad else r["fails_at"]
     result = {"meta": {"command": command or ("PYTHONPATH=. python bench/fit_truth.py" + (" --smoke" if smoke else "")),
                        "wall_s": round(time.time() - t0, 1), "profile": _profile(smoke),
                        "held_out": sorted(HELD_OUT), "cards_gib": cards},
@@ -536,9 +627,11 @@ def markdown(result: dict) -> str:
         f"fitted before fit_truth (bench/results/estimate_accuracy.json's models): {', '.join(meta['held_out'])} "
         f"(marked *); the two backward terms added after run 1 (ATTN_BWD_BYTES, NORM_BWD_BYTES in "
         f"core/estimate.py) were chosen on runs 1-2, and the verdict's allocator need (a share of per-step "
-        f"memory only) on runs 1-3's 4 GB bisections, these rows included; run 4's choices are lengths no "
-        f"earlier run trained. `longest that trains`: the "
-        "longest length that trained at micro-batch 1 and, in brackets, the shortest that ran out; the "
+        f"memory only) on runs 1-3's 4 GB bisections, these rows included. Engine trials from run 5 on "
+        f"train rows of exactly the chosen length (one sample a row, data.long_samples = 'truncate'); runs "
+        f"1-4 trained packed rows of whole ~2,190-token samples, 80-99% of it. `longest that trains`: the "
+        "longest length that trained at micro-batch 1 (the bisection's own loop, and from run 5 on the real "
+        "engine's probes above the choice) and, in brackets, the shortest that ran out; the "
         "share is the choice over that range (the true longest lies in it). `allocated`: the estimate's "
         "and the engine's peak max_memory_allocated (logged from run 4 on).",
         "",
@@ -564,11 +657,17 @@ def markdown(result: dict) -> str:
         share = ""
         if r["start"] == "full" and r["fits"]:
             if lt and fa:
-                lo_share, hi_share = r["seq"] / fa, min(1.0, r["seq"] / lt)
+                # runs can disagree at the boundary (one trained a length another ran out below):
+                # the share then lies between the two
+                lo_share, hi_share = r["seq"] / max(fa, lt), min(1.0, r["seq"] / min(fa, lt))
                 lows.append(lo_share)
-                share = f"{lo_share:.0%}-{hi_share:.0%}"
+                share = f"{lo_share:.0%}-{hi_share:.0%}" + (" (runs disagree at the boundary)" if lt > fa else "")
             elif lt and r["seq"] == _position_limit(r):
                 share = "100% (position limit)"
+            elif lt and _position_limit(r) and r["seq"] / _position_limit(r) >= 0.85:
+                # no length past the position limit can be chosen: the limit bounds the longest
+                lows.append(r["seq"] / _position_limit(r))
+                share = f">= {r['seq'] / _position_limit(r):.0%} (position limit {_position_limit(r)})"
             elif lt:
                 share = "no bracket (not bisected)"
                 unknown += 1
@@ -695,6 +794,15 @@ def main(argv=None) -> int:
                     help="only these rows, shape:card:start comma-separated, run in this order (the device "
                          "call's time runs out on the last ones first)")
     ap.add_argument("--bisect-cards", default="", help="bisect only on these cards (comma-separated)")
+    ap.add_argument("--bisect-rows", default="", help="bisect only these SHAPE:CARD (comma-separated)")
+    ap.add_argument("--probes", default="",
+                    help="SHAPE:CARD:SHARE,...: the real engine at the full-context choice / SHARE (micro-batch 1, "
+                         "one optimizer step): out of memory there means the choice is >= SHARE of the longest")
+    ap.add_argument("--steps", type=int, default=2, help="optimizer steps of each engine trial at a choice")
+    ap.add_argument("--builders", type=int, default=2, help="threads building the random-init models")
+    ap.add_argument("--mem-gib", type=float, default=120.0, help="GPU memory the concurrent trials may take")
+    ap.add_argument("--packed-rows", default="", help="SHAPE:CARD:START,...: these rows also on packed rows of whole "
+                                                      "samples (shorter than the choice)")
     a = ap.parse_args(argv)
     if a.combine:
         res = combine([Path(x) for x in a.combine], [Path(x) for x in a.bisect_from] if a.bisect_from else None)
@@ -716,9 +824,12 @@ def main(argv=None) -> int:
     root = Path(os.environ.get("FIT_ROOT") or tempfile.mkdtemp(prefix="fit-truth-"))
     DEADLINE[0] = time.time() + float(os.environ.get("FIT_DEADLINE_S", 1e9))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    probes = [(x.split(":")[0], x.split(":")[1], float(x.split(":")[2])) for x in a.probes.split(",") if x]
     if a.smoke:
         # the CPU "card": RAM is the budget; the tiny model's shape stands in for each real one
-        res = run_matrix(["tiny"], {"cpu": None}, ["full", "preset"], root, out, smoke=True, jobs=2, mem_gib=1e9)
+        res = run_matrix(["tiny"], {"cpu": None}, ["full", "preset"], root, out, smoke=True, jobs=2, mem_gib=1e9,
+                         probes=[("tiny", "cpu", 0.85)] if a.probes else None, steps=a.steps,
+                         packed_rows=[("tiny", "cpu", "preset")] if a.packed_rows else None)
         return 0 if all((r.get("engine") or {}).get("rc") == 0 for r in res["rows"]) else 1
     shapes = [s for s in (a.only.split(",") if a.only else SHAPES) if s]
     cards = {c: CARDS[c] for c in (a.cards.split(",") if a.cards else CARDS)}
@@ -727,8 +838,11 @@ def main(argv=None) -> int:
         shapes = [s for s in dict.fromkeys(k[0] for k in only_rows)]
         cards = {c: CARDS[c] for c in dict.fromkeys(k[1] for k in only_rows)}
     command = "PYTHONPATH=. python bench/fit_truth.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    bisect_rows = [tuple(x.split(":")[:2]) for x in a.bisect_rows.split(",") if x] or None
     run_matrix(shapes, cards, list(STARTS), root, out, jobs=a.jobs, only_rows=only_rows,
-               bisect_cards=[c for c in a.bisect_cards.split(",") if c] or None, command=command.strip())
+               bisect_cards=[c for c in a.bisect_cards.split(",") if c] or None, command=command.strip(),
+               probes=probes, steps=a.steps, bisect_rows=bisect_rows, builders=a.builders, mem_gib=a.mem_gib,
+               packed_rows=[tuple(x.split(":")) for x in a.packed_rows.split(",") if x] or None)
     return 0
 
 

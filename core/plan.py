@@ -251,16 +251,33 @@ class Plan:
         """Checkpointed / kept / offloaded blocks for a micro-batch of `tokens` tokens.
 
         Kept blocks were sized for the planned length; a shorter micro-batch (the epoch's last,
-        an eval batch) needs less for them, a longer one keeps none."""
+        an eval batch, a packed row of whole samples) needs less for them, a longer one keeps none.
+        A micro-batch up to the planned length offloads when the planned one does: the 10% rule
+        alone would keep all L inputs of a row just under its line on the card, more than the
+        planned row's two (memory would fall as rows grow). Measured: Gemma-2-2B planned at 8,192
+        tokens under a 7.79 GiB budget trained packed rows of 6,494-6,799 tokens, under the rule's
+        6,983, with its 26 inputs on the card: 4.21 GiB allocated where the same rows offloaded
+        under a 5.79 GiB budget took 3.56 (bench/results/fit_truth_run4.json)."""
         if not self.gradient_checkpointing:
             return Blocks(tokens, 0, self.layers, False, "gradient checkpointing is off")
-        off = self.offloads_at(tokens)
+        off = self.offloads_at(max(tokens, self.tokens))
         kept = self.keep_blocks if (tokens <= self.tokens and not off) else 0
         why = self.keep_why if kept else ("all checkpointed" + (": inputs offloaded" if off else ""))
         return Blocks(tokens, self.layers - kept, kept, off, why)
 
     def mlp_tile_at(self, batch: int) -> int:
         return mlp_tile_tokens(self.intermediate_size, batch)
+
+    def mlp_whole_below(self, batch: int) -> int:
+        """Rows shorter than this run the MLP whole, longer ones in tiles of mlp_tile_at(batch).
+
+        Two tiles, unless the planned row is tiled: then every row longer than one tile is, so no
+        shorter row holds more MLP intermediates than the planned one's single tile (a row just
+        under two tiles held two: Gemma-2-2B planned at 8,192 tokens, packed rows of ~6,700 took
+        3.56 GiB allocated where the planned length took 3.31, fit_truth runs 5 and 5b)."""
+        t = self.mlp_tile_at(batch)
+        planned = mlp_tile_tokens(self.intermediate_size, self.micro_batch)
+        return t if (self.mlp_tile_tokens and self.seq_len >= 2 * planned) else 2 * t
 
     # ---- retries ------------------------------------------------------------------------------
 
@@ -388,7 +405,8 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
     if not gc_on:
         tile_out, mlp_why = None, "no tiling without checkpointing (every tile's intermediates would be kept)"
     elif seq > 2 * tile:
-        tile_out, mlp_why = tile, f"rows of {seq} tokens are longer than two tiles: MLP in tiles of {tile}"
+        tile_out, mlp_why = tile, (f"rows of {seq} tokens are longer than two tiles: MLP in tiles of {tile} "
+                                   f"(shorter rows too, from one tile up)")
     else:
         tile_out, mlp_why = tile, f"rows up to {2 * tile} tokens run whole; longer ones in tiles of {tile}"
     tiled_attn = spec.model_type in TILED_ATTENTION

@@ -464,9 +464,9 @@ def test_bench_rescore_rewrites_the_markdown_from_stored_measurements(bench, tmp
         bench.main(["--rescore", str(bad)])
 
 
-# ---- auto-fit against real training (bench/results/fit_truth_run4*.json, today's engine) -------------
+# ---- auto-fit against real training (bench/results/fit_truth_run4*.json, _run5.json, today's engine) -----
 
-FIT_TRUTH = [Path(__file__).resolve().parents[1] / "bench" / "results" / f"fit_truth_run{n}.json" for n in ("4", "4b")]
+FIT_TRUTH = [Path(__file__).resolve().parents[1] / "bench" / "results" / f"fit_truth_run{n}.json" for n in ("4", "4b", "5", "5b")]
 
 
 def _fit_truth_rows():

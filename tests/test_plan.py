@@ -219,3 +219,59 @@ def test_snugtune_estimate_shows_the_plan(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["plan"]["compute_dtype"] == "fp16" and d["plan"]["optimizer_why"]
     assert d["autofit"]["max_seq_len"] <= 131072 and d["plan"]["seq_len"] == d["autofit"]["max_seq_len"]
+
+
+def test_a_row_shorter_than_the_planned_one_offloads_when_the_planned_one_does():
+    """Memory must not fall as rows grow: under the 10% rule alone a packed row just under its line
+    kept all its block inputs on the card, more than the planned row's two offloaded ones
+    (Gemma-2-2B at 8,192 tokens, 8 GB card: 4.21 GiB allocated by rows of ~6,700 tokens where the
+    estimate priced 3.43, fit_truth run 4)."""
+    g2 = catalog_lookup("google/gemma-2-2b")
+    p = P.plan(cfg(seq=8192), g2, card(7.79))
+    assert p.offload and p.keep_blocks == 0
+    line = int(P.AUTO_OFFLOAD_SHARE * p.budget_bytes / (g2.num_layers * g2.hidden_size * 2))
+    assert 6000 < line < 8192  # a row of 6,700 tokens is under the rule's own line...
+    assert not P.offload_rule("auto", True, True, g2.num_layers, 6700, g2.hidden_size, p.budget_bytes)[0]
+    for n in (128, 2048, 6700, line, 8192):  # ...and still offloads, as the planned row does
+        assert p.blocks_at(n).offloaded, n
+    # a plan that does not offload at its length offloads none shorter; 'off' never does
+    short = P.plan(cfg(seq=1024), Q15, card())
+    assert not short.offload and not short.blocks_at(512).offloaded
+
+
+def test_a_row_shorter_than_a_tiled_planned_row_holds_no_more_than_one_mlp_tile():
+    """Rows up to two tiles ran the MLP whole: a packed row just under two tiles held twice the
+    planned row's one tile (Gemma-2-2B planned at 8,192 tokens: rows of ~6,700 took 3.56 GiB
+    allocated, the planned length 3.31, fit_truth runs 5 and 5b)."""
+    g2 = catalog_lookup("google/gemma-2-2b")
+    long = P.plan(cfg(seq=8192), g2, card(7.79))
+    t = long.mlp_tile_at(1)
+    assert long.mlp_tile_tokens == t and 8192 >= 2 * t > 6700 > t
+    assert long.mlp_whole_below(1) == t  # the planned row is tiled: so is any row over one tile
+    short = P.plan(cfg(seq=4096), g2, card(7.79))  # planned rows run whole: shorter ones too
+    assert short.mlp_whole_below(1) == 2 * t and "run whole" in short.mlp_why
+
+
+def test_the_savers_tile_what_the_plan_says():
+    import torch
+
+    from core import savers
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(8, 32)
+            self.down = torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    for whole_below, T, tiled in ((lambda b: 16, 24, True), (lambda b: 32, 24, False), (None, 24, False)):
+        mlp = MLP()
+        savers.tiled_mlp_forward(mlp, 32, tile=16, whole_below=whole_below)
+        x = torch.randn(1, T, 8, requires_grad=True)
+        out = mlp(x)
+        assert ("TiledMLP" in type(out.grad_fn).__name__) is tiled, (T, tiled, type(out.grad_fn).__name__)
+        ref = MLP()
+        ref.load_state_dict(mlp.state_dict())
+        assert torch.allclose(out, ref(x), atol=1e-6)
