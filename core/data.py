@@ -39,6 +39,7 @@ that need them.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import csv
@@ -144,7 +145,7 @@ def load_records(data_cfg: DataConfig) -> list[dict]:
     else:
         records = _load_hub(path, data_cfg)
         source = f"Hub dataset {path!r}"
-    if data_cfg.max_samples is not None:
+    if data_cfg.max_samples is not None and len(records) > data_cfg.max_samples:
         records = records[: data_cfg.max_samples]
     if not records:
         raise UserError(f"{source}: no samples found (the dataset is empty)")
@@ -166,31 +167,100 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto")
     if not path.exists():
         raise UserError(f"{path}: file not found", hint="check the path (data.path), or give a Hub dataset id as owner/name")
     if path.is_dir():
-        raise UserError(f"{path}: is a directory; give one data file ({', '.join(FILE_TYPES)})")
+        return _load_dir(path, max_samples, text_split)
     ext = path.suffix.lower()
     if ext not in FILE_TYPES:
         raise UserError(
             f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
             + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items())
         )
+    encoding = "utf-8-sig"
     try:
+        encoding = _text_encoding(path)
         if ext == ".jsonl":
-            return _read_jsonl(path, max_samples)
+            return _read_jsonl(path, max_samples, encoding)
         if ext == ".json":
-            return _read_json(path)
+            return _read_json(path, encoding)
         if ext in (".csv", ".tsv"):
-            return _read_csv(path, "\t" if ext == ".tsv" else ",", max_samples)
+            delimiter = "\t" if ext == ".tsv" else _csv_delimiter(path, encoding)
+            return _read_csv(path, delimiter, max_samples, encoding)
         if ext == ".parquet":
             return _read_parquet(path)
-        return _read_txt(path, text_split)
+        return _read_txt(path, text_split, encoding)
     except PermissionError:
         raise UserError(f"{path}: cannot read the file (permission denied)") from None
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if encoding != "utf-8-sig":
+            raise UserError(f"{path}: not valid {encoding.upper()} text ({exc.reason}), though it starts like it",
+                            hint="save the file again as UTF-8") from None
         raise _not_utf8(path) from None
     except csv.Error as exc:
         raise UserError(f"{path}: not a readable {FILE_TYPES[ext]} file ({exc})") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+class _FileRecords(list):
+    """The rows of a directory's files, and which file each came from (`origins`: (first row
+    index, file) pairs), so that an error about row 1,204 can say `b.jsonl, row 4`."""
+
+    origins: list = []
+
+
+def _load_dir(path: Path, max_samples: Optional[int], text_split: str) -> list[dict]:
+    """Every data file directly in `path` (sorted by name; hidden files and other types
+    skipped), all of one type, as one dataset: what a dataset split into shards looks like
+    (`train-00000-of-00004.parquet` ...), and how `datasets.load_dataset(dir)` reads one."""
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_TYPES)
+    if not files:
+        raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
+                        hint="give one data file, or a directory of them")
+    types = sorted({p.suffix.lower() for p in files})
+    if len(types) > 1:
+        by_type = "; ".join(f"{t}: " + ", ".join(p.name for p in files if p.suffix.lower() == t)[:80] for t in types)
+        raise UserError(f"{path}: the directory holds data files of {len(types)} types ({by_type}); "
+                        "snugtune reads a directory of one type, as one dataset",
+                        hint="move the files that are not part of the data set out, or give one file")
+    records, origins = _FileRecords(), []
+    for f in files:
+        left = None if max_samples is None else max_samples - len(records)
+        if left is not None and left <= 0:
+            break
+        origins.append((len(records), f.name))
+        records.extend(_load_file(f, left, text_split))
+    records.origins = origins
+    return records
+
+
+def _row_where(records: list, i: int) -> str:
+    """`row i` (1-based), or `FILE, row j` for rows read from a directory."""
+    origins = getattr(records, "origins", None)
+    if origins:
+        start, name = next((s, n) for s, n in reversed(origins) if s < i)
+        return f"{name}, row {i - start}"
+    return f"row {i}"
+
+
+# Byte-order marks. A file saved as "Unicode text" by Excel or Notepad on Windows is UTF-16 with
+# a BOM; UTF-32's marks start like UTF-16's, so they are tried first.
+_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+
+
+def _text_encoding(path: Path) -> str:
+    """UTF-8 (with or without a BOM), or UTF-16/32 when the file says so by its BOM, or when its
+    first characters are ASCII with a NUL byte beside each (UTF-16 without a BOM)."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    for bom, enc in _BOMS:
+        if head.startswith(bom):
+            return enc
+    if len(head) == 4 and head[1] == head[3] == 0 and head[0] and head[2]:
+        return "utf-16-le"
+    if len(head) == 4 and head[0] == head[2] == 0 and head[1] and head[3]:
+        return "utf-16-be"
+    return "utf-8-sig"
 
 
 def _not_utf8(path: Path) -> UserError:
@@ -210,17 +280,39 @@ def _not_utf8(path: Path) -> UserError:
     return UserError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-def _read_jsonl(path: Path, max_samples: Optional[int]) -> list[dict]:
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    # json's messages end in "at" where they name a place ("Unterminated string starting at").
+    return f"{exc.msg} column {exc.colno}" if exc.msg.endswith(" at") else f"{exc.msg} at column {exc.colno}"
+
+
+def _read_jsonl(path: Path, max_samples: Optional[int], encoding: str = "utf-8-sig") -> list[dict]:
     records = []
-    with path.open(encoding="utf-8-sig") as fh:
+    with path.open(encoding=encoding) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not records and line.lstrip()[:1] in ("[", "{"):
+                    # A JSON array (often pretty-printed) saved as .jsonl: read it as the JSON it is.
+                    whole = _json_document(path, encoding)
+                    if whole is not None:
+                        return whole[:max_samples] if max_samples is not None else whole
+                if not line.endswith("\n") and (exc.pos >= len(line.rstrip()) or exc.msg.startswith("Unterminated")):
+                    raise UserError(
+                        f"{path}, line {lineno}: the last line is cut off ({_json_problem(exc)}): the file ends "
+                        "in the middle of a JSON object, without a newline",
+                        hint="the file was probably truncated (a copy or a writer stopped early): complete the "
+                        f"last line, or delete it to use the {len(records)} lines before it",
+                    ) from None
+                raise UserError(f"{path}, line {lineno}: not valid JSON ({_json_problem(exc)})",
+                                hint="each line must be one whole JSON object, {...}") from None
             if not isinstance(obj, dict):
+                if not records and isinstance(obj, list):  # a one-line JSON array
+                    whole = _json_document(path, encoding)
+                    if whole is not None:
+                        return whole[:max_samples] if max_samples is not None else whole
                 raise UserError(f"{path}, line {lineno}: expected a JSON object ({{...}}), got {type(obj).__name__}")
             records.append(obj)
             if max_samples is not None and len(records) >= max_samples:
@@ -228,15 +320,29 @@ def _read_jsonl(path: Path, max_samples: Optional[int]) -> list[dict]:
     return records
 
 
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8-sig")
+def _json_document(path: Path, encoding: str) -> Optional[list[dict]]:
+    """The file as one JSON document of samples (a list, or {"data": [...]}), or None when it
+    is not one valid JSON document."""
+    try:
+        data = json.loads(path.read_text(encoding=encoding))
+    except json.JSONDecodeError:
+        return None
+    return _samples_of(path, data)
+
+
+def _read_json(path: Path, encoding: str = "utf-8-sig") -> list[dict]:
+    text = path.read_text(encoding=encoding)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # One object per line saved as .json: read it as JSON lines rather than refuse.
-            return _read_jsonl(path, None)
-        raise UserError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            return _read_jsonl(path, None, encoding)
+        raise UserError(f"{path}, line {exc.lineno}: not valid JSON ({_json_problem(exc)})") from None
+    return _samples_of(path, data)
+
+
+def _samples_of(path: Path, data: Any) -> list[dict]:
     if isinstance(data, dict):
         if isinstance(data.get("data"), list):
             data = data["data"]
@@ -256,19 +362,35 @@ def _read_json(path: Path) -> list[dict]:
 # The csv module refuses fields over 131,072 characters by default (a `_csv.Error`); a long
 # document in one cell is ordinary training data. The C long's maximum is the largest it takes.
 CSV_FIELD_LIMIT = 2**31 - 1
+# What separates a .csv file's cells: a comma, or a semicolon (Excel's CSV wherever the decimal
+# separator is a comma: most of Europe), a tab or a bar.
+CSV_DELIMITERS = (",", ";", "\t", "|")
 
 
-def _read_csv(path: Path, delimiter: str, max_samples: Optional[int]) -> list[dict]:
+def _csv_delimiter(path: Path, encoding: str) -> str:
+    """The delimiter that splits the header line into the most columns (a comma on a tie).
+    Without this a semicolon file reads as one column, `instruction;output`, and trains as text."""
+    with path.open(encoding=encoding, newline="") as fh:
+        header = fh.readline()
+    counts = {d: len(next(csv.reader([header], delimiter=d), [])) for d in CSV_DELIMITERS}
+    best = max(counts.values())
+    return next(d for d in CSV_DELIMITERS if counts[d] == best)
+
+
+def _read_csv(path: Path, delimiter: str, max_samples: Optional[int], encoding: str = "utf-8-sig") -> list[dict]:
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
     records = []
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    with path.open(encoding=encoding, newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             return []
         for row in reader:
             if None in row:  # more cells than header columns
-                raise UserError(f"{path}, line {reader.line_num}: more values than the header has columns")
+                shown = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "bar"}[delimiter] if delimiter in CSV_DELIMITERS else repr(delimiter)
+                raise UserError(f"{path}, line {reader.line_num}: more values than the header has columns "
+                                f"({len(reader.fieldnames)}, separated by {shown}s)",
+                                hint="quote values that contain the separator (\"a, b\")")
             records.append(row)
             if max_samples is not None and len(records) >= max_samples:
                 break
@@ -286,11 +408,11 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _read_txt(path: Path, split: str = "auto") -> list[dict]:
+def _read_txt(path: Path, split: str = "auto", encoding: str = "utf-8-sig") -> list[dict]:
     """Samples of a .txt file: per paragraph, line or the whole document (data.text_split). 'auto'
     takes paragraphs when the file has a blank line, else lines: a file of one document a line
     (LLaMA-Factory's wiki demo) would otherwise be one sample of hundreds of thousands of tokens."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = path.read_text(encoding=encoding)
     if split == "auto":
         split = "paragraph" if re.search(r"\n[ \t\r\f\v]*\n", text.strip()) else "line"
     if split == "document":
@@ -528,9 +650,13 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
         if fld not in allowed_fields:
             raise UserError(f"data.columns: unknown field {fld!r}; the fields are {', '.join(allowed_fields)}")
         if col not in columns:
+            import difflib
+
+            near = difflib.get_close_matches(str(col), [str(c) for c in columns], n=1, cutoff=0.6)
             raise UserError(
                 f"data.columns maps {fld!r} to column {col!r}, which the data does not have; "
                 f"its columns are: {', '.join(map(str, columns))}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
             )
     _refuse_multimodal_columns(records, lower)
     reason_prefix = "detected"
@@ -721,10 +847,42 @@ def _no_format_error(kind: Optional[str], columns: list[str]) -> UserError:
         "segments": {"segments": "my_segments"},
         "text": {"text": "my_text"},
     }
+    typos = _near_misses(columns, kind)
+    if typos:
+        said = "; ".join(f"column {c!r} looks like {a!r} misspelt" for c, (a, f) in typos.items())
+        return UserError(
+            f"cannot tell the data's format: it needs {what}; its columns are: {', '.join(map(str, columns))} "
+            f"({said})",
+            hint="rename the column in the file, or map it: " + columns_hint({f: c for c, (a, f) in typos.items()}),
+        )
     return UserError(
         f"cannot tell the data's format: it needs {what}; its columns are: {', '.join(map(str, columns)) or '(none)'}",
         hint="map your columns, e.g. " + columns_hint(example[kind or "instruction"]),
     )
+
+
+def _near_misses(columns: list[str], kind: Optional[str]) -> dict[str, tuple[str, str]]:
+    """Columns that are a known name misspelt (`instrucion`, `outptu`, `mesages`) -> (that name, the
+    field it means). difflib's ratio 0.8 takes one or two wrong letters in a name of 6+, not `input`
+    for `output` (0.73) or `query` for `quest` (0.6)."""
+    import difflib
+
+    known: dict[str, str] = {}
+    if kind in (None, "instruction"):
+        for fld, aliases in INSTRUCTION_ALIASES.items():
+            known.update({a: fld for a in aliases})
+    if kind in (None, "chat"):
+        known.update({c: "messages" for c in CHAT_COLUMNS})
+    if kind in (None, "text"):
+        known.update({c: "text" for c in TEXT_COLUMNS})
+    out = {}
+    for col in map(str, columns):
+        if col.lower() in known:
+            continue
+        match = difflib.get_close_matches(col.lower(), list(known), n=1, cutoff=0.8)
+        if match:
+            out[col] = (match[0], known[match[0]])
+    return out
 
 
 def _preview(value: Any, width: int = 60) -> str:
@@ -762,12 +920,12 @@ def check_records(records: list[dict], fmt: DataFormat, source: str = "") -> Dat
             tools |= _check_row(r, fmt)
         except _RowProblem as exc:
             if str(exc).startswith(MULTIMODAL):
-                where = f"{source}, row {i}" if source else f"row {i}"
+                where = f"{source}, {_row_where(records, i)}" if source else _row_where(records, i)
                 raise UserError(f"{exc} ({where})", hint="train on text data; snugtune cannot read images, "
                                 "audio or video") from None
             bad.append((i, str(exc)))
     if bad:
-        shown = "; ".join(f"row {i}: {p}" for i, p in bad[:LIST_BAD_ROWS])
+        shown = "; ".join(f"{_row_where(records, i)}: {p}" for i, p in bad[:LIST_BAD_ROWS])
         more = f" (and {len(bad) - LIST_BAD_ROWS} more rows)" if len(bad) > LIST_BAD_ROWS else ""
         where = f"{source}: " if source else ""
         raise UserError(

@@ -142,8 +142,10 @@ class SnugtuneApp(App[int]):
         import json
 
         try:
-            st = Path(path).expanduser().stat()
-            stamp: tuple | None = (st.st_mtime_ns, st.st_size)
+            p = Path(path).expanduser()
+            # a directory of data files: each file's version (editing one changes no folder mtime)
+            files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+            stamp: tuple | None = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
         except OSError:
             stamp = None  # a Hub dataset or builtin: data: the name is the version
         return (path, fmt, json.dumps(columns, sort_keys=True), self.get_value("model.name_or_path"),

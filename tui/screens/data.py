@@ -70,9 +70,9 @@ def local_problem(path: str) -> str | None:
     if looks_local and not p.exists():
         return f"{path}: no such file (check the path; → completes it as you type)"
     if p.is_dir():
-        return f"{path}: is a directory; give a .jsonl, .json, .csv, .parquet or .txt file in it"
+        return None  # a directory of data files is one dataset (the reader says what is in it)
     if looks_local and p.suffix.lower() not in DATA_SUFFIXES:
-        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .parquet or .txt"
+        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
     return None
 
 

@@ -1,0 +1,170 @@
+"""Data files as people have them: saved by Excel or Notepad, cut short by a copy, split in
+shards, a column name misspelt. Each is read as meant, or refused with one message that says
+what, where and how to fix (and, through the CLI, exit code 2)."""
+from __future__ import annotations
+
+import codecs
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.config import DataConfig
+from core.data import check_records, detect_format, load_records
+from core.errors import UserError
+
+ROWS = [{"instruction": f"Say {i}", "output": f"{i} is the answer"} for i in range(4)]
+
+
+def cfg(path, **kw) -> DataConfig:
+    return DataConfig(path=str(path), **kw)
+
+
+def csv_text(sep: str) -> str:
+    return f"instruction{sep}output\n" + "".join(f"{r['instruction']}{sep}{r['output']}\n" for r in ROWS)
+
+
+def jsonl_text() -> str:
+    return "".join(json.dumps(r) + "\n" for r in ROWS)
+
+
+@pytest.mark.parametrize("sep", [";", "|", "\t"])
+def test_a_csv_with_semicolons_bars_or_tabs_reads_its_columns(tmp_path, sep):
+    # Excel writes ';' where the decimal separator is ','; before, this was one column
+    # 'instruction;output', detected as plain text and trained as such, without a word.
+    path = tmp_path / "data.csv"
+    path.write_text(csv_text(sep), encoding="utf-8")
+    records = load_records(cfg(path))
+    assert records == ROWS
+    assert detect_format(records, cfg(path)).kind == "instruction"
+
+
+def test_a_csv_with_commas_inside_a_semicolon_header_is_still_commas(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('instruction,output\n"a; b","c; d"\n', encoding="utf-8")
+    assert load_records(cfg(path)) == [{"instruction": "a; b", "output": "c; d"}]
+
+
+def test_a_csv_with_a_bom_crlf_and_quoted_newlines(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(codecs.BOM_UTF8 + b'instruction;output\r\n"two\r\nlines";"a; b"\r\n')
+    assert load_records(cfg(path)) == [{"instruction": "two\r\nlines", "output": "a; b"}]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("ext", [".jsonl", ".csv", ".txt"])
+def test_utf16_and_utf32_files_are_read(tmp_path, encoding, ext):
+    # Excel's "Unicode text" and Notepad's "Unicode" are UTF-16 (with a BOM); before, the first
+    # byte was "not UTF-8", with a hint to convert from latin1.
+    path = tmp_path / f"data{ext}"
+    text = {".jsonl": jsonl_text(), ".csv": csv_text(","), ".txt": "one sample\ntwo\n"}[ext]
+    path.write_text(text, encoding=encoding)
+    expected = ROWS if ext != ".txt" else [{"text": "one sample"}, {"text": "two"}]
+    assert load_records(cfg(path)) == expected
+
+
+def test_a_json_array_saved_as_jsonl_is_read(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    assert load_records(cfg(path)) == ROWS
+    path.write_text(json.dumps(ROWS), encoding="utf-8")  # on one line
+    assert load_records(cfg(path)) == ROWS
+    assert load_records(cfg(path, max_samples=2)) == ROWS[:2]
+
+
+def test_a_jsonl_of_lists_is_still_refused_by_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('["a", "b"]\n["c"]\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"data\.jsonl, line 1: expected a JSON object"):
+        load_records(cfg(path))
+
+
+def test_a_truncated_last_line_says_so_and_how_many_lines_are_whole(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(jsonl_text() + '{"instruction": "Say 9", "outp', encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        load_records(cfg(path))
+    msg = str(err.value)
+    assert "data.jsonl, line 5: the last line is cut off" in msg
+    assert "at at" not in msg  # json's "Unterminated string starting at" + " at column" read double
+    assert "use the 4 lines before it" in err.value.hint
+
+
+def test_a_bad_line_in_the_middle_is_not_called_truncated(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": oops}\n{"text": "ok"}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"line 2: not valid JSON \(Expecting value at column 10\)"):
+        load_records(cfg(path))
+
+
+def test_a_directory_of_shards_is_one_dataset_and_errors_name_the_shard(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_text(jsonl_text(), encoding="utf-8")
+    (shards / "part-1.jsonl").write_text(jsonl_text(), encoding="utf-8")
+    (shards / ".hidden.jsonl").write_text("not json\n", encoding="utf-8")
+    (shards / "README.md").write_text("# about\n", encoding="utf-8")
+    records = load_records(cfg(shards))
+    assert records == ROWS + ROWS
+    assert load_records(cfg(shards, max_samples=5)) == (ROWS + ROWS)[:5]
+    (shards / "part-1.jsonl").write_text(jsonl_text() + '{"instruction": "no answer"}\n', encoding="utf-8")
+    records = load_records(cfg(shards))
+    fmt = detect_format(records, cfg(shards))
+    with pytest.raises(UserError, match=r"part-1\.jsonl, row 5: "):
+        check_records(records, fmt, source=str(shards))
+
+
+def test_a_directory_of_mixed_types_is_refused_by_name(tmp_path):
+    (tmp_path / "a.jsonl").write_text(jsonl_text(), encoding="utf-8")
+    (tmp_path / "b.csv").write_text(csv_text(","), encoding="utf-8")
+    with pytest.raises(UserError, match=r"2 types \(\.csv: b\.csv; \.jsonl: a\.jsonl\)"):
+        load_records(cfg(tmp_path))
+
+
+@pytest.mark.parametrize("column,means,field", [("instrucion", "instruction", "instruction"),
+                                                ("Outptu", "output", "output"), ("answr", "answer", "output")])
+def test_a_misspelt_column_is_named_with_the_mapping_that_fixes_it(tmp_path, column, means, field):
+    # (a misspelt chat column needs no help: message lists are found by what they hold)
+    path = tmp_path / "data.jsonl"
+    row = {"instruction": "q", "output": "a"}
+    row.pop(field)
+    row[column] = "q"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        detect_format(load_records(cfg(path)), cfg(path))
+    assert f"column {column!r} looks like {means!r} misspelt" in str(err.value)
+    assert f"{field}='{column}'" in err.value.hint  # the train syntax: data.columns={field='column'}
+    mapped = detect_format(load_records(cfg(path)), cfg(path, columns={field: column}))
+    assert mapped.kind == "instruction"  # the hint's mapping is enough
+
+
+def test_input_and_output_are_not_called_typos_of_each_other(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"input": "q", "label": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        detect_format(load_records(cfg(path)), cfg(path))
+    assert "misspelt" not in str(err.value)
+
+
+def test_a_mapping_to_a_misspelt_column_suggests_the_real_one(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"column 'questoin'.*did you mean 'question'\?"):
+        detect_format(load_records(cfg(path)), cfg(path, columns={"instruction": "questoin"}))
+
+
+def test_the_cli_reads_a_semicolon_csv_and_refuses_a_cut_file_with_exit_2(tmp_path):
+    good = tmp_path / "semi.csv"
+    good.write_text(csv_text(";"), encoding="utf-8")
+    bad = tmp_path / "cut.jsonl"
+    bad.write_text(jsonl_text() + '{"instruction": "x', encoding="utf-8")
+    run = lambda p: subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "--path", str(p), "--json"],  # noqa: E731
+                                   capture_output=True, text=True, timeout=600)
+    ok = run(good)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["format"]["kind"] == "instruction"
+    cut = run(bad)
+    assert cut.returncode == 2
+    assert "cut.jsonl, line 5: the last line is cut off" in cut.stderr
+    assert "Traceback" not in cut.stderr
