@@ -202,7 +202,8 @@ class DataScreen(StepScreen):
             self.inspect()
 
     def compose_body(self):
-        yield Label("Training data: a .jsonl .json .csv .parquet .txt file or a Hub dataset id", classes="title")
+        yield Label("Training data: a file or folder (.jsonl .json .csv .tsv .parquet .txt) or Hub id",
+                    classes="title")
         with Horizontal(classes="row"):
             yield Label("Data", classes="field-label")
             yield Input(self.app.get_value("data.path", ""), placeholder="path/to/train.jsonl or owner/dataset",
@@ -219,7 +220,7 @@ class DataScreen(StepScreen):
             with VerticalScroll(id="samples-box"):
                 yield Static(Text("Enter a path above to see three samples as the model will read them.", style="dim"),
                              id="samples")
-            yield Static("", id="lengths")
+            yield Static("", id="lengths", markup=False)
 
     def on_mount(self) -> None:
         self.report = self.app.data_report

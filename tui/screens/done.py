@@ -105,7 +105,7 @@ class DoneScreen(StepScreen):
     ]
 
     def compose_body(self):
-        yield Static("", id="adapter-info")
+        yield Static("", id="adapter-info", markup=False)
         yield OnOff("Base model's answer beside it (adapter switched off, twice the wait)",
                     value=self.compare_default(), id="compare", compact=True)
         with Horizontal(id="chat-logs"):
@@ -349,7 +349,8 @@ class ExportChoiceScreen(ModalScreen):
             yield Label("Export the fine-tuned model as", classes="dialog-title")
             yield OptionList(*[Option(f"{label}  ({_size_label(sizes.get(key))})", id=cid)
                                for cid, label, key in self.CHOICES], id="export-choice")
-            yield Static("Enter: choose · Escape: cancel · GGUF needs pip install 'snugtune[gguf]'", classes="hint")
+            yield Static("Enter: choose · Escape: cancel · GGUF needs pip install 'snugtune[gguf]'", classes="hint",
+                         markup=False)  # "[gguf]" read as markup was dropped: "pip install 'snugtune'"
         yield Footer()
 
     @on(OptionList.OptionSelected, "#export-choice")

@@ -64,7 +64,7 @@ class TrainScreen(StepScreen):
         with Horizontal(id="train-body"):
             yield LossPlot(id="loss")
             yield Static("", id="stats")
-        yield Static("", id="engine-error")
+        yield Static("", id="engine-error", markup=False)
 
     def on_mount(self) -> None:
         self.reset_panel()

@@ -1,0 +1,67 @@
+"""What a user saw walking the wizard in tmux (session 5), one test per defect: text that Rich
+read as markup and dropped, a directory of data shards refused by the data step."""
+from __future__ import annotations
+
+import pytest
+
+from test_tui_helpers import QA_ROWS, finished_run, status_text, wait_for, wizard_env, write_jsonl  # noqa: F401
+
+SIZE = (80, 24)
+
+
+async def test_the_export_dialog_says_the_whole_pip_command(wizard_env):
+    # "[gguf]" was taken for a markup tag and dropped: the dialog said "pip install 'snugtune'",
+    # which installs nothing new
+    from textual.widgets import Static
+
+    from tui.app import SnugtuneApp
+    from tui.screens.done import DoneScreen, ExportChoiceScreen
+
+    from test_tui_helpers import demo_app
+
+    run_dir = finished_run(wizard_env["runs"])
+    app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "finished", what="the replayed run")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: isinstance(app.screen, DoneScreen), what="the done step")
+        await pilot.press("ctrl+e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExportChoiceScreen), what="the export choice")
+        hint = str(app.screen.query_one(".hint", Static).render())
+        assert "pip install 'snugtune[gguf]'" in hint, hint
+
+
+async def test_a_question_with_brackets_is_shown_as_written(wizard_env):
+    from textual.widgets import Static
+
+    from tui.app import SnugtuneApp
+    from tui.screens.modals import ConfirmScreen
+
+    from test_tui_helpers import demo_app
+
+    app: SnugtuneApp = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(ConfirmScreen("Delete run [old]/demo-1 and [/tmp]?"))
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.query(".dialog-title"),
+                       what="the question")
+        shown = str(app.screen.query_one(".dialog-title", Static).render())
+        assert "[old]/demo-1 and [/tmp]" in shown, shown
+
+
+async def test_the_data_step_reads_a_directory_of_shards(wizard_env):
+    from tui.screens.data import DataScreen
+
+    from test_tui_helpers import demo_app
+
+    shards = wizard_env["tmp"] / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "train-00000-of-00002.jsonl", QA_ROWS)
+    write_jsonl(shards / "train-00001-of-00002.jsonl", QA_ROWS)
+    app = demo_app("gtx-1650", [f"data.path='{shards}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+b")
+        assert isinstance(app.screen, DataScreen)
+        # before: "is a directory; give a .jsonl ... file in it", and no preview
+        await wait_for(pilot, lambda: "8 samples" in status_text(app), timeout=300, what="the preview")
+        assert "instruction format" in status_text(app)
+        assert ".tsv" in str(app.screen.query_one(".title").render())  # the step names every type it reads
