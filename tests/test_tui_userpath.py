@@ -65,3 +65,51 @@ async def test_the_data_step_reads_a_directory_of_shards(wizard_env):
         await wait_for(pilot, lambda: "8 samples" in status_text(app), timeout=300, what="the preview")
         assert "instruction format" in status_text(app)
         assert ".tsv" in str(app.screen.query_one(".title").render())  # the step names every type it reads
+
+
+def died_run(base, name="demo-killed"):
+    """A run whose engine was killed (kill -9) after step 3 and checkpoint 2: no terminal event,
+    its pid file names a dead process, engine.log ends in a warning it printed earlier."""
+    from core.presets import load_preset
+
+    from test_tui_helpers import write_events
+
+    run_dir = base / name
+    run_dir.mkdir(parents=True)
+    cfg = load_preset("demo").with_overrides(["gpu.profile='gtx-1650'"])
+    cfg.write_toml(run_dir / "config.toml")
+    t0 = 1_700_000_000.0
+    events = [{"event": "run_started", "time": t0, "config": cfg.to_dict(), "versions": {}, "total_steps": 10,
+               "device": {"type": "cpu", "name": "cpu"}, "resumed_from": None}]
+    for s in (1, 2, 3):
+        events.append({"event": "step_logged", "time": t0 + s, "step": s, "total_steps": 10, "epoch": s / 10,
+                       "loss": 8.0 - s / 10, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_s": 900.0,
+                       "mem_allocated_gib": None, "mem_reserved_gib": None, "eta_s": 7.0})
+        if s == 2:
+            events.append({"event": "checkpoint_saved", "step": 2, "path": str(run_dir / "checkpoints/checkpoint-2")})
+    write_events(run_dir, events)
+    (run_dir / "engine.log").write_text(
+        "loading the model\n"
+        "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py:3312: FutureWarning: "
+        "`is_gradient_checkpointing` is deprecated\n  warnings.warn(\n", encoding="utf-8")
+    (run_dir / "pid").write_text("999999999\n")
+    return run_dir
+
+
+async def test_a_killed_engine_reads_died_not_an_error_and_names_the_checkpoint(wizard_env):
+    from textual.widgets import Label, Static
+
+    from tui.app import SnugtuneApp
+
+    from test_tui_helpers import demo_app
+
+    run_dir = died_run(wizard_env["runs"])
+    app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "failed", what="the died run")
+        title = str(app.screen.query_one("#run-title", Label).render())
+        assert "· died ·" in title, title  # as `snugtune runs` says; it was "failed"
+        box = str(app.screen.query_one("#engine-error", Static).render())
+        assert "killed" in box and "loading the model" in box
+        assert "FutureWarning" not in box and "warnings.warn" not in box, box  # read as the cause
+        assert "the engine died; ctrl+r resumes from checkpoint-2" in status_text(app), status_text(app)
