@@ -113,3 +113,24 @@ async def test_a_killed_engine_reads_died_not_an_error_and_names_the_checkpoint(
         assert "killed" in box and "loading the model" in box
         assert "FutureWarning" not in box and "warnings.warn" not in box, box  # read as the cause
         assert "the engine died; ctrl+r resumes from checkpoint-2" in status_text(app), status_text(app)
+
+
+async def test_quitting_while_the_run_trains_says_where_it_goes_on(wizard_env):
+    # ctrl+q on the live panel closed the wizard without a word; the run trained on unseen
+    import os
+
+    from tui.app import SnugtuneApp, still_running_note
+
+    from test_tui_helpers import demo_app
+
+    run_dir = died_run(wizard_env["runs"], name="demo-live")
+    (run_dir / "pid").write_text(f"{os.getpid()}\n")  # a live process: the run reads as running
+    app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.run_state == "running", what="the live panel")
+        await pilot.press("ctrl+q")
+    note = still_running_note(app)
+    assert note is not None and "demo-live keeps training in the background" in note
+    assert "snugtune attach demo-live" in note and "snugtune stop demo-live" in note
+    (run_dir / "pid").write_text("999999999\n")  # the engine gone: nothing to say
+    assert still_running_note(app) is None

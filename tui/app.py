@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -365,7 +366,32 @@ def run_wizard(preset: str | None = None) -> int:
         cfg = load_preset(preset)
     app = SnugtuneApp(cfg, preset_name=Path(preset).stem if preset else None)
     app.run()
+    print_still_running(app)
     return app.return_code or 0
+
+
+def still_running_note(app: SnugtuneApp) -> str | None:
+    """What to tell a user who quits while the run trains on: where it is and how to reach it
+    (the wizard's screen is gone, and a run that keeps going unseen reads as lost)."""
+    run_dir = getattr(app, "run_dir", None)
+    if run_dir is None or getattr(app, "run_state", None) not in ("starting", "running"):
+        return None
+    try:
+        from core.runs import run_status
+
+        if run_status(Path(run_dir)).get("status") != "running":
+            return None
+    except Exception:  # noqa: BLE001 - an unreadable run directory: say nothing rather than fail on exit
+        return None
+    name = Path(run_dir).name
+    return (f"{name} keeps training in the background ({run_dir}).\n"
+            f"  watch it:  snugtune attach {name}\n  stop it:   snugtune stop {name}")
+
+
+def print_still_running(app: SnugtuneApp) -> None:
+    note = still_running_note(app)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def run_attach(run_dir: str | Path) -> int:
@@ -378,4 +404,5 @@ def run_attach(run_dir: str | Path) -> int:
     cfg = RunConfig.from_toml(run_dir / "config.toml")
     app = SnugtuneApp(cfg, attach=run_dir)
     app.run()
+    print_still_running(app)
     return app.return_code or 0
