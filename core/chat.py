@@ -56,6 +56,24 @@ def adapter_dir(run_dir: Path) -> Path:
                     hint="wait for the run to save a checkpoint, or train it to the end")
 
 
+def check_base_model(run_dir: Path, cfg: RunConfig) -> None:
+    """A run whose base model was a local folder or GGUF file that is gone (moved, deleted, an
+    unmounted disk): say so in the run's terms. The loader's own message ("model directory ...
+    not found; give an existing local model directory") tells a chat or export user to give
+    something they never give here."""
+    name = str(cfg.model.name_or_path)
+    if not name.startswith(("/", "./", "../", "~")) and not name.lower().endswith(".gguf"):
+        return  # a Hub id or builtin: the loader says what is wrong with those
+    if Path(name).expanduser().exists():
+        return
+    where = Path(run_dir) / CONFIG_FILE
+    raise UserError(
+        f"the run's base model {name} is not there any more (moved or deleted after training); the "
+        f"adapter in {run_dir} needs it",
+        hint=f"put it back, or set model.name_or_path in {where} to where it is now",
+    )
+
+
 def trained_format(run_dir: Path) -> Optional[str]:
     """The data format the run trained on ('instruction', 'chat', 'text'), from its event log."""
     from core.events import read_events
@@ -90,6 +108,7 @@ class ChatSession:
         self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
         self.adapter = adapter_dir(self.run_dir)
         self.kind = trained_format(self.run_dir)
+        check_base_model(self.run_dir, self.cfg)
         source = resolve_model_source(self.cfg.model.name_or_path, self.cfg.model.revision)
         # Chat wherever there is room: the GPU if present, else the CPU (whatever the run planned).
         use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"

@@ -165,7 +165,7 @@ def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precisio
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from core.chat import adapter_dir, trained_format
+    from core.chat import adapter_dir, check_base_model, trained_format
     from core.model import load_tokenizer, resolve_model_source
 
     run_dir = Path(run_dir).resolve()
@@ -175,6 +175,7 @@ def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precisio
     adapter = adapter_dir(run_dir)
     if adapter.name != "adapter":
         progress(f"run {run_dir.name} has not finished: exporting its newest checkpoint ({adapter.name})")
+    check_base_model(run_dir, cfg)
     source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
     base_cfg = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code).to_dict()
