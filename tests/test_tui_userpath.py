@@ -134,3 +134,15 @@ async def test_quitting_while_the_run_trains_says_where_it_goes_on(wizard_env):
     assert "snugtune attach demo-live" in note and "snugtune stop demo-live" in note
     (run_dir / "pid").write_text("999999999\n")  # the engine gone: nothing to say
     assert still_running_note(app) is None
+
+
+def test_a_failed_export_shows_its_hint_without_the_cli_prefix():
+    from tui.screens.done import export_error
+
+    lines = ["merging the adapter ...", "snugtune: error: GGUF export needs llama.cpp's Python binding "
+             "(llama-cpp-python), which is not installed", "  hint: pip install 'snugtune[gguf]'"]
+    # before: "snugtune: error: GGUF export needs ... not installed", the pip command dropped
+    assert export_error(lines, 2) == ("GGUF export needs llama.cpp's Python binding (llama-cpp-python), which is "
+                                      "not installed · hint: pip install 'snugtune[gguf]'")
+    assert export_error(["Traceback (most recent call last):", "RuntimeError: boom"], 1) == "RuntimeError: boom"
+    assert export_error([], 1) == "exit code 1"

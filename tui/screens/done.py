@@ -271,8 +271,7 @@ class DoneScreen(StepScreen):
         text = log_path.read_bytes()[start:].decode(errors="replace")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         if proc.returncode != 0:
-            errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
-            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {proc.returncode}"])[0]))
+            self.post_message(JobDone("export", False, export_error(lines, proc.returncode)))
         else:
             run_line = next((ln.strip() for ln in lines if ln.strip().startswith(("ollama create", "run it:"))), "")
             self.post_message(JobDone("export", True, str(dest), extra={"run": run_line}))
@@ -317,6 +316,18 @@ def export_sizes(run_dir: Path) -> dict[str, int | None]:
     for q in QUANTS:
         sizes[q] = None if n is None else estimate_size_bytes(n, q, embed or 0)
     return sizes
+
+
+def export_error(lines: list[str], returncode: int) -> str:
+    """The export's one message with its hint (`snugtune: error: X` then `  hint: Y`, as the CLI
+    prints a UserError), without the CLI's prefix: the hint is how to fix it (for a GGUF without
+    llama.cpp, the pip command), and the wizard dropped it."""
+    for i, line in enumerate(lines):
+        if line.startswith("snugtune: error:"):
+            said = line[len("snugtune: error:"):].strip()
+            hint = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].strip().startswith("hint:") else ""
+            return said + (f" · {hint}" if hint else "")
+    return lines[-1] if lines else f"exit code {returncode}"
 
 
 class ExportChoiceScreen(ModalScreen):
