@@ -1444,7 +1444,9 @@ def _tokenize_many(samples: list[list[Segment]], tokenizer, train_on_responses_o
         # Each piece on its own and without added specials: the template already holds BOS/EOS,
         # and the prompt is tokenized the way it will be at inference (alone, then generation).
         texts = [seg.text for seg in flat[start : start + chunk]]
-        pieces += tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # verbose=False: no "Token indices sequence length is longer than ... will result in
+        # indexing errors" for a long sample; snugtune cuts or splits it and says so itself
+        pieces += tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     out = []
     k = 0
     for segs in samples:

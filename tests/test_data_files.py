@@ -168,3 +168,42 @@ def test_the_cli_reads_a_semicolon_csv_and_refuses_a_cut_file_with_exit_2(tmp_pa
     assert cut.returncode == 2
     assert "cut.jsonl, line 5: the last line is cut off" in cut.stderr
     assert "Traceback" not in cut.stderr
+
+
+def test_a_huge_line_is_cut_without_the_tokenizers_indexing_warning(tiny_tokenizer):
+    import copy
+    import logging
+
+    from core.data import Segment, _tokenize_many
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.model_max_length = 16
+    tok.deprecation_warnings.pop("sequence-length-is-longer-than-the-specified-maximum", None)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        [(ids, _)] = _tokenize_many([[Segment("word " * 200, True)]], tok, True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(ids) > 16
+    # before: "Token indices sequence length is longer than the specified maximum sequence length
+    # for this model (...). Running this sequence through the model will result in indexing errors"
+    assert not [m for m in seen if "indexing errors" in m], seen
+
+
+def test_a_one_row_file_inspects_as_one_sample(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "--path", str(path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "(1 sample; columns: instruction, output)" in out.stdout and "lengths (1 sample, tokens)" in out.stdout
