@@ -382,10 +382,25 @@ def _read_csv(path: Path, delimiter: str, max_samples: Optional[int], encoding: 
         csv.field_size_limit(CSV_FIELD_LIMIT)
     records = []
     with path.open(encoding=encoding, newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+        # strict: a quote that is never closed is an error at the end of the file, not one last
+        # field that swallowed every line after it
+        reader = csv.DictReader(fh, delimiter=delimiter, strict=True)
         if not reader.fieldnames:
             return []
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                if "unexpected end of data" in str(exc):
+                    raise UserError(f"{path}, line {start}: a quoted value opened on this line is never closed "
+                                    "(the file ends inside it)",
+                                    hint='close the quote, and write a quote inside a quoted value as two ("")') from None
+                raise UserError(f"{path}, line {start}: not readable as {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})",
+                                hint='quote values that hold the separator or a quote ("a, b"; "say ""hi""")') from None
             if None in row:  # more cells than header columns
                 shown = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "bar"}[delimiter] if delimiter in CSV_DELIMITERS else repr(delimiter)
                 raise UserError(f"{path}, line {reader.line_num}: more values than the header has columns "
@@ -941,6 +956,14 @@ def _check_row(r: dict, fmt: DataFormat) -> bool:
         conv = to_conversation(r, fmt)
         if fmt.kind == "chat" and not any(m["role"] == "assistant" for m in conv.messages):
             raise _RowProblem(f"{fmt.columns['messages']!r} has no assistant message (nothing to learn)")
+        # An empty answer (a spreadsheet's blank cell, "output": "") would teach the model to stop
+        # at once: a row still to be filled in, not an answer.
+        if fmt.kind == "instruction" and not conv.messages[-1]["content"].strip():
+            raise _RowProblem(f"field 'output' (column {fmt.columns['output']!r}) is empty")
+        to_learn = [m for m, learn in zip(conv.messages, conv.learned) if learn and m["role"] == "assistant"]
+        if fmt.kind == "chat" and to_learn and not any((m.get("content") or "").strip() or m.get("tool_calls")
+                                                       for m in to_learn):
+            raise _RowProblem(f"{fmt.columns['messages']!r}: every assistant message to learn is empty")
         for m in conv.messages:  # where LLaMA-Factory puts them: the prompt side (answers may quote HTML)
             if m["role"] in ("user", "system"):
                 _no_placeholder(m["content"])

@@ -207,3 +207,40 @@ def test_a_one_row_file_inspects_as_one_sample(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "(1 sample; columns: instruction, output)" in out.stdout and "lengths (1 sample, tokens)" in out.stdout
+
+
+def test_a_blank_answer_cell_is_a_row_to_fix_not_an_answer(tmp_path):
+    # a half-filled spreadsheet: row 2's answer cell is blank; it trained "answer with nothing"
+    path = tmp_path / "sheet.csv"
+    path.write_text("instruction,output\nq1,a1\nq2,\nq3,  \nq4,a4\n", encoding="utf-8")
+    records = load_records(cfg(path))
+    with pytest.raises(UserError, match=r"sheet\.csv: 2 of 4 samples cannot be used as instruction data: "
+                                        r"row 2: field 'output' \(column 'output'\) is empty; row 3: "):
+        check_records(records, detect_format(records, cfg(path)), source=str(path))
+
+
+def test_a_chat_whose_replies_are_all_empty_is_refused_but_a_tool_call_is_a_reply(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    call = {"messages": [{"role": "user", "content": "weather?"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+                         {"role": "tool", "content": "sun"}, {"role": "assistant", "content": "Sunny."}]}
+    path.write_text(json.dumps(call) + "\n" + json.dumps(empty) + "\n", encoding="utf-8")
+    records = load_records(cfg(path))
+    with pytest.raises(UserError, match=r"1 of 2 samples .* row 2: 'messages': every assistant message to learn is empty"):
+        check_records(records, detect_format(records, cfg(path)), source=str(path))
+
+
+def test_an_unclosed_quote_names_its_line_instead_of_swallowing_the_file(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('instruction,output\nq1,a1\n"q2,a2\nq3,a3\n', encoding="utf-8")
+    # before: one row whose instruction held the rest of the file, then "row 2: field 'output' is missing"
+    with pytest.raises(UserError, match=r"q\.csv, line 3: a quoted value opened on this line is never closed"):
+        load_records(cfg(path))
+    path.write_text('instruction,output\nq1,a1\n"q2"x,a2\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"q\.csv, line 3: not readable as CSV"):
+        load_records(cfg(path))
+    path.write_text('instruction,output\nsay "hi",ok\n"a ""b""",c\n', encoding="utf-8")  # quotes as CSV allows them
+    assert load_records(cfg(path)) == [{"instruction": 'say "hi"', "output": "ok"},
+                                       {"instruction": 'a "b"', "output": "c"}]
