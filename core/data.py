@@ -44,6 +44,7 @@ import contextlib
 import contextvars
 import csv
 import functools
+import gzip
 import json
 import math
 import os
@@ -156,7 +157,7 @@ def _looks_like_a_path(path: str) -> bool:
     # A Hub id is "name" or "owner/name"; anything else (an extension we read, a leading ./ or /,
     # ~, a backslash, two slashes) is meant as a file, and a missing one is "file not found".
     return (
-        Path(path).suffix.lower() in FILE_TYPES
+        data_type(Path(path)) is not None
         or path.startswith((".", "/", "~"))
         or "\\" in path
         or path.count("/") > 1
@@ -169,11 +170,16 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto")
     if path.is_dir():
         return _load_dir(path, max_samples, text_split)
     ext = path.suffix.lower()
+    gz = ext == ".gz" and Path(path.stem).suffix.lower() in FILE_TYPES and Path(path.stem).suffix.lower() != ".parquet"
+    if gz:  # my.jsonl.gz: the Hub's and many exporters' compressed form, read without unpacking it
+        ext = Path(path.stem).suffix.lower()
     if ext not in FILE_TYPES:
         raise UserError(
             f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
-            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items())
+            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet gzipped (.jsonl.gz)"
         )
+    if gz:
+        path = _GzFile(path)  # type: ignore[assignment]
     encoding = "utf-8-sig"
     try:
         encoding = _text_encoding(path)
@@ -196,8 +202,36 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto")
         raise _not_utf8(path) from None
     except csv.Error as exc:
         raise UserError(f"{path}: not a readable {FILE_TYPES[ext]} file ({exc})") from None
+    except (EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"{path}: not a whole gzip file ({exc})",
+                        hint="the file was probably cut short while copied or downloaded: fetch it again") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+class _GzFile:
+    """A gzipped data file, read as the Path of its contents by the readers below (open,
+    read_text, read_bytes); shown as its own path in messages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def open(self, mode: str = "r", encoding: Optional[str] = None, newline: Optional[str] = None):
+        if "b" in mode:
+            return gzip.open(self.path, "rb")
+        return gzip.open(self.path, "rt", encoding=encoding, newline=newline)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        with self.open(encoding=encoding) as fh:
+            return fh.read()
+
+    def read_bytes(self) -> bytes:
+        with self.open("rb") as fh:
+            return fh.read()
 
 
 class _FileRecords(list):
@@ -211,14 +245,13 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str) -> list[d
     """Every data file directly in `path` (sorted by name; hidden files and other types
     skipped), all of one type, as one dataset: what a dataset split into shards looks like
     (`train-00000-of-00004.parquet` ...), and how `datasets.load_dataset(dir)` reads one."""
-    files = sorted(p for p in path.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_TYPES)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_type(p))
     if not files:
         raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
                         hint="give one data file, or a directory of them")
-    types = sorted({p.suffix.lower() for p in files})
+    types = sorted({data_type(p) for p in files})
     if len(types) > 1:
-        by_type = "; ".join(f"{t}: " + ", ".join(p.name for p in files if p.suffix.lower() == t)[:80] for t in types)
+        by_type = "; ".join(f"{t}: " + ", ".join(p.name for p in files if data_type(p) == t)[:80] for t in types)
         raise UserError(f"{path}: the directory holds data files of {len(types)} types ({by_type}); "
                         "snugtune reads a directory of one type, as one dataset",
                         hint="move the files that are not part of the data set out, or give one file")
@@ -231,6 +264,15 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str) -> list[d
         records.extend(_load_file(f, left, text_split))
     records.origins = origins
     return records
+
+
+def data_type(path: Path) -> Optional[str]:
+    """The data file type a name says (`.jsonl` for `a.jsonl` and `a.jsonl.gz`), or None."""
+    ext = path.suffix.lower()
+    if ext == ".gz":
+        ext = Path(path.stem).suffix.lower()
+        return ext if ext in FILE_TYPES and ext != ".parquet" else None
+    return ext if ext in FILE_TYPES else None
 
 
 def _row_where(records: list, i: int) -> str:

@@ -244,3 +244,36 @@ def test_an_unclosed_quote_names_its_line_instead_of_swallowing_the_file(tmp_pat
     path.write_text('instruction,output\nsay "hi",ok\n"a ""b""",c\n', encoding="utf-8")  # quotes as CSV allows them
     assert load_records(cfg(path)) == [{"instruction": 'say "hi"', "output": "ok"},
                                        {"instruction": 'a "b"', "output": "c"}]
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".csv", ".json"])
+def test_gzipped_files_are_read_and_a_cut_gzip_is_said(tmp_path, ext):
+    import gzip
+
+    text = {".jsonl": jsonl_text(), ".csv": csv_text(";"), ".json": json.dumps(ROWS)}[ext]
+    path = tmp_path / f"data{ext}.gz"
+    path.write_bytes(gzip.compress(text.encode("utf-16")))  # and UTF-16 inside, as the rest
+    assert load_records(cfg(path)) == ROWS
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / f"a{ext}.gz").write_bytes(path.read_bytes())
+    (shards / f"b{ext}").write_text(text, encoding="utf-8")
+    assert load_records(cfg(shards)) == ROWS + ROWS  # one type: .gz beside plain is the same type
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(UserError, match=rf"data{ext}\.gz: not a whole gzip file"):
+        load_records(cfg(path))
+
+
+def test_the_wizard_takes_a_gzipped_file():
+    from pathlib import Path
+
+    from tui.screens.data import data_suffix, local_problem
+
+    assert data_suffix(Path("a.jsonl.gz")) == ".jsonl" and data_suffix(Path("a.parquet.gz")) == ".gz"
+    assert "no such file" in local_problem("missing.jsonl.gz")  # a path, not a Hub id
+    assert "unsupported file type" in local_problem(__file__)  # a .py file is not data
+
+
+def test_a_missing_gzipped_file_is_file_not_found_not_a_hub_lookup():
+    with pytest.raises(UserError, match=r"nothing\.jsonl\.gz: file not found"):
+        load_records(cfg("nothing.jsonl.gz"))

@@ -61,17 +61,25 @@ def parse_columns(text: str) -> dict[str, str]:
     return mapping
 
 
+def data_suffix(p: Path) -> str:
+    """`.jsonl` for `a.jsonl` and for `a.jsonl.gz` (read gzipped, as core.data.data_type says)."""
+    ext = p.suffix.lower()
+    if ext == ".gz" and Path(p.stem).suffix.lower() in DATA_SUFFIXES - {".parquet"}:
+        return Path(p.stem).suffix.lower()
+    return ext
+
+
 def local_problem(path: str) -> str | None:
     """A path that is clearly meant as a local file but is not there (said before any subprocess)."""
     if path.startswith("builtin:"):
         return None
     p = Path(path).expanduser()
-    looks_local = p.suffix.lower() in DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
+    looks_local = data_suffix(p) in DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not p.exists():
         return f"{path}: no such file (check the path; → completes it as you type)"
     if p.is_dir():
         return None  # a directory of data files is one dataset (the reader says what is in it)
-    if looks_local and p.suffix.lower() not in DATA_SUFFIXES:
+    if looks_local and data_suffix(p) not in DATA_SUFFIXES:
         return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
     return None
 

@@ -200,12 +200,14 @@ class FilePickerScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         from textual.widgets import DirectoryTree
 
+        from tui.screens.data import data_suffix  # here: tui.screens.data imports this module
+
         suffixes = self.suffixes
 
         class DataTree(DirectoryTree):
             def filter_paths(self, paths):
                 return [p for p in paths if not p.name.startswith(".")
-                        and (p.is_dir() or p.suffix.lower() in suffixes)]
+                        and (p.is_dir() or data_suffix(p) in suffixes)]
 
         with Vertical(classes="dialog", id="picker"):
             yield Label(f"Pick a data file under {self.root}", classes="dialog-title", id="picker-title", markup=False)
