@@ -146,3 +146,14 @@ def test_a_failed_export_shows_its_hint_without_the_cli_prefix():
                                       "not installed · hint: pip install 'snugtune[gguf]'")
     assert export_error(["Traceback (most recent call last):", "RuntimeError: boom"], 1) == "RuntimeError: boom"
     assert export_error([], 1) == "exit code 1"
+
+
+def test_a_second_export_is_offered_a_free_path(tmp_path):
+    from tui.screens.done import free_path
+
+    assert free_path(tmp_path / "merged") == tmp_path / "merged"
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged-2").mkdir()
+    assert free_path(tmp_path / "merged") == tmp_path / "merged-3"  # it offered the taken one, then refused it
+    (tmp_path / "run-q4_k_m.gguf").write_bytes(b"")
+    assert free_path(tmp_path / "run-q4_k_m.gguf") == tmp_path / "run-q4_k_m-2.gguf"

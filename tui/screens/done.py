@@ -217,8 +217,8 @@ class DoneScreen(StepScreen):
             return
         kind, quant = choice
         run_dir = self.app.run_dir
-        default = {"merged": run_dir / "merged", "gguf": run_dir / f"{run_dir.name}-{quant}.gguf",
-                   "ollama": run_dir / "ollama"}[kind]
+        default = free_path({"merged": run_dir / "merged", "gguf": run_dir / f"{run_dir.name}-{quant}.gguf",
+                             "ollama": run_dir / "ollama"}[kind])
         what = {"merged": "the merged 16-bit model to (a new directory)",
                 "gguf": f"the {quant} GGUF to (a new file)",
                 "ollama": f"the Ollama folder ({quant} GGUF + Modelfile) to (a new directory)"}[kind]
@@ -316,6 +316,18 @@ def export_sizes(run_dir: Path) -> dict[str, int | None]:
     for q in QUANTS:
         sizes[q] = None if n is None else estimate_size_bytes(n, q, embed or 0)
     return sizes
+
+
+def free_path(p: Path) -> Path:
+    """`p`, or `merged-2`, `x-q4_k_m-2.gguf` ... when it is taken: the second export of a run
+    offered the first one's path, which the export then refused (it never overwrites)."""
+    n = 2
+    candidate = p
+    while candidate.exists() or candidate.is_symlink():
+        candidate = p.with_name(f"{p.name.removesuffix(p.suffix)}-{n}{p.suffix}" if p.suffix == ".gguf"
+                                else f"{p.name}-{n}")
+        n += 1
+    return candidate
 
 
 def export_error(lines: list[str], returncode: int) -> str:
