@@ -210,7 +210,8 @@ class DataScreen(StepScreen):
             self.inspect()
 
     def compose_body(self):
-        yield Label("Training data: a file or folder (.jsonl .json .csv .tsv .parquet .txt) or Hub id",
+        # 78 characters: one line at 80 columns
+        yield Label("Training data: .jsonl .json .csv .tsv .parquet .txt (file or folder) or Hub id",
                     classes="title")
         with Horizontal(classes="row"):
             yield Label("Data", classes="field-label")
