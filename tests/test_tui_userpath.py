@@ -157,3 +157,24 @@ def test_a_second_export_is_offered_a_free_path(tmp_path):
     assert free_path(tmp_path / "merged") == tmp_path / "merged-3"  # it offered the taken one, then refused it
     (tmp_path / "run-q4_k_m.gguf").write_bytes(b"")
     assert free_path(tmp_path / "run-q4_k_m.gguf") == tmp_path / "run-q4_k_m-2.gguf"
+
+
+async def test_a_missing_model_folder_is_named_once(wizard_env):
+    from textual.widgets import Input
+
+    from tui.screens.model import ModelScreen
+
+    from test_tui_helpers import demo_app
+
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.goto(1)
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#query"),
+                       what="the model step")
+        missing = str(wizard_env["tmp"] / "no-model")
+        box = app.screen.query_one("#query", Input)
+        box.value = missing
+        box.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "no such model directory" in status_text(app), what="the refusal")
+        assert status_text(app).count(missing) == 1, status_text(app)  # was "X: X: no such model directory"
