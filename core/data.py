@@ -83,9 +83,10 @@ FIELDS = {
     "segments": {"required": ["segments"], "optional": []},
     "text": {"required": ["text"], "optional": []},
 }
-# Message roles as written by OpenAI/transformers (role/content) and ShareGPT (from/value).
+# Message roles as written by OpenAI/transformers (role/content; OpenAI's newer `developer` is its
+# system role) and ShareGPT (from/value).
 # ShareGPT's function_call is an assistant turn calling a tool; observation is the tool's result.
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
          "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
          "function_call": "tool_call"}
@@ -1313,6 +1314,20 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def _render_all(records: list[dict], fmt: DataFormat, tokenizer, data_cfg: DataConfig,
+                filtered: int = 0) -> list[list[Segment]]:
+    """render() of each record; a sample the template cannot render is named by file and row
+    (the template's own message said neither)."""
+    out = []
+    for i, r in enumerate(records, 1):
+        try:
+            out.append(render(r, fmt, tokenizer, data_cfg))
+        except UserError as exc:
+            where = _row_where(records, i) if not filtered else f"sample {i} (after {filtered} rows left out)"
+            raise UserError(f"{data_cfg.path}, {where}: {exc.message}", hint=exc.hint) from None
+    return out
+
+
 def render(record: dict, fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> list[Segment]:
     """The sample as text segments, each trained or masked, exactly in the order the model reads them.
 
@@ -1474,7 +1489,15 @@ def _render_chat_template(conv: Conversation, tokenizer) -> list[Segment]:
     segs: list[Segment] = []
     done = last_full = ""
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and i == 0:
+            # a conversation that opens with the assistant (a ShareGPT greeting): no prompt comes
+            # before it and templates refuse to render none, so the turn's own header (the text
+            # before its content) is the prompt, as in the built-in layout
+            full = apply(messages[:1], False)
+            at = full.find(m.get("content") or "\x00") if (m.get("content") or "").strip() else -1
+            segs += ([Segment(full[:at], False), Segment(full[at:], conv.learned[0])] if at >= 0
+                     else [Segment(full, False)])
+        elif m["role"] == "assistant":
             prompt = apply(messages[:i], True)
             full = apply(messages[: i + 1], False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
@@ -1798,7 +1821,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     packing, packing_efficiency, length_stats.
     """
     fmt, records, filtered = prepare(data_cfg)
-    rendered = [render(r, fmt, tokenizer, data_cfg) for r in records]
+    rendered = _render_all(records, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
     counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
@@ -1890,7 +1913,7 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     fmt, records, filtered = prepare(data_cfg)
     samples = []
     measured = records[:INSPECT_LENGTH_SAMPLES]
-    rendered = [render(r, fmt, tokenizer, data_cfg) for r in measured]
+    rendered = _render_all(measured, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
     counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)

@@ -277,3 +277,52 @@ def test_the_wizard_takes_a_gzipped_file():
 def test_a_missing_gzipped_file_is_file_not_found_not_a_hub_lookup():
     with pytest.raises(UserError, match=r"nothing\.jsonl\.gz: file not found"):
         load_records(cfg("nothing.jsonl.gz"))
+
+
+def _chat_file(tmp_path, rows) -> DataConfig:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return cfg(path)
+
+
+def _rendered(data_cfg, tokenizer):
+    from core.data import _render_all, prepare
+
+    fmt, records, filtered = prepare(data_cfg)
+    return _render_all(records, fmt, tokenizer, data_cfg, filtered)
+
+
+def test_a_sharegpt_conversation_opening_with_the_assistant_renders(tmp_path, tiny_tokenizer):
+    # before: "the tokenizer's chat template cannot render this sample (ValueError: Cannot apply chat
+    # template to an empty conversation...)", naming neither file nor row, for the whole data set
+    data_cfg = _chat_file(tmp_path, [{"conversations": [{"from": "gpt", "value": "Welcome!"},
+                                                        {"from": "human", "value": "Hi"},
+                                                        {"from": "gpt", "value": "Hello."}]}])
+    [segs] = _rendered(data_cfg, tiny_tokenizer)
+    learned = [s.text for s in segs if s.trained]
+    assert learned[0].startswith("Welcome!") and learned[-1].startswith("Hello.")
+    assert not segs[0].trained and "Welcome!" not in segs[0].text  # the turn's header is the prompt
+
+
+def test_the_openai_developer_role_is_the_system_prompt(tmp_path, tiny_tokenizer):
+    data_cfg = _chat_file(tmp_path, [{"messages": [{"role": "developer", "content": "Be nice."},
+                                                   {"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hello."}]}])
+    [segs] = _rendered(data_cfg, tiny_tokenizer)
+    assert segs[0].text.startswith("<|system|>\nBe nice.")
+
+
+def test_a_sample_the_template_cannot_render_is_named_by_file_and_row(tmp_path, tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    bad = {"messages": [{"role": "system", "content": "S"}] + ok["messages"]}
+    data_cfg = _chat_file(tmp_path, [ok, ok, bad])
+    with pytest.raises(UserError, match=r"chat\.jsonl, row 3: the tokenizer's chat template cannot render this "
+                                        r"sample \(TemplateError: System role not supported\)"):
+        _rendered(data_cfg, tok)
