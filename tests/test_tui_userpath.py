@@ -91,7 +91,8 @@ def died_run(base, name="demo-killed"):
     (run_dir / "engine.log").write_text(
         "loading the model\n"
         "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py:3312: FutureWarning: "
-        "`is_gradient_checkpointing` is deprecated\n  warnings.warn(\n", encoding="utf-8")
+        "`is_gradient_checkpointing` is deprecated\n  warnings.warn(\n"
+        "Loading weights:  97%|█████████▋| 37/38 [00:01<00:00, 21.07it/s]\n", encoding="utf-8")
     (run_dir / "pid").write_text("999999999\n")
     return run_dir
 
@@ -112,6 +113,7 @@ async def test_a_killed_engine_reads_died_not_an_error_and_names_the_checkpoint(
         box = str(app.screen.query_one("#engine-error", Static).render())
         assert "killed" in box and "loading the model" in box
         assert "FutureWarning" not in box and "warnings.warn" not in box, box  # read as the cause
+        assert "Loading weights" not in box, box  # a progress bar is no reason either
         assert "the engine died; ctrl+r resumes from checkpoint-2" in status_text(app), status_text(app)
 
 
@@ -178,3 +180,26 @@ async def test_a_missing_model_folder_is_named_once(wizard_env):
         await pilot.press("enter")
         await wait_for(pilot, lambda: "no such model directory" in status_text(app), what="the refusal")
         assert status_text(app).count(missing) == 1, status_text(app)  # was "X: X: no such model directory"
+
+
+async def test_a_damaged_checkpoint_set_aside_on_resume_is_said(wizard_env):
+    # the status said "ctrl+r resumes from checkpoint-2", then "resumed from checkpoint-1" unexplained
+    import os
+
+    from tui.app import SnugtuneApp
+
+    from test_tui_helpers import demo_app, write_events
+
+    run_dir = died_run(wizard_env["runs"], name="demo-resumed")
+    write_events(run_dir, [
+        {"event": "checkpoint_skipped", "path": str(run_dir / "checkpoints/checkpoint-2"),
+         "reason": "adapter_model.safetensors: truncated (header cut off)",
+         "moved_to": str(run_dir / "checkpoints/damaged-checkpoint-2")},
+        {"event": "run_started", "config": {}, "versions": {}, "total_steps": 10, "device": {"type": "cpu"},
+         "resumed_from": str(run_dir / "checkpoints/checkpoint-1")},
+    ])
+    (run_dir / "pid").write_text(f"{os.getpid()}\n")
+    app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "resumed from checkpoint-1" in status_text(app), what="the resumed attempt")
+        assert "checkpoint-2 was damaged (adapter_model.safetensors: truncated" in status_text(app), status_text(app)

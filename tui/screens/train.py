@@ -45,11 +45,18 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(_without_warnings(text.rstrip().splitlines())[-lines:])
 
 
+# a progress bar's line ("Loading weights:  82%|████████▏ | 31/38 [00:01<00:00, 18.72it/s]"):
+# what a killed engine printed last, and no reason for anything
+_PROGRESS_LINE = re.compile(r"^[^|]*\d+%\|.*\|")
+
+
 def _without_warnings(lines: list[str]) -> list[str]:
     """engine.log's lines less Python's warnings (`file.py:12: FutureWarning: ...` and the source
     line under it): a killed engine's log ends in whatever warned last, which read as the cause."""
     out, skip_source = [], False
     for line in lines:
+        if _PROGRESS_LINE.search(line):
+            continue
         if re.search(r"^\S.*:\d+: \w*Warning: ", line):
             skip_source = True
             continue
@@ -112,6 +119,7 @@ class TrainScreen(StepScreen):
         self.device: dict = {}
         self.gpu_stats: dict = {}
         self.failure: dict | None = None
+        self.skipped_note = ""  # a damaged checkpoint the engine set aside, said with the next start
         self.setup_message = ""
         self.started_at: float | None = None  # the run_started event's time (this session of the run)
         self.last_time: float | None = None
@@ -267,8 +275,16 @@ class TrainScreen(StepScreen):
             self.total_steps = e.get("total_steps") or self.total_steps
             self.device = e.get("device") or {}
             resumed = e.get("resumed_from")
+            skipped, self.skipped_note = self.skipped_note, ""
             self.set_status(f"training{' (resumed from ' + Path(str(resumed)).name + ')' if resumed else ''} · "
-                            "ctrl+x stops and saves a checkpoint")
+                            + (f"{skipped} · " if skipped else "") + "ctrl+x stops and saves a checkpoint",
+                            "warning" if skipped else "info")
+        elif kind == "checkpoint_skipped":
+            # the engine set a damaged checkpoint aside and resumes from an older one: say so, or
+            # "resumed from checkpoint-6" after "ctrl+r resumes from checkpoint-8" reads as a bug
+            name = Path(str(e.get("path"))).name
+            self.skipped_note = f"{name} was damaged ({e.get('reason')}), set aside"
+            self.set_status(self.skipped_note, "warning")
         elif kind == "setup_progress":
             self.setup_message = str(e.get("message") or "")
         elif kind == "data_prepared":
