@@ -175,9 +175,12 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto")
     if gz:  # my.jsonl.gz: the Hub's and many exporters' compressed form, read without unpacking it
         ext = Path(path.stem).suffix.lower()
     if ext not in FILE_TYPES:
+        sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
         raise UserError(
             f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
-            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet gzipped (.jsonl.gz)"
+            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet gzipped (.jsonl.gz)",
+            hint="save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
+            if sheet else None,
         )
     if gz:
         path = _GzFile(path)  # type: ignore[assignment]

@@ -326,3 +326,11 @@ def test_a_sample_the_template_cannot_render_is_named_by_file_and_row(tmp_path, 
     with pytest.raises(UserError, match=r"chat\.jsonl, row 3: the tokenizer's chat template cannot render this "
                                         r"sample \(TemplateError: System role not supported\)"):
         _rendered(data_cfg, tok)
+
+
+def test_a_spreadsheet_is_refused_with_how_to_save_it_as_csv(tmp_path):
+    path = tmp_path / "data.xlsx"
+    path.write_bytes(b"PK\x03\x04")
+    with pytest.raises(UserError) as err:
+        load_records(cfg(path))
+    assert "unknown file type '.xlsx'" in str(err.value) and 'Save As > "CSV UTF-8"' in err.value.hint
