@@ -337,6 +337,8 @@ def _read_jsonl(path: Path, max_samples: Optional[int], encoding: str = "utf-8-s
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            if line.startswith("\ufeff"):  # files joined with `cat`, each saved with a BOM
+                line = line[1:]
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -1019,7 +1021,7 @@ def _check_row(r: dict, fmt: DataFormat) -> bool:
         return False
     col = fmt.columns["text"]
     v = r.get(col)
-    if v is None:
+    if _missing(v):
         raise _RowProblem(f"field 'text' (column {col!r}) is missing")
     _field_text(v, "text", col)
     return False
@@ -1031,12 +1033,18 @@ def _no_placeholder(text: str) -> None:
         raise _RowProblem(f"{MULTIMODAL} (an {m.group(0)} placeholder in the text)")
 
 
+def _missing(v: Any) -> bool:
+    """None, or NaN: pandas' missing value, which a DataFrame's float column writes to Parquet
+    and JSON (`NaN`) where a cell was empty; read as text it would teach the model to say "nan"."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _field_text(v: Any, fld: str, col: str) -> str:
     """A field's text. A number is read as its text, deliberately: answers such as 5 or 3.5 are
     common in arithmetic and extraction sets, and JSON/Parquet/pyarrow hand them over typed; the
     digits are what the model should write. true/false, lists and objects are refused: they have
     no one obvious text (a list could be turns, parts or several answers)."""
-    if v is None:
+    if _missing(v):
         return ""
     if isinstance(v, str):
         return v
@@ -1163,7 +1171,7 @@ def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
     tools = _tools(record.get(c["tools"]), c["tools"]) if "tools" in c else None
     if fmt.kind == "instruction":
         for fld in ("instruction", "output"):
-            if record.get(c[fld]) is None:
+            if _missing(record.get(c[fld])):
                 raise _RowProblem(f"field {fld!r} (column {c[fld]!r}) is missing")
         for q, a in _history(record, fmt):
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]

@@ -334,3 +334,26 @@ def test_a_spreadsheet_is_refused_with_how_to_save_it_as_csv(tmp_path):
     with pytest.raises(UserError) as err:
         load_records(cfg(path))
     assert "unknown file type '.xlsx'" in str(err.value) and 'Save As > "CSV UTF-8"' in err.value.hint
+
+
+def test_a_pandas_nan_is_a_missing_value_not_the_text_nan(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "df.parquet"
+    pq.write_table(pa.table({"instruction": ["q1", "q2"], "output": [1.5, float("nan")]}), path)
+    records = load_records(cfg(path))
+    with pytest.raises(UserError, match=r"1 of 2 samples .* row 2: field 'output' \(column 'output'\) is missing"):
+        check_records(records, detect_format(records, cfg(path)), source=str(path))
+    jl = tmp_path / "df.jsonl"
+    jl.write_text('{"instruction": "q", "output": NaN}\n', encoding="utf-8")  # as Python's json.dumps writes a float NaN
+    records = load_records(cfg(jl))
+    with pytest.raises(UserError, match=r"row 1: field 'output' \(column 'output'\) is missing"):
+        check_records(records, detect_format(records, cfg(jl)), source=str(jl))
+
+
+def test_files_joined_with_cat_keep_each_ones_bom_out(tmp_path):
+    path = tmp_path / "all.jsonl"
+    one = codecs.BOM_UTF8 + jsonl_text().encode()
+    path.write_bytes(one + one)  # cat a.jsonl b.jsonl > all.jsonl, both saved "UTF-8 with BOM"
+    assert load_records(cfg(path)) == ROWS + ROWS
