@@ -159,8 +159,10 @@ def test_the_cli_reads_a_semicolon_csv_and_refuses_a_cut_file_with_exit_2(tmp_pa
     good.write_text(csv_text(";"), encoding="utf-8")
     bad = tmp_path / "cut.jsonl"
     bad.write_text(jsonl_text() + '{"instruction": "x', encoding="utf-8")
-    run = lambda p: subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "--path", str(p), "--json"],  # noqa: E731
-                                   capture_output=True, text=True, timeout=600)
+    def run(p):
+        return subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "--path", str(p), "--json"],
+                              capture_output=True, text=True, timeout=600, check=False)
+
     ok = run(good)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["format"]["kind"] == "instruction"
@@ -204,7 +206,7 @@ def test_a_one_row_file_inspects_as_one_sample(tmp_path):
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "--path", str(path)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr
     assert "(1 sample; columns: instruction, output)" in out.stdout and "lengths (1 sample, tokens)" in out.stdout
 

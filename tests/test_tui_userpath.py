@@ -2,9 +2,14 @@
 read as markup and dropped, a directory of data shards refused by the data step."""
 from __future__ import annotations
 
-import pytest
-
-from test_tui_helpers import QA_ROWS, finished_run, status_text, wait_for, wizard_env, write_jsonl  # noqa: F401
+from test_tui_helpers import (  # noqa: F401
+    QA_ROWS,
+    finished_run,
+    status_text,
+    wait_for,
+    wizard_env,
+    write_jsonl,
+)
 
 SIZE = (80, 24)
 
@@ -12,12 +17,11 @@ SIZE = (80, 24)
 async def test_the_export_dialog_says_the_whole_pip_command(wizard_env):
     # "[gguf]" was taken for a markup tag and dropped: the dialog said "pip install 'snugtune'",
     # which installs nothing new
+    from test_tui_helpers import demo_app
     from textual.widgets import Static
 
     from tui.app import SnugtuneApp
     from tui.screens.done import DoneScreen, ExportChoiceScreen
-
-    from test_tui_helpers import demo_app
 
     run_dir = finished_run(wizard_env["runs"])
     app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
@@ -32,12 +36,11 @@ async def test_the_export_dialog_says_the_whole_pip_command(wizard_env):
 
 
 async def test_a_question_with_brackets_is_shown_as_written(wizard_env):
+    from test_tui_helpers import demo_app
     from textual.widgets import Static
 
     from tui.app import SnugtuneApp
     from tui.screens.modals import ConfirmScreen
-
-    from test_tui_helpers import demo_app
 
     app: SnugtuneApp = demo_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -49,9 +52,9 @@ async def test_a_question_with_brackets_is_shown_as_written(wizard_env):
 
 
 async def test_the_data_step_reads_a_directory_of_shards(wizard_env):
-    from tui.screens.data import DataScreen
-
     from test_tui_helpers import demo_app
+
+    from tui.screens.data import DataScreen
 
     shards = wizard_env["tmp"] / "shards"
     shards.mkdir()
@@ -70,9 +73,9 @@ async def test_the_data_step_reads_a_directory_of_shards(wizard_env):
 def died_run(base, name="demo-killed"):
     """A run whose engine was killed (kill -9) after step 3 and checkpoint 2: no terminal event,
     its pid file names a dead process, engine.log ends in a warning it printed earlier."""
-    from core.presets import load_preset
-
     from test_tui_helpers import write_events
+
+    from core.presets import load_preset
 
     run_dir = base / name
     run_dir.mkdir(parents=True)
@@ -98,11 +101,10 @@ def died_run(base, name="demo-killed"):
 
 
 async def test_a_killed_engine_reads_died_not_an_error_and_names_the_checkpoint(wizard_env):
+    from test_tui_helpers import demo_app
     from textual.widgets import Label, Static
 
     from tui.app import SnugtuneApp
-
-    from test_tui_helpers import demo_app
 
     run_dir = died_run(wizard_env["runs"])
     app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
@@ -121,9 +123,9 @@ async def test_quitting_while_the_run_trains_says_where_it_goes_on(wizard_env):
     # ctrl+q on the live panel closed the wizard without a word; the run trained on unseen
     import os
 
-    from tui.app import SnugtuneApp, still_running_note
-
     from test_tui_helpers import demo_app
+
+    from tui.app import SnugtuneApp, still_running_note
 
     run_dir = died_run(wizard_env["runs"], name="demo-live")
     (run_dir / "pid").write_text(f"{os.getpid()}\n")  # a live process: the run reads as running
@@ -141,8 +143,10 @@ async def test_quitting_while_the_run_trains_says_where_it_goes_on(wizard_env):
 def test_a_failed_export_shows_its_hint_without_the_cli_prefix():
     from tui.screens.done import export_error
 
-    lines = ["merging the adapter ...", "snugtune: error: GGUF export needs llama.cpp's Python binding "
-             "(llama-cpp-python), which is not installed", "  hint: pip install 'snugtune[gguf]'"]
+    lines = ["merging the adapter ...",
+             ("snugtune: error: GGUF export needs llama.cpp's Python binding (llama-cpp-python), which is not "
+              "installed"),
+             "  hint: pip install 'snugtune[gguf]'"]
     # before: "snugtune: error: GGUF export needs ... not installed", the pip command dropped
     assert export_error(lines, 2) == ("GGUF export needs llama.cpp's Python binding (llama-cpp-python), which is "
                                       "not installed · hint: pip install 'snugtune[gguf]'")
@@ -162,11 +166,10 @@ def test_a_second_export_is_offered_a_free_path(tmp_path):
 
 
 async def test_a_missing_model_folder_is_named_once(wizard_env):
+    from test_tui_helpers import demo_app
     from textual.widgets import Input
 
     from tui.screens.model import ModelScreen
-
-    from test_tui_helpers import demo_app
 
     app = demo_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -186,9 +189,9 @@ async def test_a_damaged_checkpoint_set_aside_on_resume_is_said(wizard_env):
     # the status said "ctrl+r resumes from checkpoint-2", then "resumed from checkpoint-1" unexplained
     import os
 
-    from tui.app import SnugtuneApp
-
     from test_tui_helpers import demo_app, write_events
+
+    from tui.app import SnugtuneApp
 
     run_dir = died_run(wizard_env["runs"], name="demo-resumed")
     write_events(run_dir, [
