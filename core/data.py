@@ -354,6 +354,11 @@ def _read_jsonl(path: Path, max_samples: Optional[int], encoding: str = "utf-8-s
                         hint="the file was probably truncated (a copy or a writer stopped early): complete the "
                         f"last line, or delete it to use the {len(records)} lines before it",
                     ) from None
+                if exc.msg == "Extra data" and line.rstrip().endswith(","):
+                    raise UserError(f"{path}, line {lineno}: a comma after the object (`}},`): JSON lines have "
+                                    "one object a line and nothing between them",
+                                    hint="remove the commas at the ends of the lines, or save the file as a "
+                                    ".json array ([{...}, {...}])") from None
                 raise UserError(f"{path}, line {lineno}: not valid JSON ({_json_problem(exc)})",
                                 hint="each line must be one whole JSON object, {...}") from None
             if not isinstance(obj, dict):
@@ -392,6 +397,8 @@ def _read_json(path: Path, encoding: str = "utf-8-sig") -> list[dict]:
 
 def _samples_of(path: Path, data: Any) -> list[dict]:
     if isinstance(data, dict):
+        data = _pandas_frame(data)
+    if isinstance(data, dict):
         if isinstance(data.get("data"), list):
             data = data["data"]
         else:
@@ -404,6 +411,26 @@ def _samples_of(path: Path, data: Any) -> list[dict]:
     for i, obj in enumerate(data, 1):
         if not isinstance(obj, dict):
             raise UserError(f"{path}: sample {i} is a {type(obj).__name__}, expected an object ({{...}})")
+    return data
+
+
+def _pandas_frame(data: dict) -> Any:
+    """pandas' DataFrame.to_json() forms as rows: the default `orient="columns"` ({column:
+    {index: value}}), `orient="index"` ({index: {column: value}}) and `orient="split"`
+    ({"columns": [...], "data": [[...]]}); else `data`. The index is told from the columns by
+    its labels: pandas' default index is 0, 1, 2 ..., written as "0", "1", "2"."""
+    def is_index(keys) -> bool:
+        return bool(keys) and all(isinstance(k, str) and k.isdigit() for k in keys)
+
+    if data and all(isinstance(v, dict) for v in data.values()):
+        inner = list(next(iter(data.values())))
+        if is_index(inner) and all(list(v) == inner for v in data.values()):
+            return [{col: data[col][i] for col in data} for i in inner]
+        if is_index(list(data)):
+            return list(data.values())
+    if isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) \
+            and all(isinstance(r, list) and len(r) == len(data["columns"]) for r in data["data"]):
+        return [dict(zip(data["columns"], r)) for r in data["data"]]
     return data
 
 

@@ -359,3 +359,34 @@ def test_files_joined_with_cat_keep_each_ones_bom_out(tmp_path):
     one = codecs.BOM_UTF8 + jsonl_text().encode()
     path.write_bytes(one + one)  # cat a.jsonl b.jsonl > all.jsonl, both saved "UTF-8 with BOM"
     assert load_records(cfg(path)) == ROWS + ROWS
+
+
+@pytest.mark.parametrize("orient", ["columns", "split", "records", "index"])
+def test_a_pandas_to_json_file_reads_as_its_rows(tmp_path, orient):
+    # DataFrame.to_json()'s default is orient="columns": {"instruction": {"0": ...}, ...}; it was
+    # refused as "expected a list of samples"
+    frames = {
+        "columns": {"instruction": {str(i): r["instruction"] for i, r in enumerate(ROWS)},
+                    "output": {str(i): r["output"] for i, r in enumerate(ROWS)}},
+        "index": {str(i): r for i, r in enumerate(ROWS)},
+        "split": {"columns": ["instruction", "output"], "index": list(range(len(ROWS))),
+                  "data": [[r["instruction"], r["output"]] for r in ROWS]},
+        "records": ROWS,
+    }
+    path = tmp_path / "df.json"
+    path.write_text(json.dumps(frames[orient]), encoding="utf-8")
+    assert load_records(cfg(path)) == ROWS
+
+
+def test_a_dict_that_is_no_frame_is_still_refused(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"model": {"name": "x"}, "data": {"path": "y"}}), encoding="utf-8")
+    with pytest.raises(UserError, match=r"expected a list of samples or \{\"data\": \[\.\.\.\]\}"):
+        load_records(cfg(path))
+
+
+def test_jsonl_lines_ending_in_commas_are_said_as_such(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + ",\n" for r in ROWS), encoding="utf-8")
+    with pytest.raises(UserError, match=r"data\.jsonl, line 1: a comma after the object"):
+        load_records(cfg(path))
