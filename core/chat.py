@@ -52,8 +52,15 @@ def adapter_dir(run_dir: Path) -> Path:
     ckpt = last_checkpoint(run_dir)
     if ckpt is not None and (ckpt / "adapter_config.json").is_file():
         return ckpt
-    raise UserError(f"run {run_dir.name} has no adapter yet (no adapter/ and no checkpoint)",
-                    hint="wait for the run to save a checkpoint, or train it to the end")
+    from core.runs import run_status
+
+    status = run_status(run_dir).get("status")
+    if status == "running":
+        hint = "wait for the run to save its first checkpoint (train.save_steps), or to finish"
+    else:  # failed, stopped or died before its first checkpoint: waiting would never end
+        what = f"the run {status} before it saved one" if status in ("failed", "stopped", "died") else "none was saved"
+        hint = f"{what}: `snugtune resume {run_dir.name}` trains it again from the start"
+    raise UserError(f"run {run_dir.name} has no adapter yet (no adapter/ and no checkpoint)", hint=hint)
 
 
 def check_base_model(run_dir: Path, cfg: RunConfig) -> None:

@@ -44,3 +44,29 @@ def test_the_cli_export_of_a_moved_model_exits_2(moved_model_run, tmp_path):
     out = subprocess.run([sys.executable, "-m", "tui.cli", "export", str(run_dir), "--merged", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 2 and "is not there any more" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_told_to_resume_not_wait(tmp_path):
+    import os
+
+    from core.chat import adapter_dir
+    from test_tui_helpers import write_events
+
+    run_dir = tmp_path / "demo-failed"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("", encoding="utf-8")
+    write_events(run_dir, [{"event": "run_started", "config": {}, "versions": {}, "total_steps": 4,
+                            "device": {"type": "cpu"}, "resumed_from": None},
+                           {"event": "run_failed", "error": "disk full", "kind": "disk", "traceback": ""}])
+    with pytest.raises(UserError) as err:
+        adapter_dir(run_dir)
+    # before: "wait for the run to save a checkpoint", for a run that will never save one
+    assert "the run failed before it saved one: `snugtune resume demo-failed`" in err.value.hint
+    (tmp_path / "demo-live").mkdir()
+    write_events(tmp_path / "demo-live", [{"event": "run_started", "config": {}, "versions": {}, "total_steps": 4,
+                                           "device": {"type": "cpu"}, "resumed_from": None}])
+    (tmp_path / "demo-live" / "config.toml").write_text("", encoding="utf-8")
+    (tmp_path / "demo-live" / "pid").write_text(f"{os.getpid()}\n")
+    with pytest.raises(UserError) as err:
+        adapter_dir(tmp_path / "demo-live")
+    assert "wait for the run to save its first checkpoint" in err.value.hint
