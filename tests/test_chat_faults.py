@@ -49,8 +49,9 @@ def test_the_cli_export_of_a_moved_model_exits_2(moved_model_run, tmp_path):
 def test_a_run_that_failed_before_its_first_checkpoint_is_told_to_resume_not_wait(tmp_path):
     import os
 
-    from core.chat import adapter_dir
     from test_tui_helpers import write_events
+
+    from core.chat import adapter_dir
 
     run_dir = tmp_path / "demo-failed"
     run_dir.mkdir()
