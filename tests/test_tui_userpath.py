@@ -206,3 +206,24 @@ async def test_a_damaged_checkpoint_set_aside_on_resume_is_said(wizard_env):
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "resumed from checkpoint-1" in status_text(app), what="the resumed attempt")
         assert "checkpoint-2 was damaged (adapter_model.safetensors: truncated" in status_text(app), status_text(app)
+
+
+def test_an_export_stopped_for_time_removes_its_temporary_file(tmp_path):
+    # it was SIGKILLed, which leaves core.export's `.NAME.xxx.tmp` beside the destination
+    import subprocess
+    import sys
+    import time
+
+    from tui.screens.done import stop_export
+
+    tmp = tmp_path / ".merged.abc.tmp"
+    script = (f"import pathlib, time\np = pathlib.Path({str(tmp)!r})\np.write_text('half')\n"
+              "try:\n    time.sleep(600)\nexcept KeyboardInterrupt:\n    p.unlink()\n    raise SystemExit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not tmp.exists():  # a condition, polled: the child has started writing
+        assert time.monotonic() < deadline, "the child never wrote"
+        assert proc.poll() is None
+        time.sleep(0.05)
+    stop_export(proc, grace_s=120)
+    assert proc.returncode == 130 and not tmp.exists()

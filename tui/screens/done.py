@@ -3,6 +3,8 @@ allows), export (merged 16-bit weights, a GGUF, an Ollama folder), and saving th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -264,7 +266,7 @@ class DoneScreen(StepScreen):
             if worker.is_cancelled:
                 return
             if time.monotonic() > deadline:
-                proc.kill()
+                stop_export(proc)
                 self.post_message(JobDone("export", False, f"export took over {EXPORT_TIMEOUT_S}s and was stopped"))
                 return
             worker.cancelled_event.wait(0.3)
@@ -316,6 +318,24 @@ def export_sizes(run_dir: Path) -> dict[str, int | None]:
     for q in QUANTS:
         sizes[q] = None if n is None else estimate_size_bytes(n, q, embed or 0)
     return sizes
+
+
+# How long an interrupted export has to remove its temporary files before it is killed.
+EXPORT_STOP_GRACE_S = 60.0
+
+
+def stop_export(proc, grace_s: float = EXPORT_STOP_GRACE_S) -> None:
+    """Stop an export: SIGINT first (its own session, so its group), on which it removes the
+    half-written files it holds (core.export); SIGKILL, which was all it got, left them."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def free_path(p: Path) -> Path:
