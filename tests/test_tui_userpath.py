@@ -227,3 +227,22 @@ def test_an_export_stopped_for_time_removes_its_temporary_file(tmp_path):
         time.sleep(0.05)
     stop_export(proc, grace_s=120)
     assert proc.returncode == 130 and not tmp.exists()
+
+
+def test_quitting_during_an_export_says_it_goes_on(tmp_path):
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from tui.app import still_running_note
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        app = SimpleNamespace(export_job=(proc, tmp_path / "merged", tmp_path / "export.log"), run_dir=None)
+        note = still_running_note(app)
+        assert note == (f"an export to {tmp_path / 'merged'} is still being written; it finishes on its own "
+                        f"(log: {tmp_path / 'export.log'})")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert still_running_note(app) is None  # once it is over, nothing to say

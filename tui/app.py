@@ -70,6 +70,7 @@ class SnugtuneApp(App[int]):
         self.last_estimate: Any = None
         self.run_result: dict | None = None  # the run_finished event of the run in step 5
         self.run_state: str | None = None  # the state step 5 last showed (ready, running, failed...)
+        self.export_job: tuple | None = None  # (Popen, destination, log) of the done step's last export
         self.check_runs = check_runs and attach is None
         self.exit_after_first_frame = os.environ.get(EXIT_AFTER_FIRST_FRAME, "")
         self.step = 0
@@ -371,21 +372,26 @@ def run_wizard(preset: str | None = None) -> int:
 
 
 def still_running_note(app: SnugtuneApp) -> str | None:
-    """What to tell a user who quits while the run trains on: where it is and how to reach it
-    (the wizard's screen is gone, and a run that keeps going unseen reads as lost)."""
+    """What to tell a user who quits while the run trains on, or an export is being written:
+    where it is and how to reach it (the wizard's screen is gone, and work that goes on unseen
+    reads as lost)."""
+    notes = []
+    job = getattr(app, "export_job", None)
+    if job is not None and job[0].poll() is None:
+        notes.append(f"an export to {job[1]} is still being written; it finishes on its own (log: {job[2]})")
     run_dir = getattr(app, "run_dir", None)
-    if run_dir is None or getattr(app, "run_state", None) not in ("starting", "running"):
-        return None
-    try:
-        from core.runs import run_status
+    if run_dir is not None and getattr(app, "run_state", None) in ("starting", "running"):
+        try:
+            from core.runs import run_status
 
-        if run_status(Path(run_dir)).get("status") != "running":
-            return None
-    except Exception:  # noqa: BLE001 - an unreadable run directory: say nothing rather than fail on exit
-        return None
-    name = Path(run_dir).name
-    return (f"{name} keeps training in the background ({run_dir}).\n"
-            f"  watch it:  snugtune attach {name}\n  stop it:   snugtune stop {name}")
+            running = run_status(Path(run_dir)).get("status") == "running"
+        except Exception:  # noqa: BLE001 - an unreadable run directory: say nothing rather than fail on exit
+            running = False
+        if running:
+            name = Path(run_dir).name
+            notes.insert(0, f"{name} keeps training in the background ({run_dir}).\n"
+                         f"  watch it:  snugtune attach {name}\n  stop it:   snugtune stop {name}")
+    return "\n".join(notes) or None
 
 
 def print_still_running(app: SnugtuneApp) -> None:

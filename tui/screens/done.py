@@ -246,6 +246,7 @@ class DoneScreen(StepScreen):
             # its own session: an export the wizard quits during finishes on its own (a
             # half-written model is worse), and its output goes to a file nothing has to drain
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        self.app.export_job = (proc, dest, log_path)  # said on quit while it runs (tui.app.still_running_note)
         deadline = time.monotonic() + EXPORT_TIMEOUT_S
         seen = start
         while True:
