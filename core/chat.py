@@ -52,8 +52,33 @@ def adapter_dir(run_dir: Path) -> Path:
     ckpt = last_checkpoint(run_dir)
     if ckpt is not None and (ckpt / "adapter_config.json").is_file():
         return ckpt
-    raise UserError(f"run {run_dir.name} has no adapter yet (no adapter/ and no checkpoint)",
-                    hint="wait for the run to save a checkpoint, or train it to the end")
+    from core.runs import run_status
+
+    status = run_status(run_dir).get("status")
+    if status == "running":
+        hint = "wait for the run to save its first checkpoint (train.save_steps), or to finish"
+    else:  # failed, stopped or died before its first checkpoint: waiting would never end
+        what = f"the run {status} before it saved one" if status in ("failed", "stopped", "died") else "none was saved"
+        hint = f"{what}: `snugtune resume {run_dir.name}` trains it again from the start"
+    raise UserError(f"run {run_dir.name} has no adapter yet (no adapter/ and no checkpoint)", hint=hint)
+
+
+def check_base_model(run_dir: Path, cfg: RunConfig) -> None:
+    """A run whose base model was a local folder or GGUF file that is gone (moved, deleted, an
+    unmounted disk): say so in the run's terms. The loader's own message ("model directory ...
+    not found; give an existing local model directory") tells a chat or export user to give
+    something they never give here."""
+    name = str(cfg.model.name_or_path)
+    if not name.startswith(("/", "./", "../", "~")) and not name.lower().endswith(".gguf"):
+        return  # a Hub id or builtin: the loader says what is wrong with those
+    if Path(name).expanduser().exists():
+        return
+    where = Path(run_dir) / CONFIG_FILE
+    raise UserError(
+        f"the run's base model {name} is not there any more (moved or deleted after training); the "
+        f"adapter in {run_dir} needs it",
+        hint=f"put it back, or set model.name_or_path in {where} to where it is now",
+    )
 
 
 def trained_format(run_dir: Path) -> Optional[str]:
@@ -90,6 +115,7 @@ class ChatSession:
         self.cfg = RunConfig.from_toml(self.run_dir / CONFIG_FILE)
         self.adapter = adapter_dir(self.run_dir)
         self.kind = trained_format(self.run_dir)
+        check_base_model(self.run_dir, self.cfg)
         source = resolve_model_source(self.cfg.model.name_or_path, self.cfg.model.revision)
         # Chat wherever there is room: the GPU if present, else the CPU (whatever the run planned).
         use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"

@@ -39,10 +39,12 @@ that need them.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import csv
 import functools
+import gzip
 import json
 import math
 import os
@@ -81,9 +83,10 @@ FIELDS = {
     "segments": {"required": ["segments"], "optional": []},
     "text": {"required": ["text"], "optional": []},
 }
-# Message roles as written by OpenAI/transformers (role/content) and ShareGPT (from/value).
+# Message roles as written by OpenAI/transformers (role/content; OpenAI's newer `developer` is its
+# system role) and ShareGPT (from/value).
 # ShareGPT's function_call is an assistant turn calling a tool; observation is the tool's result.
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
          "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
          "function_call": "tool_call"}
@@ -144,7 +147,7 @@ def load_records(data_cfg: DataConfig) -> list[dict]:
     else:
         records = _load_hub(path, data_cfg)
         source = f"Hub dataset {path!r}"
-    if data_cfg.max_samples is not None:
+    if data_cfg.max_samples is not None and len(records) > data_cfg.max_samples:
         records = records[: data_cfg.max_samples]
     if not records:
         raise UserError(f"{source}: no samples found (the dataset is empty)")
@@ -155,7 +158,7 @@ def _looks_like_a_path(path: str) -> bool:
     # A Hub id is "name" or "owner/name"; anything else (an extension we read, a leading ./ or /,
     # ~, a backslash, two slashes) is meant as a file, and a missing one is "file not found".
     return (
-        Path(path).suffix.lower() in FILE_TYPES
+        data_type(Path(path)) is not None
         or path.startswith((".", "/", "~"))
         or "\\" in path
         or path.count("/") > 1
@@ -166,31 +169,144 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto")
     if not path.exists():
         raise UserError(f"{path}: file not found", hint="check the path (data.path), or give a Hub dataset id as owner/name")
     if path.is_dir():
-        raise UserError(f"{path}: is a directory; give one data file ({', '.join(FILE_TYPES)})")
+        return _load_dir(path, max_samples, text_split)
     ext = path.suffix.lower()
+    gz = ext == ".gz" and Path(path.stem).suffix.lower() in FILE_TYPES and Path(path.stem).suffix.lower() != ".parquet"
+    if gz:  # my.jsonl.gz: the Hub's and many exporters' compressed form, read without unpacking it
+        ext = Path(path.stem).suffix.lower()
     if ext not in FILE_TYPES:
+        sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
         raise UserError(
             f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
-            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items())
+            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet gzipped (.jsonl.gz)",
+            hint="save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
+            if sheet else None,
         )
+    if gz:
+        path = _GzFile(path)  # type: ignore[assignment]
+    encoding = "utf-8-sig"
     try:
+        encoding = _text_encoding(path)
         if ext == ".jsonl":
-            return _read_jsonl(path, max_samples)
+            return _read_jsonl(path, max_samples, encoding)
         if ext == ".json":
-            return _read_json(path)
+            return _read_json(path, encoding)
         if ext in (".csv", ".tsv"):
-            return _read_csv(path, "\t" if ext == ".tsv" else ",", max_samples)
+            delimiter = "\t" if ext == ".tsv" else _csv_delimiter(path, encoding)
+            return _read_csv(path, delimiter, max_samples, encoding)
         if ext == ".parquet":
             return _read_parquet(path)
-        return _read_txt(path, text_split)
+        return _read_txt(path, text_split, encoding)
     except PermissionError:
         raise UserError(f"{path}: cannot read the file (permission denied)") from None
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if encoding != "utf-8-sig":
+            raise UserError(f"{path}: not valid {encoding.upper()} text ({exc.reason}), though it starts like it",
+                            hint="save the file again as UTF-8") from None
         raise _not_utf8(path) from None
     except csv.Error as exc:
         raise UserError(f"{path}: not a readable {FILE_TYPES[ext]} file ({exc})") from None
+    except (EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"{path}: not a whole gzip file ({exc})",
+                        hint="the file was probably cut short while copied or downloaded: fetch it again") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+class _GzFile:
+    """A gzipped data file, read as the Path of its contents by the readers below (open,
+    read_text, read_bytes); shown as its own path in messages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def open(self, mode: str = "r", encoding: Optional[str] = None, newline: Optional[str] = None):
+        if "b" in mode:
+            return gzip.open(self.path, "rb")
+        return gzip.open(self.path, "rt", encoding=encoding, newline=newline)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        with self.open(encoding=encoding) as fh:
+            return fh.read()
+
+    def read_bytes(self) -> bytes:
+        with self.open("rb") as fh:
+            return fh.read()
+
+
+class _FileRecords(list):
+    """The rows of a directory's files, and which file each came from (`origins`: (first row
+    index, file) pairs), so that an error about row 1,204 can say `b.jsonl, row 4`."""
+
+    origins: list = []
+
+
+def _load_dir(path: Path, max_samples: Optional[int], text_split: str) -> list[dict]:
+    """Every data file directly in `path` (sorted by name; hidden files and other types
+    skipped), all of one type, as one dataset: what a dataset split into shards looks like
+    (`train-00000-of-00004.parquet` ...), and how `datasets.load_dataset(dir)` reads one."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_type(p))
+    if not files:
+        raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
+                        hint="give one data file, or a directory of them")
+    types = sorted({data_type(p) for p in files})
+    if len(types) > 1:
+        by_type = "; ".join(f"{t}: " + ", ".join(p.name for p in files if data_type(p) == t)[:80] for t in types)
+        raise UserError(f"{path}: the directory holds data files of {len(types)} types ({by_type}); "
+                        "snugtune reads a directory of one type, as one dataset",
+                        hint="move the files that are not part of the data set out, or give one file")
+    records, origins = _FileRecords(), []
+    for f in files:
+        left = None if max_samples is None else max_samples - len(records)
+        if left is not None and left <= 0:
+            break
+        origins.append((len(records), f.name))
+        records.extend(_load_file(f, left, text_split))
+    records.origins = origins
+    return records
+
+
+def data_type(path: Path) -> Optional[str]:
+    """The data file type a name says (`.jsonl` for `a.jsonl` and `a.jsonl.gz`), or None."""
+    ext = path.suffix.lower()
+    if ext == ".gz":
+        ext = Path(path.stem).suffix.lower()
+        return ext if ext in FILE_TYPES and ext != ".parquet" else None
+    return ext if ext in FILE_TYPES else None
+
+
+def _row_where(records: list, i: int) -> str:
+    """`row i` (1-based), or `FILE, row j` for rows read from a directory."""
+    origins = getattr(records, "origins", None)
+    if origins:
+        start, name = next((s, n) for s, n in reversed(origins) if s < i)
+        return f"{name}, row {i - start}"
+    return f"row {i}"
+
+
+# Byte-order marks. A file saved as "Unicode text" by Excel or Notepad on Windows is UTF-16 with
+# a BOM; UTF-32's marks start like UTF-16's, so they are tried first.
+_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+
+
+def _text_encoding(path: Path) -> str:
+    """UTF-8 (with or without a BOM), or UTF-16/32 when the file says so by its BOM, or when its
+    first characters are ASCII with a NUL byte beside each (UTF-16 without a BOM)."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    for bom, enc in _BOMS:
+        if head.startswith(bom):
+            return enc
+    if len(head) == 4 and head[1] == head[3] == 0 and head[0] and head[2]:
+        return "utf-16-le"
+    if len(head) == 4 and head[0] == head[2] == 0 and head[1] and head[3]:
+        return "utf-16-be"
+    return "utf-8-sig"
 
 
 def _not_utf8(path: Path) -> UserError:
@@ -210,17 +326,46 @@ def _not_utf8(path: Path) -> UserError:
     return UserError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-def _read_jsonl(path: Path, max_samples: Optional[int]) -> list[dict]:
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    # json's messages end in "at" where they name a place ("Unterminated string starting at").
+    return f"{exc.msg} column {exc.colno}" if exc.msg.endswith(" at") else f"{exc.msg} at column {exc.colno}"
+
+
+def _read_jsonl(path: Path, max_samples: Optional[int], encoding: str = "utf-8-sig") -> list[dict]:
     records = []
-    with path.open(encoding="utf-8-sig") as fh:
+    with path.open(encoding=encoding) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            if line.startswith("\ufeff"):  # files joined with `cat`, each saved with a BOM
+                line = line[1:]
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not records and line.lstrip()[:1] in ("[", "{"):
+                    # A JSON array (often pretty-printed) saved as .jsonl: read it as the JSON it is.
+                    whole = _json_document(path, encoding)
+                    if whole is not None:
+                        return whole[:max_samples] if max_samples is not None else whole
+                if not line.endswith("\n") and (exc.pos >= len(line.rstrip()) or exc.msg.startswith("Unterminated")):
+                    raise UserError(
+                        f"{path}, line {lineno}: the last line is cut off ({_json_problem(exc)}): the file ends "
+                        "in the middle of a JSON object, without a newline",
+                        hint="the file was probably truncated (a copy or a writer stopped early): complete the "
+                        f"last line, or delete it to use the {len(records)} lines before it",
+                    ) from None
+                if exc.msg == "Extra data" and line.rstrip().endswith(","):
+                    raise UserError(f"{path}, line {lineno}: a comma after the object (`}},`): JSON lines have "
+                                    "one object a line and nothing between them",
+                                    hint="remove the commas at the ends of the lines, or save the file as a "
+                                    ".json array ([{...}, {...}])") from None
+                raise UserError(f"{path}, line {lineno}: not valid JSON ({_json_problem(exc)})",
+                                hint="each line must be one whole JSON object, {...}") from None
             if not isinstance(obj, dict):
+                if not records and isinstance(obj, list):  # a one-line JSON array
+                    whole = _json_document(path, encoding)
+                    if whole is not None:
+                        return whole[:max_samples] if max_samples is not None else whole
                 raise UserError(f"{path}, line {lineno}: expected a JSON object ({{...}}), got {type(obj).__name__}")
             records.append(obj)
             if max_samples is not None and len(records) >= max_samples:
@@ -228,15 +373,31 @@ def _read_jsonl(path: Path, max_samples: Optional[int]) -> list[dict]:
     return records
 
 
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8-sig")
+def _json_document(path: Path, encoding: str) -> Optional[list[dict]]:
+    """The file as one JSON document of samples (a list, or {"data": [...]}), or None when it
+    is not one valid JSON document."""
+    try:
+        data = json.loads(path.read_text(encoding=encoding))
+    except json.JSONDecodeError:
+        return None
+    return _samples_of(path, data)
+
+
+def _read_json(path: Path, encoding: str = "utf-8-sig") -> list[dict]:
+    text = path.read_text(encoding=encoding)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # One object per line saved as .json: read it as JSON lines rather than refuse.
-            return _read_jsonl(path, None)
-        raise UserError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            return _read_jsonl(path, None, encoding)
+        raise UserError(f"{path}, line {exc.lineno}: not valid JSON ({_json_problem(exc)})") from None
+    return _samples_of(path, data)
+
+
+def _samples_of(path: Path, data: Any) -> list[dict]:
+    if isinstance(data, dict):
+        data = _pandas_frame(data)
     if isinstance(data, dict):
         if isinstance(data.get("data"), list):
             data = data["data"]
@@ -253,22 +414,73 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
+def _pandas_frame(data: dict) -> Any:
+    """pandas' DataFrame.to_json() forms as rows: the default `orient="columns"` ({column:
+    {index: value}}), `orient="index"` ({index: {column: value}}) and `orient="split"`
+    ({"columns": [...], "data": [[...]]}); else `data`. The index is told from the columns by
+    its labels: pandas' default index is 0, 1, 2 ..., written as "0", "1", "2"."""
+    def is_index(keys) -> bool:
+        return bool(keys) and all(isinstance(k, str) and k.isdigit() for k in keys)
+
+    if data and all(isinstance(v, dict) for v in data.values()):
+        inner = list(next(iter(data.values())))
+        if is_index(inner) and all(list(v) == inner for v in data.values()):
+            return [{col: data[col][i] for col in data} for i in inner]
+        if is_index(list(data)):
+            return list(data.values())
+    if isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) \
+            and all(isinstance(r, list) and len(r) == len(data["columns"]) for r in data["data"]):
+        return [dict(zip(data["columns"], r)) for r in data["data"]]
+    return data
+
+
 # The csv module refuses fields over 131,072 characters by default (a `_csv.Error`); a long
 # document in one cell is ordinary training data. The C long's maximum is the largest it takes.
 CSV_FIELD_LIMIT = 2**31 - 1
+# What separates a .csv file's cells: a comma, or a semicolon (Excel's CSV wherever the decimal
+# separator is a comma: most of Europe), a tab or a bar.
+CSV_DELIMITERS = (",", ";", "\t", "|")
 
 
-def _read_csv(path: Path, delimiter: str, max_samples: Optional[int]) -> list[dict]:
+def _csv_delimiter(path: Path, encoding: str) -> str:
+    """The delimiter that splits the header line into the most columns (a comma on a tie).
+    Without this a semicolon file reads as one column, `instruction;output`, and trains as text."""
+    with path.open(encoding=encoding, newline="") as fh:
+        header = fh.readline()
+    counts = {d: len(next(csv.reader([header], delimiter=d), [])) for d in CSV_DELIMITERS}
+    best = max(counts.values())
+    return next(d for d in CSV_DELIMITERS if counts[d] == best)
+
+
+def _read_csv(path: Path, delimiter: str, max_samples: Optional[int], encoding: str = "utf-8-sig") -> list[dict]:
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
     records = []
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+    with path.open(encoding=encoding, newline="") as fh:
+        # strict: a quote that is never closed is an error at the end of the file, not one last
+        # field that swallowed every line after it
+        reader = csv.DictReader(fh, delimiter=delimiter, strict=True)
         if not reader.fieldnames:
             return []
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                if "unexpected end of data" in str(exc):
+                    raise UserError(f"{path}, line {start}: a quoted value opened on this line is never closed "
+                                    "(the file ends inside it)",
+                                    hint='close the quote, and write a quote inside a quoted value as two ("")') from None
+                raise UserError(f"{path}, line {start}: not readable as {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})",
+                                hint='quote values that hold the separator or a quote ("a, b"; "say ""hi""")') from None
             if None in row:  # more cells than header columns
-                raise UserError(f"{path}, line {reader.line_num}: more values than the header has columns")
+                shown = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "bar"}[delimiter] if delimiter in CSV_DELIMITERS else repr(delimiter)
+                raise UserError(f"{path}, line {reader.line_num}: more values than the header has columns "
+                                f"({len(reader.fieldnames)}, separated by {shown}s)",
+                                hint="quote values that contain the separator (\"a, b\")")
             records.append(row)
             if max_samples is not None and len(records) >= max_samples:
                 break
@@ -286,11 +498,11 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _read_txt(path: Path, split: str = "auto") -> list[dict]:
+def _read_txt(path: Path, split: str = "auto", encoding: str = "utf-8-sig") -> list[dict]:
     """Samples of a .txt file: per paragraph, line or the whole document (data.text_split). 'auto'
     takes paragraphs when the file has a blank line, else lines: a file of one document a line
     (LLaMA-Factory's wiki demo) would otherwise be one sample of hundreds of thousands of tokens."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = path.read_text(encoding=encoding)
     if split == "auto":
         split = "paragraph" if re.search(r"\n[ \t\r\f\v]*\n", text.strip()) else "line"
     if split == "document":
@@ -528,9 +740,13 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
         if fld not in allowed_fields:
             raise UserError(f"data.columns: unknown field {fld!r}; the fields are {', '.join(allowed_fields)}")
         if col not in columns:
+            import difflib
+
+            near = difflib.get_close_matches(str(col), [str(c) for c in columns], n=1, cutoff=0.6)
             raise UserError(
                 f"data.columns maps {fld!r} to column {col!r}, which the data does not have; "
                 f"its columns are: {', '.join(map(str, columns))}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
             )
     _refuse_multimodal_columns(records, lower)
     reason_prefix = "detected"
@@ -721,10 +937,42 @@ def _no_format_error(kind: Optional[str], columns: list[str]) -> UserError:
         "segments": {"segments": "my_segments"},
         "text": {"text": "my_text"},
     }
+    typos = _near_misses(columns, kind)
+    if typos:
+        said = "; ".join(f"column {c!r} looks like {a!r} misspelt" for c, (a, f) in typos.items())
+        return UserError(
+            f"cannot tell the data's format: it needs {what}; its columns are: {', '.join(map(str, columns))} "
+            f"({said})",
+            hint="rename the column in the file, or map it: " + columns_hint({f: c for c, (a, f) in typos.items()}),
+        )
     return UserError(
         f"cannot tell the data's format: it needs {what}; its columns are: {', '.join(map(str, columns)) or '(none)'}",
         hint="map your columns, e.g. " + columns_hint(example[kind or "instruction"]),
     )
+
+
+def _near_misses(columns: list[str], kind: Optional[str]) -> dict[str, tuple[str, str]]:
+    """Columns that are a known name misspelt (`instrucion`, `outptu`, `mesages`) -> (that name, the
+    field it means). difflib's ratio 0.8 takes one or two wrong letters in a name of 6+, not `input`
+    for `output` (0.73) or `query` for `quest` (0.6)."""
+    import difflib
+
+    known: dict[str, str] = {}
+    if kind in (None, "instruction"):
+        for fld, aliases in INSTRUCTION_ALIASES.items():
+            known.update({a: fld for a in aliases})
+    if kind in (None, "chat"):
+        known.update({c: "messages" for c in CHAT_COLUMNS})
+    if kind in (None, "text"):
+        known.update({c: "text" for c in TEXT_COLUMNS})
+    out = {}
+    for col in map(str, columns):
+        if col.lower() in known:
+            continue
+        match = difflib.get_close_matches(col.lower(), list(known), n=1, cutoff=0.8)
+        if match:
+            out[col] = (match[0], known[match[0]])
+    return out
 
 
 def _preview(value: Any, width: int = 60) -> str:
@@ -762,12 +1010,12 @@ def check_records(records: list[dict], fmt: DataFormat, source: str = "") -> Dat
             tools |= _check_row(r, fmt)
         except _RowProblem as exc:
             if str(exc).startswith(MULTIMODAL):
-                where = f"{source}, row {i}" if source else f"row {i}"
+                where = f"{source}, {_row_where(records, i)}" if source else _row_where(records, i)
                 raise UserError(f"{exc} ({where})", hint="train on text data; snugtune cannot read images, "
                                 "audio or video") from None
             bad.append((i, str(exc)))
     if bad:
-        shown = "; ".join(f"row {i}: {p}" for i, p in bad[:LIST_BAD_ROWS])
+        shown = "; ".join(f"{_row_where(records, i)}: {p}" for i, p in bad[:LIST_BAD_ROWS])
         more = f" (and {len(bad) - LIST_BAD_ROWS} more rows)" if len(bad) > LIST_BAD_ROWS else ""
         where = f"{source}: " if source else ""
         raise UserError(
@@ -783,6 +1031,14 @@ def _check_row(r: dict, fmt: DataFormat) -> bool:
         conv = to_conversation(r, fmt)
         if fmt.kind == "chat" and not any(m["role"] == "assistant" for m in conv.messages):
             raise _RowProblem(f"{fmt.columns['messages']!r} has no assistant message (nothing to learn)")
+        # An empty answer (a spreadsheet's blank cell, "output": "") would teach the model to stop
+        # at once: a row still to be filled in, not an answer.
+        if fmt.kind == "instruction" and not conv.messages[-1]["content"].strip():
+            raise _RowProblem(f"field 'output' (column {fmt.columns['output']!r}) is empty")
+        to_learn = [m for m, learn in zip(conv.messages, conv.learned) if learn and m["role"] == "assistant"]
+        if fmt.kind == "chat" and to_learn and not any((m.get("content") or "").strip() or m.get("tool_calls")
+                                                       for m in to_learn):
+            raise _RowProblem(f"{fmt.columns['messages']!r}: every assistant message to learn is empty")
         for m in conv.messages:  # where LLaMA-Factory puts them: the prompt side (answers may quote HTML)
             if m["role"] in ("user", "system"):
                 _no_placeholder(m["content"])
@@ -792,7 +1048,7 @@ def _check_row(r: dict, fmt: DataFormat) -> bool:
         return False
     col = fmt.columns["text"]
     v = r.get(col)
-    if v is None:
+    if _missing(v):
         raise _RowProblem(f"field 'text' (column {col!r}) is missing")
     _field_text(v, "text", col)
     return False
@@ -804,12 +1060,18 @@ def _no_placeholder(text: str) -> None:
         raise _RowProblem(f"{MULTIMODAL} (an {m.group(0)} placeholder in the text)")
 
 
+def _missing(v: Any) -> bool:
+    """None, or NaN: pandas' missing value, which a DataFrame's float column writes to Parquet
+    and JSON (`NaN`) where a cell was empty; read as text it would teach the model to say "nan"."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _field_text(v: Any, fld: str, col: str) -> str:
     """A field's text. A number is read as its text, deliberately: answers such as 5 or 3.5 are
     common in arithmetic and extraction sets, and JSON/Parquet/pyarrow hand them over typed; the
     digits are what the model should write. true/false, lists and objects are refused: they have
     no one obvious text (a list could be turns, parts or several answers)."""
-    if v is None:
+    if _missing(v):
         return ""
     if isinstance(v, str):
         return v
@@ -936,7 +1198,7 @@ def to_conversation(record: dict, fmt: DataFormat) -> Conversation:
     tools = _tools(record.get(c["tools"]), c["tools"]) if "tools" in c else None
     if fmt.kind == "instruction":
         for fld in ("instruction", "output"):
-            if record.get(c[fld]) is None:
+            if _missing(record.get(c[fld])):
                 raise _RowProblem(f"field {fld!r} (column {c[fld]!r}) is missing")
         for q, a in _history(record, fmt):
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -1088,6 +1350,20 @@ def _adds_bos(tokenizer) -> bool:
         return False
     ids = tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == bos
+
+
+def _render_all(records: list[dict], fmt: DataFormat, tokenizer, data_cfg: DataConfig,
+                filtered: int = 0) -> list[list[Segment]]:
+    """render() of each record; a sample the template cannot render is named by file and row
+    (the template's own message said neither)."""
+    out = []
+    for i, r in enumerate(records, 1):
+        try:
+            out.append(render(r, fmt, tokenizer, data_cfg))
+        except UserError as exc:
+            where = _row_where(records, i) if not filtered else f"sample {i} (after {filtered} rows left out)"
+            raise UserError(f"{data_cfg.path}, {where}: {exc.message}", hint=exc.hint) from None
+    return out
 
 
 def render(record: dict, fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> list[Segment]:
@@ -1251,7 +1527,15 @@ def _render_chat_template(conv: Conversation, tokenizer) -> list[Segment]:
     segs: list[Segment] = []
     done = last_full = ""
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and i == 0:
+            # a conversation that opens with the assistant (a ShareGPT greeting): no prompt comes
+            # before it and templates refuse to render none, so the turn's own header (the text
+            # before its content) is the prompt, as in the built-in layout
+            full = apply(messages[:1], False)
+            at = full.find(m.get("content") or "\x00") if (m.get("content") or "").strip() else -1
+            segs += ([Segment(full[:at], False), Segment(full[at:], conv.learned[0])] if at >= 0
+                     else [Segment(full, False)])
+        elif m["role"] == "assistant":
             prompt = apply(messages[:i], True)
             full = apply(messages[: i + 1], False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
@@ -1286,7 +1570,9 @@ def _tokenize_many(samples: list[list[Segment]], tokenizer, train_on_responses_o
         # Each piece on its own and without added specials: the template already holds BOS/EOS,
         # and the prompt is tokenized the way it will be at inference (alone, then generation).
         texts = [seg.text for seg in flat[start : start + chunk]]
-        pieces += tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # verbose=False: no "Token indices sequence length is longer than ... will result in
+        # indexing errors" for a long sample; snugtune cuts or splits it and says so itself
+        pieces += tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     out = []
     k = 0
     for segs in samples:
@@ -1573,7 +1859,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     packing, packing_efficiency, length_stats.
     """
     fmt, records, filtered = prepare(data_cfg)
-    rendered = [render(r, fmt, tokenizer, data_cfg) for r in records]
+    rendered = _render_all(records, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
     counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
@@ -1665,7 +1951,7 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     fmt, records, filtered = prepare(data_cfg)
     samples = []
     measured = records[:INSPECT_LENGTH_SAMPLES]
-    rendered = [render(r, fmt, tokenizer, data_cfg) for r in measured]
+    rendered = _render_all(measured, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
     counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)

@@ -64,13 +64,53 @@ def _refuse_existing(*paths: Optional[Path]) -> None:
             raise UserError(f"the directory {p.parent} does not exist", hint="create it first, or choose another place")
 
 
-def _disk_error(exc: OSError, where: Path) -> UserError:
-    import errno
+class DiskFullError(UserError):
+    """The disk (or a limit on file size) stopped a write; exit code 4, as for a training run."""
 
-    if exc.errno == errno.ENOSPC:
-        return UserError(f"the disk holding {where} is full; nothing was left behind",
-                         hint="free some space or export somewhere else")
-    return UserError(f"cannot write {where} ({exc.strerror or exc})")
+    exit_code = 4
+
+
+def _os_errno(exc: BaseException) -> Optional[int]:
+    """The errno of an OSError, or the one safetensors' Rust writer names in its message
+    (`SafetensorError: ... I/O error: No space left on device (os error 28)`)."""
+    import re
+
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    m = re.search(r"os error (\d+)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def _disk_error(exc: BaseException, where: Path) -> UserError:
+    import errno
+    import resource
+
+    code = _os_errno(exc)
+    # a write that ended short ("524288 requested and 240200 written") carries no errno: the
+    # disk filled, or the file reached the size limit
+    short = code is None and "requested and" in str(exc)
+    try:
+        free = shutil.disk_usage(where.parent).free
+    except OSError:
+        free = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    left = "; nothing was left behind"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (short and free is not None and free < 2**26):
+        said = f" ({free / 2**20:,.0f} MB free)" if free is not None else ""
+        return DiskFullError(f"the disk holding {where} is full{said}{left}",
+                             hint="free some space or export somewhere else")
+    if code == errno.EFBIG or (short and limit != resource.RLIM_INFINITY):
+        lim = f" ({limit / 2**20:,.0f} MB, `ulimit -f`)" if limit != resource.RLIM_INFINITY else ""
+        return DiskFullError(f"cannot write {where}: the file is larger than this system lets a file be{lim}{left}",
+                             hint="raise the limit (`ulimit -f unlimited`), or export to a filesystem that takes "
+                             "large files (FAT32 stops at 4 GiB)")
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return UserError(f"cannot write {where} ({why}){left}")
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    """An OSError, or safetensors' own error type for a failed write (it is no OSError)."""
+    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and _os_errno(exc) is not None)
 
 
 def _check_space(where: Path, need_bytes: int) -> None:
@@ -125,7 +165,7 @@ def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precisio
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from core.chat import adapter_dir, trained_format
+    from core.chat import adapter_dir, check_base_model, trained_format
     from core.model import load_tokenizer, resolve_model_source
 
     run_dir = Path(run_dir).resolve()
@@ -135,6 +175,7 @@ def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precisio
     adapter = adapter_dir(run_dir)
     if adapter.name != "adapter":
         progress(f"run {run_dir.name} has not finished: exporting its newest checkpoint ({adapter.name})")
+    check_base_model(run_dir, cfg)
     source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
     base_cfg = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code).to_dict()
@@ -177,11 +218,10 @@ def _staged_dir(out_dir: Path):
         yield tmp
         _fix_modes(tmp)
         tmp.rename(out_dir)
-    except OSError as exc:
+    except BaseException as exc:
         _remove(tmp)
-        raise _disk_error(exc, out_dir) from None
-    except BaseException:
-        _remove(tmp)
+        if _is_write_error(exc):
+            raise _disk_error(exc, out_dir) from None
         raise
 
 
@@ -411,15 +451,12 @@ def save_gguf(m: Merged, out_path: Path, quant: str = "q4_k_m", progress: Progre
             tmp, tmp_q = tmp_q, None
         os.chmod(tmp, _umask_mode(0o666))
         tmp.rename(out_path)
-    except OSError as exc:
+    except BaseException as exc:
         _remove(tmp)
         if tmp_q is not None:
             _remove(tmp_q)
-        raise _disk_error(exc, out_path) from None
-    except BaseException:
-        _remove(tmp)
-        if tmp_q is not None:
-            _remove(tmp_q)
+        if _is_write_error(exc):
+            raise _disk_error(exc, out_path) from None
         raise
     return out_path
 

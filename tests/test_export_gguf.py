@@ -365,9 +365,44 @@ def test_cli_refuses_an_existing_output_and_leaves_nothing_when_the_disk_fills(d
     target.mkdir()
     out = subprocess.run([*SNUGTUNE, "export", str(demo_run), "--gguf", str(target / "x.gguf"), "--quant", "f16"],
                          capture_output=True, text=True, timeout=600, preexec_fn=limit)
-    assert out.returncode == 2, out.stderr
+    assert out.returncode == 4, out.stderr  # a write the disk (here: the size limit) refused, as for training
     assert "snugtune: error: cannot write" in out.stderr and "Traceback" not in out.stderr
+    assert "larger than this system lets a file be (1 MB, `ulimit -f`)" in out.stderr, out.stderr
     assert list(target.iterdir()) == []
+
+
+def test_merged_weights_on_a_full_disk_are_one_message_and_nothing_left(demo_run, tmp_path):
+    # safetensors writes from Rust and raises its own SafetensorError, not an OSError: this was a
+    # traceback and exit code 1
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    target = tmp_path / "full"
+    target.mkdir()
+    out = subprocess.run([*SNUGTUNE, "export", str(demo_run), "--merged", str(target / "merged")],
+                         capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert out.returncode == 4, out.stderr
+    assert "Traceback" not in out.stderr and "SafetensorError" not in out.stderr, out.stderr
+    assert f"cannot write {target / 'merged'}: the file is larger than this system lets a file be" in out.stderr
+    assert "nothing was left behind" in out.stderr
+    assert list(target.iterdir()) == []
+
+
+def test_the_disk_error_reads_a_full_disk_from_any_writer(tmp_path):
+    import errno
+
+    from core.export import DiskFullError, _disk_error
+
+    class SafetensorError(Exception):  # the name safetensors' Rust error has; its message as it prints it
+        pass
+
+    full = _disk_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                       tmp_path / "merged")
+    assert isinstance(full, DiskFullError) and full.exit_code == 4
+    assert f"the disk holding {tmp_path / 'merged'} is full (" in str(full) and "MB free)" in str(full)
+    other = _disk_error(OSError(errno.EACCES, "Permission denied"), tmp_path / "x.gguf")
+    assert other.exit_code == 2 and "(Permission denied); nothing was left behind" in str(other)
 
 
 # ---- a tokenizer's own chat template, as an Ollama template -------------------------------------

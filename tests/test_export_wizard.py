@@ -86,6 +86,9 @@ async def test_done_step_exports_merged_weights_and_refuses_an_existing_path(wiz
         options.highlighted = [options.get_option_at_index(i).id for i in range(options.option_count)].index("merged:bf16")
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen), what="the destination prompt")
+        box = app.screen.query_one("#prompt", Input)
+        assert box.value == str(run_dir / "merged-2")  # a free path is offered the second time
+        box.value = str(run_dir / "merged")  # the user types the taken one anyway
         await pilot.press("enter")
         await wait_for(pilot, lambda: "already exists" in status_text(app), what="the refusal")
         assert (run_dir / "merged" / "model.safetensors").stat().st_mtime_ns == before

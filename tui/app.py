@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ class SnugtuneApp(App[int]):
         self.last_estimate: Any = None
         self.run_result: dict | None = None  # the run_finished event of the run in step 5
         self.run_state: str | None = None  # the state step 5 last showed (ready, running, failed...)
+        self.export_job: tuple | None = None  # (Popen, destination, log) of the done step's last export
         self.check_runs = check_runs and attach is None
         self.exit_after_first_frame = os.environ.get(EXIT_AFTER_FIRST_FRAME, "")
         self.step = 0
@@ -142,8 +144,10 @@ class SnugtuneApp(App[int]):
         import json
 
         try:
-            st = Path(path).expanduser().stat()
-            stamp: tuple | None = (st.st_mtime_ns, st.st_size)
+            p = Path(path).expanduser()
+            # a directory of data files: each file's version (editing one changes no folder mtime)
+            files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+            stamp: tuple | None = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
         except OSError:
             stamp = None  # a Hub dataset or builtin: data: the name is the version
         return (path, fmt, json.dumps(columns, sort_keys=True), self.get_value("model.name_or_path"),
@@ -363,7 +367,37 @@ def run_wizard(preset: str | None = None) -> int:
         cfg = load_preset(preset)
     app = SnugtuneApp(cfg, preset_name=Path(preset).stem if preset else None)
     app.run()
+    print_still_running(app)
     return app.return_code or 0
+
+
+def still_running_note(app: SnugtuneApp) -> str | None:
+    """What to tell a user who quits while the run trains on, or an export is being written:
+    where it is and how to reach it (the wizard's screen is gone, and work that goes on unseen
+    reads as lost)."""
+    notes = []
+    job = getattr(app, "export_job", None)
+    if job is not None and job[0].poll() is None:
+        notes.append(f"an export to {job[1]} is still being written; it finishes on its own (log: {job[2]})")
+    run_dir = getattr(app, "run_dir", None)
+    if run_dir is not None and getattr(app, "run_state", None) in ("starting", "running"):
+        try:
+            from core.runs import run_status
+
+            running = run_status(Path(run_dir)).get("status") == "running"
+        except Exception:  # noqa: BLE001 - an unreadable run directory: say nothing rather than fail on exit
+            running = False
+        if running:
+            name = Path(run_dir).name
+            notes.insert(0, f"{name} keeps training in the background ({run_dir}).\n"
+                         f"  watch it:  snugtune attach {name}\n  stop it:   snugtune stop {name}")
+    return "\n".join(notes) or None
+
+
+def print_still_running(app: SnugtuneApp) -> None:
+    note = still_running_note(app)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def run_attach(run_dir: str | Path) -> int:
@@ -376,4 +410,5 @@ def run_attach(run_dir: str | Path) -> int:
     cfg = RunConfig.from_toml(run_dir / "config.toml")
     app = SnugtuneApp(cfg, attach=run_dir)
     app.run()
+    print_still_running(app)
     return app.return_code or 0

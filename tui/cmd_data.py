@@ -118,7 +118,7 @@ def format_report(report: dict, color: bool = False) -> str:
     if report.get("template_note"):
         template += f" ({report['template_note']})"
     out = [
-        f"data:     {report['path']} ({report['samples_total']} samples; columns: {', '.join(report['columns'])})",
+        f"data:     {report['path']} ({_n(report['samples_total'], 'sample')}; columns: {', '.join(report['columns'])})",
         f"format:   {fmt['kind']} - {fmt['reason']}",
         f"template: {template}; tokenizer {report['tokenizer']}",
         f"loss on:  {'responses only (the prompt is read, not learned)' if report['train_on_responses_only'] else 'every token'}",
@@ -148,10 +148,14 @@ def format_report(report: dict, color: bool = False) -> str:
     return "\n".join(out)
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
+
+
 def format_length_stats(st: dict, sampled: bool = False, width: int = 40) -> list[str]:
     if not st["count"]:
         return ["lengths:  no samples"]
-    of = f"first {st['count']} samples" if sampled else f"{st['count']} samples"
+    of = f"first {_n(st['count'], 'sample')}" if sampled else _n(st["count"], "sample")
     lines = [
         f"lengths ({of}, tokens): mean {st['mean']}, p50 {st['p50']}, p95 {st['p95']}, max {st['max']}; "
         f"longer than max_seq_len={st['max_seq_len']}: {st['truncated']} ({st['truncated_share']:.1%})"

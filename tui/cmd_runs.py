@@ -112,7 +112,11 @@ class Printer:
                        else f"finished: {ev.get('steps')} steps")
             self._line(f"adapter: {ev.get('adapter_path')}")
         elif kind == "run_stopped":
-            self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} (resume with `snugtune resume`)")
+            ckpt = Path(str(ev["checkpoint"])) if ev.get("checkpoint") else None
+            # the run's name, so the line can be pasted as it is (the checkpoint is RUN/checkpoints/checkpoint-N)
+            run = f" {ckpt.parent.parent.name}" if ckpt is not None and ckpt.parent.name == "checkpoints" else " RUN"
+            self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} "
+                       f"(resume with `snugtune resume{run}`)")
         elif kind == "run_failed":
             self._line(f"failed ({ev.get('kind')}): {ev.get('error')}")
 

@@ -61,18 +61,26 @@ def parse_columns(text: str) -> dict[str, str]:
     return mapping
 
 
+def data_suffix(p: Path) -> str:
+    """`.jsonl` for `a.jsonl` and for `a.jsonl.gz` (read gzipped, as core.data.data_type says)."""
+    ext = p.suffix.lower()
+    if ext == ".gz" and Path(p.stem).suffix.lower() in DATA_SUFFIXES - {".parquet"}:
+        return Path(p.stem).suffix.lower()
+    return ext
+
+
 def local_problem(path: str) -> str | None:
     """A path that is clearly meant as a local file but is not there (said before any subprocess)."""
     if path.startswith("builtin:"):
         return None
     p = Path(path).expanduser()
-    looks_local = p.suffix.lower() in DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
+    looks_local = data_suffix(p) in DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not p.exists():
         return f"{path}: no such file (check the path; → completes it as you type)"
     if p.is_dir():
-        return f"{path}: is a directory; give a .jsonl, .json, .csv, .parquet or .txt file in it"
-    if looks_local and p.suffix.lower() not in DATA_SUFFIXES:
-        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .parquet or .txt"
+        return None  # a directory of data files is one dataset (the reader says what is in it)
+    if looks_local and data_suffix(p) not in DATA_SUFFIXES:
+        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
     return None
 
 
@@ -202,7 +210,9 @@ class DataScreen(StepScreen):
             self.inspect()
 
     def compose_body(self):
-        yield Label("Training data: a .jsonl .json .csv .parquet .txt file or a Hub dataset id", classes="title")
+        # 78 characters: one line at 80 columns
+        yield Label("Training data: .jsonl .json .csv .tsv .parquet .txt (file or folder) or Hub id",
+                    classes="title")
         with Horizontal(classes="row"):
             yield Label("Data", classes="field-label")
             yield Input(self.app.get_value("data.path", ""), placeholder="path/to/train.jsonl or owner/dataset",
@@ -219,7 +229,7 @@ class DataScreen(StepScreen):
             with VerticalScroll(id="samples-box"):
                 yield Static(Text("Enter a path above to see three samples as the model will read them.", style="dim"),
                              id="samples")
-            yield Static("", id="lengths")
+            yield Static("", id="lengths", markup=False)
 
     def on_mount(self) -> None:
         self.report = self.app.data_report

@@ -3,6 +3,8 @@ allows), export (merged 16-bit weights, a GGUF, an Ollama folder), and saving th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -105,7 +107,7 @@ class DoneScreen(StepScreen):
     ]
 
     def compose_body(self):
-        yield Static("", id="adapter-info")
+        yield Static("", id="adapter-info", markup=False)
         yield OnOff("Base model's answer beside it (adapter switched off, twice the wait)",
                     value=self.compare_default(), id="compare", compact=True)
         with Horizontal(id="chat-logs"):
@@ -217,8 +219,8 @@ class DoneScreen(StepScreen):
             return
         kind, quant = choice
         run_dir = self.app.run_dir
-        default = {"merged": run_dir / "merged", "gguf": run_dir / f"{run_dir.name}-{quant}.gguf",
-                   "ollama": run_dir / "ollama"}[kind]
+        default = free_path({"merged": run_dir / "merged", "gguf": run_dir / f"{run_dir.name}-{quant}.gguf",
+                             "ollama": run_dir / "ollama"}[kind])
         what = {"merged": "the merged 16-bit model to (a new directory)",
                 "gguf": f"the {quant} GGUF to (a new file)",
                 "ollama": f"the Ollama folder ({quant} GGUF + Modelfile) to (a new directory)"}[kind]
@@ -244,6 +246,7 @@ class DoneScreen(StepScreen):
             # its own session: an export the wizard quits during finishes on its own (a
             # half-written model is worse), and its output goes to a file nothing has to drain
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        self.app.export_job = (proc, dest, log_path)  # said on quit while it runs (tui.app.still_running_note)
         deadline = time.monotonic() + EXPORT_TIMEOUT_S
         seen = start
         while True:
@@ -264,15 +267,14 @@ class DoneScreen(StepScreen):
             if worker.is_cancelled:
                 return
             if time.monotonic() > deadline:
-                proc.kill()
+                stop_export(proc)
                 self.post_message(JobDone("export", False, f"export took over {EXPORT_TIMEOUT_S}s and was stopped"))
                 return
             worker.cancelled_event.wait(0.3)
         text = log_path.read_bytes()[start:].decode(errors="replace")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         if proc.returncode != 0:
-            errs = [ln for ln in lines if ln.startswith("snugtune: error:")]
-            self.post_message(JobDone("export", False, (errs or lines or [f"exit code {proc.returncode}"])[0]))
+            self.post_message(JobDone("export", False, export_error(lines, proc.returncode)))
         else:
             run_line = next((ln.strip() for ln in lines if ln.strip().startswith(("ollama create", "run it:"))), "")
             self.post_message(JobDone("export", True, str(dest), extra={"run": run_line}))
@@ -319,6 +321,48 @@ def export_sizes(run_dir: Path) -> dict[str, int | None]:
     return sizes
 
 
+# How long an interrupted export has to remove its temporary files before it is killed.
+EXPORT_STOP_GRACE_S = 60.0
+
+
+def stop_export(proc, grace_s: float = EXPORT_STOP_GRACE_S) -> None:
+    """Stop an export: SIGINT first (its own session, so its group), on which it removes the
+    half-written files it holds (core.export); SIGKILL, which was all it got, left them."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def free_path(p: Path) -> Path:
+    """`p`, or `merged-2`, `x-q4_k_m-2.gguf` ... when it is taken: the second export of a run
+    offered the first one's path, which the export then refused (it never overwrites)."""
+    n = 2
+    candidate = p
+    while candidate.exists() or candidate.is_symlink():
+        candidate = p.with_name(f"{p.name.removesuffix(p.suffix)}-{n}{p.suffix}" if p.suffix == ".gguf"
+                                else f"{p.name}-{n}")
+        n += 1
+    return candidate
+
+
+def export_error(lines: list[str], returncode: int) -> str:
+    """The export's one message with its hint (`snugtune: error: X` then `  hint: Y`, as the CLI
+    prints a UserError), without the CLI's prefix: the hint is how to fix it (for a GGUF without
+    llama.cpp, the pip command), and the wizard dropped it."""
+    for i, line in enumerate(lines):
+        if line.startswith("snugtune: error:"):
+            said = line[len("snugtune: error:"):].strip()
+            hint = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].strip().startswith("hint:") else ""
+            return said + (f" · {hint}" if hint else "")
+    return lines[-1] if lines else f"exit code {returncode}"
+
+
 class ExportChoiceScreen(ModalScreen):
     """What to export: merged weights, a GGUF at a chosen quant, or an Ollama folder."""
 
@@ -349,7 +393,8 @@ class ExportChoiceScreen(ModalScreen):
             yield Label("Export the fine-tuned model as", classes="dialog-title")
             yield OptionList(*[Option(f"{label}  ({_size_label(sizes.get(key))})", id=cid)
                                for cid, label, key in self.CHOICES], id="export-choice")
-            yield Static("Enter: choose · Escape: cancel · GGUF needs pip install 'snugtune[gguf]'", classes="hint")
+            yield Static("Enter: choose · Escape: cancel · GGUF needs pip install 'snugtune[gguf]'", classes="hint",
+                         markup=False)  # "[gguf]" read as markup was dropped: "pip install 'snugtune'"
         yield Footer()
 
     @on(OptionList.OptionSelected, "#export-choice")

@@ -44,7 +44,7 @@ class GpuScreen(StepScreen):
 
     def compose_body(self):
         yield Label("Which GPU will train? Pick a detected card, a card to plan for, or the CPU.", classes="title")
-        yield Static("Looking for NVIDIA GPUs…", id="detected")
+        yield Static("Looking for NVIDIA GPUs…", id="detected", markup=False)
         yield OptionList(id="choices")
         with Horizontal(classes="row"):
             yield Label("Memory budget GiB", classes="field-label")

@@ -55,7 +55,7 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             # a Static, not a Label: a long question (a run's name and directory) wraps, not cut
-            yield Static(self.question, classes="dialog-title")
+            yield Static(self.question, classes="dialog-title", markup=False)
             yield Static("y: yes · n: no", classes="hint")
         yield Footer()
 
@@ -114,7 +114,7 @@ class RunListScreen(ModalScreen[Path | None]):
         with Vertical(classes="dialog", id="runlist-dialog"):
             yield Label("Runs", classes="dialog-title")
             yield OptionList(id="runlist")
-            yield Static("", id="runlist-said", classes="hint")
+            yield Static("", id="runlist-said", classes="hint", markup=False)
             yield Static("Enter: open in the live panel · d: delete (asks) · Escape: close", classes="hint")
         yield Footer()
 
@@ -200,15 +200,17 @@ class FilePickerScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         from textual.widgets import DirectoryTree
 
+        from tui.screens.data import data_suffix  # here: tui.screens.data imports this module
+
         suffixes = self.suffixes
 
         class DataTree(DirectoryTree):
             def filter_paths(self, paths):
                 return [p for p in paths if not p.name.startswith(".")
-                        and (p.is_dir() or p.suffix.lower() in suffixes)]
+                        and (p.is_dir() or data_suffix(p) in suffixes)]
 
         with Vertical(classes="dialog", id="picker"):
-            yield Label(f"Pick a data file under {self.root}", classes="dialog-title", id="picker-title")
+            yield Label(f"Pick a data file under {self.root}", classes="dialog-title", id="picker-title", markup=False)
             yield DataTree(self.root, id="tree")
             yield Static("Enter: open a folder / pick a file · Backspace: parent folder · Escape: cancel",
                          classes="hint")
@@ -244,7 +246,7 @@ class CommandScreen(ModalScreen[None]):
             yield Label("The same run from a shell", classes="dialog-title")
             yield TextArea(self.command, read_only=True, soft_wrap=True, show_line_numbers=False, id="command")
             if self.note:
-                yield Static(self.note, classes="hint")
+                yield Static(self.note, classes="hint", markup=False)
             yield Static("Copied to the clipboard where the terminal allows it (OSC 52); or select it here "
                          "(shift+arrows, ctrl+c). Escape: close", classes="hint")
         yield Footer()

@@ -344,7 +344,9 @@ class ModelScreen(StepScreen):
     def _resolved(self, msg: ModelResolved) -> None:
         if msg.error:
             # the typed text stays in the box; the reason goes under it
-            self.set_status(f"{msg.query}: {msg.error}", "error")
+            # most messages already start with what was typed ("/x: no such model directory")
+            said = msg.error if msg.error.startswith(msg.query) else f"{msg.query}: {msg.error}"
+            self.set_status(said, "error")
             return
         self.choose(msg.spec)
         if spec_id(msg.spec) not in [spec_id(s) for s in self.specs]:

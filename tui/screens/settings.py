@@ -171,8 +171,8 @@ class SettingsScreen(StepScreen):
                 yield Label(label, classes="field-label")
                 yield Input(show(value) if value is not None else "", id=fid, compact=True,
                             placeholder=PLACEHOLDERS.get(dotted, ""))
-            yield Static("", id=f"{fid}-error", classes="field-error")
-            yield Static(field_help(dotted), classes="hint")
+            yield Static("", id=f"{fid}-error", classes="field-error", markup=False)
+            yield Static(field_help(dotted), classes="hint", markup=False)
 
     def _select_rows(self, advanced: bool):
         for dotted, label, choices, adv in SELECT_FIELDS:
@@ -182,7 +182,7 @@ class SettingsScreen(StepScreen):
                 yield Label(label, classes="field-label")
                 yield Select([(c, c) for c in choices], value=self.app.get_value(dotted, field_default(dotted)),
                              allow_blank=False, id=field_id(dotted), compact=True)
-            yield Static(field_help(dotted), classes="hint")
+            yield Static(field_help(dotted), classes="hint", markup=False)
 
     def _checkbox_rows(self, advanced: bool):
         for dotted, label, adv in CHECKBOX_FIELDS:
@@ -190,7 +190,7 @@ class SettingsScreen(StepScreen):
                 continue
             yield OnOff(label, value=bool(self.app.get_value(dotted, field_default(dotted))),
                            id=field_id(dotted), compact=True, classes="field-check")
-            yield Static(field_help(dotted), classes="hint")
+            yield Static(field_help(dotted), classes="hint", markup=False)
 
     def text_fields(self):
         return all_text_fields()

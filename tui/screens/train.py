@@ -6,6 +6,7 @@ SSH session, does not stop it; the wizard (or `snugtune attach`) can follow it a
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,29 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
         text = (run_dir / "engine.log").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    return "\n".join(_without_warnings(text.rstrip().splitlines())[-lines:])
+
+
+# a progress bar's line ("Loading weights:  82%|████████▏ | 31/38 [00:01<00:00, 18.72it/s]"):
+# what a killed engine printed last, and no reason for anything
+_PROGRESS_LINE = re.compile(r"^[^|]*\d+%\|.*\|")
+
+
+def _without_warnings(lines: list[str]) -> list[str]:
+    """engine.log's lines less Python's warnings (`file.py:12: FutureWarning: ...` and the source
+    line under it): a killed engine's log ends in whatever warned last, which read as the cause."""
+    out, skip_source = [], False
+    for line in lines:
+        if _PROGRESS_LINE.search(line):
+            continue
+        if re.search(r"^\S.*:\d+: \w*Warning: ", line):
+            skip_source = True
+            continue
+        if skip_source and line.startswith((" ", "\t")):
+            continue
+        skip_source = False
+        out.append(line)
+    return out
 
 
 class TrainScreen(StepScreen):
@@ -64,7 +87,7 @@ class TrainScreen(StepScreen):
         with Horizontal(id="train-body"):
             yield LossPlot(id="loss")
             yield Static("", id="stats")
-        yield Static("", id="engine-error")
+        yield Static("", id="engine-error", markup=False)
 
     def on_mount(self) -> None:
         self.reset_panel()
@@ -96,6 +119,7 @@ class TrainScreen(StepScreen):
         self.device: dict = {}
         self.gpu_stats: dict = {}
         self.failure: dict | None = None
+        self.skipped_note = ""  # a damaged checkpoint the engine set aside, said with the next start
         self.setup_message = ""
         self.started_at: float | None = None  # the run_started event's time (this session of the run)
         self.last_time: float | None = None
@@ -251,8 +275,16 @@ class TrainScreen(StepScreen):
             self.total_steps = e.get("total_steps") or self.total_steps
             self.device = e.get("device") or {}
             resumed = e.get("resumed_from")
+            skipped, self.skipped_note = self.skipped_note, ""
             self.set_status(f"training{' (resumed from ' + Path(str(resumed)).name + ')' if resumed else ''} · "
-                            "ctrl+x stops and saves a checkpoint")
+                            + (f"{skipped} · " if skipped else "") + "ctrl+x stops and saves a checkpoint",
+                            "warning" if skipped else "info")
+        elif kind == "checkpoint_skipped":
+            # the engine set a damaged checkpoint aside and resumes from an older one: say so, or
+            # "resumed from checkpoint-6" after "ctrl+r resumes from checkpoint-8" reads as a bug
+            name = Path(str(e.get("path"))).name
+            self.skipped_note = f"{name} was damaged ({e.get('reason')}), set aside"
+            self.set_status(self.skipped_note, "warning")
         elif kind == "setup_progress":
             self.setup_message = str(e.get("message") or "")
         elif kind == "data_prepared":
@@ -294,7 +326,12 @@ class TrainScreen(StepScreen):
         box = self.query_one("#engine-error", Static)
         text = Text()
         kind = e.get("kind")
-        text.append("The engine stopped with an error" + (f" ({kind})" if kind else "") + ":\n", style="bold red")
+        died = kind == "died"
+        if died:  # killed (kill -9, out of host memory, a power cut): no error of its own to show
+            text.append("The engine process is gone without a word (killed, out of host memory, or a hard "
+                        "crash):\n", style="bold red")
+        else:
+            text.append("The engine stopped with an error" + (f" ({kind})" if kind else "") + ":\n", style="bold red")
         text.append(str(e.get("error") or "no message"))
         tail = e.get("log_tail")
         if tail:
@@ -302,8 +339,10 @@ class TrainScreen(StepScreen):
             text.append(tail, style="dim")
         box.update(text)
         box.display = True
+        ckpt = f"checkpoint-{self.checkpoint}" if isinstance(self.checkpoint, int) else "the last checkpoint"
         resumable = self.checkpoint is not None
-        self.set_status("the run failed; " + ("ctrl+r resumes from the last checkpoint, " if resumable else "")
+        self.set_status(("the engine died; " if died else "the run failed; ")
+                        + (f"ctrl+r resumes from {ckpt}, " if resumable else "")
                         + "ctrl+b to change the settings, ctrl+t to start again", "error")
 
     def _redraw_plot(self) -> None:
@@ -318,7 +357,9 @@ class TrainScreen(StepScreen):
         step = int(self.last.get("step") or 0)
         total = self.total_steps
         title = Text(f"Run {run_dir.name if run_dir else '?'} · ", style="bold")
-        title.append(self.state, style="bold reverse" if self.state in ("failed", "finished") else "bold")
+        # a killed engine is `died`, as `snugtune runs` says, not `failed` (it reported no error)
+        shown = "died" if self.state == "failed" and (self.failure or {}).get("kind") == "died" else self.state
+        title.append(shown, style="bold reverse" if self.state in ("failed", "finished") else "bold")
         if self.state in ("starting", "running") and not self.last.get("step") and self.setup_message:
             title.append(f" · {self.setup_message}", style="dim")
         if total:
