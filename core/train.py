@@ -214,6 +214,7 @@ def _counting_trainer(counter: _TokenCounter):
                     group.barrier()  # rank 0 has renamed the checkpoint into place
                     return
             _fsync_tree(staging / name)
+            _share_modes(staging / name)
             target = final_root / name
             if target.exists():  # a step redone after an OOM retry or past a damaged checkpoint
                 shutil.rmtree(target)
@@ -258,12 +259,43 @@ def _rotate_checkpoints(run_dir: Path, keep: Optional[int]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# EFBIG: a file-size limit; said as such by Engine._disk_failed, but the same recovery
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 # What torch.save's zip writer and safetensors say when a write fails (their errors carry no
 # errno): "[enforce fail at inline_container.cc:672] . unexpected pos 960 vs 854", "file write
 # failed", "PytorchStreamWriter failed writing file", "I/O error: No space left on device (os error 28)".
 _DISK_FULL_TEXT = ("unexpected pos", "file write failed", "failed writing file", "no space left", "disk quota",
-                   "os error 28")
+                   "os error 28", "file too large", "os error 27")
+
+
+def _errno_in(exc: Optional[BaseException], code: int) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == code:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _file_size_limit() -> Optional[int]:
+    """This process's largest writable file in bytes (`ulimit -f`), None when unlimited."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _share_modes(path: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask; give a saved adapter or checkpoint the
+    modes the rest of the run directory has, so a run can be shared like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")]:
+        try:
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        except OSError:
+            pass
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -443,6 +475,21 @@ class Engine:
         ckpt = self._resumable_checkpoint_name()
         where = f"continues from {ckpt}" if ckpt else "starts again from step 0 (no checkpoint was complete)"
         first_line = (str(exc).splitlines() or [""])[0][:200]
+        limit = _file_size_limit()
+        too_large = _errno_in(exc, errno.EFBIG) or "file too large" in str(exc).lower() or "os error 27" in str(exc)
+        if too_large or (limit is not None and free > 2 * needed):
+            # a file-size limit (`ulimit -f`, FAT32's 4 GiB) reads like a full disk to the writers
+            # (torch's zip writer: "file write failed"), but the disk has room: say the limit
+            lim = f" ({limit / rundirs.MB:,.1f} MB, `ulimit -f`)" if limit is not None else ""
+            self._failed(
+                f"the engine could not write into {self.run_dir}: a file grew larger than this system lets "
+                f"a file be{lim} ({type(exc).__name__}: {first_line}); one checkpoint of this run needs about "
+                f"{needed / rundirs.MB:,.1f} MB and the disk has {free / rundirs.MB:,.1f} MB free",
+                "disk", hint=f"raise the limit (`ulimit -f unlimited`), or put the runs on a filesystem that takes "
+                f"large files (output.runs_dir), then `snugtune resume {self.run_dir.name}`: it {where}",
+                path=str(self.run_dir), free_mb=round(free / rundirs.MB, 1), needed_mb=round(needed / rundirs.MB, 1),
+                checkpoint=ckpt, file_size_limit_mb=round(limit / rundirs.MB, 1) if limit is not None else None)
+            return EXIT_DISK
         self._failed(
             f"the disk holding {self.run_dir} filled up while the engine was writing to it "
             f"({type(exc).__name__}: {first_line}): {free / rundirs.MB:,.1f} MB free, one checkpoint of this run "
@@ -780,6 +827,7 @@ class Engine:
             shutil.rmtree(tmp)
         self.trainer.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
+        _share_modes(tmp)
         tmp.rename(final)
         return final
 

@@ -343,3 +343,47 @@ def test_resume_on_a_read_only_run_directory_is_one_message(stopped_run, tmpfs):
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"cannot write to the run directory {run_dir}" in out.stderr and "Traceback" not in out.stderr
     assert runs.run_status(run_dir)["status"] == "stopped"
+
+
+def test_a_file_size_limit_is_said_as_the_limit_not_a_full_disk(make_cfg, stopped_run, reference):
+    """`ulimit -f` (or FAT32's 4 GiB) makes a checkpoint write fail as a full disk would, but the disk
+    has room: the message says the limit and how to raise it; the run resumes once it is raised."""
+    import resource
+
+    from core.train import Engine
+
+    biggest = max(p.stat().st_size for p in (stopped_run / "checkpoints" / "checkpoint-4").rglob("*") if p.is_file())
+    limit = biggest // 2  # below a checkpoint's largest file, far above what the log holds by then
+    assert limit > 64_000, biggest
+    run_dir = runs.create_run_dir(make_cfg())
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.Popen(runs.engine_command(run_dir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=cap,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.wait(timeout=LONG) == 4
+    failed = read_events(run_dir)[-1]
+    assert failed["event"] == "run_failed" and failed["kind"] == "disk", failed
+    assert "larger than this system lets a file be" in failed["error"] and "`ulimit -f`" in failed["error"]
+    assert "filled up" not in failed["error"] and failed["file_size_limit_mb"] == round(limit / runs.MB, 1)
+    assert "ulimit -f unlimited" in failed["error"] and f"snugtune resume {run_dir.name}" in failed["error"]
+    assert not (run_dir / "checkpoints" / runs.STAGING_DIR).exists()
+
+    assert Engine(run_dir).run() == 0  # this process has no limit: the run resumes to the same curve
+    assert_same_curve(read_events(run_dir), reference)
+
+
+def test_saved_adapters_and_checkpoints_take_the_umask_modes(stopped_run, reference, make_cfg):
+    """safetensors writes 0600; the run's adapter and checkpoints are shared like its other files."""
+    run_dir = copy_run(stopped_run, stopped_run.parent)
+    from core.train import Engine
+
+    assert Engine(run_dir).run() == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    files = [*(run_dir / "adapter").rglob("*"), *(run_dir / "checkpoints").rglob("*")]
+    weights = [p for p in files if p.name.endswith(".safetensors")]
+    assert weights and {oct(p.stat().st_mode & 0o777) for p in files if p.is_file()} == {oct(want)}
