@@ -1162,6 +1162,8 @@ def install_savers(model, plan: Plan) -> dict:
         applied["fused_lora_4bit"] = n
         applied["cached_block_scales"] = cache
 
+    applied["kernels"] = _install_kernels(hf, plan, on_cuda)
+
     # MLP tiling (only worth it under checkpointing: otherwise every tile's intermediates are kept)
     if layers is not None and I and plan.mlp_tile_tokens and applied.get("checkpointing", "off") != "off":
         n = 0
@@ -1177,6 +1179,22 @@ def install_savers(model, plan: Plan) -> dict:
 
     applied.update(bigsavers.install(hf, plan))
     return applied
+
+
+def _install_kernels(hf, plan: Plan, on_cuda: bool) -> str:
+    """core.kernels' fused RMSNorm, SwiGLU / GeGLU and rotary (Triton) on CUDA, when Triton imports;
+    SNUGTUNE_KERNELS=off keeps transformers' path. Before the MLP tiling (which then tiles the fused
+    MLP) and core.bigsavers' lean norms (which leave a kernel's norm alone: it keeps less than
+    theirs). With the fp16 guard the norms stay the guard's (it patches them after the savers)."""
+    if not on_cuda:
+        return "off: not on a CUDA device"
+    if os.environ.get("SNUGTUNE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
+        return "off: SNUGTUNE_KERNELS=off"
+    try:
+        from core import kernels
+    except Exception as exc:  # noqa: BLE001 - no Triton (or a broken one): transformers' path
+        return f"off: triton did not import ({type(exc).__name__})"
+    return kernels.install(hf, norms=not plan.fp16_guard)
 
 
 def uninstall_savers(model, _keep_moved_weights: bool = False) -> None:
