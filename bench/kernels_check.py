@@ -125,11 +125,18 @@ def main() -> int:
         d = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
         qr, kr = rope(q, k, cos, sin)
         dr = torch.autograd.grad((qr, kr), (q, k), (gq, gk))
+        # float64 reference: the same formula on upcast inputs (cos / sin as the model has them, bf16)
+        q64, k64 = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+        q6, k6 = rope(q64, k64, cos.double(), sin.double())
+        d64 = torch.autograd.grad((q6, k6), (q64, k64), (gq.double(), gk.double()))
         r = dict(fwd_rel=[rel(qo, qr), rel(ko, kr)], bwd_rel=[rel(a, b) for a, b in zip(d, dr)],
                  fwd_equal=float((qo == qr).float().mean()), bwd_equal=float((d[0] == dr[0]).float().mean()),
+                 fwd_vs64=[rel(qo, q6), rel(qr, q6)], dq_vs64=[rel(d[0], d64[0]), rel(dr[0], d64[0])],
                  us_kernel=timed(lambda: torch.autograd.grad(K.rotary(q, k, cos, sin), (q, k), (gq, gk))),
                  us_transformers=timed(lambda: torch.autograd.grad(rope(q, k, cos, sin), (q, k), (gq, gk))))
-        ok = max(r["fwd_rel"] + r["bwd_rel"]) < 1e-3
+        # run 2 (H200, triton 3.6): 82% of the elements bit-equal, the rest one bf16 rounding apart
+        # (2e-3 relative); what must hold is that the kernel is no further from float64 than transformers
+        ok = r["fwd_vs64"][0] <= r["fwd_vs64"][1] * 1.1 + 1e-6 and r["dq_vs64"][0] <= r["dq_vs64"][1] * 1.1 + 1e-6
         check(f"rotary {Hq}/{Hk}x{D} T={T}", ok=ok, **r)
         fails += [] if ok else [f"rotary {Hq}"]
 
@@ -162,6 +169,7 @@ def main() -> int:
         with torch.cuda.graph(graph):
             loss = body(static_x)
             loss.backward()
+        gx_buf, gw_buf = static_x.grad, W1.grad  # the graph's own gradient buffers, rewritten by each replay
         errs = []
         for i in range(3):
             new = torch.randn(256, H, device=dev).to(bf)
@@ -170,12 +178,9 @@ def main() -> int:
             graph.replay()
             torch.cuda.synchronize()
             xe = new.clone().requires_grad_(True)
-            W1g = W1.grad.clone()
-            W1.grad = None
             le = body(xe)
-            le.backward()
-            errs.append(max(rel(loss, le), rel(static_x.grad, xe.grad), rel(W1g, W1.grad)))
-            W1.grad = W1g  # the graph's buffer again
+            ex, ew = torch.autograd.grad(le, (xe, W1))
+            errs.append(max(rel(loss, le), rel(gx_buf, ex), rel(gw_buf, ew)))
         ok = max(errs) < 1e-6
         check("cuda graph replay vs eager (rmsnorm + swiglu + rotary, fwd + bwd)", ok=ok, max_rel=max(errs))
         fails += [] if ok else ["graph"]

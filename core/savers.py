@@ -724,6 +724,7 @@ def tiled_mlp_forward(mlp: torch.nn.Module, intermediate: int, min_tokens: Optio
         return _tiled_no_grad(run, x, t)
 
     forward._snug_orig = orig
+    forward._snug_tiled = True
     mlp.forward = forward
     return mlp
 
@@ -1169,7 +1170,8 @@ def install_savers(model, plan: Plan) -> dict:
         n = 0
         for lyr in layers:
             mlp = getattr(lyr, "mlp", None)
-            if mlp is not None and not hasattr(mlp.forward, "_snug_orig"):
+            # tiled once; core.kernels' fused MLP (patched just before) is tiled like transformers' own
+            if mlp is not None and not getattr(mlp.forward, "_snug_tiled", False):
                 tiled_mlp_forward(mlp, I)
                 n += 1
         t = plan.mlp_tile_tokens

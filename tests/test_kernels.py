@@ -242,3 +242,38 @@ def test_savers_leave_cpu_models_on_transformers_path(tiny_model_dir):
     applied = savers.install_savers(m, plan(cfg, spec_from_dir(tiny_model_dir), cpu_target()))
     assert applied["kernels"] == "off: not on a CUDA device"
     assert not any(K.uses_kernels(mod) for mod in m.modules())
+
+
+def test_install_savers_tiles_the_fused_mlp(tiny_model_dir, monkeypatch):
+    # run 2 of bench/gpu_time.py: the MLP tiling took the kernels' patched forward for an earlier
+    # tiling and skipped it, so a 26,176-token row ran its MLP untiled and ran out of memory
+    from core import savers
+    from core.catalog import spec_from_dir
+    from core.config import RunConfig
+    from core.gpu import cpu_target
+    from core.plan import plan
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(savers, "_install_kernels", lambda hf, p, on_cuda: K.install(hf, norms=not p.fp16_guard))
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = RunConfig.from_dict({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"path": "x", "max_seq_len": 64}})
+    applied = savers.install_savers(m, plan(cfg, spec_from_dir(tiny_model_dir), cpu_target()))
+    assert applied["kernels"].startswith("triton:") and applied["mlp_tiling"].startswith("tiles of")
+    mlps = [lyr.mlp for lyr in savers._decoder_layers(m)]
+    assert mlps and all(getattr(p.forward, "_snug_tiled", False) for p in mlps)
+    assert all(p.forward._snug_orig.__qualname__.startswith("_patch_mlp") for p in mlps)
+
+
+def test_tiled_fused_mlp_matches_untiled():
+    from core import savers
+
+    m = _tiny("qwen2")
+    K.install(m)
+    ids = torch.randint(0, 128, (1, 16), generator=_gen(7))
+    loss0, g0 = _loss_and_grads(m, ids)
+    for lyr in m.model.layers:
+        savers.tiled_mlp_forward(lyr.mlp, 96, min_tokens=1, tile=5)  # 16 tokens: tiles of 5, 5, 5, 1
+    loss1, g1 = _loss_and_grads(m, ids)
+    # the same rows through the same kernels; the CPU's bf16 matmuls block 5-row tiles differently
+    assert abs(float(loss1 - loss0)) <= 1e-3 * abs(float(loss0))
+    assert float(F.cosine_similarity(g0.double(), g1.double(), dim=0)) > 0.9999
