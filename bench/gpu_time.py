@@ -637,6 +637,8 @@ def main() -> int:
     if args.mem:
         ms, mt, mc = args.mem.split(":")
         mem = (ms, int(mt), float(mc))
+        if ms not in runs:  # the memory rows alone for a shape not measured for speed in this call
+            runs[ms] = ([], RUNS[ms][1])
     if args.smoke:
         mem = ("tiny", 256, 0)
     engines = [e for e in args.engines.split(",") if e]
@@ -667,6 +669,8 @@ def main() -> int:
             say(f"!! building {shape} failed:\n{err[-2000:]}")
             continue
         for eng in engines:
+            if not seqs and eng != "snugtune":
+                continue  # a memory-only shape: snugtune's rows alone
             spec = dict(engine=eng, shape=shape, root=root, seqs=seqs, cap=cap, wait=True,
                         deadline=t_start + args.deadline_s,
                         extra=args.extra == "all" or (args.extra == "first" and shape == next(iter(runs))),
