@@ -378,6 +378,28 @@ class _InAttn(threading.local):
     depth = 0
 
 
+# Set by the first kernel that fails to run (a GPU or Triton it cannot compile for): from then on every
+# patched module takes transformers' path, and install() says why. Out-of-memory errors are not
+# failures of the kernel: they go up to the engine's retry as they would from transformers' path.
+BROKEN: Optional[str] = None
+
+
+def _guarded(kernel, fallback):
+    global BROKEN
+    if BROKEN is not None:
+        return fallback()
+    try:
+        return kernel()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any compile / launch failure: transformers' path from now on
+        BROKEN = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        import warnings
+
+        warnings.warn(f"snugtune's Triton kernels are off for this run: {BROKEN}", RuntimeWarning, stacklevel=2)
+        return fallback()
+
+
 _IN_ATTN = _InAttn()
 _ROPE_ORIG: dict[str, object] = {}  # module name -> transformers' apply_rotary_pos_emb
 
@@ -385,7 +407,7 @@ _ROPE_ORIG: dict[str, object] = {}  # module name -> transformers' apply_rotary_
 def _rope_dispatcher(orig):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if _IN_ATTN.depth > 0 and unsqueeze_dim == 1 and rotary_usable(q, k, cos, sin):
-            return rotary(q, k, cos, sin)
+            return _guarded(lambda: rotary(q, k, cos, sin), lambda: orig(q, k, cos, sin, unsqueeze_dim))
         return orig(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb._snug_orig = orig
@@ -437,7 +459,7 @@ def _patch_norm(norm, gemma: bool) -> None:
         w = norm.weight
         if args or kwargs or w.requires_grad or x.shape[-1] != w.shape[0] or not _on_device(x, w):
             return orig(x, *args, **kwargs)
-        return _RMSNorm.apply(x, w, eps, gemma)
+        return _guarded(lambda: _RMSNorm.apply(x, w, eps, gemma), lambda: orig(x))
 
     _patch(norm, forward)
 
@@ -452,7 +474,7 @@ def _patch_mlp(mlp, gelu: bool) -> None:
         u = mlp.up_proj(x)
         if g.shape != u.shape or g.dtype != u.dtype or not _on_device(g, u):
             return mlp.down_proj(mlp.act_fn(g) * u)
-        return mlp.down_proj(_GLU.apply(g, u, gelu))
+        return mlp.down_proj(_guarded(lambda: _GLU.apply(g, u, gelu), lambda: mlp.act_fn(g) * u))
 
     _patch(mlp, forward)
 
@@ -466,6 +488,8 @@ def install(hf, norms: bool = True) -> str:
     """Route hf's RMSNorms, GLU MLPs and rotary embedding through the kernels; returns what it did.
 
     `norms` False leaves the norms alone (the fp16 guard, core.fp16guard, patches them itself)."""
+    if BROKEN is not None:
+        return f"off: a kernel failed earlier in this process ({BROKEN})"
     n_norm = n_mlp = n_attn = 0
     for mod in hf.modules():
         name = type(mod).__name__

@@ -1163,7 +1163,7 @@ def install_savers(model, plan: Plan) -> dict:
         applied["fused_lora_4bit"] = n
         applied["cached_block_scales"] = cache
 
-    applied["kernels"] = _install_kernels(hf, plan, on_cuda)
+    applied["kernels"] = _install_kernels(hf, plan, dev)
 
     # MLP tiling (only worth it under checkpointing: otherwise every tile's intermediates are kept)
     if layers is not None and I and plan.mlp_tile_tokens and applied.get("checkpointing", "off") != "off":
@@ -1183,15 +1183,19 @@ def install_savers(model, plan: Plan) -> dict:
     return applied
 
 
-def _install_kernels(hf, plan: Plan, on_cuda: bool) -> str:
+def _install_kernels(hf, plan: Plan, dev: torch.device) -> str:
     """core.kernels' fused RMSNorm, SwiGLU / GeGLU and rotary (Triton) on CUDA, when Triton imports;
     SNUGTUNE_KERNELS=off keeps transformers' path. Before the MLP tiling (which then tiles the fused
     MLP) and core.bigsavers' lean norms (which leave a kernel's norm alone: it keeps less than
     theirs). With the fp16 guard the norms stay the guard's (it patches them after the savers)."""
-    if not on_cuda:
+    if dev.type != "cuda":
         return "off: not on a CUDA device"
     if os.environ.get("SNUGTUNE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
         return "off: SNUGTUNE_KERNELS=off"
+    if plan.compile:
+        return "off: torch.compile compiles the blocks (train.compile), its own fusions included"
+    if torch.cuda.get_device_capability(dev) < (7, 0):
+        return "off: Triton needs a GPU of compute capability 7.0 or newer"
     try:
         from core import kernels
     except Exception as exc:  # noqa: BLE001 - no Triton (or a broken one): transformers' path

@@ -254,7 +254,7 @@ def test_install_savers_tiles_the_fused_mlp(tiny_model_dir, monkeypatch):
     from core.plan import plan
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(savers, "_install_kernels", lambda hf, p, on_cuda: K.install(hf, norms=not p.fp16_guard))
+    monkeypatch.setattr(savers, "_install_kernels", lambda hf, p, dev: K.install(hf, norms=not p.fp16_guard))
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cfg = RunConfig.from_dict({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"path": "x", "max_seq_len": 64}})
     applied = savers.install_savers(m, plan(cfg, spec_from_dir(tiny_model_dir), cpu_target()))
@@ -277,3 +277,22 @@ def test_tiled_fused_mlp_matches_untiled():
     # the same rows through the same kernels; the CPU's bf16 matmuls block 5-row tiles differently
     assert abs(float(loss1 - loss0)) <= 1e-3 * abs(float(loss0))
     assert float(F.cosine_similarity(g0.double(), g1.double(), dim=0)) > 0.9999
+
+
+def test_a_failing_kernel_falls_back_to_transformers(monkeypatch):
+    m = _tiny("qwen2")
+    ids = torch.randint(0, 128, (1, 12), generator=_gen(8))
+    loss0, g0 = _loss_and_grads(m, ids)
+    K.install(m)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(K, "BROKEN", None)
+    monkeypatch.setattr(K._RMSNorm, "apply", broken)
+    with pytest.warns(RuntimeWarning, match="kernels are off"):
+        loss1, _ = _loss_and_grads(m, ids)
+    assert K.BROKEN.startswith("RuntimeError: no kernel")
+    loss2, g2 = _loss_and_grads(m, ids)  # every patched module on transformers' path now
+    assert torch.equal(loss1, loss0) and torch.equal(loss2, loss0) and torch.equal(g2, g0)
+    assert K.install(_tiny("qwen2")).startswith("off: a kernel failed earlier")
