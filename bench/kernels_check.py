@@ -137,6 +137,11 @@ def main() -> int:
         # run 2 (H200, triton 3.6): 82% of the elements bit-equal, the rest one bf16 rounding apart
         # (2e-3 relative); what must hold is that the kernel is no further from float64 than transformers
         ok = r["fwd_vs64"][0] <= r["fwd_vs64"][1] * 1.1 + 1e-6 and r["dq_vs64"][0] <= r["dq_vs64"][1] * 1.1 + 1e-6
+        try:  # the compiled rotary kernels: bf16 FMAs would mean the products' rounding was contracted away
+            ptx = [kk.asm["ptx"] for dc in K._rope.device_caches.values() for kk in dc[0].values()]
+            r["ptx_bf16_fma"] = sum(p_.count("fma.rn.bf16") for p_ in ptx)
+        except Exception as exc:  # noqa: BLE001 - Triton's cache layout differs between versions
+            r["ptx_bf16_fma"] = f"not read ({type(exc).__name__})"
         check(f"rotary {Hq}/{Hk}x{D} T={T}", ok=ok, **r)
         fails += [] if ok else [f"rotary {Hq}"]
 

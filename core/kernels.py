@@ -323,6 +323,13 @@ def _last_dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Without this, LLVM turns each rounded product into a bf16 multiply and contracts it with the sum into
+# one bf16 FMA, dropping the product's rounding that transformers' q * cos + rotate_half(q) * sin has
+# (run 1 of bench/kernels_check.py on an H200: 18% of the elements one rounding apart; the PTX here
+# then has fma.rn.bf16 where, with fusion off, it has mul.rn.bf16 and add.rn.bf16 as torch does).
+_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
 def _rope_launch(q, k, cos, sin, backward):
     B, HQ, T, D = q.shape
     HK = k.shape[1]
@@ -336,7 +343,7 @@ def _rope_launch(q, k, cos, sin, backward):
     warps = 4 if max(bhq, bhk) * bd >= 2048 else 2 if max(bhq, bhk) * bd >= 512 else 1
     _rope[(B * T,)](q, k, qo, ko, cos, sin, T, *q.stride()[:3], *qo.stride()[:3], *k.stride()[:3],
                     *ko.stride()[:3], scb, cos.stride(1), HQ, HK, HALF=half, BHQ=bhq, BHK=bhk, BD=bd,
-                    BACKWARD=backward, EMU=INTERPRET, num_warps=warps)
+                    BACKWARD=backward, EMU=INTERPRET, num_warps=warps, **_NO_FMA)
     return qo, ko
 
 
