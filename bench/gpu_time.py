@@ -632,15 +632,19 @@ def main() -> int:
         return 0
 
     t_start = time.time()
-    runs = SMOKE_RUNS if args.smoke else {s: RUNS[s] for s in args.shapes.split(",") if s}
+    # --shapes none: no speed rows, only --mem's memory rows
+    if args.smoke:
+        runs = {} if args.shapes == "none" else dict(SMOKE_RUNS)
+    else:
+        runs = {s: RUNS[s] for s in args.shapes.split(",") if s and s != "none"}
     mem = None
-    if args.mem:
-        ms, mt, mc = args.mem.split(":")
-        mem = (ms, int(mt), float(mc))
-        if ms not in runs:  # the memory rows alone for a shape not measured for speed in this call
-            runs[ms] = ([], RUNS[ms][1])
     if args.smoke:
         mem = ("tiny", 256, 0)
+    elif args.mem:
+        ms, mt, mc = args.mem.split(":")
+        mem = (ms, int(mt), float(mc))
+    if mem and mem[0] not in runs:  # the memory rows alone for a shape not measured for speed in this call
+        runs[mem[0]] = ([], {**RUNS, **SMOKE_RUNS}[mem[0]][1])
     engines = [e for e in args.engines.split(",") if e]
     if args.smoke:
         engines = [e for e in engines if e != "unsloth"]  # Unsloth needs CUDA
