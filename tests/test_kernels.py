@@ -103,11 +103,12 @@ def test_rmsnorm_strided_rows_and_output_dtype():
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_glu_matches_transformers(gelu):
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_glu_matches_transformers(gelu, dtype):
     g_ = _gen(3)
-    gt = (torch.randn(4, 33, 300, generator=g_) * 3).to(BF16).requires_grad_(True)
-    ut = torch.randn(4, 33, 300, generator=g_).to(BF16).requires_grad_(True)
-    gh = torch.randn(4, 33, 300, generator=g_).to(BF16)
+    gt = (torch.randn(4, 33, 300, generator=g_) * 3).to(dtype).requires_grad_(True)
+    ut = torch.randn(4, 33, 300, generator=g_).to(dtype).requires_grad_(True)
+    gh = torch.randn(4, 33, 300, generator=g_).to(dtype)
     act = transformers.activations.ACT2FN["gelu_pytorch_tanh" if gelu else "silu"]
     h = K.glu(gt, ut, gelu)
     d = torch.autograd.grad(h, (gt, ut), gh)
@@ -116,33 +117,33 @@ def test_glu_matches_transformers(gelu):
     assert _rel(h, hr) < 1e-5
     assert all(_rel(a, b) < 1e-5 for a, b in zip(d, dr))
     # large |g| saturates cleanly (no NaN from exp overflow)
-    big = torch.tensor([-200.0, -50.0, 0.0, 50.0, 200.0]).to(BF16)
+    big = torch.tensor([-200.0, -50.0, 0.0, 50.0, 200.0]).to(dtype)
     out = K.glu(big, torch.ones_like(big), gelu)
     assert torch.isfinite(out).all() and torch.equal(out, act(big) * torch.ones_like(big))
 
 
-def _cos_sin(T, D, B=1, seed=4):
+def _cos_sin(T, D, B=1, dtype=BF16):
     pos = torch.arange(T, dtype=torch.float32)[None].expand(B, T) + torch.arange(B)[:, None] * 7
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     fr = pos[..., None] * inv
     emb = torch.cat([fr, fr], -1)
-    return emb.cos().to(BF16), emb.sin().to(BF16)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-@pytest.mark.parametrize("B,cos_b", [(2, 1), (2, 2)])
-def test_rotary_matches_transformers(B, cos_b):
+@pytest.mark.parametrize("B,cos_b,dtype", [(2, 1, BF16), (2, 2, BF16), (1, 1, torch.float16)])
+def test_rotary_matches_transformers(B, cos_b, dtype):
     g = _gen(5)
     T, Hq, Hk, D = 19, 6, 2, 32
     # transformers' layout: projections (B, T, H, D) viewed as (B, H, T, D)
-    q = torch.randn(B, T, Hq, D, generator=g).to(BF16).transpose(1, 2).requires_grad_(True)
-    k = torch.randn(B, T, Hk, D, generator=g).to(BF16).transpose(1, 2).requires_grad_(True)
-    cos, sin = _cos_sin(T, D, cos_b)
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, T, Hk, D, generator=g).to(dtype).transpose(1, 2).requires_grad_(True)
+    cos, sin = _cos_sin(T, D, cos_b, dtype)
     qo, ko = K.rotary(q, k, cos, sin)
     qr, kr = modeling_qwen2.apply_rotary_pos_emb._snug_orig(q, k, cos, sin) \
         if hasattr(modeling_qwen2.apply_rotary_pos_emb, "_snug_orig") else modeling_qwen2.apply_rotary_pos_emb(q, k, cos, sin)
     assert qo.stride() == qr.stride() and torch.equal(qo, qr) and torch.equal(ko, kr)
-    gq = torch.randn(qo.shape, generator=g).to(BF16)
-    gk = torch.randn(ko.shape, generator=g).to(BF16)
+    gq = torch.randn(qo.shape, generator=g).to(dtype)
+    gk = torch.randn(ko.shape, generator=g).to(dtype)
     d = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
     dr = torch.autograd.grad((qr, kr), (q, k), (gq, gk))
     assert all(torch.equal(a, b) for a, b in zip(d, dr))
@@ -296,3 +297,10 @@ def test_a_failing_kernel_falls_back_to_transformers(monkeypatch):
     loss2, g2 = _loss_and_grads(m, ids)  # every patched module on transformers' path now
     assert torch.equal(loss1, loss0) and torch.equal(loss2, loss0) and torch.equal(g2, g0)
     assert K.install(_tiny("qwen2")).startswith("off: a kernel failed earlier")
+
+
+def test_install_without_norms_leaves_them_to_the_fp16_guard():
+    m = _tiny("gemma3")
+    what = K.install(m, norms=False)
+    assert what == "triton: 0 RMSNorms, 2 GLU MLPs, rotary in 2 attentions"
+    assert not any(K.uses_kernels(mod) for mod in m.modules() if type(mod).__name__ in K.GEMMA_NORMS)
