@@ -384,6 +384,53 @@ def rotary(q, k, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------
+# The fused NF4 + LoRA node's output: base (fp32) + scale (x A^T) B^T + bias, rounded once
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _lora_epi(O, XA, Bw, BIAS, Y, M, N, sxa, sb, so, sy, scale, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, EMU: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    mr = rows < M
+    mc = cols < N
+    m = mr[:, None] & mc[None, :]
+    acc = tl.full((BM, BN), 0.0, tl.float32)  # (tl.zeros is a @triton.jit of triton.language, see _rowsum)
+    for r in range(R):  # the rank-r product as r outer products, in fp32 (r is 8-64: no tensor-core tile)
+        a = tl.load(XA + rows * sxa + r, mask=mr, other=0.0).to(tl.float32)
+        b = tl.load(Bw + cols * sb + r, mask=mc, other=0.0).to(tl.float32)
+        acc += a[:, None] * b[None, :]
+    o = tl.load(O + rows[:, None] * so + cols[None, :], mask=m, other=0.0).to(tl.float32) + scale * acc
+    if HAS_BIAS:
+        o += tl.load(BIAS + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * sy + cols[None, :], _rnd(o, Y.dtype.element_ty, EMU), mask=m)
+
+
+def lora_epilogue(o: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(o + scale * xa @ B^T + bias).to(dtype) in one pass: o (T x out, fp32, the base GEMM's
+    accumulator), xa (T x r, x A^T), B (out x r, the fp32 master), bias (out) or None.
+
+    core.savers' fp32 LoRA sum (LORA_SUM_FP32) does this as an fp32 addmm_ into o, a bias add and a
+    cast: 14 bytes an output element read and written after the GEMM; here 6 (o read, the 16-bit
+    result written), the same sum in fp32 up to its order, rounded once. No autograd: it runs
+    inside the node's forward."""
+    M, N = o.shape
+    R = xa.shape[-1]
+    y = torch.empty((M, N), dtype=dtype, device=o.device)
+    if M == 0 or N == 0:
+        return y
+    xa = xa if xa.stride(-1) == 1 else xa.contiguous()
+    B = B if B.stride(-1) == 1 else B.contiguous()
+    o = o if o.stride(-1) == 1 else o.contiguous()
+    bm, bn = 32, 128
+    _lora_epi[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        o, xa, B, bias if bias is not None else o, y, M, N, xa.stride(0), B.stride(0), o.stride(0), y.stride(0),
+        float(scale), R=R, HAS_BIAS=bias is not None, BM=bm, BN=bn, EMU=INTERPRET, num_warps=4)
+    return y
+
+
+# ---------------------------------------------------------------------------------------
 # Installing on a transformers model
 # ---------------------------------------------------------------------------------------
 

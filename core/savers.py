@@ -1183,7 +1183,24 @@ def install_savers(model, plan: Plan) -> dict:
     return applied
 
 
+# core.kernels.lora_epilogue while the kernels are installed, else None: the fused NF4 + LoRA node's fp32
+# sum (base + scale (x A^T) B^T + bias, rounded once) in one pass instead of an fp32 addmm_, an add
+# and a cast (set here; read by the fp32 LoRA sum where that exists)
+LORA_EPILOGUE: Optional[Callable] = None
+
+
 def _install_kernels(hf, plan: Plan, dev: torch.device) -> str:
+    global LORA_EPILOGUE
+    LORA_EPILOGUE = None
+    what = _install_kernels_on(hf, plan, dev)
+    if what.startswith("triton:"):
+        from core import kernels
+
+        LORA_EPILOGUE = kernels.lora_epilogue
+    return what
+
+
+def _install_kernels_on(hf, plan: Plan, dev: torch.device) -> str:
     """core.kernels' fused RMSNorm, SwiGLU / GeGLU and rotary (Triton) on CUDA, when Triton imports;
     SNUGTUNE_KERNELS=off keeps transformers' path. Before the MLP tiling (which then tiles the fused
     MLP) and core.bigsavers' lean norms (which leave a kernel's norm alone: it keeps less than

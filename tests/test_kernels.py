@@ -241,7 +241,7 @@ def test_savers_leave_cpu_models_on_transformers_path(tiny_model_dir):
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cfg = RunConfig.from_dict({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"path": "x", "max_seq_len": 64}})
     applied = savers.install_savers(m, plan(cfg, spec_from_dir(tiny_model_dir), cpu_target()))
-    assert applied["kernels"] == "off: not on a CUDA device"
+    assert applied["kernels"] == "off: not on a CUDA device" and savers.LORA_EPILOGUE is None
     assert not any(K.uses_kernels(mod) for mod in m.modules())
 
 
@@ -304,3 +304,23 @@ def test_install_without_norms_leaves_them_to_the_fp16_guard():
     what = K.install(m, norms=False)
     assert what == "triton: 0 RMSNorms, 2 GLU MLPs, rotary in 2 attentions"
     assert not any(K.uses_kernels(mod) for mod in m.modules() if type(mod).__name__ in K.GEMMA_NORMS)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_epilogue_matches_the_fp32_sum(bias):
+    # core.savers' fp32 LoRA sum: o.addmm_(xa.float(), B.float().t(), alpha=scale); o.add_(bias); o.to(dt)
+    g = _gen(9)
+    T, N, R, scale = 70, 300, 16, 2.0
+    o = torch.randn(T, N, generator=g) * 3
+    xa = torch.randn(T, R, generator=g).to(BF16)
+    B = torch.randn(N, R, generator=g) * 0.05
+    b = (torch.randn(N, generator=g) * 0.5).to(BF16) if bias else None
+    ref = o.clone().addmm_(xa.float(), B.t(), alpha=scale)
+    if b is not None:
+        ref.add_(b)
+    ref = ref.to(BF16)
+    y = K.lora_epilogue(o, xa, B, b, scale, BF16)
+    assert y.dtype == BF16 and y.shape == ref.shape
+    # the same fp32 sum in another order, then one rounding: equal but where the order crossed a rounding edge
+    assert float((y == ref).float().mean()) > 0.99
+    assert float(((y.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)).max()) <= 2 ** -7
