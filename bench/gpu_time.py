@@ -267,8 +267,10 @@ def mark_blocks(model) -> int:
     """Wrap the parts of every decoder block (attention, MLP, norms) in a profiler range, so that a
     block's work seen inside backward is counted as recompute. The parts, not the block: transformers
     >= 5.2x checkpoints the class's original forward, which an instance wrapper on the block would not
-    see again in the recompute; every engine calls the parts through their modules. Idempotent; run
-    again after uninstall_savers (which removes the MLP's tiled forward around this wrapper)."""
+    see again in the recompute; every engine calls the parts through their modules. Runs after
+    snugtune's savers are installed (its kernels and MLP tiling patch these parts and leave patched
+    ones alone), around whatever forward a part has; idempotent. The marker carries `_snug_orig`, so
+    uninstall_savers removes it with the patches under it (Snug.install marks again)."""
     from torch.profiler import record_function
 
     n = 0
@@ -277,14 +279,16 @@ def mark_blocks(model) -> int:
             continue
         for child in mod.children():
             f = child.__dict__.get("forward")
-            if f is not None:
-                continue  # wrapped already (by this, or by snugtune's savers around this)
+            if f is not None and getattr(f, "_gt_mark", False):
+                continue
             orig = child.forward
 
             def fwd(*a, _orig=orig, **k):
                 with record_function("gt.block"):
                     return _orig(*a, **k)
 
+            fwd._gt_mark = True
+            fwd._snug_orig = orig
             child.forward = fwd
             n += 1
     return n
@@ -336,24 +340,27 @@ class Snug:
         self.m.train()
         self.graphs = None
 
-    def install(self, seq, keep=None):
+    def install(self, seq, keep=None, kernels=True, cap=None):
         from core import savers
 
         sys.path.insert(0, HERE)
         from trial import plan_for
 
         savers.uninstall_savers(self.m)
-        mark_blocks(self.m)
         old = os.environ.pop("SNUGTUNE_KEEP_LAYERS", None)
         if keep is not None:
             os.environ["SNUGTUNE_KEEP_LAYERS"] = str(keep)
+        # core.savers reads SNUGTUNE_KERNELS at install time: off = transformers' norms / GLU / rotary
+        os.environ["SNUGTUNE_KERNELS"] = "on" if kernels else "off"
         try:
-            plan = plan_for(self.path, seq, self.cap, "auto", False, self.dev)
+            plan = plan_for(self.path, seq, cap or self.cap, "auto", False, self.dev)
         finally:
             os.environ.pop("SNUGTUNE_KEEP_LAYERS", None)
             if old is not None:
                 os.environ["SNUGTUNE_KEEP_LAYERS"] = old
-        return savers.install_savers(self.m, plan)
+        applied = savers.install_savers(self.m, plan)
+        mark_blocks(self.m)
+        return applied
 
 
 def worker(a: dict) -> int:
@@ -401,29 +408,41 @@ def worker(a: dict) -> int:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     W, N, Pn = a.get("warmup", 2), a.get("steps", 4), a.get("prof_steps", 2)
 
+    # (seq, label, keep, graphs, kernels, allocator cap or None = the shape's)
     variants = []
     for seq in seqs:
         if engine == "snugtune":
-            variants.append((seq, "normal", None, False))
+            variants.append((seq, "normal", None, False, True, None))
             if dev == "cuda":
-                variants.append((seq, "graphs", None, True))
+                variants.append((seq, "graphs", None, True, True, None))
+            if a.get("kernels_off", True):
+                variants.append((seq, "normal, without the kernels", None, False, False, None))
             if seq == seqs[0] and a.get("extra", True):
-                variants.append((seq, "normal, every block checkpointed", 0, False))
-                variants.append((seq, "normal, before this pass (REUSE_IN_BACKWARD off)", "before", False))
+                variants.append((seq, "normal, every block checkpointed", 0, False, True, None))
+                variants.append((seq, "normal, before this pass (REUSE_IN_BACKWARD off)", "before", False, True, None))
         else:
-            variants.append((seq, "", None, False))
+            variants.append((seq, "", None, False, True, None))
+    if engine == "snugtune" and a.get("mem_seq"):
+        # peak memory with and without the kernels at an auto-fit choice, under its allocator cap
+        for on in (True, False):
+            variants.append((a["mem_seq"], "memory, " + ("kernels" if on else "without the kernels"), None, False, on,
+                             a["mem_cap"]))
 
-    for seq, variant, keep, use_graphs in variants:
+    for seq, variant, keep, use_graphs, kernels_on, vcap in variants:
         tag = dict(engine=engine, shape=shape, seq=seq, variant=variant)
         if time.time() > a.get("deadline", 1e18):
             emit(part="error", **tag, error="skipped: the call's deadline")
             continue
+        mem_only = vcap is not None
         try:
             if snug is not None:
                 from core import savers
 
+                if dev == "cuda" and (vcap or cap):
+                    total = torch.cuda.get_device_properties(0).total_memory
+                    torch.cuda.set_per_process_memory_fraction((vcap or cap) * GiB / total)
                 savers.REUSE_IN_BACKWARD = keep != "before"
-                applied = snug.install(seq, None if keep == "before" else keep)
+                applied = snug.install(seq, None if keep == "before" else keep, kernels=kernels_on, cap=vcap)
             else:
                 applied = None
             graphs = None
@@ -452,24 +471,33 @@ def worker(a: dict) -> int:
             if dev == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            for _ in range(W + (2 if use_graphs else 0)):  # graphs: 2 eager warm-ups, then the capture
+            # the memory variants: one warm-up and two steps (the first compiles the kernels), no profile
+            w_, n_ = (1, 2) if mem_only else (W + (2 if use_graphs else 0), N)
+            for _ in range(w_):  # graphs: 2 eager warm-ups, then the capture
                 step(ids_())
             sync()
             t0 = time.perf_counter()
             loss = None
-            for _ in range(N):
+            for _ in range(n_):
                 loss = step(ids_())
             sync()
             dt = time.perf_counter() - t0
             peak = torch.cuda.max_memory_reserved() / GiB if dev == "cuda" else None
-            with profile(activities=acts) as prof:
-                for _ in range(Pn):
-                    step(ids_())
-                sync()
-            s = summarize(prof, dev, Pn * seq, Pn)
-            res = dict(part="result", **tag, tok_s=round(N * seq / dt, 1), s_per_step=round(dt / N, 4),
-                       peak_reserved_gib=round(peak, 3) if peak is not None else None, loss=float(loss),
-                       applied=applied, cuda_graphs=graphs.status if graphs is not None else None, **s)
+            peak_a = torch.cuda.max_memory_allocated() / GiB if dev == "cuda" else None
+            if mem_only:
+                s = {"gpu_ms_per_1k_tokens": None, "kernels_per_step": None, "by_kind_ms_per_1k": {},
+                     "by_phase_ms_per_1k": {}}
+            else:
+                with profile(activities=acts) as prof:
+                    for _ in range(Pn):
+                        step(ids_())
+                    sync()
+                s = summarize(prof, dev, Pn * seq, Pn)
+            res = dict(part="result", **tag, tok_s=round(n_ * seq / dt, 1), s_per_step=round(dt / n_, 4),
+                       peak_reserved_gib=round(peak, 3) if peak is not None else None,
+                       peak_allocated_gib=round(peak_a, 3) if peak_a is not None else None, loss=float(loss),
+                       cap_gib=vcap or cap, applied=applied, cuda_graphs=graphs.status if graphs is not None else None,
+                       **s)
             if graphs is not None:
                 graphs.release("variant done")
             emit(**res)
@@ -582,11 +610,17 @@ def main() -> int:
     ap.add_argument("--prof-steps", type=int, default=1, help="profiled steps")
     ap.add_argument("--deadline-s", type=float, default=210,
                     help="no variant starts after this many seconds (the device call's budget)")
-    ap.add_argument("--extra", choices=["first", "all"], default="first",
+    ap.add_argument("--extra", choices=["first", "all", "none"], default="first",
                     help="snugtune's extra variants (every block checkpointed; before the kernel cuts) "
-                    "at the first shape's first length, or at every shape's")
+                    "at the first shape's first length, or at every shape's, or none")
+    ap.add_argument("--no-kernels-off", action="store_true",
+                    help="leave out snugtune's 'without the kernels' variant (SNUGTUNE_KERNELS=off) at each length")
+    ap.add_argument("--mem", default="qwen2.5-1.5b:26176:3.47",
+                    help="SHAPE:TOKENS:CAP_GIB: peak memory with and without the kernels at that length under that "
+                    "allocator cap (default: fit_truth run 4's auto-fit choice for Qwen2.5-1.5B on a 4 GB card, "
+                    "budget 3.82 GiB less 0.35 context); '' for none")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
-    ap.add_argument("--name", default="gpu_time_run1")
+    ap.add_argument("--name", default="gpu_time_run2")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -598,7 +632,19 @@ def main() -> int:
         return 0
 
     t_start = time.time()
-    runs = SMOKE_RUNS if args.smoke else {s: RUNS[s] for s in args.shapes.split(",") if s}
+    # --shapes none: no speed rows, only --mem's memory rows
+    if args.smoke:
+        runs = {} if args.shapes == "none" else dict(SMOKE_RUNS)
+    else:
+        runs = {s: RUNS[s] for s in args.shapes.split(",") if s and s != "none"}
+    mem = None
+    if args.smoke:
+        mem = ("tiny", 256, 0)
+    elif args.mem:
+        ms, mt, mc = args.mem.split(":")
+        mem = (ms, int(mt), float(mc))
+    if mem and mem[0] not in runs:  # the memory rows alone for a shape not measured for speed in this call
+        runs[mem[0]] = ([], {**RUNS, **SMOKE_RUNS}[mem[0]][1])
     engines = [e for e in args.engines.split(",") if e]
     if args.smoke:
         engines = [e for e in engines if e != "unsloth"]  # Unsloth needs CUDA
@@ -627,10 +673,15 @@ def main() -> int:
             say(f"!! building {shape} failed:\n{err[-2000:]}")
             continue
         for eng in engines:
+            if not seqs and eng != "snugtune":
+                continue  # a memory-only shape: snugtune's rows alone
             spec = dict(engine=eng, shape=shape, root=root, seqs=seqs, cap=cap, wait=True,
                         deadline=t_start + args.deadline_s,
-                        extra=args.extra == "all" or shape == next(iter(runs)),
+                        extra=args.extra == "all" or (args.extra == "first" and shape == next(iter(runs))),
+                        kernels_off=not args.no_kernels_off,
                         warmup=args.warmup, steps=args.steps, prof_steps=args.prof_steps)
+            if mem and mem[0] == shape:
+                spec.update(mem_seq=mem[1], mem_cap=mem[2])
             env = dict(os.environ)
             if eng == "snugtune":
                 env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # as snugtune's launcher sets it
@@ -748,6 +799,17 @@ def render(meta, flops, results, runs) -> str:
                          " | ".join(f"{p.get(x, 0):.2f}" for x in ("forward", "backward", "recompute", "graph replay",
                                                                     "optimizer")) + " |")
             L.append("")
+    mem = [r for r in res if str(r.get("variant", "")).startswith("memory")]
+    if mem:
+        L += ["### Peak memory with and without the kernels", "",
+              "| shape | tokens | allocator cap GiB | variant | peak allocated GiB | peak reserved GiB | checkpointing "
+              "| MLP | kernels | loss | s / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mem:
+            ap = r.get("applied") or {}
+            L.append(f"| {r['shape']} | {r['seq']:,} | {r.get('cap_gib')} | {r['variant']} | {r.get('peak_allocated_gib')} | "
+                     f"{r.get('peak_reserved_gib')} | {ap.get('checkpointing', '')} | {ap.get('mlp_tiling', '')} | "
+                     f"{ap.get('kernels', '')} | {r['loss']:.4f} | {r['s_per_step']} |")
+        L.append("")
     errs = [r for r in results if r.get("part") == "error"]
     if errs:
         L += ["### Failures", ""] + [f"- {json.dumps({k: v for k, v in r.items() if k != 'tb'})[:600]}" for r in errs]

@@ -592,6 +592,8 @@ def _lora_sum_fp32(xc, W, bias, xa, B, scale: float, dt) -> torch.Tensor:
 def _lora_sum_fp32_body(xc, W, bias, xa, B, scale: float, dt) -> torch.Tensor:
     x2 = xc.reshape(-1, xc.shape[-1])
     o = _mm_f32(x2, W.t())
+    if LORA_EPILOGUE is not None and o.is_cuda:  # core.kernels: the rest of the sum in one pass, rounded once
+        return LORA_EPILOGUE(o, xa.reshape(-1, xa.shape[-1]), B, bias, scale, dt).view(*xc.shape[:-1], o.shape[-1])
     o.addmm_(xa.reshape(-1, xa.shape[-1]).float(), B.float().t(), alpha=scale)
     if bias is not None:
         o.add_(bias)
@@ -774,6 +776,7 @@ def tiled_mlp_forward(mlp: torch.nn.Module, intermediate: int, min_tokens: Optio
         return _tiled_no_grad(run, x, t)
 
     forward._snug_orig = orig
+    forward._snug_tiled = True
     mlp.forward = forward
     return mlp
 
@@ -1221,12 +1224,15 @@ def install_savers(model, plan: Plan) -> dict:
         applied["fused_lora_4bit"] = n
         applied["cached_block_scales"] = cache
 
+    applied["kernels"] = _install_kernels(hf, plan, dev)
+
     # MLP tiling (only worth it under checkpointing: otherwise every tile's intermediates are kept)
     if layers is not None and I and plan.mlp_tile_tokens and applied.get("checkpointing", "off") != "off":
         n = 0
         for lyr in layers:
             mlp = getattr(lyr, "mlp", None)
-            if mlp is not None and not hasattr(mlp.forward, "_snug_orig"):
+            # tiled once; core.kernels' fused MLP (patched just before) is tiled like transformers' own
+            if mlp is not None and not getattr(mlp.forward, "_snug_tiled", False):
                 tiled_mlp_forward(mlp, I, whole_below=plan.mlp_whole_below)
                 n += 1
         t = plan.mlp_tile_tokens
@@ -1236,6 +1242,43 @@ def install_savers(model, plan: Plan) -> dict:
 
     applied.update(bigsavers.install(hf, plan))
     return applied
+
+
+# core.kernels.lora_epilogue while the kernels are installed, else None: the fused NF4 + LoRA node's fp32
+# sum (base + scale (x A^T) B^T + bias, rounded once) in one pass instead of an fp32 addmm_, an add
+# and a cast (set here; read by the fp32 LoRA sum where that exists)
+LORA_EPILOGUE: Optional[Callable] = None
+
+
+def _install_kernels(hf, plan: Plan, dev: torch.device) -> str:
+    global LORA_EPILOGUE
+    LORA_EPILOGUE = None
+    what = _install_kernels_on(hf, plan, dev)
+    if what.startswith("triton:"):
+        from core import kernels
+
+        LORA_EPILOGUE = kernels.lora_epilogue
+    return what
+
+
+def _install_kernels_on(hf, plan: Plan, dev: torch.device) -> str:
+    """core.kernels' fused RMSNorm, SwiGLU / GeGLU and rotary (Triton) on CUDA, when Triton imports;
+    SNUGTUNE_KERNELS=off keeps transformers' path. Before the MLP tiling (which then tiles the fused
+    MLP) and core.bigsavers' lean norms (which leave a kernel's norm alone: it keeps less than
+    theirs). With the fp16 guard the norms stay the guard's (it patches them after the savers)."""
+    if dev.type != "cuda":
+        return "off: not on a CUDA device"
+    if os.environ.get("SNUGTUNE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
+        return "off: SNUGTUNE_KERNELS=off"
+    if plan.compile:
+        return "off: torch.compile compiles the blocks (train.compile), its own fusions included"
+    if torch.cuda.get_device_capability(dev) < (7, 0):
+        return "off: Triton needs a GPU of compute capability 7.0 or newer"
+    try:
+        from core import kernels
+    except Exception as exc:  # noqa: BLE001 - no Triton (or a broken one): transformers' path
+        return f"off: triton did not import ({type(exc).__name__})"
+    return kernels.install(hf, norms=not plan.fp16_guard)
 
 
 def uninstall_savers(model, _keep_moved_weights: bool = False) -> None:

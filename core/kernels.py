@@ -1,0 +1,576 @@
+"""Fused Triton kernels for a decoder block's element-wise work: RMSNorm, SwiGLU / GeGLU, rotary.
+
+Why: run 1 of bench/gpu_time.py (one H200, bench/results/gpu_time_run1.md) found snugtune's
+element-wise kernels taking 3.3x Unsloth's GPU time at Qwen2.5-1.5B (9.9 against 3.0 ms per 1k
+tokens): transformers runs RMSNorm as ~7 kernels (cast to fp32, square, mean, add, rsqrt,
+multiply, cast, multiply by the weight), rotary as ~6 per tensor (two products, a negation, a
+concatenation, another product, a sum) and SwiGLU as two, each again in backward. Here each is one
+kernel forward and one backward, reading each input once and writing each output once. Run 2
+(bench/results/gpu_time_run2.md): element-wise time 9.4 -> 2.8 ms per 1k tokens at Qwen2.5-1.5B
+1,024 tokens (Unsloth 3.1), 21.9 -> 5.6 at Llama-3.1-8B 2,048 (run 1 before; Unsloth 5.4).
+
+What each keeps for backward (never more than transformers' own path keeps):
+* RMSNorm: the 16-bit input and 1/rms (4 bytes a row); transformers keeps an fp32 copy of the
+  input (4 bytes an element). Weight frozen (LoRA): a trainable weight takes transformers' path.
+* SwiGLU / GeGLU, h = act(g) * u: g and u (transformers keeps g, act(g) and u).
+* rotary: cos and sin, the tensors every layer shares (as transformers does).
+Transients: forward writes only its output (transformers makes 3-5 full-size temporaries); the
+GLU backward writes dg and du (transformers: three T x I tensors at once).
+
+Numerics. The forwards round where transformers' sequence of 16-bit operations rounds (the
+normalised row cast to the input dtype before the weight; act(g) cast before the product; each
+rotary product cast before the sum), so they compute the same numbers up to the order of the
+row reduction and the last bit of exp / rsqrt. The backwards follow autograd's roundings where
+they are cheap to follow (grad x weight in 16 bits, grad x u before act'), and otherwise keep
+fp32 to the single final rounding. tests/test_kernels.py compares forward and backward against
+transformers' modules on the CPU (Triton's interpreter); bench/kernels_real.py does one forward
+and backward of the real Gemma 3 270M with and without them.
+
+Graphs: no host synchronisation, launch grids from shapes only, so graphed steps
+(core.graphs) capture them; the first launch compiles, which the eager warm-up steps do.
+
+Installed by core.savers.install_savers (on CUDA, when Triton imports; SNUGTUNE_KERNELS=off in
+the environment keeps transformers' path) through install(); every patched forward carries
+`_snug_orig`, so uninstall_savers undoes them. Rotary is a module-level function in
+transformers: its module's name is rebound once to a dispatcher that uses the kernel only inside
+an attention forward that install() wrapped, and transformers' function everywhere else.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import threading
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's interpreter runs the kernels on CPU tensors (the tests); it is decided at import time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Norm classes computing w * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Llama style) and
+# ((x * rsqrt(...)) * (1 + w)).to(dtype) in fp32 (Gemma style), as transformers writes them.
+LLAMA_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
+GEMMA_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+# MLPs written down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation decides the kernel.
+MLP_CLASSES = frozenset({"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
+SILU_ACTS = frozenset({"SiLU", "SiLUActivation"})
+GELU_TANH_ACTS = frozenset({"GELUTanh", "PytorchGELUTanh"})
+# attention classes that call their module's apply_rotary_pos_emb(q, k, cos, sin) with rotate_half
+ATTN_CLASSES = frozenset({"LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention",
+                          "GemmaAttention", "Gemma2Attention", "Gemma3Attention"})
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _on_device(*ts: torch.Tensor) -> bool:
+    return all((t.is_cuda or (INTERPRET and t.device.type == "cpu")) and t.dtype in _DTYPES for t in ts)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _rnd(x, dt: tl.constexpr, EMU: tl.constexpr):
+    """x (fp32) rounded to dt, as a dt tensor. EMU: Triton's interpreter truncates fp32 -> bf16 where a
+    GPU rounds to nearest even, so the tests round by hand first (the truncation is then exact)."""
+    if EMU and dt == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+@triton.jit
+def _r32(x, dt: tl.constexpr, EMU: tl.constexpr):
+    return _rnd(x, dt, EMU).to(tl.float32)
+
+
+_sum_combine = getattr(tl.standard, "_sum_combine", None)
+if _sum_combine is None:  # a Triton without it: the same a + b (the interpreter then runs it slowly)
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
+
+
+@triton.jit
+def _rowsum(x):
+    # tl.sum's own reduction, called through the builtin tl.reduce: tl.sum is a @triton.jit of
+    # triton.language, interpreted only when TRITON_INTERPRET was set before Triton was first imported
+    # (the tests set it later, for core.kernels alone), and the interpreter runs this combine function
+    # as numpy's sum (any other one element by element, ~1,000x slower)
+    return tl.reduce(x, 1, _sum_combine)
+
+
+@triton.jit
+def _rms_fwd(X, W, Y, RSTD, M, N, sx, sy, eps, GEMMA: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
+             EMU: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BN)
+    mr = rows < M
+    mc = cols < N
+    m = mr[:, None] & mc[None, :]
+    x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mc, other=0.0).to(tl.float32)
+    r = tl.rsqrt(_rowsum(x * x) / N + eps)
+    n = x * r[:, None]
+    if GEMMA:
+        y = n * (1.0 + w[None, :])
+    else:
+        # transformers casts the normalised row to the input dtype before the weight multiplies it
+        y = w[None, :] * _r32(n, X.dtype.element_ty, EMU)
+    tl.store(Y + rows[:, None] * sy + cols[None, :], _rnd(y, Y.dtype.element_ty, EMU), mask=m)
+    tl.store(RSTD + rows, r, mask=mr)
+
+
+@triton.jit
+def _rms_bwd(G, X, W, RSTD, DX, M, N, sg, sx, sd, GEMMA: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
+             EMU: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BN)
+    mr = rows < M
+    mc = cols < N
+    m = mr[:, None] & mc[None, :]
+    g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mc, other=0.0).to(tl.float32)
+    r = tl.load(RSTD + rows, mask=mr, other=0.0)
+    if GEMMA:
+        gn = g * (1.0 + w[None, :])
+    else:
+        gn = _r32(g * w[None, :], X.dtype.element_ty, EMU)  # autograd's grad x w, in 16 bits
+    n = x * r[:, None]
+    dot = _rowsum(gn * n) / N
+    dx = (gn - n * dot[:, None]) * r[:, None]
+    tl.store(DX + rows[:, None] * sd + cols[None, :], _rnd(dx, DX.dtype.element_ty, EMU), mask=m)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _norm_launch(N: int):
+    bn = _pow2(N)
+    rows = max(1, min(16, 2048 // bn))
+    warps = 1 if bn * rows <= 512 else 2 if bn * rows <= 1024 else 4 if bn * rows <= 2048 else 8 if bn <= 4096 else 16
+    return bn, rows, warps
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, gemma):
+        N = x.shape[-1]
+        x2 = _rows(x)
+        M = x2.shape[0]
+        out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+        bn, rows, warps = _norm_launch(N)
+        if M:
+            _rms_fwd[(triton.cdiv(M, rows),)](x2, weight, y, rstd, M, N, x2.stride(0), y.stride(0), float(eps),
+                                              GEMMA=gemma, ROWS=rows, BN=bn, EMU=INTERPRET, num_warps=warps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.gemma, ctx.shape = gemma, x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, rstd = ctx.saved_tensors
+        M, N = x2.shape
+        g2 = _rows(gy)
+        dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+        bn, rows, warps = _norm_launch(N)
+        if M:
+            _rms_bwd[(triton.cdiv(M, rows),)](g2, x2, weight, rstd, dx, M, N, g2.stride(0), x2.stride(0), dx.stride(0),
+                                              GEMMA=ctx.gemma, ROWS=rows, BN=bn, EMU=INTERPRET, num_warps=warps)
+        return dx.view(ctx.shape), None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
+    """Llama-style w * norm(x).to(dtype), or Gemma-style (norm(x) * (1 + w)).to(dtype) in fp32; frozen w."""
+    return _RMSNorm.apply(x, weight, eps, gemma)
+
+
+# ---------------------------------------------------------------------------------------
+# SwiGLU / GeGLU
+# ---------------------------------------------------------------------------------------
+
+_GELU_K = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_C = 0.044715
+
+
+@triton.jit
+def _tanh(z):
+    # 1 - 2 / (e^2z + 1): exact limits (+-1) at large |z|, no tanh intrinsic needed
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _glu_fwd(Gp, Up, Hp, n, GELU: tl.constexpr, BLOCK: tl.constexpr, EMU: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(Gp + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(Up + offs, mask=m, other=0.0).to(tl.float32)
+    if GELU:
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    else:
+        a = g / (1.0 + tl.exp(-g))
+    a = _r32(a, Hp.dtype.element_ty, EMU)  # transformers' act(g) is a 16-bit tensor
+    tl.store(Hp + offs, _rnd(a * u, Hp.dtype.element_ty, EMU), mask=m)
+
+
+@triton.jit
+def _glu_bwd(DHp, Gp, Up, DGp, DUp, n, GELU: tl.constexpr, BLOCK: tl.constexpr, EMU: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    dh = tl.load(DHp + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(Gp + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(Up + offs, mask=m, other=0.0).to(tl.float32)
+    if GELU:
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    else:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    a = _r32(a, DUp.dtype.element_ty, EMU)
+    ga = _r32(dh * u, DGp.dtype.element_ty, EMU)  # autograd's grad of act(g), a 16-bit tensor
+    tl.store(DUp + offs, _rnd(dh * a, DUp.dtype.element_ty, EMU), mask=m)
+    tl.store(DGp + offs, _rnd(ga * da, DGp.dtype.element_ty, EMU), mask=m)
+
+
+_GLU_BLOCK = 1024
+
+
+class _GLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u, gelu):
+        g = g.contiguous()
+        u = u.contiguous()
+        h = torch.empty_like(g)
+        n = g.numel()
+        if n:
+            _glu_fwd[(triton.cdiv(n, _GLU_BLOCK),)](g, u, h, n, GELU=gelu, BLOCK=_GLU_BLOCK, EMU=INTERPRET, num_warps=4)
+        ctx.save_for_backward(g, u)
+        ctx.gelu = gelu
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        dh = dh.contiguous()
+        dg = torch.empty_like(g)
+        du = torch.empty_like(u)
+        n = g.numel()
+        if n:
+            _glu_bwd[(triton.cdiv(n, _GLU_BLOCK),)](dh, g, u, dg, du, n, GELU=ctx.gelu, BLOCK=_GLU_BLOCK, EMU=INTERPRET, num_warps=4)
+        return dg, du, None
+
+
+def glu(g: torch.Tensor, u: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """silu(g) * u (SwiGLU) or gelu_tanh(g) * u (GeGLU), one kernel each way."""
+    return _GLU.apply(g, u, gelu)
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary embedding (rotate_half convention), q and k in one launch
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _rope_part(X, O, b, t, sxb, sxh, sxt, sob, soh, sot, H, c1, c2, s1, s2, HALF: tl.constexpr,
+               BH: tl.constexpr, BD: tl.constexpr, BACKWARD: tl.constexpr, EMU: tl.constexpr):
+    h = tl.arange(0, BH)
+    d = tl.arange(0, BD)
+    m = (h < H)[:, None] & (d < HALF)[None, :]
+    xi = b * sxb + t * sxt + h[:, None] * sxh + d[None, :]
+    oi = b * sob + t * sot + h[:, None] * soh + d[None, :]
+    x1 = tl.load(X + xi, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(X + xi + HALF, mask=m, other=0.0).to(tl.float32)
+    dt = O.dtype.element_ty
+    # each product rounded to the tensor dtype before the sum, as transformers' q*cos + rotate_half(q)*sin
+    if BACKWARD:  # the transpose: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
+        o1 = _r32(x1 * c1, dt, EMU) + _r32(x2 * s2, dt, EMU)
+        o2 = _r32(x2 * c2, dt, EMU) - _r32(x1 * s1, dt, EMU)
+    else:  # o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2
+        o1 = _r32(x1 * c1, dt, EMU) - _r32(x2 * s1, dt, EMU)
+        o2 = _r32(x2 * c2, dt, EMU) + _r32(x1 * s2, dt, EMU)
+    tl.store(O + oi, _rnd(o1, dt, EMU), mask=m)
+    tl.store(O + oi + HALF, _rnd(o2, dt, EMU), mask=m)
+
+
+@triton.jit
+def _rope(Q, K, QO, KO, COS, SIN, T, sqb, sqh, sqt, sqob, sqoh, sqot, skb, skh, skt, skob, skoh, skot, scb, sct,
+          HQ, HK, HALF: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr,
+          BACKWARD: tl.constexpr, EMU: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    d = tl.arange(0, BD)
+    md = d < HALF
+    ci = b * scb + t * sct + d
+    c1 = tl.load(COS + ci, mask=md, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + ci + HALF, mask=md, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + ci, mask=md, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + ci + HALF, mask=md, other=0.0).to(tl.float32)[None, :]
+    _rope_part(Q, QO, b, t, sqb, sqh, sqt, sqob, sqoh, sqot, HQ, c1, c2, s1, s2, HALF, BHQ, BD, BACKWARD, EMU)
+    _rope_part(K, KO, b, t, skb, skh, skt, skob, skoh, skot, HK, c1, c2, s1, s2, HALF, BHK, BD, BACKWARD, EMU)
+
+
+def _last_dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# Without this, LLVM turns each rounded product into a bf16 multiply and contracts it with the sum into
+# one bf16 FMA, dropping the product's rounding that transformers' q * cos + rotate_half(q) * sin has
+# (run 1 of bench/kernels_check.py on an H200: 18% of the elements one rounding apart; the PTX here
+# then has fma.rn.bf16 where, with fusion off, it has mul.rn.bf16 and add.rn.bf16 as torch does).
+_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+def _rope_launch(q, k, cos, sin, backward):
+    B, HQ, T, D = q.shape
+    HK = k.shape[1]
+    qo = torch.empty_like(q)  # same strides as q when q is dense (transformers' (B, T, H, D) memory)
+    ko = torch.empty_like(k)
+    if q.numel() == 0:
+        return qo, ko
+    scb = cos.stride(0) if cos.shape[0] > 1 else 0
+    half = D // 2
+    bhq, bhk, bd = _pow2(HQ), _pow2(HK), _pow2(half)
+    warps = 4 if max(bhq, bhk) * bd >= 2048 else 2 if max(bhq, bhk) * bd >= 512 else 1
+    _rope[(B * T,)](q, k, qo, ko, cos, sin, T, *q.stride()[:3], *qo.stride()[:3], *k.stride()[:3],
+                    *ko.stride()[:3], scb, cos.stride(1), HQ, HK, HALF=half, BHQ=bhq, BHK=bhk, BD=bd,
+                    BACKWARD=backward, EMU=INTERPRET, num_warps=warps, **_NO_FMA)
+    return qo, ko
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        q, k = _last_dense(q), _last_dense(k)
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(q, k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rope_launch(_last_dense(gq), _last_dense(gk), cos, sin, True)
+        return dq, dk, None, None
+
+
+def rotary_usable(q, k, cos, sin) -> bool:
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return False
+    B, _, T, D = q.shape
+    if D % 2 or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or cos.shape[-1] != D or cos.shape[1] != T:
+        return False
+    if cos.shape[0] not in (1, B) or not (q.dtype == k.dtype == cos.dtype == sin.dtype):
+        return False
+    return cos.stride(-1) == 1 and sin.stride() == cos.stride() and _on_device(q, k, cos, sin)
+
+
+def rotary(q, k, cos, sin):
+    """q * cos + rotate_half(q) * sin and the same for k; q, k (B, H, T, D), cos / sin (B or 1, T, D)."""
+    return _Rotary.apply(q, k, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused NF4 + LoRA node's output: base (fp32) + scale (x A^T) B^T + bias, rounded once
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _lora_epi(O, XA, Bw, BIAS, Y, M, N, sxa, sb, so, sy, scale, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, EMU: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    mr = rows < M
+    mc = cols < N
+    m = mr[:, None] & mc[None, :]
+    acc = tl.full((BM, BN), 0.0, tl.float32)  # (tl.zeros is a @triton.jit of triton.language, see _rowsum)
+    for r in range(R):  # the rank-r product as r outer products, in fp32 (r is 8-64: no tensor-core tile)
+        a = tl.load(XA + rows * sxa + r, mask=mr, other=0.0).to(tl.float32)
+        b = tl.load(Bw + cols * sb + r, mask=mc, other=0.0).to(tl.float32)
+        acc += a[:, None] * b[None, :]
+    o = tl.load(O + rows[:, None] * so + cols[None, :], mask=m, other=0.0).to(tl.float32) + scale * acc
+    if HAS_BIAS:
+        o += tl.load(BIAS + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * sy + cols[None, :], _rnd(o, Y.dtype.element_ty, EMU), mask=m)
+
+
+def lora_epilogue(o: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(o + scale * xa @ B^T + bias).to(dtype) in one pass: o (T x out, fp32, the base GEMM's
+    accumulator), xa (T x r, x A^T), B (out x r, the fp32 master), bias (out) or None.
+
+    core.savers' fp32 LoRA sum (LORA_SUM_FP32) does this as an fp32 addmm_ into o, a bias add and a
+    cast: 14 bytes an output element read and written after the GEMM; here 6 (o read, the 16-bit
+    result written), the same sum in fp32 up to its order, rounded once. No autograd: it runs
+    inside the node's forward."""
+    M, N = o.shape
+    R = xa.shape[-1]
+    y = torch.empty((M, N), dtype=dtype, device=o.device)
+    if M == 0 or N == 0:
+        return y
+    xa = xa if xa.stride(-1) == 1 else xa.contiguous()
+    B = B if B.stride(-1) == 1 else B.contiguous()
+    o = o if o.stride(-1) == 1 else o.contiguous()
+    bm, bn = 32, 128
+    _lora_epi[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        o, xa, B, bias if bias is not None else o, y, M, N, xa.stride(0), B.stride(0), o.stride(0), y.stride(0),
+        float(scale), R=R, HAS_BIAS=bias is not None, BM=bm, BN=bn, EMU=INTERPRET, num_warps=4)
+    return y
+
+
+# ---------------------------------------------------------------------------------------
+# Installing on a transformers model
+# ---------------------------------------------------------------------------------------
+
+class _InAttn(threading.local):
+    depth = 0
+
+
+# Set by the first kernel that fails to run (a GPU or Triton it cannot compile for): from then on every
+# patched module takes transformers' path, and install() says why. Out-of-memory errors are not
+# failures of the kernel: they go up to the engine's retry as they would from transformers' path.
+BROKEN: Optional[str] = None
+
+
+def _guarded(kernel, fallback):
+    global BROKEN
+    if BROKEN is not None:
+        return fallback()
+    try:
+        return kernel()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any compile / launch failure: transformers' path from now on
+        BROKEN = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        import warnings
+
+        warnings.warn(f"snugtune's Triton kernels are off for this run: {BROKEN}", RuntimeWarning, stacklevel=2)
+        return fallback()
+
+
+_IN_ATTN = _InAttn()
+_ROPE_ORIG: dict[str, object] = {}  # module name -> transformers' apply_rotary_pos_emb
+
+
+def _rope_dispatcher(orig):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if _IN_ATTN.depth > 0 and unsqueeze_dim == 1 and rotary_usable(q, k, cos, sin):
+            return _guarded(lambda: rotary(q, k, cos, sin), lambda: orig(q, k, cos, sin, unsqueeze_dim))
+        return orig(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb._snug_orig = orig
+    return apply_rotary_pos_emb
+
+
+def _bind_rope(modname: str) -> bool:
+    """Rebind the module's apply_rotary_pos_emb to the dispatcher (once per process)."""
+    mod = sys.modules.get(modname)
+    f = getattr(mod, "apply_rotary_pos_emb", None) if mod is not None else None
+    if f is None:
+        return False
+    if hasattr(f, "_snug_orig"):
+        return True
+    try:
+        params = list(inspect.signature(f).parameters)
+    except (TypeError, ValueError):
+        return False
+    if params != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
+        return False  # another signature than the one this dispatcher stands in for
+    _ROPE_ORIG[modname] = f
+    mod.apply_rotary_pos_emb = _rope_dispatcher(f)
+    return True
+
+
+def _patch(mod, fn) -> None:
+    fn._snug_orig = mod.forward
+    mod.forward = fn
+
+
+def _patch_attention(attn) -> None:
+    orig = attn.forward
+
+    def forward(*args, **kwargs):
+        _IN_ATTN.depth += 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            _IN_ATTN.depth -= 1
+
+    _patch(attn, forward)
+
+
+def _patch_norm(norm, gemma: bool) -> None:
+    orig = norm.forward
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(x, *args, **kwargs):
+        w = norm.weight
+        if args or kwargs or w.requires_grad or x.shape[-1] != w.shape[0] or not _on_device(x, w):
+            return orig(x, *args, **kwargs)
+        return _guarded(lambda: _RMSNorm.apply(x, w, eps, gemma), lambda: orig(x))
+
+    _patch(norm, forward)
+
+
+def _patch_mlp(mlp, gelu: bool) -> None:
+    orig = mlp.forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs:
+            return orig(x, *args, **kwargs)
+        g = mlp.gate_proj(x)
+        u = mlp.up_proj(x)
+        if g.shape != u.shape or g.dtype != u.dtype or not _on_device(g, u):
+            return mlp.down_proj(mlp.act_fn(g) * u)
+        return mlp.down_proj(_guarded(lambda: _GLU.apply(g, u, gelu), lambda: mlp.act_fn(g) * u))
+
+    _patch(mlp, forward)
+
+
+def _gelu_tanh(act) -> bool:
+    # transformers' GELUTanh is F.gelu(approximate="tanh") or its Python formula: the same function
+    return type(act).__name__ in GELU_TANH_ACTS
+
+
+def install(hf, norms: bool = True) -> str:
+    """Route hf's RMSNorms, GLU MLPs and rotary embedding through the kernels; returns what it did.
+
+    `norms` False leaves the norms alone (the fp16 guard, core.fp16guard, patches them itself)."""
+    if BROKEN is not None:
+        return f"off: a kernel failed earlier in this process ({BROKEN})"
+    n_norm = n_mlp = n_attn = 0
+    for mod in hf.modules():
+        name = type(mod).__name__
+        if "forward" in mod.__dict__:
+            continue  # patched by someone else (a saver, a bench's marker): left as it is
+        if norms and (name in LLAMA_NORMS or name in GEMMA_NORMS) and isinstance(getattr(mod, "weight", None),
+                                                                                 torch.Tensor):
+            _patch_norm(mod, name in GEMMA_NORMS)
+            n_norm += 1
+        elif name in MLP_CLASSES and all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            act = type(mod.act_fn).__name__
+            if act in SILU_ACTS or _gelu_tanh(mod.act_fn):
+                _patch_mlp(mod, act not in SILU_ACTS)
+                n_mlp += 1
+        elif name in ATTN_CLASSES and _bind_rope(type(mod).__module__):
+            _patch_attention(mod)
+            n_attn += 1
+    return f"triton: {n_norm} RMSNorms, {n_mlp} GLU MLPs, rotary in {n_attn} attentions"
+
+
+def uses_kernels(mod) -> bool:
+    """Whether a module's forward is one of install()'s (for tests and benches)."""
+    f = mod.__dict__.get("forward")
+    return f is not None and getattr(f, "__qualname__", "").startswith(("_patch_norm", "_patch_mlp", "_patch_attention"))
