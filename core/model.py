@@ -332,9 +332,32 @@ def load_base_model(source: str, cfg: RunConfig, device: dict, *, quantize: Opti
     return model
 
 
+def checkpointing_enable(model) -> None:
+    """transformers' activation checkpointing, non-reentrant (works with frozen inputs; the variant
+    PyTorch recommends). transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*
+    and warns on every call of the old names (a FutureWarning in every engine.log); older 5.x has only
+    the old ones."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointing_disable(model) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model) -> bool:
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 def _enable_gradient_checkpointing(model) -> None:
-    # Non-reentrant checkpointing: works with frozen inputs and is the variant PyTorch recommends.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing_enable(model)
     # With frozen embeddings the first checkpointed block would see inputs without grad.
     model.enable_input_require_grads()
 
@@ -357,7 +380,7 @@ def prepare_for_training(model, cfg: RunConfig, quantized: Optional[bool] = None
                 use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-    if cfg.train.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+    if cfg.train.gradient_checkpointing and not is_checkpointing(model):
         _enable_gradient_checkpointing(model)
     elif cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -379,10 +402,16 @@ def lora_config(cfg: RunConfig):
 
 
 def attach_lora(model, cfg: RunConfig):
+    import warnings
+
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(cfg))
+        with warnings.catch_warnings():
+            # peft reads transformers' old `is_gradient_checkpointing` name, which 5.2x deprecates with a
+            # FutureWarning in every engine.log; nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora_config(cfg))
     except ValueError as exc:
         if "Target modules" in str(exc) or "not found in the base model" in str(exc):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

@@ -142,9 +142,11 @@ def prepare_for_kbit_training(model, use_gradient_checkpointing: bool = True):
     if use_gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-        if hasattr(model, "gradient_checkpointing_enable"):
+        if hasattr(model, "gradient_checkpointing_enable") or hasattr(model, "activation_checkpointing_enable"):
             # HF's own checkpointing until install_savers replaces it with the offloading one.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from core.model import checkpointing_enable
+
+            checkpointing_enable(model)
     return model
 
 
@@ -1169,9 +1171,11 @@ def install_savers(model, plan: Plan) -> dict:
     if plan.gradient_checkpointing and layers is not None:
         L = len(layers)
         # replace HF's checkpointing with ours
-        if hasattr(hf, "gradient_checkpointing_disable"):
+        if hasattr(hf, "gradient_checkpointing_disable") or hasattr(hf, "activation_checkpointing_disable"):
+            from core.model import checkpointing_disable
+
             try:
-                hf.gradient_checkpointing_disable()
+                checkpointing_disable(hf)
             except Exception:  # some wrappers refuse; turning the layer flags off is enough
                 pass
         for lyr in layers:
