@@ -164,3 +164,46 @@ def test_ollama_export_of_a_gemma_style_run_keeps_the_trained_system_prompt(tmp_
     # a request with a system prompt of its own: that one, in the same place
     own = [{"role": "system", "content": "Answer in French."}] + question
     assert render(template, own) == _hf(tok, own)
+
+
+# ---- the same renderings by Go's own text/template ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def go_renderer(tmp_path_factory):
+    """tests/ollama_render built with Go, where Go is installed (not in CI: there the Python
+    interpreter above stands in for it, and this check says it renders as Go does)."""
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed")
+    exe = tmp_path_factory.mktemp("go") / "ollama_render"
+    subprocess.run([go, "build", "-o", str(exe), "."], cwd=Path(__file__).parent / "ollama_render", check=True,
+                   capture_output=True, timeout=300)
+
+    def run(template: str, messages: list[dict]) -> str:
+        out = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages}),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    return run
+
+
+@pytest.mark.parametrize("template", [GEMMA_STYLE, MARKED_FOLD, SYSTEM_IN_LAST_TURN],
+                         ids=["gemma-style", "marked", "last-turn"])
+def test_go_itself_renders_the_ollama_templates_as_the_tests_do(template, go_renderer):
+    from core.export import go_from_chat_template
+
+    tok = _tokenizer(template)
+    go, system_ok, _ = go_from_chat_template(tok)
+    for conv in CONVERSATIONS + [[{"role": "system", "content": "A."}, {"role": "system", "content": "B."},
+                                  {"role": "user", "content": "Hi"}]]:
+        got = go_renderer(go, conv)
+        assert got == render(go, conv), conv
+        if system_ok or not any(m["role"] == "system" for m in conv):
+            want = conv if len([m for m in conv if m["role"] == "system"]) < 2 else (
+                [{"role": "system", "content": "A.\n\nB."}] + conv[2:])  # Ollama joins system messages
+            assert got == _hf(tok, want), conv
