@@ -277,10 +277,14 @@ def go_from_chat_template(tok) -> tuple[str, bool, str]:
     the template's default when there is none, as Qwen's has), then PRE content SUF per user and
     assistant message, then the generation prompt. The system prompt is taken from Ollama's
     `.System` (the SYSTEM line or the conversation's system messages), not from the messages.
+    A template with no system turn of its own that folds the system prompt into the first user
+    turn (Gemma's: `<start_of_turn>user\n{system}\n\n{user}<end_of_turn>`) is found the same
+    way, from where the probe's system text lands, and its Go form puts `$.System` there, in the
+    first user message, with the same text around it.
     The result is checked against the Jinja rendering of a longer conversation, with and without
     a system prompt: a template that does more (drops earlier reasoning) raises ValueError; one
-    that folds the system prompt into the first user turn (Gemma's) renders without system
-    prompts (the returned flag False). Third: the text that ends an assistant turn."""
+    whose system prompt fits neither layout (Mistral's, in the last user turn) renders without
+    system prompts (the returned flag False). Third: the text that ends an assistant turn."""
     U1, A1, U2, A2, U3, S1 = "\x01u1\x01", "\x01a1\x01", "\x01u2\x01", "\x01a2\x01", "\x01u3\x01", "\x01s1\x01"
     u1 = [{"role": "user", "content": U1}]
     ua = u1 + [{"role": "assistant", "content": A1}]
@@ -298,28 +302,39 @@ def go_from_chat_template(tok) -> tuple[str, bool, str]:
         raise ValueError("user turns render differently")
     head = head_pre[: len(head_pre) - len(pre_u)]
     pre_a, _, suf_a = b[len(a):].partition(A1)
-    sys_head = None
+    sys_head = None  # (before, S1, after): the system prompt in a head of its own
+    sys_fold = None  # (before, S1, after): the system prompt inside the first user turn, before its text
     try:
         s = _render(tok, [{"role": "system", "content": S1}] + u1, False)
         tail = pre_u + U1 + suf_u
-        if s.endswith(tail) and s.count(S1) == 1 and S1 in s[: len(s) - len(tail)]:
-            sys_head = s[: len(s) - len(tail)].partition(S1)
+        if s.count(S1) == 1:
+            if s.endswith(tail) and S1 in s[: len(s) - len(tail)]:
+                sys_head = s[: len(s) - len(tail)].partition(S1)
+            elif s.startswith(head_pre) and s.endswith(U1 + suf_u):
+                middle = s[len(head_pre): len(s) - len(U1 + suf_u)]
+                if S1 in middle:
+                    sys_fold = middle.partition(S1)
     except Exception:  # noqa: BLE001 - jinja raising on a system message: the template has no system role
         pass
 
     def emulate(msgs, gen_prompt=True):
+        # what the Go template below renders, with Ollama's .System: the system messages' text
         system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
-        out = (sys_head[0] + system + sys_head[2]) if system else head
+        out = (sys_head[0] + system + sys_head[2]) if system and sys_head else head
+        first = True
         for m in msgs:
-            if m["role"] != "system":
-                pre, suf = (pre_u, suf_u) if m["role"] == "user" else (pre_a, suf_a)
-                out += pre + m["content"] + suf
+            if m["role"] == "user":
+                fold = (sys_fold[0] + system + sys_fold[2]) if system and sys_fold and first else ""
+                out += pre_u + fold + m["content"] + suf_u
+                first = False
+            elif m["role"] != "system":
+                out += pre_a + m["content"] + suf_a
         return out + (gen if gen_prompt else "")
 
     probe = uau + [{"role": "assistant", "content": A2}, {"role": "user", "content": U3}]
     if emulate(probe) != _render(tok, probe, True):
         raise ValueError("a longer conversation renders differently")
-    system_ok = sys_head is not None
+    system_ok = sys_head is not None or sys_fold is not None
     if system_ok:
         sp = [{"role": "system", "content": S1}] + probe
         system_ok = emulate(sp) == _render(tok, sp, True)
@@ -329,13 +344,21 @@ def go_from_chat_template(tok) -> tuple[str, bool, str]:
         # llama.cpp and Ollama put BOS in front themselves (tokenizer.ggml.add_bos_token)
         return _go_escape(text[len(bos):] if bos and text.startswith(bos) else text)
 
-    if system_ok:
+    fold = ""
+    if system_ok and sys_head is not None:
         start = (f"{{{{ if .System }}}}{no_bos(sys_head[0])}{{{{ .System }}}}{_go_escape(sys_head[2])}"
                  f"{{{{ else }}}}{no_bos(head)}{{{{ end }}}}")
+    elif system_ok:
+        # .Messages holds the system messages too (Ollama's SYSTEM line is one, put first), and
+        # inside range the dot is a message: the prompt is $.System. $first marks the first user
+        # message (Go's text/template has had assignment with = since Go 1.11).
+        start = "{{ $first := true }}" + no_bos(head)
+        fold = (f"{{{{ if $first }}}}{{{{ if $.System }}}}{_go_escape(sys_fold[0])}{{{{ $.System }}}}"
+                f"{_go_escape(sys_fold[2])}{{{{ end }}}}{{{{ $first = false }}}}{{{{ end }}}}")
     else:
         start = no_bos(head)
     go = (f'{start}{{{{ range .Messages }}}}'
-          f'{{{{ if eq .Role "user" }}}}{_go_escape(pre_u)}{{{{ .Content }}}}{_go_escape(suf_u)}'
+          f'{{{{ if eq .Role "user" }}}}{_go_escape(pre_u)}{fold}{{{{ .Content }}}}{_go_escape(suf_u)}'
           f'{{{{ else if eq .Role "assistant" }}}}{_go_escape(pre_a)}{{{{ .Content }}}}{_go_escape(suf_a)}{{{{ end }}}}'
           f'{{{{ end }}}}{_go_escape(gen)}')
     return go, system_ok, suf_a

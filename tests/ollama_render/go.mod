@@ -1,0 +1,3 @@
+module snugtune/ollamarender
+
+go 1.19
