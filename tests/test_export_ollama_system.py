@@ -10,6 +10,7 @@ put first when the request has none (ollama/server/routes.go).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -179,9 +180,13 @@ def go_renderer(tmp_path_factory):
     go = shutil.which("go")
     if go is None:
         pytest.skip("Go is not installed")
-    exe = tmp_path_factory.mktemp("go") / "ollama_render"
+    where = tmp_path_factory.mktemp("go")
+    exe = where / "ollama_render"
+    # its own build cache, and never a toolchain download (no network in CI): the program has no deps
+    env = {**os.environ, "GOCACHE": str(where / "cache"), "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod",
+           "GOPATH": str(where / "gopath")}
     subprocess.run([go, "build", "-o", str(exe), "."], cwd=Path(__file__).parent / "ollama_render", check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=300, env=env)
 
     def run(template: str, messages: list[dict]) -> str:
         out = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages}),
