@@ -350,7 +350,7 @@ class Snug:
         old = os.environ.pop("SNUGTUNE_KEEP_LAYERS", None)
         if keep is not None:
             os.environ["SNUGTUNE_KEEP_LAYERS"] = str(keep)
-        # core.savers reads SNUGTUNE_KERNELS at install time: off = transformers' norms / GLU / rotary
+        # the plan reads SNUGTUNE_KERNELS (core.plan._kernels): off = transformers' norms / GLU / rotary
         os.environ["SNUGTUNE_KERNELS"] = "on" if kernels else "off"
         try:
             plan = plan_for(self.path, seq, cap or self.cap, "auto", False, self.dev)

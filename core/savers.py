@@ -1270,14 +1270,10 @@ def _install_kernels_on(hf, plan: Plan, dev: torch.device) -> str:
     SNUGTUNE_KERNELS=off keeps transformers' path. Before the MLP tiling (which then tiles the fused
     MLP) and core.bigsavers' lean norms (which leave a kernel's norm alone: it keeps less than
     theirs). With the fp16 guard the norms stay the guard's (it patches them after the savers)."""
-    if dev.type != "cuda":
+    if not plan.kernels:  # the plan's decision and its reason (core.plan._kernels)
+        return f"off: {plan.kernels_why}"
+    if dev.type != "cuda":  # a plan made for a GPU, run elsewhere (a test, a bench)
         return "off: not on a CUDA device"
-    if os.environ.get("SNUGTUNE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
-        return "off: SNUGTUNE_KERNELS=off"
-    if plan.compile:
-        return "off: torch.compile compiles the blocks (train.compile), its own fusions included"
-    if torch.cuda.get_device_capability(dev) < (7, 0):
-        return "off: Triton needs a GPU of compute capability 7.0 or newer"
     try:
         from core import kernels
     except Exception as exc:  # noqa: BLE001 - no Triton (or a broken one): transformers' path

@@ -275,3 +275,27 @@ def test_the_savers_tile_what_the_plan_says():
         ref = MLP()
         ref.load_state_dict(mlp.state_dict())
         assert torch.allclose(out, ref(x), atol=1e-6)
+
+
+def test_the_plan_decides_the_fused_kernels_and_says_why(monkeypatch):
+    """core/kernels.py runs where the plan says, for the reason it gives (the savers only execute it)."""
+    import dataclasses
+    import importlib.util
+
+    have_triton = importlib.util.find_spec("triton") is not None
+    gtx = resolve_gpu("gtx-1650")
+    on = P.plan(cfg(seq=1024), Q15, gtx)
+    assert on.kernels == have_triton and ("fused Triton" in on.kernels_why if have_triton
+                                          else "not installed" in on.kernels_why)
+    assert ("kernels", "fused" if have_triton else "off", on.kernels_why) in on.decisions()
+    cpu = P.plan(cfg(seq=1024), Q15, resolve_gpu("cpu"))
+    assert not cpu.kernels and cpu.kernels_why == "not on a CUDA device"
+    pascal = P.plan(cfg(seq=1024), Q15, dataclasses.replace(gtx, compute_capability=(6, 1)))
+    assert not pascal.kernels and "7.0 or newer (this one: 6.1)" in pascal.kernels_why
+    compiled = P.plan(cfg(seq=1024, compile=True), Q15, gtx)
+    assert not compiled.kernels and "train.compile" in compiled.kernels_why
+    monkeypatch.setenv("SNUGTUNE_KERNELS", "off")
+    off = P.plan(cfg(seq=1024), Q15, gtx)
+    assert not off.kernels and off.kernels_why == "SNUGTUNE_KERNELS=off"
+    record = json.loads(json.dumps(off.to_dict()))  # what plan.json and run_started carry
+    assert record["kernels"] is False and record["kernels_why"] == "SNUGTUNE_KERNELS=off"
