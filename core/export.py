@@ -33,26 +33,13 @@ from typing import Callable, Optional
 
 from core.config import RunConfig
 from core.errors import UserError
-from core.runs import CONFIG_FILE
+from core.runs import CONFIG_FILE, file_size_limit, share_modes, umask_mode
 
 Progress = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _umask_mode(mode: int = 0o666) -> int:
-    old = os.umask(0)
-    os.umask(old)
-    return mode & ~old
-
-
-def _fix_modes(path: Path) -> None:
-    """safetensors writes its files 0600; a model directory is meant to be shared like any file."""
-    fmode, dmode = _umask_mode(0o666), _umask_mode(0o777)
-    for p in [path, *path.rglob("*")]:
-        os.chmod(p, dmode if p.is_dir() else fmode)
 
 
 def _refuse_existing(*paths: Optional[Path]) -> None:
@@ -83,7 +70,6 @@ def _os_errno(exc: BaseException) -> Optional[int]:
 
 def _disk_error(exc: BaseException, where: Path) -> UserError:
     import errno
-    import resource
 
     code = _os_errno(exc)
     # a write that ended short ("524288 requested and 240200 written") carries no errno: the
@@ -93,14 +79,14 @@ def _disk_error(exc: BaseException, where: Path) -> UserError:
         free = shutil.disk_usage(where.parent).free
     except OSError:
         free = None
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit = file_size_limit()
     left = "; nothing was left behind"
     if code in (errno.ENOSPC, errno.EDQUOT) or (short and free is not None and free < 2**26):
         said = f" ({free / 2**20:,.0f} MB free)" if free is not None else ""
         return DiskFullError(f"the disk holding {where} is full{said}{left}",
                              hint="free some space or export somewhere else")
-    if code == errno.EFBIG or (short and limit != resource.RLIM_INFINITY):
-        lim = f" ({limit / 2**20:,.0f} MB, `ulimit -f`)" if limit != resource.RLIM_INFINITY else ""
+    if code == errno.EFBIG or (short and limit is not None):
+        lim = f" ({limit / 2**20:,.0f} MB, `ulimit -f`)" if limit is not None else ""
         return DiskFullError(f"cannot write {where}: the file is larger than this system lets a file be{lim}{left}",
                              hint="raise the limit (`ulimit -f unlimited`), or export to a filesystem that takes "
                              "large files (FAT32 stops at 4 GiB)")
@@ -216,7 +202,7 @@ def _staged_dir(out_dir: Path):
     tmp = _tmp_beside(out_dir, is_dir=True)
     try:
         yield tmp
-        _fix_modes(tmp)
+        share_modes(tmp)
         tmp.rename(out_dir)
     except BaseException as exc:
         _remove(tmp)
@@ -472,7 +458,7 @@ def save_gguf(m: Merged, out_path: Path, quant: str = "q4_k_m", progress: Progre
                 progress(f"llama.cpp: {warning}")
             tmp.unlink()
             tmp, tmp_q = tmp_q, None
-        os.chmod(tmp, _umask_mode(0o666))
+        os.chmod(tmp, umask_mode(0o666))
         tmp.rename(out_path)
     except BaseException as exc:
         _remove(tmp)

@@ -516,6 +516,30 @@ class DiskSpaceError(UserError):
         )
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as this process's umask lets a new file have it."""
+    old = os.umask(0)
+    os.umask(old)
+    return mode & ~old
+
+
+def share_modes(path: Union[str, Path]) -> None:
+    """Give a saved directory (or file) the umask's modes: safetensors writes its files 0600 whatever
+    the umask, and an adapter, checkpoint or exported model is meant to be shared like any file."""
+    path = Path(path)
+    fmode, dmode = umask_mode(0o666), umask_mode(0o777)
+    for p in [path, *path.rglob("*")]:
+        os.chmod(p, dmode if p.is_dir() else fmode)
+
+
+def file_size_limit() -> Optional[int]:
+    """This process's largest writable file in bytes (`ulimit -f`), None when unlimited."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def free_bytes(path: Union[str, Path]) -> int:
     """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest parent)."""
     import shutil

@@ -214,7 +214,7 @@ def _counting_trainer(counter: _TokenCounter):
                     group.barrier()  # rank 0 has renamed the checkpoint into place
                     return
             _fsync_tree(staging / name)
-            _share_modes(staging / name)
+            rundirs.share_modes(staging / name)
             target = final_root / name
             if target.exists():  # a step redone after an OOM retry or past a damaged checkpoint
                 shutil.rmtree(target)
@@ -276,26 +276,6 @@ def _errno_in(exc: Optional[BaseException], code: int) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-def _file_size_limit() -> Optional[int]:
-    """This process's largest writable file in bytes (`ulimit -f`), None when unlimited."""
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return None if soft == resource.RLIM_INFINITY else int(soft)
-
-
-def _share_modes(path: Path) -> None:
-    """safetensors writes its files 0600 whatever the umask; give a saved adapter or checkpoint the
-    modes the rest of the run directory has, so a run can be shared like any file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *path.rglob("*")]:
-        try:
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-        except OSError:
-            pass
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -475,7 +455,7 @@ class Engine:
         ckpt = self._resumable_checkpoint_name()
         where = f"continues from {ckpt}" if ckpt else "starts again from step 0 (no checkpoint was complete)"
         first_line = (str(exc).splitlines() or [""])[0][:200]
-        limit = _file_size_limit()
+        limit = rundirs.file_size_limit()
         too_large = _errno_in(exc, errno.EFBIG) or "file too large" in str(exc).lower() or "os error 27" in str(exc)
         if too_large or (limit is not None and free > 2 * needed):
             # a file-size limit (`ulimit -f`, FAT32's 4 GiB) reads like a full disk to the writers
@@ -827,7 +807,7 @@ class Engine:
             shutil.rmtree(tmp)
         self.trainer.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
-        _share_modes(tmp)
+        rundirs.share_modes(tmp)
         tmp.rename(final)
         return final
 
