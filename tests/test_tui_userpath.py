@@ -217,11 +217,15 @@ def test_an_export_stopped_for_time_removes_its_temporary_file(tmp_path):
     from tui.screens.done import stop_export
 
     tmp = tmp_path / ".merged.abc.tmp"
-    script = (f"import pathlib, time\np = pathlib.Path({str(tmp)!r})\np.write_text('half')\n"
-              "try:\n    time.sleep(600)\nexcept KeyboardInterrupt:\n    p.unlink()\n    raise SystemExit(130)\n")
+    ready = tmp_path / "ready"
+    # `ready` is written inside the try, after the temporary file: once it exists, SIGINT reaches the
+    # handler (polling on the temporary file alone could send it while write_text still ran)
+    script = (f"import pathlib, time\np = pathlib.Path({str(tmp)!r})\n"
+              f"try:\n    p.write_text('half')\n    pathlib.Path({str(ready)!r}).write_text('1')\n"
+              "    time.sleep(600)\nexcept KeyboardInterrupt:\n    p.unlink()\n    raise SystemExit(130)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     deadline = time.monotonic() + 120
-    while not tmp.exists():  # a condition, polled: the child has started writing
+    while not ready.exists():  # a condition, polled: the child has written and waits in its try
         assert time.monotonic() < deadline, "the child never wrote"
         assert proc.poll() is None
         time.sleep(0.05)
