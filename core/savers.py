@@ -175,6 +175,19 @@ class _ChunkedLinearCE(torch.autograd.Function):
             for s in range(0, n, chunk):
                 h = hidden[s:s + chunk].to(wdt)
                 y = targets[s:s + chunk]
+                if CE_TAIL is not None and softcap is None:  # (CE_TAIL: set on CUDA only)
+                    # core.kernels: NLL and the logits' gradient in one kernel, over the 16-bit logits
+                    # in place (no fp32 copy); the same fp32 arithmetic, see kernels.ce_tail
+                    p16 = h @ weight.t()
+                    w8 = weights[s:s + chunk] if weights is not None else None
+                    nll = CE_TAIL(p16, y, w8, need_h or need_w)
+                    total += (nll * w8).sum() if w8 is not None else nll.sum()
+                    if need_h:
+                        gh[s:s + chunk] = (p16 @ weight).to(gh.dtype)
+                    if need_w:
+                        gw += (p16.t() @ h).to(gdt)
+                    del p16, h
+                    continue
                 z = (h @ weight.t()).float()
                 deriv = None
                 if softcap is not None:
@@ -1252,16 +1265,20 @@ def install_savers(model, plan: Plan) -> dict:
 # sum (base + scale (x A^T) B^T + bias, rounded once) in one pass instead of an fp32 addmm_, an add
 # and a cast (set here; read by the fp32 LoRA sum where that exists)
 LORA_EPILOGUE: Optional[Callable] = None
+# core.kernels.ce_tail while the kernels are installed, else None: the chunked loss's per-chunk tail
+# (log-sum-exp, NLL, softmax - onehot, the cast) in one kernel over the 16-bit logits, in place
+CE_TAIL: Optional[Callable] = None
 
 
 def _install_kernels(hf, plan: Plan, dev: torch.device) -> str:
-    global LORA_EPILOGUE
-    LORA_EPILOGUE = None
+    global LORA_EPILOGUE, CE_TAIL
+    LORA_EPILOGUE = CE_TAIL = None
     what = _install_kernels_on(hf, plan, dev)
     if what.startswith("triton:"):
         from core import kernels
 
         LORA_EPILOGUE = kernels.lora_epilogue
+        CE_TAIL = kernels.ce_tail
     return what
 
 

@@ -306,21 +306,95 @@ def test_install_without_norms_leaves_them_to_the_fp16_guard():
     assert not any(K.uses_kernels(mod) for mod in m.modules() if type(mod).__name__ in K.GEMMA_NORMS)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_lora_epilogue_matches_the_fp32_sum(bias):
-    # core.savers' fp32 LoRA sum: o.addmm_(xa.float(), B.float().t(), alpha=scale); o.add_(bias); o.to(dt)
+@pytest.mark.parametrize("path", ["tensor_cores", "fma"])
+@pytest.mark.parametrize("dtype,R,bias", [(BF16, 16, False), (BF16, 16, True), (BF16, 8, True), (torch.float16, 16, True),
+                                          (BF16, 40, False)])
+def test_lora_epilogue_matches_the_fp32_sum(path, dtype, R, bias, monkeypatch):
+    # core.savers' fp32 LoRA sum: o.addmm_(xa.float(), B.float().t(), alpha=scale); o.add_(bias); o.to(dt).
+    # "tensor_cores": B split into three bf16 parts (an fp16 xa into two) on tl.dot; "fma": cards
+    # without bf16 tensor cores, r outer products
+    monkeypatch.setattr(K, "_tensor_cores", lambda dev: path == "tensor_cores")
     g = _gen(9)
-    T, N, R, scale = 70, 300, 16, 2.0
+    T, N, scale = 70, 300, 2.0
     o = torch.randn(T, N, generator=g) * 3
-    xa = torch.randn(T, R, generator=g).to(BF16)
+    xa = torch.randn(T, R, generator=g).to(dtype)
     B = torch.randn(N, R, generator=g) * 0.05
-    b = (torch.randn(N, generator=g) * 0.5).to(BF16) if bias else None
-    ref = o.clone().addmm_(xa.float(), B.t(), alpha=scale)
-    if b is not None:
-        ref.add_(b)
-    ref = ref.to(BF16)
-    y = K.lora_epilogue(o, xa, B, b, scale, BF16)
-    assert y.dtype == BF16 and y.shape == ref.shape
-    # the same fp32 sum in another order, then one rounding: equal but where the order crossed a rounding edge
-    assert float((y == ref).float().mean()) > 0.99
+    b = (torch.randn(N, generator=g) * 0.5).to(dtype) if bias else None
+    ref = K.lora_epilogue_torch(o.clone(), xa, B, b, scale, dtype)
+    y = K.lora_epilogue(o, xa, B, b, scale, dtype)
+    assert y.dtype == dtype and y.shape == ref.shape
+    # the exact sum (float64) rounded once: every output but those where fp32's order of summation
+    # crossed a rounding edge (the exact value is rounded via fp32 here, so allow a few)
+    exact = (o.double() + scale * (xa.double() @ B.double().t()) + (b.double() if bias else 0.0)).float().to(dtype)
+    assert float((y == exact).float().mean()) > 0.999
+    assert float((y == ref).float().mean()) > 0.999
     assert float(((y.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)).max()) <= 2 ** -7
+
+
+def test_lora_epilogue_keeps_a_term_under_half_a_bf16_step():
+    # what the fp32 sum is for (core.savers.LORA_SUM_FP32): a LoRA term of 1/8 of a bf16 step still moves
+    # the outputs by itself on average, because the base output is rounded only together with it
+    g = _gen(10)
+    T, N, R = 64, 256, 16
+    o = 1.0 + torch.rand(T, N, generator=g)  # in [1, 2): bf16's step there is 2^-7
+    xa = torch.full((T, R), 1.0 / R).to(BF16)
+    B = torch.full((N, R), 2.0 ** -10)  # scale 1: the term is 2^-10 on every output
+    y = K.lora_epilogue(o.clone(), xa, B, None, 1.0, BF16)
+    moved = float((y.double() - o.double()).mean())
+    assert abs(moved - 2.0 ** -10) < 0.1 * 2.0 ** -10
+    # rounding first and adding after (the old sum) loses it: bf16(bf16(o) + 2^-10) == bf16(o)
+    assert torch.equal((o.to(BF16).float() + 2.0 ** -10).to(BF16), o.to(BF16))
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ce_tail_matches_the_chunked_loss_ops(dtype, weighted):
+    g = _gen(11)
+    C, V = 7, 2500  # V not a multiple of the kernel's block of the row
+    z = (torch.randn(C, V, generator=g) * 4).to(dtype)
+    y = torch.randint(0, V, (C,), generator=g)
+    w8 = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]) if weighted else None
+    z_ref = z.clone()
+    nll_ref = K.ce_tail_torch(z_ref, y, w8, True)
+    nll = K.ce_tail(z, y, w8, True)
+    assert torch.allclose(nll, nll_ref, rtol=0, atol=2e-6)
+    # the gradient written over the logits: the same fp32 numbers, each rounded once to z's dtype
+    assert float((z == z_ref).float().mean()) > (0.999 if dtype != torch.float32 else 0.3)
+    assert float((z.float() - z_ref.float()).abs().max()) <= 1e-6
+    if weighted:
+        assert not z[1].any() and not z[4].any()
+    z2 = (torch.randn(C, V, generator=g) * 4).to(dtype)
+    keep = z2.clone()
+    assert torch.allclose(K.ce_tail(z2, y, None, False), K.ce_tail_torch(keep.clone(), y, None, False), rtol=0, atol=2e-6)
+    assert torch.equal(z2, keep)  # no gradient asked: the logits are left as they were
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_chunked_loss_through_ce_tail(static, monkeypatch):
+    from core import savers
+
+    g = _gen(12)
+    T, H, V = 37, 48, 1500
+    hidden = (torch.randn(1, T, H, generator=g)).to(BF16)
+    weight = (torch.randn(V, H, generator=g) * 0.2).to(BF16)
+    labels = torch.randint(0, V, (1, T), generator=g)
+    labels[0, :5] = -100
+
+    def run():
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        if static:
+            loss = savers.chunked_lm_loss_static(h, w, labels, torch.tensor(0.0), torch.tensor(1.0), chunk_tokens=10)
+        else:
+            loss = savers.chunked_lm_loss(h, w, labels, chunk_tokens=10)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    monkeypatch.setattr(savers, "CE_TAIL", None)
+    l0, gh0, gw0 = run()
+    monkeypatch.setattr(savers, "CE_TAIL", K.ce_tail)
+    l1, gh1, gw1 = run()
+    assert abs(float(l1 - l0)) <= 1e-6 * abs(float(l0))
+    assert _rel(gh1, gh0) < 1e-3 and _rel(gw1, gw0) < 1e-4
+
+
