@@ -145,6 +145,56 @@ def main() -> int:
         check(f"rotary {Hq}/{Hk}x{D} T={T}", ok=ok, **r)
         fails += [] if ok else [f"rotary {Hq}"]
 
+    # ---- the fp32 LoRA sum's epilogue (core.savers.LORA_SUM_FP32): tensor-core kernel, the earlier
+    # r-outer-product kernel and the PyTorch ops, at Qwen2.5-1.5B's widths (q/o 1536, k/v 256, MLP 8960)
+    for N, bias in ((1536, True), (256, True), (8960, False)):
+        torch.manual_seed(N)
+        o = torch.randn(T, N, device=dev) * 3
+        xa = torch.randn(T, 16, device=dev).to(bf)
+        Bm = torch.randn(N, 16, device=dev) * 0.02
+        b = (torch.randn(N, device=dev) * 0.5).to(bf) if bias else None
+        y = K.lora_epilogue(o, xa, Bm, b, 2.0, bf)
+        ref = K.lora_epilogue_torch(o.clone(), xa, Bm, b, 2.0, bf)
+        exact = (o.double() + 2.0 * (xa.double() @ Bm.double().t()) + (b.double() if bias else 0.0)).float().to(bf)
+        r = dict(equal_torch=float((y == ref).float().mean()), equal_exact=float((y == exact).float().mean()),
+                 torch_equal_exact=float((ref == exact).float().mean()), rel=rel(y, ref))
+        if dev == "cuda":
+            def old():
+                Mx, Nx = o.shape
+                yo = torch.empty((Mx, Nx), dtype=bf, device=dev)
+                K._lora_epi_fma[(triton.cdiv(Mx, 32), triton.cdiv(Nx, 128))](
+                    o, xa, Bm, b if b is not None else o, yo, Mx, Nx, xa.stride(0), Bm.stride(0), o.stride(0),
+                    yo.stride(0), 2.0, R=16, HAS_BIAS=b is not None, BM=32, BN=128, EMU=False, num_warps=4)
+                return yo
+
+            oc = o.clone()
+            r.update(us_kernel=timed(lambda: K.lora_epilogue(o, xa, Bm, b, 2.0, bf)), us_old_kernel=timed(old),
+                     us_torch=timed(lambda: K.lora_epilogue_torch(oc, xa, Bm, b, 2.0, bf)),
+                     equal_old=float((old() == y).float().mean()))
+            r["gbps_kernel"] = round(6 * T * N / (r["us_kernel"] * 1e-6) / 1e9, 1)
+        ok = r["equal_exact"] >= 0.999 and r["equal_torch"] >= 0.999
+        check(f"lora_epilogue {T}x{N} r=16 bias={bias}", ok=ok, **r)
+        fails += [] if ok else [f"lora_epilogue {N}"]
+
+    # ---- the chunked loss's tail: one chunk of Qwen2.5-1.5B's head (201 tokens x 151,936), weighted and not
+    C, V = (201, 151936) if dev == "cuda" else (9, 3000)
+    for weighted in (False, True):
+        torch.manual_seed(C)
+        z = (torch.randn(C, V, device=dev) * 3).to(bf)
+        yv = torch.randint(0, V, (C,), device=dev)
+        w8 = (torch.rand(C, device=dev) > 0.2).float() if weighted else None
+        z1, z2 = z.clone(), z.clone()
+        n1 = K.ce_tail(z1, yv, w8, True)
+        n2 = K.ce_tail_torch(z2, yv, w8, True)
+        r = dict(nll_max_abs=float((n1 - n2).abs().max()), grad_equal=float((z1 == z2).float().mean()),
+                 grad_max_abs=float((z1.float() - z2.float()).abs().max()))
+        if dev == "cuda":
+            r.update(us_kernel=timed(lambda: K.ce_tail(z1, yv, w8, True)),
+                     us_torch=timed(lambda: K.ce_tail_torch(z2, yv, w8, True)))
+        ok = r["nll_max_abs"] < 1e-4 and r["grad_equal"] > 0.999
+        check(f"ce_tail {C}x{V} weighted={weighted}", ok=ok, **r)
+        fails += [] if ok else ["ce_tail"]
+
     # ---- CUDA graph: the three kernels' forward + backward captured, replayed on new inputs
     if dev == "cuda":
         H, I = 1536, 8960
