@@ -172,6 +172,11 @@ def main() -> int:
                      us_torch=timed(lambda: K.lora_epilogue_torch(oc, xa, Bm, b, 2.0, bf)),
                      equal_old=float((old() == y).float().mean()))
             r["gbps_kernel"] = round(6 * T * N / (r["us_kernel"] * 1e-6) / 1e9, 1)
+            keep = K.EPI_TILE
+            for tile in ((128, 128, 8), (64, 256, 8), (128, 64, 4)):  # other tiles, for the record
+                K.EPI_TILE = tile
+                r[f"us_tile_{tile[0]}x{tile[1]}w{tile[2]}"] = timed(lambda: K.lora_epilogue(o, xa, Bm, b, 2.0, bf))
+            K.EPI_TILE = keep
         ok = r["equal_exact"] >= 0.999 and r["equal_torch"] >= 0.999
         check(f"lora_epilogue {T}x{N} r=16 bias={bias}", ok=ok, **r)
         fails += [] if ok else [f"lora_epilogue {N}"]

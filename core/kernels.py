@@ -450,15 +450,14 @@ def _lora_epi_tc(O, XA, Bw, BIAS, Y, M, N, R, sxa, sb, so, sy, scale, HAS_BIAS: 
     # (an fp16 xa into two: its 11 significant bits fit in two bf16 numbers), so every product is
     # exact and summed in the fp32 accumulator: x A^T B^T in fp32, up to the order of the sum
     hi, mid, lo = _split3(b)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     if FP16_XA:
         xf = xa.to(tl.float32)
         a = xf.to(tl.bfloat16)
-        a2 = (xf - a.to(tl.float32)).to(tl.bfloat16)
+        acc = _dot3(a, hi, mid, lo, acc, EMU)
+        acc = _dot3((xf - a.to(tl.float32)).to(tl.bfloat16), hi, mid, lo, acc, EMU)
     else:
-        a = xa.to(tl.bfloat16)
-    acc = _dot3(a, hi, mid, lo, tl.full((BM, BN), 0.0, tl.float32), EMU)
-    if FP16_XA:
-        acc = _dot3(a2, hi, mid, lo, acc, EMU)
+        acc = _dot3(xa.to(tl.bfloat16), hi, mid, lo, acc, EMU)
     o = o + scale * acc
     if HAS_BIAS:
         o += tl.load(BIAS + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
@@ -563,8 +562,6 @@ def _ce_tail(Z, Y, W8, NLL, V, sz, HAS_W: tl.constexpr, GRAD: tl.constexpr, BV: 
     if GRAD:
         # pass 2: softmax - onehot(y), times the row's weight, rounded once to the logits' dtype, written
         # over the logits (each element read before it is written, by the same program)
-        if HAS_W:
-            w = tl.load(W8 + row).to(tl.float32)
         for start in range(0, V, BV):
             cols = start + offs
             mk = cols < V
@@ -572,7 +569,7 @@ def _ce_tail(Z, Y, W8, NLL, V, sz, HAS_W: tl.constexpr, GRAD: tl.constexpr, BV: 
             pr = tl.exp(z - lse)
             pr = tl.where(cols == y, pr - 1.0, pr)
             if HAS_W:
-                pr = pr * w
+                pr = pr * tl.load(W8 + row).to(tl.float32)
             tl.store(zr + cols, _rnd(pr, Z.dtype.element_ty, EMU), mask=mk)
 
 
