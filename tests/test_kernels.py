@@ -242,7 +242,21 @@ def test_savers_leave_cpu_models_on_transformers_path(tiny_model_dir):
     cfg = RunConfig.from_dict({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"path": "x", "max_seq_len": 64}})
     applied = savers.install_savers(m, plan(cfg, spec_from_dir(tiny_model_dir), cpu_target()))
     assert applied["kernels"] == "off: not on a CUDA device" and savers.LORA_EPILOGUE is None
+    assert savers.CE_TAIL is None  # the chunked loss keeps its PyTorch ops
     assert not any(K.uses_kernels(mod) for mod in m.modules())
+
+
+def test_installed_kernels_set_the_epilogue_and_loss_hooks(monkeypatch):
+    from core import savers
+
+    monkeypatch.setattr(savers, "_install_kernels_on", lambda hf, plan, dev: "triton: 1 RMSNorms, 0 GLU MLPs, rotary in 0 attentions")
+    monkeypatch.setattr(savers, "LORA_EPILOGUE", None)
+    monkeypatch.setattr(savers, "CE_TAIL", None)
+    savers._install_kernels(None, None, torch.device("cpu"))
+    assert savers.LORA_EPILOGUE.__name__ == "lora_epilogue" and savers.CE_TAIL.__name__ == "ce_tail"
+    monkeypatch.setattr(savers, "_install_kernels_on", lambda hf, plan, dev: "off: SNUGTUNE_KERNELS=off")
+    savers._install_kernels(None, None, torch.device("cpu"))
+    assert savers.LORA_EPILOGUE is None and savers.CE_TAIL is None
 
 
 def test_install_savers_tiles_the_fused_mlp(tiny_model_dir, monkeypatch):
