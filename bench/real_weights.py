@@ -411,6 +411,8 @@ def child(spec: dict, log) -> dict:
         losses = [float(ln[4:]) for ln in out.splitlines() if ln.startswith("@@L ")]
         r = {"variant": spec["variant"], "rc": "timeout", "error": f"killed after {exc.timeout:.0f} s (--deadline-s)",
              "wall_s": round(time.time() - t0, 1), "steps": len(losses), "losses": losses}
+        if spec["kind"] == "estimate":
+            r.update(seq=spec["seq"], micro_batch=spec["micro_batch"])
         print(json.dumps(r), file=log, flush=True)
         print(f"-- {spec['variant']} timed out {r['wall_s']}s", flush=True)
         return r
@@ -516,7 +518,7 @@ def markdown(res: dict) -> str:
             mr, ma = r.get("peak_reserved_gib"), r.get("peak_alloc_gib")
             er, ea = e.get("reserved_gib"), e.get("allocated_gib")
             pct = (lambda m, x: f"{100 * (x - m) / m:+.1f}%" if m and x else "-")
-            out.append(f"| {r['seq']} x {r['micro_batch']} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | {pct(ma, ea)} |")
+            out.append(f"| {r.get('seq')} x {r.get('micro_batch')} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | {pct(ma, ea)} |")
         out.append("")
     return "\n".join(out)
 

@@ -17,21 +17,22 @@
 #   H10_LIMIT=... bash .dev10/h10_run.sh
 set -o pipefail
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-T=/tmp/h10
+T=${H10_T:-/tmp/h10}
 mkdir -p $T/p $T/code && cp .dev10/pay.4 $T/p/ || exit 1
 tar -xJf .dev10/code.tar.xz -C $T/code || exit 1
 ls -l $T/p
 cd $T && cat p/pay.0 p/pay.1 p/pay.2 p/pay.3 p/pay.4 | tar -x || exit 1
 sha256sum -c pay.sha || exit 1
-python3 - <<'PY' || exit 1
-import lzma, shutil, tarfile, threading, time
+T=$T python3 - <<'PY' || exit 1
+import lzma, os, shutil, tarfile, threading, time
+T = os.environ["T"]
 t = time.time()
 def gg():
-    with lzma.open("/tmp/h10/gemma.gguf.xz") as f, open("/tmp/h10/gemma.gguf", "wb") as o:
+    with lzma.open(T + "/gemma.gguf.xz") as f, open(T + "/gemma.gguf", "wb") as o:
         shutil.copyfileobj(f, o, 1 << 22)
 th = threading.Thread(target=gg); th.start()
-with tarfile.open("/tmp/h10/site.tar.xz") as tf:
-    tf.extractall("/tmp/h10")
+with tarfile.open(T + "/site.tar.xz") as tf:
+    tf.extractall(T)
 th.join()
 print("unpacked in", round(time.time() - t, 1), "s")
 PY
