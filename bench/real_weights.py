@@ -396,7 +396,7 @@ def run_estimate_probe(spec: dict) -> dict:
 
 # ---- the parent ---------------------------------------------------------------------------------------------
 
-def child(spec: dict, log) -> dict:
+def child(spec: dict, log, argv: list | None = None) -> dict:
     # a few threads each: up to a dozen of these share the machine's cores
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
@@ -404,8 +404,8 @@ def child(spec: dict, log) -> dict:
         env["SNUGTUNE_KERNELS"] = "off"
     t0 = time.time()
     try:
-        p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                           env=env, cwd=ROOT, timeout=spec.get("timeout", 900))
+        p = subprocess.run(argv or [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=spec.get("timeout", 900))
     except subprocess.TimeoutExpired as exc:  # past the call's deadline: a result that says so
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         losses = [float(ln[4:]) for ln in out.splitlines() if ln.startswith("@@L ")]

@@ -12,14 +12,14 @@
 #     whose GGUF tokenizer is wrong for Gemma 3: core.gguf_source refuses it)
 #   tar -cf - site | xz -6 > site.tar.xz                       # 13.6 MB
 #   tar -cf payload.tar gemma.gguf.xz site.tar.xz pay.sha gemma.sha; split -b 50300000 -d -a 1 payload.tar pay.
-# Calls 1-4 (carry .dev10 holding pay.N alone): mkdir -p /tmp/h10/p && cp .dev10/pay.N /tmp/h10/p/
-# Call 5 (carry .dev10 = pay.4, code.tar.xz = git archive of the branch, this script):
-#   H10_LIMIT=... bash .dev10/h10_run.sh
+# Calls 1-4 (carry .dev10/pN holding pay.N alone): mkdir -p /tmp/h10/p && cp .dev10/pN/pay.N /tmp/h10/p/
+# Call 5 (carry .dev10/p4 = pay.4, .dev10/run = code.tar.xz (git archive of the branch) + this script):
+#   H10_LIMIT=... bash .dev10/run/h10_run.sh
 set -o pipefail
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 T=${H10_T:-/tmp/h10}
-mkdir -p $T/p $T/code && cp .dev10/pay.4 $T/p/ || exit 1
-tar -xJf .dev10/code.tar.xz -C $T/code || exit 1
+mkdir -p $T/p $T/code && cp .dev10/p4/pay.4 $T/p/ || exit 1
+tar -xJf .dev10/run/code.tar.xz -C $T/code || exit 1
 ls -l $T/p
 cd $T && cat p/pay.0 p/pay.1 p/pay.2 p/pay.3 p/pay.4 | tar -x || exit 1
 sha256sum -c pay.sha || exit 1
