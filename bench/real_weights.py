@@ -23,7 +23,7 @@ peaks stay valid; tokens/s under sharing are not a speed benchmark: --speed adds
 fp16 runs alone, one after the other). --estimator adds the estimator check: peak memory of
 3 steps at 512 and 2,048 tokens x micro-batch 1 and 4, against core.estimate.
 
-    python bench/real_weights.py --gguf /tmp/gemma.gguf --out $OUT --steps 200 --speed --estimator   # GPU
+    python bench/real_weights.py --gguf /tmp/gemma.gguf --out $OUT --steps 200 --jobs 15 --estimator --deadline-s 295  # GPU
     python bench/real_weights.py --smoke --out /tmp/rw      # CPU: a tiny GGUF of the demo model, 2 steps each
 
 Writes real_weights.json (everything, with the command) and real_weights.md (tables) to --out.
@@ -528,8 +528,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", help="the GGUF file (Gemma 3 270M)")
     ap.add_argument("--smoke", action="store_true", help="CPU: the demo model as a tiny GGUF, 2 steps a variant")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--variants", default="sn-bf16-pack,sn-bf16-nopack,sn-bf16-pack-nographs,sn-bf16-nopack-nographs,"
-                    "sn-fp16-pack,sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2")
+    # run 5's set (bench/results/real_weights_run5.md): 11 variants + 4 estimator probes fill the H200
+    # machine's 16 cores in ~4 minutes with the GGUF conversion
+    ap.add_argument("--variants", default="sn-bf16-pack-nographs,sn-fp16-pack,sn-bf16-pack,sn-bf16-nopack-nographs,"
+                    "sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2,"
+                    "sn-bf16-pack-nographs-nokern,sn-fp16-pack-nokern")
     ap.add_argument("--speed", action="store_true", help="bf16 and fp16 packed runs alone, after the others")
     ap.add_argument("--speed-steps", type=int, default=25)
     ap.add_argument("--speed-variants", default="sn-bf16-pack-nographs,sn-fp16-pack",
