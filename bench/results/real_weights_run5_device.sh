@@ -41,8 +41,10 @@ rm -f $T/gemma.gguf.xz $T/p/pay.*
 export PYTHONPATH=$T/site
 cd $T/code || exit 1
 python3 -c "import transformers, bitsandbytes, peft, torch, triton; print(transformers.__version__, bitsandbytes.__version__, peft.__version__, torch.__version__, triton.__version__)" || exit 1
-timeout ${H10_LIMIT:-300} python3 bench/real_weights.py --gguf $T/gemma.gguf --out $OUT --steps 200 --jobs 15 --estimator \
-  --variants sn-bf16-pack-nographs,sn-fp16-pack,sn-bf16-pack,sn-bf16-nopack-nographs,sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2,sn-bf16-pack-nographs-nokern,sn-fp16-pack-nokern \
+# (H10_VARIANTS= H10_EST= : the speed-alone runs only, e.g. with H10_SPEED_BY=200 H10_DEADLINE=200)
+V=${H10_VARIANTS-sn-bf16-pack-nographs,sn-fp16-pack,sn-bf16-pack,sn-bf16-nopack-nographs,sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2,sn-bf16-pack-nographs-nokern,sn-fp16-pack-nokern}
+timeout ${H10_LIMIT:-300} python3 bench/real_weights.py --gguf $T/gemma.gguf --out $OUT --steps 200 --jobs 15 ${H10_EST---estimator} \
+  --variants "$V" \
   --deadline-s ${H10_DEADLINE:-280} --speed --speed-steps 20 --speed-variants sn-bf16-pack-nographs,sn-fp16-pack \
   --speed-deadline-s ${H10_SPEED_BY:-250} 2>&1 | grep -v -E 'it/s\]|Warning|warnings.warn' | tee $OUT/h10_stdout.log
 echo "rc=$?"
