@@ -11,6 +11,9 @@ projections):
       snugtune's engine (core.train.Engine), bf16, packing on/off, CUDA-graph steps auto/off
   sn-fp16-pack / sn-fp16-nopack
       the same in fp16 (what a T4, RTX 20xx or GTX 16xx gets): the fp16 guard on (auto for Gemma)
+  sn-bf16-pack-nographs-nokern / sn-fp16-pack-nokern
+      the same with SNUGTUNE_KERNELS=off (transformers' norms, GeGLU and rotary instead of
+      core/kernels.py's fused Triton ones): the kernels' numerics on real weights
   plain-bf16 / plain-fp16
       the plain recipe (/work/shared/reference/qlora_probe.py's: NF4 + prepare_model_for_kbit_training
       + peft LoRA + HF checkpointing + paged 8-bit AdamW + HF Trainer) on the same unpacked rows
@@ -20,7 +23,7 @@ peaks stay valid; tokens/s under sharing are not a speed benchmark: --speed adds
 fp16 runs alone, one after the other). --estimator adds the estimator check: peak memory of
 3 steps at 512 and 2,048 tokens x micro-batch 1 and 4, against core.estimate.
 
-    python bench/real_weights.py --gguf /tmp/gemma.gguf --out $OUT --steps 200 --speed --estimator   # GPU
+    python bench/real_weights.py --gguf /tmp/gemma.gguf --out $OUT --steps 200 --jobs 15 --estimator --deadline-s 295  # GPU
     python bench/real_weights.py --smoke --out /tmp/rw      # CPU: a tiny GGUF of the demo model, 2 steps each
 
 Writes real_weights.json (everything, with the command) and real_weights.md (tables) to --out.
@@ -160,6 +163,10 @@ def run_snugtune(spec: dict) -> dict:
                 torch.cuda.synchronize()
             marks.append(time.monotonic())
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:  # for the parent, should the deadline cut this run short
+                print(f"@@L {logs['loss']}", flush=True)
+
         def on_train_end(self, args, state, control, **kw):
             if cuda:
                 holder["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 4)
@@ -176,6 +183,8 @@ def run_snugtune(spec: dict) -> dict:
            "peak_alloc_gib": holder.get("peak_alloc_gib"), "peak_reserved_gib": holder.get("peak_reserved_gib"),
            "fp16_guard": (started.get("model") or {}).get("fp16_guard"),
            "savers": started.get("savers"), "cuda_graphs": steps[-1].get("cuda_graphs") if steps else None,
+           # what core/kernels.py installed ("off: <why>" when the plan kept transformers' path)
+           "kernels": (started.get("savers") or {}).get("kernels"),
            "seed": spec.get("seed", 42), "skipped_steps": _skipped([e.get("grad_norm") for e in steps]),
            # how the fused node summed LoRA into the base output (core.savers._mm_f32: on CUDA the GEMM's
            # fp32 output, unless this torch lacks it and the fp32 upcast stood in)
@@ -284,6 +293,7 @@ def run_plain(spec: dict) -> dict:
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 logs_.append((logs["loss"], logs.get("grad_norm")))
+                print(f"@@L {logs['loss']}", flush=True)
 
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
@@ -326,27 +336,48 @@ def _kept_blocks(r: dict) -> int:
     return int((r.get("savers") or {}).get("uncheckpointed_blocks") or 0)
 
 
+def _kernels_of(r: dict):
+    """Whether a measured run had core/kernels.py installed (None: the run predates the record)."""
+    k = r.get("kernels") or (r.get("savers") or {}).get("kernels")
+    if k is None:  # a run recorded before core/kernels.py existed (runs 1-4) had none
+        return False if r.get("savers") else None
+    return not str(k).startswith("off")
+
+
 def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 139.81, keep_layers: int = 0,
-                 responses_only: bool = False) -> dict:
-    """core.estimate's peak for one estimator probe on the H200, with `keep_layers` blocks un-checkpointed."""
+                 responses_only: bool = False, kernels=None) -> dict:
+    """core.estimate's peak for one estimator probe on the H200, with `keep_layers` blocks un-checkpointed.
+
+    `kernels` (True/False) prices the plan with core/kernels.py on/off as the measured run had it
+    (the plan decides it from this machine's Triton and CUDA otherwise, which on a CPU-only
+    machine re-scoring a GPU run is "off")."""
     from dataclasses import replace
 
+    from core import plan as plan_mod
     from core.catalog import resolve_model
     from core.estimate import estimate
     from core.gpu import resolve_gpu
 
     cfg = _cfg(model_dir, "(none)", "/tmp", 3, "bf16", True, False, seq, micro_batch, responses_only=responses_only)
     gpu = replace(resolve_gpu("h200"), total_gib=total_gib, budget_gib=total_gib)
-    est = estimate(resolve_model(model_dir), cfg, gpu, "snugtune", keep_layers=keep_layers)
+    orig = plan_mod._kernels
+    if kernels is not None:
+        plan_mod._kernels = lambda *_a, **_k: (bool(kernels), "as the measured run had it (bench/real_weights.py)")
+    try:
+        est = estimate(resolve_model(model_dir), cfg, gpu, "snugtune", keep_layers=keep_layers)
+    finally:
+        plan_mod._kernels = orig
     return {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
-            "components": est.components, "peak_phase": est.peak_phase, "keep_layers": keep_layers}
+            "components": est.components, "peak_phase": est.peak_phase, "keep_layers": keep_layers,
+            "kernels": kernels}
 
 
 def rescore(path: Path, model_dir: str) -> dict:
     """Today's estimator against stored measurements (no GPU): model_dir holds the model's config.json."""
     res = json.loads(Path(path).read_text())
     for r in res.get("estimator", []):
-        r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"], keep_layers=_kept_blocks(r))
+        r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"], keep_layers=_kept_blocks(r),
+                                     kernels=_kernels_of(r))
     return res
 
 
@@ -358,20 +389,33 @@ def run_estimate_probe(spec: dict) -> dict:
     # (the CPU smoke has no card: the H200's size)
     total = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 139.81
     r["estimate"] = estimate_for(spec["model_dir"], spec["seq"], spec["micro_batch"], total, _kept_blocks(r),
-                                 spec.get("responses_only", True))
+                                 spec.get("responses_only", True), kernels=_kernels_of(r))
     r["seq"], r["micro_batch"] = spec["seq"], spec["micro_batch"]
     return r
 
 
 # ---- the parent ---------------------------------------------------------------------------------------------
 
-def child(spec: dict, log) -> dict:
+def child(spec: dict, log, argv: list | None = None) -> dict:
     # a few threads each: up to a dozen of these share the machine's cores
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    if spec.get("kernels") is False:  # "-nokern": transformers' path instead of core/kernels.py (the plan's switch)
+        env["SNUGTUNE_KERNELS"] = "off"
     t0 = time.time()
-    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=spec.get("timeout", 900))
+    try:
+        p = subprocess.run(argv or [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=spec.get("timeout", 900))
+    except subprocess.TimeoutExpired as exc:  # past the call's deadline: a result that says so
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        losses = [float(ln[4:]) for ln in out.splitlines() if ln.startswith("@@L ")]
+        r = {"variant": spec["variant"], "rc": "timeout", "error": f"killed after {exc.timeout:.0f} s (--deadline-s)",
+             "wall_s": round(time.time() - t0, 1), "steps": len(losses), "losses": losses}
+        if spec["kind"] == "estimate":
+            r.update(seq=spec["seq"], micro_batch=spec["micro_batch"])
+        print(json.dumps(r), file=log, flush=True)
+        print(f"-- {spec['variant']} timed out {r['wall_s']}s", flush=True)
+        return r
     lines = [ln[3:] for ln in p.stdout.splitlines() if ln.startswith("@@ ")]
     r = json.loads(lines[-1]) if lines else {"variant": spec["variant"], "rc": p.returncode, "error": p.stderr[-2000:]}
     r["wall_s"] = round(time.time() - t0, 1)
@@ -421,6 +465,9 @@ PAIRS = [
     ("sn-fp16-pack", "sn-bf16-pack-nographs-oldsum", "before (run 3's code): fp16 (guard) vs bf16 with the old LoRA sum"),
     ("sn-bf16-pack-nographs", "sn-bf16-pack-nographs-oldsum", "bf16: the LoRA sum in fp32 vs the old sum"),
     ("sn-fp16-pack", "sn-fp16-pack-oldsum", "fp16 (guard): the LoRA sum in fp32 vs the old sum"),
+    ("sn-bf16-pack-nographs", "sn-bf16-pack-nographs-nokern", "bf16: fused kernels on vs off (SNUGTUNE_KERNELS=off), same seed"),
+    ("sn-fp16-pack", "sn-fp16-pack-nokern", "fp16 (guard): fused kernels on vs off, same seed"),
+    ("sn-fp16-pack-nokern", "sn-bf16-pack-nographs-nokern", "kernels off: fp16 (guard) vs bf16, same seed"),
     ("plain-fp16", "plain-bf16", "plain recipe: fp16 vs bf16"),
     ("sn-bf16-pack-nographs", "plain-bf16", "snugtune bf16 packed vs the plain recipe (unpacked rows)"),
     ("sn-fp16-pack", "plain-bf16", "snugtune fp16 (guard) packed vs the plain recipe's bf16 (unpacked rows)"),
@@ -430,7 +477,8 @@ PAIRS = [
 
 def markdown(res: dict) -> str:
     rows = ["| variant | rc | steps | all losses finite | skipped (fp16 scaler) | first / steps 1-20 / last-20 mean loss | "
-            "held-out before | after | peak reserved GiB | tokens/s (concurrent) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "held-out before | after | peak reserved GiB | tokens/s (concurrent) | kernels |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     import math
 
     for r in res["variants"]:
@@ -441,7 +489,8 @@ def markdown(res: dict) -> str:
         b, a = r.get("before") or {}, r.get("after") or {}
         rows.append(f"| {r['variant']} | {r.get('rc')} | {r.get('steps')} | {fin} | {r.get('skipped_steps', '-')} | "
                     f"{(ls[0] if ls else float('nan')):.3f} / {w1:.3f} / {last:.3f} | {b.get('exact', '-')}/{b.get('n', '-')} | "
-                    f"{a.get('exact', '-')}/{a.get('n', '-')} | {r.get('peak_reserved_gib')} | {r.get('tokens_per_s')} |")
+                    f"{a.get('exact', '-')}/{a.get('n', '-')} | {r.get('peak_reserved_gib')} | {r.get('tokens_per_s')} | "
+                    f"{str(r.get('kernels') or '-')[:48]} |")
     out = ["# Real weights: Gemma 3 270M learns a date-writing task", "", f"command: `{res['command']}`", "",
            f"machine: {res.get('device')}; versions: {res.get('versions')}; GGUF conversion {res.get('convert_s')} s", "",
            *rows, ""]
@@ -469,7 +518,7 @@ def markdown(res: dict) -> str:
             mr, ma = r.get("peak_reserved_gib"), r.get("peak_alloc_gib")
             er, ea = e.get("reserved_gib"), e.get("allocated_gib")
             pct = (lambda m, x: f"{100 * (x - m) / m:+.1f}%" if m and x else "-")
-            out.append(f"| {r['seq']} x {r['micro_batch']} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | {pct(ma, ea)} |")
+            out.append(f"| {r.get('seq')} x {r.get('micro_batch')} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | {pct(ma, ea)} |")
         out.append("")
     return "\n".join(out)
 
@@ -479,8 +528,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", help="the GGUF file (Gemma 3 270M)")
     ap.add_argument("--smoke", action="store_true", help="CPU: the demo model as a tiny GGUF, 2 steps a variant")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--variants", default="sn-bf16-pack,sn-bf16-nopack,sn-bf16-pack-nographs,sn-bf16-nopack-nographs,"
-                    "sn-fp16-pack,sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2")
+    # run 5's set (bench/results/real_weights_run5.md): 11 variants + 4 estimator probes fill the H200
+    # machine's 16 cores in ~4 minutes with the GGUF conversion
+    ap.add_argument("--variants", default="sn-bf16-pack-nographs,sn-fp16-pack,sn-bf16-pack,sn-bf16-nopack-nographs,"
+                    "sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2,"
+                    "sn-bf16-pack-nographs-nokern,sn-fp16-pack-nokern")
     ap.add_argument("--speed", action="store_true", help="bf16 and fp16 packed runs alone, after the others")
     ap.add_argument("--speed-steps", type=int, default=25)
     ap.add_argument("--speed-variants", default="sn-bf16-pack-nographs,sn-fp16-pack",
@@ -489,6 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-deadline-s", type=float, default=330, help="skip --speed when the rest took longer")
     ap.add_argument("--estimator", action="store_true", help="measure peaks at 2 lengths x 2 micro-batches")
     ap.add_argument("--jobs", type=int, default=14, help="variants run at once")
+    ap.add_argument("--deadline-s", type=float, default=1e9,
+                    help="kill every child this many seconds after the start (results so far are written)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--rescore", metavar="JSON", help="today's estimator against a stored run (with --model-dir)")
@@ -507,7 +561,9 @@ def main(argv=None) -> int:
         print("@@ " + json.dumps(fn(spec)), flush=True)
         return 0
 
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    t_start = time.time()
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -542,7 +598,7 @@ def main(argv=None) -> int:
         return {**base, "variant": v, "kind": kind, "dtype": parts[1], "packing": "pack" in parts[2:],
                 "graphs": "nographs" not in parts, "steps": n_steps, "seed": 43 if "seed2" in parts else 42,
                 "lora_sum_fp32": "oldsum" not in parts, "force_guard": "guard" in parts and parts[1] == "bf16",
-                "score_before": v in score_before}
+                "kernels": "nokern" not in parts, "score_before": v in score_before}
 
     log = open(out / "real_weights.log", "a")
     variants = [v for v in a.variants.split(",") if v]
@@ -552,7 +608,7 @@ def main(argv=None) -> int:
         next((v for v in variants if v.startswith(k)), None) for k in ("sn-", "plain-")}
     if cpu:  # no fp16/bf16 on the CPU path: one of each kind is enough to exercise the code
         variants = ["sn-bf16-pack", "sn-bf16-nopack", "plain-bf16", "sn-bf16-pack-nographs-seed2",
-                    "sn-bf16-pack-nographs-oldsum"]
+                    "sn-bf16-pack-nographs-oldsum", "sn-bf16-pack-nographs-nokern"]
         score_before = {"sn-bf16-pack", "plain-bf16"}
     jobs = [spec_of(v) for v in variants]
     if a.estimator:
@@ -563,12 +619,12 @@ def main(argv=None) -> int:
                 # (~1/3 of its tokens labelled) does not fill at 512 tokens (run 2's +20% there)
                 jobs.append({**base, "variant": f"est-{seq}x{mb}", "kind": "estimate", "dtype": "bf16", "packing": True,
                              "graphs": False, "steps": 3, "seq": seq, "micro_batch": mb, "responses_only": False})
-    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
-        results = list(ex.map(lambda s: child(s, log), jobs))
+    # --deadline-s: every child is killed at the deadline (counted from this script's start) and
+    # the results so far are written after each child ends, so a call cut short still reports
+    for j in jobs:
+        j["timeout"] = max(20.0, a.deadline_s - (time.time() - t_start))
     res = {"command": "python bench/real_weights.py " + " ".join(sys.argv[1:]), "gguf": str(gguf),
-           "convert_s": convert_s, "steps": steps, "n_train": n_train, "n_test": n_test,
-           "variants": [r for r in results if not str(r.get("variant", "")).startswith("est-")],
-           "estimator": [r for r in results if str(r.get("variant", "")).startswith("est-")]}
+           "convert_s": convert_s, "steps": steps, "n_train": n_train, "n_test": n_test, "variants": [], "estimator": []}
     try:
         import torch
 
@@ -578,25 +634,40 @@ def main(argv=None) -> int:
         res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     except Exception:  # noqa: BLE001
         pass
-    by = {r["variant"]: r for r in res["variants"]}
-    res["curves"] = []
-    for x, y, what in PAIRS:
-        if x in by and y in by and by[x].get("losses") and by[y].get("losses"):
-            c = {"a": x, "b": y, "what": what, **curve_compare(by[x]["losses"], by[y]["losses"]),
-                 "held_out": [(by[x].get("after") or {}).get("exact"), (by[y].get("after") or {}).get("exact")]}
-            res["curves"].append(c)
-    (out / "real_weights.json").write_text(json.dumps(res, indent=1))
-    (out / "real_weights.md").write_text(markdown(res))
+
+    def write(results: list) -> None:
+        res["variants"] = [r for r in results if r and not str(r.get("variant", "")).startswith("est-")]
+        res["estimator"] = [r for r in results if r and str(r.get("variant", "")).startswith("est-")]
+        by = {r["variant"]: r for r in res["variants"]}
+        res["curves"] = []
+        for x, y, what in PAIRS:
+            if x in by and y in by and by[x].get("losses") and by[y].get("losses"):
+                c = {"a": x, "b": y, "what": what, **curve_compare(by[x]["losses"], by[y]["losses"]),
+                     "held_out": [(by[x].get("after") or {}).get("exact"), (by[y].get("after") or {}).get("exact")]}
+                res["curves"].append(c)
+        res["elapsed_s"] = round(time.time() - t_start, 1)
+        (out / "real_weights.json").write_text(json.dumps(res, indent=1))
+        (out / "real_weights.md").write_text(markdown(res))
+
+    results: list = [None] * len(jobs)
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        futs = {ex.submit(child, s, log): i for i, s in enumerate(jobs)}
+        for f in as_completed(futs):
+            results[futs[f]] = f.result()
+            write(results)
+    write(results)
     if a.speed and not cpu:
         res["speed"] = []
         for v in a.speed_variants.split(","):
             # each run alone; the later ones are left out when the call's time is short
-            if v and time.time() - t0 < a.speed_deadline_s:
-                res["speed"].append(child({**spec_of(v, a.speed_steps), "score": False, "variant": v + "-alone"}, log))
+            left = a.deadline_s - (time.time() - t_start)
+            if v and time.time() - t0 < a.speed_deadline_s and left > 25:
+                res["speed"].append(child({**spec_of(v, a.speed_steps), "score": False, "variant": v + "-alone",
+                                           "timeout": left}, log))
             elif v:
                 print(f"-- {v}-alone skipped: {time.time() - t0:.0f} s past the start (--speed-deadline-s)", flush=True)
-    (out / "real_weights.json").write_text(json.dumps(res, indent=1))
-    (out / "real_weights.md").write_text(markdown(res))
+            write(results)
+    write(results)
     print(markdown(res))
     return 0
 
