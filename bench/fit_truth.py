@@ -403,6 +403,13 @@ class MemPool:
                 self.cv.notify_all()
 
 
+def trial_steps(row: dict, steps: int) -> int:
+    """Optimizer steps of an engine trial at a row's choice: `steps`, but 2 at least where the plan runs
+    CUDA-graph steps (two micro-batches run eagerly before the capture: with accumulation 2 the graph's
+    memory comes in the second optimizer step)."""
+    return max(steps, 2) if (row.get("plan") or {}).get("cuda_graphs") else steps
+
+
 def probe_length(choice: int, share: float, limit: int, step: int = 64) -> Optional[int]:
     """The length a probe of `share` trains: the choice over that share rounded down to a step of 64
     (so that running out of memory there puts the choice at `share` or more of the longest), at most
@@ -470,7 +477,7 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         # the cap (budget - 0.35) + the context outside it (0.74-0.81 GiB measured on the H200)
         need = (row["budget_gib"] or 0) + 0.5
         row["engine"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
-                                 timeout=120 if smoke else max(30, min(300, _left())), steps=steps)
+                                 timeout=120 if smoke else max(30, min(300, _left())), steps=trial_steps(row, steps))
         if packed_rows and (row["shape"], row["card"], row["start"]) in packed_rows:
             # the same choice on packed rows of whole samples (shorter than the length): what a user's
             # short samples give; shorter rows must not peak above the planned one (Plan.blocks_at)
@@ -602,7 +609,7 @@ def _status(e: dict) -> tuple[str, bool]:
     if e.get("rc") == 0:
         return "ok" + (f" ({e['run']})" if e.get("run") else ""), False
     if e.get("steps"):
-        return f"{e['steps']} of 2 steps, then the call's time ran out" + (f" ({e['run']})" if e.get("run") else ""), False
+        return f"{e['steps']} of {e.get('max_steps') or 2} steps, then the call's time ran out" + (f" ({e['run']})" if e.get("run") else ""), False
     return f"no step logged (rc {e.get('rc')})", False
 
 

@@ -67,6 +67,22 @@ CACHED_SCALE_BYTES = 4 / 64
 # choice, (0, 0) 17 and said "fits" where Qwen2.5-1.5B ran out (bench/results/fit_truth.md).
 ATTN_BWD_BYTES = 10
 NORM_BWD_BYTES = 4
+# core/kernels.py (the fused Triton RMSNorm, SwiGLU / GeGLU and rotary, where Plan.kernels says) keeps
+# less for the backward than transformers' modules, and the estimate counts what each keeps:
+# * RMSNorm keeps its 16-bit input and 1/rms (4 bytes a row), not an fp32 copy of the input: the two
+#   block norms' 2 x 4h become the second norm's 2-byte input (the first one's is the block input,
+#   stored anyway), a kept block's 2 x 2h; Qwen3's q/k norms keep the raw 2-byte projections instead of
+#   fp32 copies (2 bytes an element less); and its backward writes dx alone, without transformers'
+#   fp32 T x h temporary (NORM_BWD_BYTES).
+# * SwiGLU / GeGLU keeps gate and up, not the activation's output: one I-wide tensor (of the MLP's four)
+#   less per (tile) token.
+# * rotary's backward writes dq / dk in one pass where transformers' rotate_half backward holds the
+#   products of the gradient with cos and sin and the zero-filled gradients of its two half slices:
+#   ROPE_BWD_BYTES fewer a q-wide element in the attention's backward.
+# Measured (fit_truth runs 5 and 6: the same plans, one H200, without and with the kernels): the peak
+# allocated fell by 13.8-14.0 bytes a token per unit of hidden size on the 12 offloaded long rows of the
+# Llama and Qwen2.5 shapes (q = h there: 6h + 4h + 4q = 14h), 17h on Qwen3-1.7B (+2 (q + kv) = 3h).
+ROPE_BWD_BYTES = 4
 
 # Plain recipe's allocator overhead with memory to spare (max_memory_reserved - allocated).
 # The fp32 cast frees the bf16 copies of the embedding (and head, norms) into the cache, and
@@ -321,7 +337,13 @@ def estimate(
     # (pow and x * rsqrt save it), 4 bytes per q and k element; its output replaces the raw
     # projection as rope's input, and the weight product saves nothing (frozen weight). Same
     # 4 bytes in both recipes (plain: the raw fp32 projection is kept, plus the norm's output).
-    qk_norm_bytes = T * 4 * (q + kv) if spec.qk_norm else 0
+    # core/kernels.py where the plan runs it (the snugtune recipe on CUDA, the model's modules patched):
+    # `kn` its RMSNorms (not under the fp16 guard's norms nor core/bigsavers.py's lean ones), `kg` its
+    # SwiGLU / GeGLU, `kr` its rotary; what each saves is described at ROPE_BWD_BYTES
+    kern = bool(plan.kernels) and not plain and not cpu and spec.model_type in P.KERNEL_TYPES
+    kn = kern and not plan.fp16_guard and not plan.lean_norms
+    kg = kr = kern
+    qk_norm_bytes = T * (c if kn else 4) * (q + kv) if spec.qk_norm else 0
     held_logits = 0  # logits the output object holds through the backward
     if plain:
         k_layer = T * h * s  # a checkpointed block's input (fp32 stream)
@@ -390,7 +412,12 @@ def estimate(
         # path (16-bit weights, LoRA under autocast as the Trainer runs it): the RMSNorms' fp32
         # internals 2 x 4h, six h-wide projection inputs, q and attention output, k and v, and
         # the MLP's gate, up, act and product: 8h + s(6h + 2q + 2kv) + 4I s (tiled: per tile).
-        block = T * (8 * h + c * (6 * h + 2 * q + 2 * kv)) + tile * 4 * I * c + qk_norm_bytes
+        # (with core/kernels.py's norms the 8h is the second norm's 2-byte input; with its GLU 3 I-wide)
+        block = (T * ((c * h if kn else 8 * h) + c * (6 * h + 2 * q + 2 * kv)) + tile * (3 if kg else 4) * I * c
+                 + qk_norm_bytes)
+        # what the kernels take off a recomputed block's store (for the kept blocks below)
+        kern_saving = (T * (8 * h - c * h) * kn + tile * I * c * kg
+                       + (T * (4 - c) * (q + kv) if (kn and spec.qk_norm) else 0))
         if ln_fp32:
             block += tile * 6 * I
         # The MLP's backward: of gate, up, act and product (in `block`), the product is freed
@@ -405,7 +432,9 @@ def estimate(
         # RMSNorm's fp32 backward temporary (NORM_BWD_BYTES an h-wide element). Without them
         # auto-fit's 30,848 tokens for Qwen2.5-1.5B and 25,408 for Llama-3.2-1B on a 4 GB card
         # ran out of memory (fit_truth run 1).
-        attn_bwd = T * q * ATTN_BWD_BYTES
+        attn_bytes = ATTN_BWD_BYTES - (ROPE_BWD_BYTES if kr else 0)
+        norm_bwd = 0 if kn else NORM_BWD_BYTES
+        attn_bwd = T * q * attn_bytes
         if plan.tiled_attention:
             # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention), during
             # the attention's backward (the MLP's are gone by then: the larger counts, not the sum;
@@ -415,8 +444,8 @@ def estimate(
             # gave 1.15 (bench/results/real_weights.json).
             seq_len = T // max(B, 1)
             attn_bwd += max(B, 1) * min(spec.num_heads * seq_len * seq_len, ATTN_TILE_ELEMS) * 12
-        untiled = max(transient, T * q * ATTN_BWD_BYTES) + T * h * NORM_BWD_BYTES  # a block without the tile
-        transient = max(transient, attn_bwd) + T * h * NORM_BWD_BYTES
+        untiled = max(transient, T * q * attn_bytes) + T * h * norm_bwd  # a block without the tile
+        transient = max(transient, attn_bwd) + T * h * norm_bwd
         if plan.tiled_attention and spec.model_type in ("gemma3_text", "gemma3") and L % 6 == 0:
             # Gemma 3 (helper 10's local edit): every 6th block attends globally (SDPA, no score
             # tile), so with L a multiple of 6 (270M: 18, 12B: 48) the last block is one: the
@@ -453,7 +482,18 @@ def estimate(
             # one per projection). Measured with 8-28 kept blocks at 1,024 tokens (fit_truth run
             # 1, preset rows): the full count was 3 h x 2 bytes a token a block too high.
             # (the fp16 guard's block input is fp32 where `block` counts a 2-byte one: an extra 2 h)
-            per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * 4 * I * c if tile < T else 0)
+            per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * (3 if kg else 4) * I * c
+                                                                         if tile < T else 0)
+            kept_off = per_kept + kern_saving - (tile * I * c if (kg and tile < T) else 0)
+            if kern:
+                # no credit for the kernels in a kept block: the one measured row with kept blocks
+                # (SmolLM2-1.7B, 8 GB card, 8,192 tokens, 10 kept, CUDA-graph steps) was 7.9% under its
+                # allocated peak without the kernels (fit_truth run 5) and 11.4% under with their
+                # saving counted here (run 6: the kernels' norms keep 2 x 2h where transformers' keep
+                # 2 x 4h, the GLU one I-wide tensor less); what the graphed kept blocks hold beyond the
+                # count is not found (the suspect: the static mode's T x T mask and SDPA's additive
+                # copy of it), so the kernels-off count stands for them
+                per_kept = kept_off
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
             kept += keep_layers * per_kept
