@@ -444,8 +444,20 @@ def estimate(
             # gave 1.15 (bench/results/real_weights.json).
             seq_len = T // max(B, 1)
             attn_bwd += max(B, 1) * min(spec.num_heads * seq_len * seq_len, ATTN_TILE_ELEMS) * 12
-        untiled = max(transient, T * q * attn_bytes) + T * h * norm_bwd  # a block without the tile
-        transient = max(transient, attn_bwd) + T * h * norm_bwd
+        # The attention's backward comes after the MLP's: the MLP's saved tensors (per tile: gate, up,
+        # act and product, `block`'s tile term) are freed by then, and beside the attention's
+        # transients exist the gradient arriving at the block's output and the one it passes on (2 h
+        # wide). Counted as if the MLP's store lived on, long rows (attention-bound) were priced ~0.2 GiB
+        # high at zero length and 2.5-3.3 h bytes a token low in slope (fit_truth runs 5 and 6, 4/6/8
+        # GB rows of Llama-3.2-1B/3B and Qwen2.5-1.5B), under the measured peak past the lengths measured.
+        # Not for the query-tiled attention (Gemma-2/3): their four norms a block (the two after the
+        # attention keep fp32 copies `block` does not count) and the tiles' own copies are not separated,
+        # and their count stays the one fitted on Gemma-2-2B's 4 GB bisections (runs 1-4): this rule
+        # called 5,440 tokens "fits" there, which ran out of memory.
+        mlp_store = tile * (3 if kg else 4) * I * c + (tile * 6 * I if ln_fp32 else 0)
+        attn_side = 0 if plan.tiled_attention else T * 2 * h * s - mlp_store
+        untiled = max(transient, T * q * attn_bytes + attn_side) + T * h * norm_bwd  # a block without the tile
+        transient = max(transient, attn_bwd + attn_side) + T * h * norm_bwd
         if plan.tiled_attention and spec.model_type in ("gemma3_text", "gemma3") and L % 6 == 0:
             # Gemma 3 (helper 10's local edit): every 6th block attends globally (SDPA, no score
             # tile), so with L a multiple of 6 (270M: 18, 12B: 48) the last block is one: the

@@ -474,6 +474,13 @@ def test_bench_rescore_rewrites_the_markdown_from_stored_measurements(bench, tmp
 FIT_TRUTH = [Path(__file__).resolve().parents[1] / "bench" / "results" / f"fit_truth_run{n}.json" for n in ("4", "4b", "5", "5b")]
 
 
+def _run7_kernels_off_rows():
+    path = FIT_TRUTH[0].parent / "fit_truth_run7.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["rows"] if r.get("kernels_off")]
+
+
 def _fit_truth_rows():
     rows = []
     for path in FIT_TRUTH:
@@ -514,9 +521,33 @@ def test_fit_truth_choices_that_ran_are_today_s_choices(monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.fit_truth import plan_row
 
-    for r in _fit_truth_rows():
+    rows = _fit_truth_rows()
+    trained: dict[tuple, int] = {}  # the longest length that trained at micro-batch 1 in those runs
+    for r in rows:
+        key = (r["shape"], r["card"])
+        for t in r.get("bisect_tries") or []:
+            if t["ok"]:
+                trained[key] = max(trained.get(key, 0), t["len"])
+        e = r.get("engine") or {}
+        if r["micro_batch"] == 1 and e.get("steps") and not e.get("oom_events"):
+            trained[key] = max(trained.get(key, 0), r["seq"])
+    for r in _run7_kernels_off_rows():  # today's engine with SNUGTUNE_KERNELS=off at today's kernels-off choice
+        e = r.get("engine") or {}
+        if r["micro_batch"] == 1 and e.get("steps") and not e.get("oom_events"):
+            key = (r["shape"], r["card"])
+            trained[key] = max(trained.get(key, 0), r["seq"])
+    moved = []
+    for r in rows:
         if r.get("engine", {}).get("skipped"):
             continue
         now = plan_row(r["shape"], r["card"], r["start"])
-        assert (now["seq"], now["micro_batch"], now["plan"]["keep_blocks"], now["plan"]["offload"]) == (
-            r["seq"], r["micro_batch"], r["plan"]["keep_blocks"], r["plan"]["offload"]), (r["shape"], r["card"], r["start"])
+        got = (now["seq"], now["micro_batch"], now["plan"]["keep_blocks"], now["plan"]["offload"])
+        if got == (r["seq"], r["micro_batch"], r["plan"]["keep_blocks"], r["plan"]["offload"]):
+            continue
+        # the attention's backward without the MLP's store (core/estimate.py, session 6) moved the long
+        # SDPA rows' choices: 6/8 GB down, 4 GB up; every one is at or below a length that trained there
+        # (these runs' choices and probes; run 7's rows with SNUGTUNE_KERNELS=off)
+        assert r["start"] == "full" and now["micro_batch"] == 1 and now["seq"] <= trained.get((r["shape"], r["card"]), 0), (
+            r["shape"], r["card"], r["start"], got)
+        moved.append((r["shape"], r["card"]))
+    assert len(set(moved)) <= 9, moved
