@@ -345,6 +345,12 @@ def estimate(
     kg = kr = kern
     qk_norm_bytes = T * (c if kn else 4) * (q + kv) if spec.qk_norm else 0
     held_logits = 0  # logits the output object holds through the backward
+    # The rotary tables (cos and sin, T x head_dim each, in the compute dtype) live from the forward to the
+    # last block's backward (the checkpointed blocks keep them for their recompute). One pair (256-512 bytes
+    # a token at head_dim 64-128) is inside the terms fitted on the other models (counted apart, it moved
+    # every measured long choice by 0.2-1.3%); Gemma 3 has a second pair (its sliding-window layers' local
+    # base beside its global layers' own), of head_dim 256: 1 KiB a token more, 32 MiB at 32,768 tokens.
+    rope_tables = 2 * T * spec.head_dim * c if (not plain and spec.model_type in ("gemma3_text", "gemma3")) else 0
     if plain:
         k_layer = T * h * s  # a checkpointed block's input (fp32 stream)
         # One block's saved tensors a token (fp32 stream, bf16 copies that bitsandbytes saves):
@@ -573,11 +579,12 @@ def estimate(
         store_g = max(last_end, first_end, key=sum)
 
     loss_phase = {
-        "activations": kept + loss_hidden,
+        "activations": kept + loss_hidden + rope_tables,
         "logits": loss_ws,
         "gradients": grads if accum > 1 else 0,  # zeroed (set to None) after each optimizer step
     }
-    block_phase = {"activations": store_g[0] + block_phase_act, "logits": held_logits, "gradients": store_g[1]}
+    block_phase = {"activations": store_g[0] + block_phase_act + rope_tables, "logits": held_logits,
+                   "gradients": store_g[1]}
     phase_name, phase = max(
         (("loss", loss_phase), ("backward", block_phase)), key=lambda kv_: sum(kv_[1].values())
     )

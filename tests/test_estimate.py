@@ -544,10 +544,16 @@ def test_fit_truth_choices_that_ran_are_today_s_choices(monkeypatch):
         got = (now["seq"], now["micro_batch"], now["plan"]["keep_blocks"], now["plan"]["offload"])
         if got == (r["seq"], r["micro_batch"], r["plan"]["keep_blocks"], r["plan"]["offload"]):
             continue
+        if (now["seq"], now["micro_batch"], now["plan"]["offload"]) == (r["seq"], r["micro_batch"], r["plan"]["offload"]) \
+                and now["plan"]["keep_blocks"] < r["plan"]["keep_blocks"]:
+            # fewer kept blocks than the plan that trained (Gemma-3-1B's 4 GB preset: its second rotary
+            # table, priced since, put the 18th past 90% of the budget): no more memory than that one
+            moved.append((r["shape"], r["card"]))
+            continue
         # the attention's backward without the MLP's store (core/estimate.py, session 6) moved the long
         # SDPA rows' choices: 6/8 GB down, 4 GB up; every one is at or below a length that trained there
         # (these runs' choices and probes; run 7's rows with SNUGTUNE_KERNELS=off)
         assert r["start"] == "full" and now["micro_batch"] == 1 and now["seq"] <= trained.get((r["shape"], r["card"]), 0), (
             r["shape"], r["card"], r["start"], got)
         moved.append((r["shape"], r["card"]))
-    assert len(set(moved)) <= 9, moved
+    assert len(set(moved)) <= 10, moved
