@@ -766,6 +766,8 @@ def combine(paths: list[Path], bisect_paths: Optional[list] = None) -> dict:
     ran: dict[tuple, list] = {}
     for res in runs:
         for r in res["rows"]:
+            if r.get("kernels_off"):
+                continue  # planned and trained with SNUGTUNE_KERNELS=off: not today's default choice
             key = (r["shape"], r["card"])
             # the other runs' lengths that trained still count (the engine change since, the offload
             # bound, only lowers memory), their out-of-memory lengths do not
