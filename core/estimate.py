@@ -504,13 +504,15 @@ def estimate(
                                                                          if tile < T else 0)
             kept_off = per_kept + kern_saving - (tile * I * c if (kg and tile < T) else 0)
             if kern:
-                # no credit for the kernels in a kept block: the one measured row with kept blocks
-                # (SmolLM2-1.7B, 8 GB card, 8,192 tokens, 10 kept, CUDA-graph steps) was 7.9% under its
-                # allocated peak without the kernels (fit_truth run 5) and 11.4% under with their
-                # saving counted here (run 6: the kernels' norms keep 2 x 2h where transformers' keep
-                # 2 x 4h, the GLU one I-wide tensor less); what the graphed kept blocks hold beyond the
-                # count is not found (the suspect: the static mode's T x T mask and SDPA's additive
-                # copy of it), so the kernels-off count stands for them
+                # No credit for the kernels in a kept block, though they save there too: the 4 GB presets
+                # (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) measured 11-15% under this count in
+                # fit_truth run 7, ~12 h a token a kept block (their norms' fp32 copies, the GLU's output).
+                # But the one long row with kept blocks (SmolLM2-1.7B, 8 GB, 8,192 tokens, 10-11 kept,
+                # graphed) holds ~64 MiB a kept block beyond the count (7.9% under without the kernels in
+                # run 5, 11.4% under with the credit in run 6, -1.5% as counted here in run 7): the
+                # suspect is the static mode's B x T x T mask, T^2 bytes. Crediting the kernels and
+                # pricing that mask would put the presets within ~2%, and keep more blocks: plans no
+                # GPU run has trained, so the kernels-off count stands for kept blocks.
                 per_kept = kept_off
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
