@@ -1,7 +1,8 @@
 #!/bin/bash
 # fit_truth run 7 (session 6, helper 9): today's engine (core/kernels.py on) at today's auto-fit choices,
 # the estimate pricing the kernels. One H200 call, run from /work/main's root with .dev9 (this branch's
-# tree) and .whl carried: bash .dev9/bench/results/fit_truth_run7_device.sh
+# tree) and .whl carried: bash .dev9/bench/results/fit_truth_run7_device.sh (on a merged main: bash
+# bench/results/fit_truth_run7_device.sh)
 # Rows heaviest first (the deadline cuts the last ones): every full-context choice with a distinct plan
 # (the 6 GB twin stands for 8 GB where the plans are the same: Qwen2.5-0.5B, Qwen2.5-3B, Qwen3-1.7B,
 # SmolLM2-1.7B 4/6, Gemma-2-2B, Gemma-3-1B), three rows with SNUGTUNE_KERNELS=off (the kernels-off
@@ -10,7 +11,7 @@
 set -u
 [ -d /tmp/site/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-cd .dev9
+[ -d .dev9 ] && cd .dev9  # this branch shipped beside main (GPU.md); on a merged main, run from its root
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 mkdir -p /tmp/h9 $OUT/fit
 ROWS=qwen2.5-1.5b:8gb:full,llama-3.2-1b:8gb:full,llama-3.2-3b:8gb:full,qwen2.5-1.5b:6gb:full,llama-3.2-1b:6gb:full
