@@ -5,7 +5,7 @@
 # bench/results/fit_truth_run7_device.sh)
 # Rows heaviest first (the deadline cuts the last ones): every full-context choice with a distinct plan
 # (the 6 GB twin stands for 8 GB where the plans are the same: Qwen2.5-0.5B, Qwen2.5-3B, Qwen3-1.7B,
-# SmolLM2-1.7B 4/6, Gemma-2-2B, Gemma-3-1B), three rows with SNUGTUNE_KERNELS=off (the kernels-off
+# SmolLM2-1.7B 4/6, Gemma-2-2B, Gemma-3-1B), four rows with SNUGTUNE_KERNELS=off (the kernels-off
 # pricing on today's engine), the 4 GB presets' defaults, engine probes at choice / 0.85 (out of memory
 # there: the choice is >= 85% of the longest that trains), Gemma-2-2B 8 GB also on packed rows.
 set -u
