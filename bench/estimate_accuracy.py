@@ -130,10 +130,16 @@ def run_config(case: Case, model_id: str | None = None):
     })
 
 
-def estimate_case(case: Case, recipe: str, total_gib: float = 139.81, context_gib: float | None = None) -> dict:
-    """core.estimate's numbers for a case on the bench GPU (budget: the case's vram or the card)."""
+def estimate_case(case: Case, recipe: str, total_gib: float = 139.81, context_gib: float | None = None,
+                  kernels: Optional[bool] = None) -> dict:
+    """core.estimate's numbers for a case on the bench GPU (budget: the case's vram or the card).
+
+    `kernels`: whether the measured engine ran core/kernels.py (None: what the plan decides here).
+    The stored measurements (bench/results/estimate_accuracy.json) predate the kernels: transformers'
+    modules, so a row without a `kernels` field is re-estimated with them off."""
     from dataclasses import replace
 
+    from core import plan as P
     from core.catalog import catalog_lookup
     from core.estimate import estimate
     from core.gpu import resolve_gpu
@@ -144,8 +150,12 @@ def estimate_case(case: Case, recipe: str, total_gib: float = 139.81, context_gi
     if context_gib is not None:
         gpu = replace(gpu, cuda_context_gib=context_gib)
     # the bench measured the need: every block checkpointed (keep_layers=0, as the runs were)
-    est = estimate(spec, run_config(case), gpu, recipe, keep_layers=0)
-    return {"total_gib": est.total_gib, "allocated_gib": est.allocated_gib, "reserved_gib": est.reserved_gib,
+    cfg = run_config(case)
+    pl = P.plan(cfg, spec, gpu)
+    if kernels is not None:
+        pl = replace(pl, kernels=bool(kernels) and pl.kernels)
+    est = estimate(spec, cfg, gpu, recipe, plan=pl, keep_layers=0)
+    return {"kernels": pl.kernels, "total_gib": est.total_gib, "allocated_gib": est.allocated_gib, "reserved_gib": est.reserved_gib,
             "device_gib": est.device_gib,
             "components": est.components, "peak_phase": est.peak_phase, "verdict": est.verdict, "knobs": est.knobs}
 
@@ -224,7 +234,8 @@ def rescore(path: Path) -> Path:
     for r in results:
         row = dict(r)
         try:
-            row["estimated"] = estimate_case(Case(**r["config"]), r["recipe"], r.get("total_memory_gib", 139.81))
+            row["estimated"] = estimate_case(Case(**r["config"]), r["recipe"], r.get("total_memory_gib", 139.81),
+                                             kernels=r.get("kernels", False))
         except Exception as exc:  # noqa: BLE001 (report the row, keep going)
             row["estimated"] = None
             row["estimate_error"] = repr(exc)
@@ -551,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"case": case.name, "recipe": recipe, "config": asdict(case), **res}
         try:
             row["estimated"] = estimate_case(case, recipe, total)
+            row["kernels"] = row["estimated"]["kernels"]  # the engine measured ran what this plan says
         except Exception as exc:  # noqa: BLE001 (report, keep going)
             row["estimated"] = None
             row["estimate_error"] = repr(exc)

@@ -90,8 +90,25 @@ def base_config(model_id: str, seq: int, mb: int, ga: int, budget: float, profil
     })
 
 
-def plan_row(shape: str, card: str, start: str, spec=None, budget=None, profile: str = PROFILE) -> dict:
-    """What auto-fit chooses for one row, with the plan and the estimate at the choice."""
+KERNELS_OFF_ENV = "SNUGTUNE_KERNELS"
+
+
+def plan_row(shape: str, card: str, start: str, spec=None, budget=None, profile: str = PROFILE,
+             kernels: bool = True) -> dict:
+    """What auto-fit chooses for one row, with the plan and the estimate at the choice.
+
+    `kernels=False`: planned as the engine runs with SNUGTUNE_KERNELS=off (transformers' modules: the
+    pricing of the CPU, of cards before compute capability 7.0 and of installs without Triton)."""
+    if not kernels:
+        old = os.environ.get(KERNELS_OFF_ENV)
+        os.environ[KERNELS_OFF_ENV] = "off"
+        try:
+            return dict(plan_row(shape, card, start, spec, budget, profile), kernels_off=True)
+        finally:
+            if old is None:
+                os.environ.pop(KERNELS_OFF_ENV, None)
+            else:
+                os.environ[KERNELS_OFF_ENV] = old
     from core.catalog import catalog_lookup
     from core.estimate import fit_for
     from core.gpu import resolve_gpu
@@ -186,7 +203,8 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
     probe, n_steps = seq is not None, steps
     seq, mb = (seq, 1) if probe else (row["seq"], row["micro_batch"])
     ga = min(row["grad_accum"], 2)
-    name = f"{row['shape']}-{row['card']}-{row['start']}" + (f"-probe{seq}" if probe else "") + ("-packed" if packed else "")
+    name = (f"{row['shape']}-{row['card']}-{row['start']}" + (f"-probe{seq}" if probe else "") + ("-packed" if packed else "")
+            + ("-nokernels" if row.get("kernels_off") else ""))
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     if packed:
@@ -203,6 +221,8 @@ def engine_trial(row: dict, model_dir: Path, work: Path, profile: str = PROFILE,
         f'[output]\nname = "{name}"\n'
     )
     env = {**os.environ, "SNUGTUNE_RUNS_DIR": str(d / "runs"), "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    if row.get("kernels_off"):
+        env[KERNELS_OFF_ENV] = "off"  # the engine runs transformers' modules, as this row was planned
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     t0 = time.time()
     try:
@@ -403,6 +423,13 @@ class MemPool:
                 self.cv.notify_all()
 
 
+def trial_steps(row: dict, steps: int) -> int:
+    """Optimizer steps of an engine trial at a row's choice: `steps`, but 2 at least where the plan runs
+    CUDA-graph steps (two micro-batches run eagerly before the capture: with accumulation 2 the graph's
+    memory comes in the second optimizer step)."""
+    return max(steps, 2) if (row.get("plan") or {}).get("cuda_graphs") else steps
+
+
 def probe_length(choice: int, share: float, limit: int, step: int = 64) -> Optional[int]:
     """The length a probe of `share` trains: the choice over that share rounded down to a step of 64
     (so that running out of memory there puts the choice at `share` or more of the longest), at most
@@ -425,9 +452,11 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
             for st in starts:
                 rows.append(plan_row(s, c, st, spec=specs[s], budget=cards[c], profile=_profile(smoke)))
     if only_rows:  # in the order given: the device call's time runs out on the last ones first
-        order = {key: i for i, key in enumerate(only_rows)}
-        rows = sorted((r for r in rows if (r["shape"], r["card"], r["start"]) in order),
-                      key=lambda r: order[(r["shape"], r["card"], r["start"])])
+        # (SHAPE:CARD:START:nokernels: the same row planned and trained with SNUGTUNE_KERNELS=off)
+        keyed = {(r["shape"], r["card"], r["start"]): r for r in rows}
+        rows = [plan_row(*k[:3], spec=specs[k[0]], budget=cards[k[1]], profile=_profile(smoke), kernels=False)
+                if k[3:] == ("nokernels",) else keyed[tuple(k[:3])]
+                for k in only_rows if tuple(k[:3]) in keyed]
         shapes = [s for s in dict.fromkeys(k[0] for k in only_rows) if s in specs]
     print(f"planned {len(rows)} rows in {time.time() - t0:.1f}s", flush=True)
     models: dict[str, Path] = {}
@@ -470,8 +499,8 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         # the cap (budget - 0.35) + the context outside it (0.74-0.81 GiB measured on the H200)
         need = (row["budget_gib"] or 0) + 0.5
         row["engine"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
-                                 timeout=120 if smoke else max(30, min(300, _left())), steps=steps)
-        if packed_rows and (row["shape"], row["card"], row["start"]) in packed_rows:
+                                 timeout=120 if smoke else max(30, min(300, _left())), steps=trial_steps(row, steps))
+        if packed_rows and (row["shape"], row["card"], row["start"]) in packed_rows and not row.get("kernels_off"):
             # the same choice on packed rows of whole samples (shorter than the length): what a user's
             # short samples give; shorter rows must not peak above the planned one (Plan.blocks_at)
             row["engine_packed"] = pool.run(need, engine_trial, row, models[row["shape"]], work, _profile(smoke),
@@ -493,7 +522,8 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         if shape not in models:
             bis[(shape, card)] = {"skipped": "model build failed"}
             return
-        full = next((r for r in rows if r["shape"] == shape and r["card"] == card and r["start"] == "full"), None)
+        full = next((r for r in rows if r["shape"] == shape and r["card"] == card and r["start"] == "full"
+                     and not r.get("kernels_off")), None)
         if full is None or not full["fits"]:
             bis[(shape, card)] = {"skipped": "nothing fits"}
             return
@@ -515,7 +545,8 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         # the real engine (`snugtune train`, micro-batch 1) at choice / share: if it runs out of
         # memory, the choice is at least `share` of the longest length that trains
         built[shape].wait()
-        full = next((r for r in rows if r["shape"] == shape and r["card"] == card and r["start"] == "full"), None)
+        full = next((r for r in rows if r["shape"] == shape and r["card"] == card and r["start"] == "full"
+                     and not r.get("kernels_off")), None)
         if shape not in models or full is None or not full["fits"]:
             return
         # (on the CPU a short probe above a pretend choice of 128 exercises the same code)
@@ -552,13 +583,13 @@ def run_matrix(shapes, cards, starts, root: Path, out: Path, *, smoke: bool = Fa
         for t in tasks:
             t.result()
     for r in rows:
-        b = bis.get((r["shape"], r["card"]), {})
+        b = {} if r.get("kernels_off") else bis.get((r["shape"], r["card"]), {})
         r["longest_trains"] = b.get("longest")
         r["fails_at"] = b.get("fails_at")
         r["bisect_tries"] = b.get("tries")
         if b.get("error"):
             r["bisect_error"] = b["error"]
-        if r["start"] == "full" and probed.get((r["shape"], r["card"])):
+        if r["start"] == "full" and probed.get((r["shape"], r["card"])) and not r.get("kernels_off"):
             # the engine's probes count as tries: a length that trained, a length that ran out
             tries = list(r["bisect_tries"] or []) + [t for t in probed[(r["shape"], r["card"])] if t["ok"] is not None]
             r["probes"] = probed[(r["shape"], r["card"])]
@@ -602,7 +633,7 @@ def _status(e: dict) -> tuple[str, bool]:
     if e.get("rc") == 0:
         return "ok" + (f" ({e['run']})" if e.get("run") else ""), False
     if e.get("steps"):
-        return f"{e['steps']} of 2 steps, then the call's time ran out" + (f" ({e['run']})" if e.get("run") else ""), False
+        return f"{e['steps']} of {e.get('max_steps') or 2} steps, then the call's time ran out" + (f" ({e['run']})" if e.get("run") else ""), False
     return f"no step logged (rc {e.get('rc')})", False
 
 
@@ -673,7 +704,7 @@ def markdown(result: dict) -> str:
                 unknown += 1
             else:
                 unknown += 1
-        star = "*" if r.get("held_out") else ""
+        star = ("*" if r.get("held_out") else "") + (" (kernels off)" if r.get("kernels_off") else "")
         choice = f"{r['seq']} x {r['micro_batch']} x {r['grad_accum']}" if r["fits"] else "nothing fits"
         lt_s = "-" if lt is None else (f"{lt}" + (f" ({fa})" if fa else ""))
         ma = e.get("measured_allocated_gib")
@@ -735,6 +766,8 @@ def combine(paths: list[Path], bisect_paths: Optional[list] = None) -> dict:
     ran: dict[tuple, list] = {}
     for res in runs:
         for r in res["rows"]:
+            if r.get("kernels_off"):
+                continue  # planned and trained with SNUGTUNE_KERNELS=off: not today's default choice
             key = (r["shape"], r["card"])
             # the other runs' lengths that trained still count (the engine change since, the offload
             # bound, only lowers memory), their out-of-memory lengths do not

@@ -67,6 +67,22 @@ CACHED_SCALE_BYTES = 4 / 64
 # choice, (0, 0) 17 and said "fits" where Qwen2.5-1.5B ran out (bench/results/fit_truth.md).
 ATTN_BWD_BYTES = 10
 NORM_BWD_BYTES = 4
+# core/kernels.py (the fused Triton RMSNorm, SwiGLU / GeGLU and rotary, where Plan.kernels says) keeps
+# less for the backward than transformers' modules, and the estimate counts what each keeps:
+# * RMSNorm keeps its 16-bit input and 1/rms (4 bytes a row), not an fp32 copy of the input: the two
+#   block norms' 2 x 4h become the second norm's 2-byte input (the first one's is the block input,
+#   stored anyway), a kept block's 2 x 2h; Qwen3's q/k norms keep the raw 2-byte projections instead of
+#   fp32 copies (2 bytes an element less); and its backward writes dx alone, without transformers'
+#   fp32 T x h temporary (NORM_BWD_BYTES).
+# * SwiGLU / GeGLU keeps gate and up, not the activation's output: one I-wide tensor (of the MLP's four)
+#   less per (tile) token.
+# * rotary's backward writes dq / dk in one pass where transformers' rotate_half backward holds the
+#   products of the gradient with cos and sin and the zero-filled gradients of its two half slices:
+#   ROPE_BWD_BYTES fewer a q-wide element in the attention's backward.
+# Measured (fit_truth runs 5 and 6: the same plans, one H200, without and with the kernels): the peak
+# allocated fell by 13.8-14.0 bytes a token per unit of hidden size on the 12 offloaded long rows of the
+# Llama and Qwen2.5 shapes (q = h there: 6h + 4h + 4q = 14h), 17h on Qwen3-1.7B (+2 (q + kv) = 3h).
+ROPE_BWD_BYTES = 4
 
 # Plain recipe's allocator overhead with memory to spare (max_memory_reserved - allocated).
 # The fp32 cast frees the bf16 copies of the embedding (and head, norms) into the cache, and
@@ -321,8 +337,20 @@ def estimate(
     # (pow and x * rsqrt save it), 4 bytes per q and k element; its output replaces the raw
     # projection as rope's input, and the weight product saves nothing (frozen weight). Same
     # 4 bytes in both recipes (plain: the raw fp32 projection is kept, plus the norm's output).
-    qk_norm_bytes = T * 4 * (q + kv) if spec.qk_norm else 0
+    # core/kernels.py where the plan runs it (the snugtune recipe on CUDA, the model's modules patched):
+    # `kn` its RMSNorms (not under the fp16 guard's norms nor core/bigsavers.py's lean ones), `kg` its
+    # SwiGLU / GeGLU, `kr` its rotary; what each saves is described at ROPE_BWD_BYTES
+    kern = bool(plan.kernels) and not plain and not cpu and spec.model_type in P.KERNEL_TYPES
+    kn = kern and not plan.fp16_guard and not plan.lean_norms
+    kg = kr = kern
+    qk_norm_bytes = T * (c if kn else 4) * (q + kv) if spec.qk_norm else 0
     held_logits = 0  # logits the output object holds through the backward
+    # The rotary tables (cos and sin, T x head_dim each, in the compute dtype) live from the forward to the
+    # last block's backward (the checkpointed blocks keep them for their recompute). One pair (256-512 bytes
+    # a token at head_dim 64-128) is inside the terms fitted on the other models (counted apart, it moved
+    # every measured long choice by 0.2-1.3%); Gemma 3 has a second pair (its sliding-window layers' local
+    # base beside its global layers' own), of head_dim 256: 1 KiB a token more, 32 MiB at 32,768 tokens.
+    rope_tables = 2 * T * spec.head_dim * c if (not plain and spec.model_type in ("gemma3_text", "gemma3")) else 0
     if plain:
         k_layer = T * h * s  # a checkpointed block's input (fp32 stream)
         # One block's saved tensors a token (fp32 stream, bf16 copies that bitsandbytes saves):
@@ -390,7 +418,12 @@ def estimate(
         # path (16-bit weights, LoRA under autocast as the Trainer runs it): the RMSNorms' fp32
         # internals 2 x 4h, six h-wide projection inputs, q and attention output, k and v, and
         # the MLP's gate, up, act and product: 8h + s(6h + 2q + 2kv) + 4I s (tiled: per tile).
-        block = T * (8 * h + c * (6 * h + 2 * q + 2 * kv)) + tile * 4 * I * c + qk_norm_bytes
+        # (with core/kernels.py's norms the 8h is the second norm's 2-byte input; with its GLU 3 I-wide)
+        block = (T * ((c * h if kn else 8 * h) + c * (6 * h + 2 * q + 2 * kv)) + tile * (3 if kg else 4) * I * c
+                 + qk_norm_bytes)
+        # what the kernels take off a recomputed block's store (for the kept blocks below)
+        kern_saving = (T * (8 * h - c * h) * kn + tile * I * c * kg
+                       + (T * (4 - c) * (q + kv) if (kn and spec.qk_norm) else 0))
         if ln_fp32:
             block += tile * 6 * I
         # The MLP's backward: of gate, up, act and product (in `block`), the product is freed
@@ -405,7 +438,9 @@ def estimate(
         # RMSNorm's fp32 backward temporary (NORM_BWD_BYTES an h-wide element). Without them
         # auto-fit's 30,848 tokens for Qwen2.5-1.5B and 25,408 for Llama-3.2-1B on a 4 GB card
         # ran out of memory (fit_truth run 1).
-        attn_bwd = T * q * ATTN_BWD_BYTES
+        attn_bytes = ATTN_BWD_BYTES - (ROPE_BWD_BYTES if kr else 0)
+        norm_bwd = 0 if kn else NORM_BWD_BYTES
+        attn_bwd = T * q * attn_bytes
         if plan.tiled_attention:
             # fp32 scores + 2-byte copies of one query tile (core/savers.py::_tiled_attention), during
             # the attention's backward (the MLP's are gone by then: the larger counts, not the sum;
@@ -415,8 +450,20 @@ def estimate(
             # gave 1.15 (bench/results/real_weights.json).
             seq_len = T // max(B, 1)
             attn_bwd += max(B, 1) * min(spec.num_heads * seq_len * seq_len, ATTN_TILE_ELEMS) * 12
-        untiled = max(transient, T * q * ATTN_BWD_BYTES) + T * h * NORM_BWD_BYTES  # a block without the tile
-        transient = max(transient, attn_bwd) + T * h * NORM_BWD_BYTES
+        # The attention's backward comes after the MLP's: the MLP's saved tensors (per tile: gate, up,
+        # act and product, `block`'s tile term) are freed by then, and beside the attention's
+        # transients exist the gradient arriving at the block's output and the one it passes on (2 h
+        # wide). Counted as if the MLP's store lived on, long rows (attention-bound) were priced ~0.2 GiB
+        # high at zero length and 2.5-3.3 h bytes a token low in slope (fit_truth runs 5 and 6, 4/6/8
+        # GB rows of Llama-3.2-1B/3B and Qwen2.5-1.5B), under the measured peak past the lengths measured.
+        # Not for the query-tiled attention (Gemma-2/3): their four norms a block (the two after the
+        # attention keep fp32 copies `block` does not count) and the tiles' own copies are not separated,
+        # and their count stays the one fitted on Gemma-2-2B's 4 GB bisections (runs 1-4): this rule
+        # called 5,440 tokens "fits" there, which ran out of memory.
+        mlp_store = tile * (3 if kg else 4) * I * c + (tile * 6 * I if ln_fp32 else 0)
+        attn_side = 0 if plan.tiled_attention else T * 2 * h * s - mlp_store
+        untiled = max(transient, T * q * attn_bytes + attn_side) + T * h * norm_bwd  # a block without the tile
+        transient = max(transient, attn_bwd + attn_side) + T * h * norm_bwd
         if plan.tiled_attention and spec.model_type in ("gemma3_text", "gemma3") and L % 6 == 0:
             # Gemma 3 (helper 10's local edit): every 6th block attends globally (SDPA, no score
             # tile), so with L a multiple of 6 (270M: 18, 12B: 48) the last block is one: the
@@ -453,7 +500,20 @@ def estimate(
             # one per projection). Measured with 8-28 kept blocks at 1,024 tokens (fit_truth run
             # 1, preset rows): the full count was 3 h x 2 bytes a token a block too high.
             # (the fp16 guard's block input is fp32 where `block` counts a 2-byte one: an extra 2 h)
-            per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * 4 * I * c if tile < T else 0)
+            per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * (3 if kg else 4) * I * c
+                                                                         if tile < T else 0)
+            kept_off = per_kept + kern_saving - (tile * I * c if (kg and tile < T) else 0)
+            if kern:
+                # No credit for the kernels in a kept block, though they save there too: the 4 GB presets
+                # (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) measured 11-15% under this count in
+                # fit_truth run 7, ~12 h a token a kept block (their norms' fp32 copies, the GLU's output).
+                # But the one long row with kept blocks (SmolLM2-1.7B, 8 GB, 8,192 tokens, 10-11 kept,
+                # graphed) holds ~64 MiB a kept block beyond the count (7.9% under without the kernels in
+                # run 5, 11.4% under with the credit in run 6, -1.5% as counted here in run 7): the
+                # suspect is the static mode's B x T x T mask, T^2 bytes. Crediting the kernels and
+                # pricing that mask would put the presets within ~2%, and keep more blocks: plans no
+                # GPU run has trained, so the kernels-off count stands for kept blocks.
+                per_kept = kept_off
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
             kept += keep_layers * per_kept
@@ -521,11 +581,12 @@ def estimate(
         store_g = max(last_end, first_end, key=sum)
 
     loss_phase = {
-        "activations": kept + loss_hidden,
+        "activations": kept + loss_hidden + rope_tables,
         "logits": loss_ws,
         "gradients": grads if accum > 1 else 0,  # zeroed (set to None) after each optimizer step
     }
-    block_phase = {"activations": store_g[0] + block_phase_act, "logits": held_logits, "gradients": store_g[1]}
+    block_phase = {"activations": store_g[0] + block_phase_act + rope_tables, "logits": held_logits,
+                   "gradients": store_g[1]}
     phase_name, phase = max(
         (("loss", loss_phase), ("backward", block_phase)), key=lambda kv_: sum(kv_[1].values())
     )

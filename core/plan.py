@@ -47,6 +47,10 @@ CHUNKABLE = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", 
                        "smollm3"})
 # Attention softcapping (Gemma-2) / sliding windows (Gemma-2/3): SDPA cannot, a query-tiled exact one does.
 TILED_ATTENTION = frozenset({"gemma2", "gemma3_text"})
+# Model types whose RMSNorm, GLU MLP and attention classes core/kernels.py patches (its LLAMA_NORMS /
+# GEMMA_NORMS, MLP_CLASSES, ATTN_CLASSES; tests/test_estimate_kernels.py holds the two lists together):
+# the estimate prices the kernels' memory only for these.
+KERNEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text"})
 # CUDA-graph steps build a B x T x T boolean mask per micro-batch (core.graphs' static mode): short rows only.
 GRAPH_MAX_TOKENS = 8192
 # Memory outside PyTorch's allocator (CUDA context, lazily loaded kernels, cuBLAS handles), measured
@@ -249,8 +253,8 @@ class Plan:
     head_8bit: bool = False
     lean_norms: bool = False  # the blocks' RMSNorms keep their 16-bit input, not an fp32 copy (with the two above)
     big_savers_why: str = "not needed: the run fits with the 16-bit embedding and head on the card"
-    # core/kernels.py's fused Triton RMSNorm, SwiGLU / GeGLU and rotary (CUDA; the estimate does not
-    # price their memory saving yet: fit_truth run 6 measured peaks 8-34% under it with them on)
+    # core/kernels.py's fused Triton RMSNorm, SwiGLU / GeGLU and rotary (CUDA); the estimate prices what
+    # they keep for the backward (core/estimate.py ROPE_BWD_BYTES)
     kernels: bool = False
     kernels_why: str = "not on a CUDA device"
     # processes (one per GPU) training this run together (gpu.nproc): every figure above is per GPU,

@@ -1,0 +1,183 @@
+"""fit_truth run 7 (one H200, session 6: today's engine with core/kernels.py, the estimate pricing the
+kernels): its rows are today's auto-fit choices, none ran out of memory, the lengths that did run out
+are not "fits", and the estimate is within 5% of the measured peaks (named exceptions, each on the
+conservative side). bench/results/fit_truth_run7.md has the table; README section `know` the numbers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN7 = REPO / "bench" / "results" / "fit_truth_run7.json"
+sys.path.insert(0, str(REPO))
+
+# the plans of the kernels-on rows are core/kernels.py's: on a machine without Triton the plan runs
+# transformers' modules and prices them (the CPU's, old cards' pricing), so those choices differ
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="the kernels' plan needs Triton importable (as on the GPU that ran them)")
+
+# Rows whose engine trial gave no measurement, and why (from the run's own record).
+NOT_MEASURED = {
+    # the engine process ended (rc 1) right after preparing the data, without an error event: killed
+    # beside 24 other trials, 7.7 GiB of pinned host memory for its offloaded inputs (host RAM, not
+    # the GPU); its probe at 52,608 tokens ran out of GPU memory
+    ("llama-3.2-3b", "8gb", "full", False),
+}
+# Outside 5% of the measured peak reserved: each over it (conservative), with its cause.
+RESERVED_OVER = {
+    # kept blocks (1,024-token presets, CUDA-graph steps): the kernels' saving in a kept block (its norms'
+    # fp32 copies and the GLU's activation output, ~12 h a token a block) is not credited (core/estimate.py)
+    ("qwen2.5-1.5b", "4gb", "preset", False), ("llama-3.2-1b", "4gb", "preset", False),
+    ("qwen3-1.7b", "4gb", "preset", False), ("smollm2-1.7b", "4gb", "preset", False),
+    ("gemma-3-1b", "4gb", "preset", False),
+    # long offloaded rows: the allocator's cached share (5% of the allocated peak + a quarter of the
+    # largest block) is above what max_memory_reserved showed with memory to spare; allocated within 4%
+    ("llama-3.2-1b", "8gb", "full", False), ("llama-3.2-1b", "6gb", "full", False),
+    ("qwen2.5-3b", "6gb", "full", False), ("qwen2.5-0.5b", "4gb", "full", False),
+    ("qwen2.5-1.5b", "6gb", "full", False),
+}
+# Outside 5% on the unsafe side (estimate under the measured peak): none. (Gemma-3-1B without the kernels,
+# -5.8% reserved / -4.3% allocated before its second rotary table was priced, is -4.9% / -3.4%.)
+RESERVED_UNDER: set = set()
+
+
+@lru_cache(maxsize=1)
+def _rows():
+    return json.loads(RUN7.read_text())["rows"]
+
+
+def _key(r):
+    return (r["shape"], r["card"], r["start"], bool(r.get("kernels_off")))
+
+
+@lru_cache(maxsize=None)
+def _now(shape, card, start, kernels_off):
+    from bench.fit_truth import plan_row
+
+    return plan_row(shape, card, start, kernels=not kernels_off)
+
+
+def _measured(r):
+    e = r.get("engine") or {}
+    return e.get("measured_allocated_gib"), e.get("measured_reserved_gib")
+
+
+def test_run7_covers_every_model_card_and_start():
+    keys = {_key(r) for r in _rows()}
+    from bench.fit_truth import CARDS, SHAPES
+
+    full = {(s, c) for s, c, st, off in keys if st == "full" and not off}
+    # every shape on the 4 GB card; on 6 / 8 GB every distinct plan (twins: the same plan on both)
+    assert {(s, "4gb") for s in SHAPES} <= full
+    assert len(full) >= 19 and {c for _, c in full} == set(CARDS)
+    assert sum(1 for k in keys if k[3]) >= 4  # rows with SNUGTUNE_KERNELS=off
+    assert sum(1 for k in keys if k[2] == "preset") >= 8
+
+
+# Today's choice keeps fewer blocks un-checkpointed than the plan run 7 trained (the same length, batch,
+# offload and kernels): it needs no more memory than that one. Gemma-3-1B's second rotary table, priced
+# after run 7 (core/estimate.py), put its 18th kept block past 90% of the 4 GB budget.
+FEWER_KEPT = {("gemma-3-1b", "4gb", "preset", False): 17}
+
+
+@needs_triton
+def test_run7_rows_are_today_s_choices():
+    """A change to the estimate that moves a choice must come with a new GPU run (bench/fit_truth.py --rows
+    SHAPE:CARD:START[:nokernels]), unless it only keeps fewer blocks than a plan that trained."""
+    for r in _rows():
+        now = _now(*_key(r))
+        keep = FEWER_KEPT.get(_key(r), r["plan"]["keep_blocks"])
+        assert keep <= r["plan"]["keep_blocks"]
+        assert (now["seq"], now["micro_batch"], now["plan"]["keep_blocks"], now["plan"]["offload"],
+                now["plan"]["cuda_graphs"], now["plan"]["kernels"]) == (
+            r["seq"], r["micro_batch"], keep, r["plan"]["offload"], r["plan"]["cuda_graphs"],
+            r["plan"]["kernels"]), _key(r)
+
+
+def _estimate_as_run(r):
+    """Today's estimate of the setting a row ran (its length, batch, kept blocks, offload, kernels)."""
+    from dataclasses import replace
+
+    from bench.fit_truth import SHAPES, base_config
+    from core.catalog import catalog_lookup
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+    from core.plan import plan
+
+    spec = catalog_lookup(SHAPES[r["shape"]])
+    cfg = base_config(spec.id, r["seq"], r["micro_batch"], min(r["grad_accum"], 2), r["budget_gib"])
+    gpu = resolve_gpu("rtx-3050", r["budget_gib"])
+    p = replace(plan(cfg, spec, gpu, keep=r["plan"]["keep_blocks"]), kernels=r["plan"]["kernels"],
+                cuda_graphs=r["plan"]["cuda_graphs"])
+    return estimate(spec, cfg, gpu, plan=p, offload=r["plan"]["offload"])
+
+
+def test_run7_no_choice_ran_out_of_memory():
+    for r in _rows():
+        e = r["engine"]
+        assert not e.get("oom_events") and "out of memory" not in (e.get("error") or ""), _key(r)
+        if _key(r) in NOT_MEASURED:
+            assert e["rc"] != 0 and not e.get("steps")
+            continue
+        assert e["rc"] == 0 and e["steps"] == e["max_steps"], _key(r)
+    packed = [r["engine_packed"] for r in _rows() if r.get("engine_packed")]
+    assert packed and all(p["rc"] == 0 and not p["oom_events"] for p in packed)
+
+
+@needs_triton
+def test_run7_lengths_that_ran_out_of_memory_are_not_fits():
+    """Each probe at choice / 0.85 that ran out of memory (the real engine, micro-batch 1) is not "fits"
+    today, and proves its choice at least 85% of the longest length that trains."""
+    from bench.fit_truth import SHAPES, base_config
+    from core.catalog import catalog_lookup
+    from core.estimate import estimate
+    from core.gpu import resolve_gpu
+
+    ran_out = 0
+    for r in _rows():
+        for p in r.get("probes") or []:
+            if p["ok"] is not False:
+                continue
+            ran_out += 1
+            spec = catalog_lookup(SHAPES[r["shape"]])
+            est = estimate(spec, base_config(spec.id, p["len"], 1, 2, r["budget_gib"]), resolve_gpu("rtx-3050", r["budget_gib"]))
+            assert est.verdict != "fits", (r["shape"], r["card"], p["len"])
+            assert r["seq"] >= 0.85 * p["len"] - 64, (r["shape"], r["card"])
+    assert ran_out >= 7
+
+
+def test_run7_the_two_probes_that_trained_are_the_named_misses():
+    """The 4 GB choices of the two 3B shapes are under 85% of a length that trained (the longest is not
+    bracketed): Qwen2.5-3B 13,632 of >= 16,000, Llama-3.2-3B 5,824 of >= 6,848."""
+    trained = {(r["shape"], r["card"]): p["len"] for r in _rows() for p in r.get("probes") or [] if p["ok"]}
+    assert trained == {("qwen2.5-3b", "4gb"): 16000, ("llama-3.2-3b", "4gb"): 6848}
+
+
+@needs_triton
+def test_run7_estimate_within_5_percent_of_the_measured_peaks():
+    """Allocated within 5% on every full-context row (kernels on and off); reserved within 5% but for the
+    named rows, every one over the measurement except the one named under it."""
+    bad = []
+    for r in _rows():
+        k = _key(r)
+        alloc, res = _measured(r)
+        if alloc is None:
+            assert k in NOT_MEASURED
+            continue
+        est = _estimate_as_run(r)
+        ea = 100 * (est.allocated_gib - alloc) / alloc
+        er = 100 * (est.reserved_gib - res) / res
+        if r["start"] == "full" and abs(ea) > 5:
+            bad.append(f"{k} allocated {ea:+.1f}%")
+        if k in RESERVED_OVER:
+            assert er > 5, (k, er)  # still an exception: drop it from RESERVED_OVER once within 5%
+        elif k in RESERVED_UNDER:
+            assert -7 < er < -5, (k, er)
+        elif abs(er) > 5:
+            bad.append(f"{k} reserved {er:+.1f}%")
+    assert not bad, "\n".join(bad)
