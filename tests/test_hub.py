@@ -128,6 +128,11 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import: a test before this one that imported it
+    # (transformers does) under a monkeypatched HF_HUB_OFFLINE=1 leaves its client offline for good
+    from huggingface_hub import constants as hf_constants  # noqa: PLC0415
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     yield server
     server.shutdown()
     server.server_close()
