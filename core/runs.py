@@ -66,7 +66,7 @@ def run_name(cfg: RunConfig, preset: Optional[str] = None) -> str:
     data = cfg.data.path
     if data and not data.startswith("REPLACE"):
         stem = data.split(":")[-1].rstrip("/").split("/")[-1]
-        for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"):  # my.jsonl.gz -> my
+        for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt"):  # my.jsonl.gz -> my
             if stem.lower().endswith(suffix) and len(stem) > len(suffix):
                 stem = stem[: -len(suffix)]
         return _slug(stem)

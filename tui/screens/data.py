@@ -24,7 +24,7 @@ from tui.keyorder import focus_now
 
 FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("segments", "segments"),
            ("text", "text")]
-DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"}
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
 # A subprocess tokenizing a large file may take a while; beyond this the user is told and can retry.
 INSPECT_TIMEOUT_S = 300
 
@@ -64,7 +64,7 @@ def parse_columns(text: str) -> dict[str, str]:
 def data_suffix(p: Path) -> str:
     """`.jsonl` for `a.jsonl` and for `a.jsonl.gz` (read gzipped, as core.data.data_type says)."""
     ext = p.suffix.lower()
-    if ext == ".gz" and Path(p.stem).suffix.lower() in DATA_SUFFIXES - {".parquet"}:
+    if ext == ".gz" and Path(p.stem).suffix.lower() in DATA_SUFFIXES - {".parquet", ".arrow"}:
         return Path(p.stem).suffix.lower()
     return ext
 
@@ -80,7 +80,7 @@ def local_problem(path: str) -> str | None:
     if p.is_dir():
         return None  # a directory of data files is one dataset (the reader says what is in it)
     if looks_local and data_suffix(p) not in DATA_SUFFIXES:
-        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
+        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet, .arrow or .txt"
     return None
 
 
@@ -211,7 +211,7 @@ class DataScreen(StepScreen):
 
     def compose_body(self):
         # 78 characters: one line at 80 columns
-        yield Label("Training data: .jsonl .json .csv .tsv .parquet .txt (file or folder) or Hub id",
+        yield Label("Training data: .jsonl .json .csv .tsv .parquet .arrow .txt, folder, Hub id",
                     classes="title")
         with Horizontal(classes="row"):
             yield Label("Data", classes="field-label")
