@@ -121,7 +121,7 @@ def format_report(report: dict, color: bool = False) -> str:
         f"data:     {report['path']} ({_n(report['samples_total'], 'sample')}; columns: {', '.join(report['columns'])})",
         f"format:   {fmt['kind']} - {fmt['reason']}",
         f"template: {template}; tokenizer {report['tokenizer']}",
-        f"loss on:  {'responses only (the prompt is read, not learned)' if report['train_on_responses_only'] else 'every token'}",
+        f"loss on:  {_loss_on(report)}",
     ]
     legend = f"{DIM}dimmed{RESET}" if color else f"{OPEN}marked{CLOSE}"
     from core.data import context_summary, dropped_and_cut
@@ -146,6 +146,17 @@ def format_report(report: dict, color: bool = False) -> str:
     of = f"first {report['length_stats']['count']} samples" if report.get("counts_sampled") else "samples"
     out.append(f"dropped or cut ({of}): " + ("; ".join(cut) if cut else "none"))
     return "\n".join(out)
+
+
+def _loss_on(report: dict) -> str:
+    # Plain text has no prompt: every token is learned whatever train_on_responses_only says, and
+    # segments learn what their labels say.
+    kind = (report.get("format") or {}).get("kind")
+    if kind == "text":
+        return "every token (plain text has no prompt to mask)"
+    if kind == "segments":
+        return "the segments labelled true"
+    return "responses only (the prompt is read, not learned)" if report["train_on_responses_only"] else "every token"
 
 
 def _n(count: int, word: str) -> str:
