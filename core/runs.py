@@ -27,6 +27,10 @@ EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
 PID_FILE = "pid"
 LOG_FILE = "engine.log"
+DATA_STAMP_FILE = "data-stamp.json"
+# Files up to this size (all of a run's data files together) are fingerprinted by their SHA-256
+# (about 2 s a GiB on this project's 2-core machine); beyond it, by size and modification time.
+STAMP_HASH_LIMIT = 2 * 2**30
 
 
 def default_runs_dir() -> Path:
@@ -121,8 +125,95 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None, preset: Optiona
             cfg.write_toml(path / CONFIG_FILE, header=header or "The configuration of this run, frozen at launch.")
         except OSError as exc:
             raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
+        stamp_data(path, cfg)
         return path
     raise UserError(f"too many runs named {stem} in {base}")
+
+
+def _data_files(data_path: str) -> list[Path]:
+    """The local files a run's data.path names (a file, or a folder's files), or [] for a Hub or
+    builtin dataset."""
+    if not data_path or ":" in data_path.split("/")[0]:
+        return []
+    p = Path(data_path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return []
+
+
+def _fingerprint(files: list[Path]) -> list[dict]:
+    import hashlib
+
+    total = sum(f.stat().st_size for f in files)
+    out = []
+    for f in files:
+        st = f.stat()
+        entry = {"file": str(f), "size": st.st_size}
+        if total <= STAMP_HASH_LIMIT:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            entry["sha256"] = h.hexdigest()
+        else:
+            entry["mtime_ns"] = st.st_mtime_ns
+        out.append(entry)
+    return out
+
+
+def stamp_data(run_dir: Path, cfg: RunConfig) -> None:
+    """Record what the run's data files are at launch (data-stamp.json), so that a resume can tell
+    a file changed under it: the checkpoint's data order indexes the rows the run started with.
+    Best effort: a file that cannot be read is the preflight's and the engine's to report."""
+    try:
+        files = _data_files(cfg.data.path)
+        if files:
+            (run_dir / DATA_STAMP_FILE).write_text(json.dumps({"path": cfg.data.path, "files": _fingerprint(files)}))
+    except OSError:
+        pass
+
+
+def data_change(run_dir: Union[str, Path]) -> Optional[str]:
+    """What changed in the run's data files since it started (one phrase), or None: unchanged, or
+    no stamp (a Hub dataset, a run made before stamps)."""
+    try:
+        stamp = json.loads((Path(run_dir) / DATA_STAMP_FILE).read_text())
+        before = {e["file"]: e for e in stamp["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = stamp.get("path", "")
+    files = _data_files(path)
+    if not files:
+        return f"{path} is gone"
+    try:
+        now = {e["file"]: e for e in _fingerprint(files)}
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+    if added or removed:
+        parts = ([f"{len(added)} file(s) added ({Path(added[0]).name}{', ...' if len(added) > 1 else ''})"] if added else []) + \
+                ([f"{len(removed)} removed ({Path(removed[0]).name}{', ...' if len(removed) > 1 else ''})"] if removed else [])
+        return f"{path}: " + ", ".join(parts)
+    for f, e in now.items():
+        b = before[f]
+        if e != b and (b.get("sha256") is None or e.get("sha256") != b.get("sha256") or e["size"] != b["size"]):
+            return f"{f} changed ({b['size']:,} bytes then, {e['size']:,} now)" if e["size"] != b["size"] \
+                else f"{f} changed (same size, other contents)"
+    return None
+
+
+def check_resumable(run_dir: Union[str, Path]) -> None:
+    """Refuse to resume a run whose data changed since it started: the checkpoint carries on the
+    data order of the rows it was planned on (and the step count, the schedule), so on other rows
+    it would silently train a mix the user never asked for."""
+    change = data_change(run_dir)
+    if change:
+        run_dir = Path(run_dir)
+        raise UserError(f"cannot resume {run_dir.name}: its data changed since it started ({change})",
+                        hint=f"put the data back as it was to resume, or train the new data as a new run: "
+                        f"snugtune train {run_dir / CONFIG_FILE}")
 
 
 def log_size(run_dir: Union[str, Path]) -> int:
@@ -344,11 +435,23 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
     pid = read_pid(run_dir)
     if pid is None or not pid_alive(pid):
         return False
+    if not _attempt_has_events(run_dir):
+        # The engine has not written a line of this attempt yet: it is still importing torch, before
+        # its signal handlers exist, and a SIGTERM would kill it without a word (a Ctrl-C in the first
+        # seconds of `snugtune train` showed as "died"). The stop file alone is enough: the engine
+        # reads it once it has set up and stops there with run_stopped, checkpoints intact.
+        return True
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
     return True
+
+
+def _attempt_has_events(run_dir: Path) -> bool:
+    from core.events import current_attempt
+
+    return log_size(run_dir) > current_attempt(run_dir)
 
 
 def remove_run(run_dir: Union[str, Path]) -> None:

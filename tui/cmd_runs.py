@@ -53,8 +53,9 @@ def progress_line(ev: dict) -> str:
 class Printer:
     """Renders events to the terminal: a live progress line on a TTY, plain lines otherwise."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, run: Optional[str] = None):
         self.stream = stream or sys.stdout
+        self.run = run  # the run's name, for lines to paste
         self.tty = self.stream.isatty()
         self._live = False
 
@@ -114,9 +115,15 @@ class Printer:
         elif kind == "run_stopped":
             ckpt = Path(str(ev["checkpoint"])) if ev.get("checkpoint") else None
             # the run's name, so the line can be pasted as it is (the checkpoint is RUN/checkpoints/checkpoint-N)
-            run = f" {ckpt.parent.parent.name}" if ckpt is not None and ckpt.parent.name == "checkpoints" else " RUN"
-            self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} "
-                       f"(resume with `snugtune resume{run}`)")
+            run = f" {ckpt.parent.parent.name}" if ckpt is not None and ckpt.parent.name == "checkpoints" \
+                else f" {self.run or 'RUN'}"
+            if ckpt is None and not ev.get("step"):
+                # stopped during setup (a Ctrl-C while the model loads): nothing trained, nothing lost
+                self._line(f"stopped before training started: nothing was trained, no checkpoint "
+                           f"(`snugtune resume{run}` starts it)")
+            else:
+                self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} "
+                           f"(resume with `snugtune resume{run}`)")
         elif kind == "run_failed":
             self._line(f"failed ({ev.get('kind')}): {ev.get('error')}")
 
@@ -188,7 +195,7 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
               f"`snugtune stop {run_dir.name}`", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(), on_interrupt, start=start)
+    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(run=run_dir.name), on_interrupt, start=start)
     if last is None and stopping["asked"]:
         return 130
     if last is not None and last.get("event") == "run_failed" and last.get("kind") != "user":
@@ -245,6 +252,7 @@ def _resume(run: str, detach: bool, as_json: bool) -> int:
     if status["status"] == "finished":
         raise UserError(f"run {run_dir.name} already finished; its adapter is in {run_dir / 'adapter'}",
                         hint="start a new run with `snugtune train`")
+    runs.check_resumable(run_dir)
     return _run_engine(run_dir, detach, as_json)
 
 
@@ -356,7 +364,7 @@ def cmd_attach(args) -> int:
         print(f"\ndetached; the run continues (`snugtune stop {run_dir.name}` stops it)", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, None, Printer(), on_interrupt, start=start)
+    last = _follow_and_print(run_dir, None, Printer(run=run_dir.name), on_interrupt, start=start)
     return 130 if last is None else _exit_code(last)
 
 

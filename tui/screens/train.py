@@ -463,6 +463,7 @@ class TrainScreen(StepScreen):
         log = self.app.run_dir / "events.jsonl"
         offset = log.stat().st_size if log.exists() else 0
         try:
+            runs.check_resumable(self.app.run_dir)
             runs.launch(self.app.run_dir, detach=True)
         except UserError as exc:
             self.set_status(f"could not resume: {exc}", "error")

@@ -1,0 +1,107 @@
+"""Runs, round 2: a resume whose data file changed under it, and a stop asked for before the
+engine has set up (a Ctrl-C in the first seconds of `snugtune train`). Both failed before their
+fix: the resume trained the new rows with the old data order without a word, and the stop's
+SIGTERM killed the engine while it imported torch, so the run showed as "died" and exit 1."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import runs
+from core.config import RunConfig
+from core.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rows(n: int, word: str = "Say") -> str:
+    return "".join(json.dumps({"instruction": f"{word} {i}", "output": f"{i}"}) + "\n" for i in range(n))
+
+
+def make_run(runs_dir: Path, data: Path) -> Path:
+    cfg = RunConfig.from_dict({"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": str(data)},
+                               "output": {"runs_dir": str(runs_dir), "name": "r"}})
+    run_dir = runs.create_run_dir(cfg)
+    # a run that was stopped at a checkpoint, as the engine leaves it
+    (run_dir / "events.jsonl").write_text(json.dumps({"v": 1, "event": "run_stopped", "time": 1, "step": 2,
+                                                      "checkpoint": str(run_dir / "checkpoints/checkpoint-2")}) + "\n")
+    return run_dir
+
+
+def test_a_resume_whose_data_file_changed_is_refused_with_what_changed(runs_dir, tmp_path):
+    data = tmp_path / "my.jsonl"
+    data.write_text(rows(8), encoding="utf-8")
+    run_dir = make_run(runs_dir, data)
+    runs.check_resumable(run_dir)  # unchanged: fine
+    os.utime(data, (1, 1))  # touched, same bytes: still fine (the contents are compared)
+    runs.check_resumable(run_dir)
+    data.write_text(rows(8, "Sax"), encoding="utf-8")  # same size, other rows
+    with pytest.raises(UserError, match=r"cannot resume r-.*: its data changed since it started "
+                       r"\(.*my\.jsonl changed \(same size, other contents\)\)") as err:
+        runs.check_resumable(run_dir)
+    assert f"snugtune train {run_dir / 'config.toml'}" in str(err.value)
+    data.write_text(rows(9), encoding="utf-8")
+    with pytest.raises(UserError, match=r"bytes then, .* now"):
+        runs.check_resumable(run_dir)
+    data.unlink()
+    with pytest.raises(UserError, match=r"my\.jsonl is gone"):
+        runs.check_resumable(run_dir)
+    data.write_text(rows(8), encoding="utf-8")  # put back as it was: resumable again
+    runs.check_resumable(run_dir)
+
+
+def test_a_folder_of_shards_with_a_shard_added_is_said(runs_dir, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text(rows(4), encoding="utf-8")
+    run_dir = make_run(runs_dir, shards)
+    (shards / "b.jsonl").write_text(rows(4), encoding="utf-8")
+    with pytest.raises(UserError, match=r"1 file\(s\) added \(b\.jsonl\)"):
+        runs.check_resumable(run_dir)
+
+
+def test_the_cli_refuses_the_resume_with_exit_2_and_starts_nothing(runs_dir, tmp_path):
+    data = tmp_path / "my.jsonl"
+    data.write_text(rows(8), encoding="utf-8")
+    run_dir = make_run(runs_dir, data)
+    data.write_text(rows(3), encoding="utf-8")
+    before = (run_dir / "events.jsonl").read_bytes()
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "resume", str(run_dir)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "its data changed since it started" in out.stderr, out.stderr
+    assert (run_dir / "events.jsonl").read_bytes() == before and not (run_dir / "pid").exists()
+
+
+def test_a_stop_before_the_engine_has_written_a_line_is_not_a_kill(runs_dir, tmp_path):
+    data = tmp_path / "my.jsonl"
+    data.write_text(rows(4), encoding="utf-8")
+    cfg = RunConfig.from_dict({"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": str(data)},
+                               "output": {"runs_dir": str(runs_dir)}})
+    run_dir = runs.create_run_dir(cfg)
+    go = tmp_path / "go"
+    # Stands in for an engine still importing torch: no signal handler of its own yet, no event
+    # written. It ends by itself (exit 0) once the stop file exists and the test says go, so a
+    # SIGTERM is the only thing that could end it otherwise (-15).
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+        f"sys.exit(0 if os.path.exists({str(run_dir / 'stop')!r}) else 3)\n")])
+    try:
+        (run_dir / "pid").write_text(f"{child.pid}\n")
+        while not (tmp_path / "ready").exists():  # polled: the child's start-up takes what it takes
+            assert child.poll() is None
+            time.sleep(0.01)
+        assert runs.request_stop(run_dir) is True
+        go.touch()
+        assert child.wait(timeout=300) == 0  # before: -15, killed mid-import
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
