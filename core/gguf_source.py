@@ -353,6 +353,14 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
     arch = str(meta.get("general.architecture") or "")
     _check_architecture(p, meta)
     _check_transformers_for(p)
+    try:  # before the minutes of dequantizing, not after them
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        from core.demo import cache_unwritable
+
+        raise cache_unwritable(out.parent, exc) from None
     if progress:
         progress(f"dequantizing {p.name} ({arch}) into {out} (once)")
     import torch
@@ -398,7 +406,6 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
         tok.pad_token = tok.eos_token
     if getattr(dense, "generation_config", None) is not None:
         dense.generation_config.pad_token_id = tok.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

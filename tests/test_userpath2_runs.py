@@ -105,3 +105,17 @@ def test_a_stop_before_the_engine_has_written_a_line_is_not_a_kill(runs_dir, tmp
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_a_cache_that_cannot_be_written_is_one_message_with_the_variable_that_moves_it(tmp_path, monkeypatch):
+    # A read-only home (a container, a shared account): was an OSError traceback from mkdir, exit 1.
+    # A file where the folder should be fails the same way for root, who ignores permission bits.
+    (tmp_path / "home-cache").write_text("a file, not a folder")
+    monkeypatch.setenv("SNUGTUNE_CACHE", str(tmp_path / "home-cache" / "snugtune"))
+    from core.demo import ensure_tiny_llama
+
+    with pytest.raises(UserError, match=r"(?s)cannot write snugtune.s cache .*home-cache/snugtune/demo .*SNUGTUNE_CACHE"):
+        ensure_tiny_llama()
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "demo"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "cannot write snugtune's cache" in out.stderr and "Traceback" not in out.stderr
