@@ -448,6 +448,20 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
     return True
 
 
+def deleted_run(event: dict, run_dir: Union[str, Path], pid: Optional[int]) -> dict:
+    """A follower's synthetic "died" event, told apart from a real death when the run directory
+    itself is gone (deleted from another terminal, `snugtune runs rm` racing, a cleaned /tmp): the
+    pid file went with it, so the engine looked dead while it may still be training into a folder
+    that no longer exists, where it can save nothing. Any other event is returned as it is."""
+    run_dir = Path(run_dir)
+    if not event.get("synthetic") or run_dir.exists():
+        return event
+    error = f"the run directory {run_dir} was deleted while the run was followed"
+    if pid is not None and pid_alive(pid):
+        error += f"; its engine (pid {pid}) still runs and can save nothing there: end it with `kill {pid}`"
+    return {**event, "kind": "deleted", "error": error}
+
+
 def _attempt_has_events(run_dir: Path) -> bool:
     from core.events import current_attempt
 

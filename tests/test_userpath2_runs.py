@@ -119,3 +119,21 @@ def test_a_cache_that_cannot_be_written_is_one_message_with_the_variable_that_mo
     out = subprocess.run([sys.executable, "-m", "tui.cli", "data", "inspect", "demo"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot write snugtune's cache" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_run_directory_deleted_under_a_viewer_is_said_as_deleted_not_as_a_dead_engine(tmp_path):
+    # The viewer's follower ends with a synthetic "died" when the pid file is gone; with the whole
+    # folder gone, the engine may well still train (here: this test's own process stands in for it).
+    died = {"v": 1, "event": "run_failed", "kind": "died", "synthetic": True,
+            "error": "the engine process ended without a final event (killed, or crashed hard)"}
+    run_dir = tmp_path / "r-20261201-120000"
+    run_dir.mkdir()
+    assert runs.deleted_run(died, run_dir, os.getpid()) == died  # the folder is there: a real death
+    run_dir.rmdir()
+    said = runs.deleted_run(died, run_dir, os.getpid())
+    assert said["kind"] == "deleted" and f"{run_dir} was deleted" in said["error"]
+    assert f"its engine (pid {os.getpid()}) still runs" in said["error"] and f"kill {os.getpid()}" in said["error"]
+    assert "kill" not in runs.deleted_run(died, run_dir, None)["error"]
+    from tui.cmd_runs import _exit_code
+
+    assert _exit_code(said) == 1

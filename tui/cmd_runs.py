@@ -147,11 +147,16 @@ def _follow_and_print(run_dir: Path, alive: Optional[Callable[[], bool]], printe
 
     if start is None:
         start = current_attempt(run_dir)
+    from core.runs import deleted_run, read_pid
+
     position = {"offset": start}
+    pid = read_pid(run_dir)
     while True:
         try:
             for ev in follow(run_dir, alive=alive, from_offset=position["offset"], after_offset=start,
                              position=position):
+                pid = pid or read_pid(run_dir)
+                ev = deleted_run(ev, run_dir, pid)
                 printer.event(ev)
                 if ev.get("event") in TERMINAL_EVENTS:
                     return ev
@@ -198,7 +203,7 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
     last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(run=run_dir.name), on_interrupt, start=start)
     if last is None and stopping["asked"]:
         return 130
-    if last is not None and last.get("event") == "run_failed" and last.get("kind") != "user":
+    if last is not None and last.get("event") == "run_failed" and last.get("kind") not in ("user", "deleted"):
         print(f"snugtune: the run failed; details in {run_dir / 'engine.log'}", file=sys.stderr)
     try:
         proc.wait(timeout=60)  # the engine exits right after its last event
