@@ -1,0 +1,32 @@
+"""The wizard, round 2: what a second walk in tmux at 80x24 found. An error's hint was cut off
+by the status line's three rows (the read-only runs folder's `SNUGTUNE_RUNS_DIR`, the GGUF
+export's pip line), and what is cut is exactly how to fix it."""
+from __future__ import annotations
+
+from textual.geometry import Region
+
+from test_tui_helpers import demo_app, status_text, wait_for, wizard_env  # noqa: F401
+
+SIZE = (80, 24)
+
+
+async def test_an_error_with_its_hint_is_shown_whole_at_80_columns(wizard_env):
+    from tui.screens.settings import SettingsScreen
+    from tui.screens.train import TrainScreen
+
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen) and app.last_estimate is not None,
+                       what="the settings step with its estimate")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: isinstance(app.screen, TrainScreen) and status_text(app).strip(),
+                       what="the train step with its first status")
+        app.screen.set_status("could not start the engine: cannot create the runs directory "
+                              "/home/someone/.local/share/snugtune/runs (Read-only file system)\n"
+                              "  hint: choose a writable place with --set output.runs_dir=/path or "
+                              "SNUGTUNE_RUNS_DIR", "error")
+        status = app.screen.query_one("#status")
+        await wait_for(pilot, lambda: status.size.height >= 3, what="the status line grown to the message")
+        shown = "".join(seg.text for line in status.render_lines(Region(0, 0, status.size.width, status.size.height))
+                        for seg in line)
+        assert "SNUGTUNE_RUNS_DIR" in shown, shown  # before: cut after "output.runs_dir=/path or"
