@@ -26,7 +26,11 @@ async def test_an_error_with_its_hint_is_shown_whole_at_80_columns(wizard_env):
                               "  hint: choose a writable place with --set output.runs_dir=/path or "
                               "SNUGTUNE_RUNS_DIR", "error")
         status = app.screen.query_one("#status")
-        await wait_for(pilot, lambda: status.size.height >= 3, what="the status line grown to the message")
-        shown = "".join(seg.text for line in status.render_lines(Region(0, 0, status.size.width, status.size.height))
-                        for seg in line)
-        assert "SNUGTUNE_RUNS_DIR" in shown, shown  # before: cut after "output.runs_dir=/path or"
+
+        def shown() -> str:
+            return "".join(seg.text for line in status.render_lines(Region(0, 0, status.size.width, status.size.height))
+                           for seg in line)
+
+        # before: cut after "output.runs_dir=/path or", three rows at most
+        await wait_for(pilot, lambda: "SNUGTUNE_RUNS_DIR" in shown(), what="the whole hint on screen")
+        assert status.size.height == 4
