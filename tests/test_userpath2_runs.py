@@ -137,3 +137,13 @@ def test_a_run_directory_deleted_under_a_viewer_is_said_as_deleted_not_as_a_dead
     from tui.cmd_runs import _exit_code
 
     assert _exit_code(said) == 1
+
+
+def test_a_misspelt_preset_name_gets_the_close_one(config_dir):
+    from core.presets import find_preset
+
+    with pytest.raises(UserError, match=r"unknown preset 'dmeo' \(did you mean 'demo'\?\); known presets: demo"):
+        find_preset("dmeo")
+    with pytest.raises(UserError) as err:
+        find_preset("zzzzzz")
+    assert "did you mean" not in str(err.value)
