@@ -1952,7 +1952,25 @@ def dropped_and_cut(counts: dict) -> list[str]:
         out.append(f"{counts['truncated']} cut at max_seq_len={n} (the rest is not trained on)")
     if counts.get("split"):
         out.append(f"{counts['split']} longer than max_seq_len={n} split into {counts['windows']} windows")
+    if counts.get("duplicates"):
+        d = counts["duplicates"]
+        out.append(f"{d} {'is a duplicate' if d == 1 else 'are duplicates'} of an earlier sample (kept: trained on "
+                   "again, and a copy held out for evaluation flatters the eval loss; remove them to avoid that)")
+    if counts.get("no_eval"):
+        out.append(f"no evaluation: data.eval_fraction={counts.get('eval_fraction')} needs 2 or more samples, "
+                   f"there {'is' if counts['no_eval'] == 1 else 'are'} {counts['no_eval']}")
     return out
+
+
+def duplicates(records: list[dict]) -> int:
+    """How many samples are identical to an earlier one (every field compared)."""
+    seen: set = set()
+    dups = 0
+    for r in records:
+        key = json.dumps(r, sort_keys=True, ensure_ascii=False, default=str)
+        dups += key in seen
+        seen.add(key)
+    return dups
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
@@ -1970,7 +1988,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     rendered = _render_all(records, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
     if not examples:
         raise UserError(
             f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}"
@@ -1994,6 +2012,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
         n_eval = min(max(n_eval, 1), len(examples) - 1)  # keep at least one of each
     else:
         n_eval = 0
+        if data_cfg.eval_fraction > 0:  # asked for, but one sample cannot be split: said, not silent
+            counts.update(no_eval=len(examples), eval_fraction=data_cfg.eval_fraction)
     eval_ex, train_ex = [], []
     for i, group in enumerate(groups):
         # held out until n_eval windows are, never the last group (training keeps at least one)
@@ -2062,7 +2082,7 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     rendered = _render_all(measured, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
     for i, (ids, labels) in enumerate(tokenized[:n]):
         kept, kept_labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
         split = fmt.kind == "text" and data_cfg.long_samples == "split" and len(ids) > len(kept)

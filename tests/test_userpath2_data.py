@@ -120,3 +120,18 @@ def test_a_jsonl_line_holding_a_list_of_objects_says_so_and_how_to_fix(tmp_path)
     path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1:]) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"(?s)a\.jsonl, line 2: a list of 2 objects .*hint: put each object"):
         load_records(cfg(path))
+
+
+def test_duplicates_and_an_evaluation_that_cannot_happen_are_said(tmp_path, tiny_tokenizer):
+    from core.data import build_datasets
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(ROWS[0]) + "\n" for _ in range(3)) + json.dumps(ROWS[1]) + "\n",
+                    encoding="utf-8")
+    _, _, info = build_datasets(cfg(path, max_seq_len=64), tiny_tokenizer)
+    assert any(p.startswith("2 are duplicates of an earlier sample") for p in info["dropped_and_cut"]), info
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    _, eval_rows, info = build_datasets(cfg(one, max_seq_len=64, eval_fraction=0.5), tiny_tokenizer)
+    assert eval_rows == [] and "no evaluation: data.eval_fraction=0.5 needs 2 or more samples, there is 1" \
+        in info["dropped_and_cut"]  # before: "0 eval samples", nothing else
