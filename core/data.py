@@ -971,7 +971,7 @@ def _refuse_unlearned_labels(records: list[dict], lower: dict[str, str], text_co
         raise UserError(
             f"columns {text_col!r} and {col!r} look like a classification set (e.g. {col!r} = {_preview(value, 30)}): "
             f"as plain text only {text_col!r} would be learned and {col!r} never seen",
-            hint=f"to teach the model to answer with the label, map {columns_hint({'instruction': text_col, 'output': col})}; "
+            hint=f"to teach the model to answer with the label: {columns_hint({'instruction': text_col, 'output': col})}; "
             f"to train on the text alone, {setting_hint('format', 'text')}",
         )
 

@@ -34,3 +34,33 @@ async def test_an_error_with_its_hint_is_shown_whole_at_80_columns(wizard_env):
         # before: cut after "output.runs_dir=/path or", three rows at most
         await wait_for(pilot, lambda: "SNUGTUNE_RUNS_DIR" in shown(), what="the whole hint on screen")
         assert status.size.height == 4
+
+
+async def test_a_file_that_cannot_be_read_leaves_no_stale_column_mapping_and_says_how_to_map(wizard_env):
+    # The Columns box showed the previous file's detected mapping (instruction=instruction, ...)
+    # as its placeholder beside the new file's error, read as the mapping in use.
+    import json
+
+    from textual.widgets import Input
+
+    from test_tui_helpers import QA_ROWS, write_jsonl
+    from tui.screens.data import COLUMNS_PLACEHOLDER, DataScreen
+
+    good = write_jsonl(wizard_env["tmp"] / "qa.jsonl", QA_ROWS)
+    labels = wizard_env["tmp"] / "reviews.jsonl"
+    labels.write_text("".join(json.dumps({"text": f"review {i}", "label": "good"}) + "\n" for i in range(3)),
+                      encoding="utf-8")
+    app = demo_app("gtx-1650", [f"data.path='{good}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+b")
+        assert isinstance(app.screen, DataScreen)
+        columns = app.screen.query_one("#columns", Input)
+        await wait_for(pilot, lambda: "instruction=" in columns.placeholder, timeout=300, what="the first preview")
+        path = app.screen.query_one("#path", Input)
+        path.value = str(labels)
+        path.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "classification set" in status_text(app), timeout=300, what="the error")
+        assert columns.placeholder == COLUMNS_PLACEHOLDER
+        shown = str(app.screen.query_one("#samples").render())
+        assert "type instruction=text, output=label in the Columns box" in shown, shown

@@ -61,6 +61,9 @@ def parse_columns(text: str) -> dict[str, str]:
     return mapping
 
 
+COLUMNS_PLACEHOLDER = "e.g. instruction=question, output=answer"
+
+
 def data_suffix(p: Path) -> str:
     """`.jsonl` for `a.jsonl` and for `a.jsonl.gz` (read gzipped, as core.data.data_type says)."""
     ext = p.suffix.lower()
@@ -223,7 +226,7 @@ class DataScreen(StepScreen):
                          id="format", compact=True)
             yield Label(" Columns", classes="field-label-short")
             cols = self.app.get_value("data.columns", {}) or {}
-            yield Input(", ".join(f"{k}={v}" for k, v in cols.items()), placeholder="e.g. instruction=question, output=answer",
+            yield Input(", ".join(f"{k}={v}" for k, v in cols.items()), placeholder=COLUMNS_PLACEHOLDER,
                         id="columns", compact=True, tooltip=field_help("data.columns"))
         with Horizontal(id="data-body"):
             with VerticalScroll(id="samples-box"):
@@ -267,6 +270,7 @@ class DataScreen(StepScreen):
         if problem:
             self.report = None
             self.app.data_report = None
+            self.query_one("#columns", Input).placeholder = COLUMNS_PLACEHOLDER
             self.query_one("#samples", Static).update(Text(problem, style="red"))
             self.query_one("#lengths", Static).update("")
             self.set_status(problem, "error")
@@ -293,6 +297,9 @@ class DataScreen(StepScreen):
         if msg.error:
             self.report = None
             self.app.data_report = None
+            # the previous file's detected mapping must not stand as this file's (it read as the
+            # mapping in use, and as what to type over)
+            self.query_one("#columns", Input).placeholder = COLUMNS_PLACEHOLDER
             self.query_one("#samples", Static).update(Text(msg.error, style="red"))
             # the previous file's lengths and histogram must not stand beside this file's error
             self.query_one("#lengths", Static).update("")
