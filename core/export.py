@@ -483,16 +483,31 @@ def modelfile_text(gguf_name: str, template: Template, system: Optional[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def save_ollama(m: Merged, out_dir: Path, quant: str = "q4_k_m", progress: Progress = _stderr) -> Path:
-    out_dir = Path(out_dir).expanduser().resolve()
-    _refuse_existing(out_dir)
+def _ollama_template(m: Merged) -> Template:
     template = trained_template(m)
     if template.go is None:
         raise UserError("the tokenizer's chat template cannot be written as an Ollama TEMPLATE",
                         hint="export --gguf and run it in llama.cpp or LM Studio, which read the template from the GGUF")
+    return template
+
+
+def save_ollama(m: Merged, out_dir: Path, quant: str = "q4_k_m", progress: Progress = _stderr,
+                gguf_from: Optional[Path] = None) -> Path:
+    """The GGUF and a Modelfile in a new folder. `gguf_from`: the same run's GGUF at the same
+    quantization, just written by this export: linked (or copied) rather than converted and
+    quantized a second time, which for an 8B model is minutes and gigabytes more."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    _refuse_existing(out_dir)
+    template = _ollama_template(m)
     with _staged_dir(out_dir) as tmp:
         gguf_name = "model.gguf"
-        save_gguf(m, tmp / gguf_name, quant, progress, template=template)
+        if gguf_from is not None:
+            try:
+                os.link(gguf_from, tmp / gguf_name)
+            except OSError:  # another filesystem, or one without hard links (FAT32, some mounts)
+                shutil.copyfile(gguf_from, tmp / gguf_name)
+        else:
+            save_gguf(m, tmp / gguf_name, quant, progress, template=template)
         (tmp / "Modelfile").write_text(modelfile_text(gguf_name, template, data_system_prompt(m.cfg)), encoding="utf-8")
     return out_dir
 
@@ -523,12 +538,14 @@ def export(run_dir: str | Path, merged: Optional[str] = None, gguf: Optional[str
     written = []
     if gguf or ollama:
         ge.check_convertible(m.model.config.to_dict())
+    if ollama:
+        _ollama_template(m)  # refused before the GGUF is written, not after
     if paths[1]:
         written.append(save_gguf(m, paths[1], quant, progress))
         out(f"GGUF ({quant}): {paths[1]}  ({paths[1].stat().st_size / 1e6:.1f} MB)")
         out(f"  run it: llama-cli -m {paths[1]} -cnv   (or load the file in LM Studio)")
     if paths[2]:
-        written.append(save_ollama(m, paths[2], quant, progress))
+        written.append(save_ollama(m, paths[2], quant, progress, gguf_from=paths[1]))
         out(f"Ollama folder: {paths[2]}")
         out(f"  ollama create {ollama_name(m.run_dir)} -f {paths[2] / 'Modelfile'}")
         out(f"  ollama run {ollama_name(m.run_dir)}")
