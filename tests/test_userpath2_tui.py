@@ -64,3 +64,22 @@ async def test_a_file_that_cannot_be_read_leaves_no_stale_column_mapping_and_say
         assert columns.placeholder == COLUMNS_PLACEHOLDER
         shown = str(app.screen.query_one("#samples").render())
         assert "type instruction=text, output=label in the Columns box" in shown, shown
+
+
+async def test_the_export_path_question_is_shown_whole(wizard_env):
+    # "Write the Ollama folder (q4_k_m GGUF + Modelfile) to (a ne": cut at the dialog's edge
+    from textual.widgets import Static
+
+    from tui.screens.modals import PromptScreen
+
+    app = demo_app()
+    async with app.run_test(size=SIZE) as pilot:
+        title = "Write the Ollama folder (q4_k_m GGUF + Modelfile) to (a new directory)"
+        app.push_screen(PromptScreen(title, "a path that does not exist yet", value="/tmp/x"))
+        await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen) and app.screen.query(".dialog-title"),
+                       what="the question")
+        box = app.screen.query_one(".dialog-title", Static)
+        await wait_for(pilot, lambda: box.size.height >= 2, what="the question laid out")
+        shown = " ".join("".join(seg.text for seg in line).strip()
+                         for line in box.render_lines(Region(0, 0, box.size.width, box.size.height)))
+        assert "(a new directory)" in shown, shown
