@@ -83,3 +83,23 @@ async def test_the_export_path_question_is_shown_whole(wizard_env):
         shown = " ".join("".join(seg.text for seg in line).strip()
                          for line in box.render_lines(Region(0, 0, box.size.width, box.size.height)))
         assert "(a new directory)" in shown, shown
+
+
+async def test_a_saved_preset_is_described_by_its_own_setup_not_the_demos(wizard_env):
+    from core.presets import list_presets
+    from tui.screens.modals import PromptScreen
+    from tui.screens.settings import SettingsScreen
+
+    data = wizard_env["tmp"] / "mine.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    app = demo_app("gtx-1650", [f"data.path='{data}'"])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), what="the settings step")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen), what="the name prompt")
+        app.screen.query_one("#prompt").value = "mine"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "saved preset 'mine'" in status_text(app), what="the save")
+    saved = {p.name: p for p in list_presets()}["mine"]
+    # before: "Offline demo: a tiny local model learns Python-docs Q&A ..."
+    assert saved.description == "builtin:tiny-llama on mine.jsonl: LoRA r=16, 256 tokens (saved from the wizard)"
