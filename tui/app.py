@@ -362,6 +362,11 @@ def saved_description(cfg: RunConfig) -> RunConfig:
     """The setup as the user saves it, described by what it is. The description came along from
     the preset it started from, so a preset saved from the demo with the user's own data and
     model was listed by `snugtune presets` as "Offline demo: a tiny local model learns ..."."""
+    from core.presets import list_presets
+
+    shipped = {getattr(p, "description", None) for p in list_presets() if getattr(p, "source", "") == "builtin"}
+    if cfg.description and cfg.description not in shipped:
+        return cfg  # the user's own words (a preset of theirs, saved again)
     d, m = cfg.data, cfg.model
     text = (f"{m.name_or_path} on {Path(d.path).name if d.path else '?'}: LoRA r={cfg.lora.r}, "
             f"{d.max_seq_len:,} tokens (saved from the wizard)")
