@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import os
 import shutil
@@ -49,6 +50,24 @@ def _refuse_existing(*paths: Optional[Path]) -> None:
                             hint="choose a new name, or remove the old one yourself")
         if p is not None and not p.parent.is_dir():
             raise UserError(f"the directory {p.parent} does not exist", hint="create it first, or choose another place")
+        if p is not None:
+            _probe_writable(p.parent)
+
+
+def _probe_writable(folder: Path) -> None:
+    """Write and remove an empty file in `folder`, before minutes of merging and converting: a
+    read-only mount or a folder without write permission was a traceback at the very end (the
+    probe, not os.access: root passes every permission check, not a read-only filesystem)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".snugtune-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        if _os_errno(exc) in (errno.ENOSPC, errno.EDQUOT):
+            return  # a full disk is said by the write itself, with its figures and exit code 4
+        raise UserError(f"cannot write in {folder} ({exc.strerror or exc})",
+                        hint="choose a folder you can write to (an export is written beside its final name "
+                        "and renamed)") from None
 
 
 class DiskFullError(UserError):
@@ -181,9 +200,15 @@ def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precisio
 
 
 def _tmp_beside(dest: Path, is_dir: bool) -> Path:
-    if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        if is_dir:
+            return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        if _os_errno(exc) in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write in {dest.parent} ({exc.strerror or exc})",
+                        hint="choose a folder you can write to") from None
     os.close(fd)
     return Path(name)
 

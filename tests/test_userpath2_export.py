@@ -48,3 +48,31 @@ def test_an_ollama_template_that_cannot_be_written_is_refused_before_any_gguf(ru
         ex.export(run, gguf=str(tmp_path / "m.gguf"), ollama=str(tmp_path / "oll"), quant="f16",
                   out=lambda s: None, progress=lambda s: None)
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "oll").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_said_before_the_merge(run):
+    # A read-only mount or a folder without write permission: was an OSError traceback from
+    # mkstemp at the very end, after the merge (exit 1). sysfs refuses to create files even for
+    # root, who passes every permission check: it stands in for a read-only folder here.
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    try:
+        fd, name = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        pass
+    else:
+        import os
+
+        os.close(fd)
+        os.unlink(name)
+        pytest.skip("this machine lets /sys be written")
+    root = Path(__file__).resolve().parent.parent
+    for flag, dest in (("--merged", "/sys/snugtune-merged"), ("--gguf", "/sys/snugtune.gguf")):
+        out = subprocess.run([sys.executable, "-m", "tui.cli", "export", str(run), flag, dest, "--quant", "f16"],
+                             cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr
+        assert "cannot write in /sys" in out.stderr and "Traceback" not in out.stderr
+        assert "merging" not in out.stderr  # refused before anything heavy loaded
