@@ -103,3 +103,18 @@ async def test_a_saved_preset_is_described_by_its_own_setup_not_the_demos(wizard
     saved = {p.name: p for p in list_presets()}["mine"]
     # before: "Offline demo: a tiny local model learns Python-docs Q&A ..."
     assert saved.description == "builtin:tiny-llama on mine.jsonl: LoRA r=16, 256 tokens (saved from the wizard)"
+
+
+async def test_memory_on_the_cpu_is_said_not_measured_rather_than_pending(wizard_env):
+    # "memory … / est 0.04 GiB" for a whole CPU run: "…" reads as a reading still to come
+    from test_tui_helpers import finished_run
+
+    from tui.app import SnugtuneApp
+
+    run_dir = finished_run(wizard_env["runs"])  # device type cpu, no memory figures in its steps
+    app = SnugtuneApp(demo_app().config(), attach=run_dir, gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "finished", what="the replayed run")
+        app.last_estimate = type("Est", (), {"total_gib": 0.04})()
+        stats = str(app.screen.stats_text())
+        assert "n/a (CPU) / est 0.04 GiB" in stats, stats

@@ -418,7 +418,9 @@ class TrainScreen(StepScreen):
         if mem is not None:
             row("memory", f"{float(mem):.2f} GiB" + (f" / est {float(est_total):.2f}" if est_total else ""))
         elif est_total:
-            row("memory", f"… / est {float(est_total):.2f} GiB")
+            # the CPU reports no GPU memory: "…" there read as a reading still to come, forever
+            on_cpu = self.device.get("type") == "cpu"
+            row("memory", f"{'n/a (CPU)' if on_cpu else '…'} / est {float(est_total):.2f} GiB")
         temp, power = self.gpu_stats.get("temp_c"), self.gpu_stats.get("power_w")
         if temp is not None or power is not None:
             row("GPU", " ".join(x for x in (f"{temp:.0f}°C" if temp is not None else "",
