@@ -28,6 +28,10 @@ STOP_FILE = "stop"
 PID_FILE = "pid"
 LOG_FILE = "engine.log"
 DATA_STAMP_FILE = "data-stamp.json"
+# What chat shows for an empty answer (the model's first token was its end of turn), in the
+# terminal and the wizard alike: a blank line after the prompt read as the program hanging.
+EMPTY_REPLY = ("(no answer: the model ended its reply at once; a short run or an undertrained adapter "
+               "does this, more steps or data usually help)")
 # Files up to this size (all of a run's data files together) are fingerprinted by their SHA-256
 # (about 2 s a GiB on this project's 2-core machine); beyond it, by size and modification time.
 STAMP_HASH_LIMIT = 2 * 2**30

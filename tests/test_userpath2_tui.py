@@ -118,3 +118,23 @@ async def test_memory_on_the_cpu_is_said_not_measured_rather_than_pending(wizard
         app.last_estimate = type("Est", (), {"total_gib": 0.04})()
         stats = str(app.screen.stats_text())
         assert "n/a (CPU) / est 0.04 GiB" in stats, stats
+
+
+async def test_an_empty_chat_answer_is_said_not_left_blank(wizard_env):
+    # a tiny or barely trained adapter ends its answer at once: a blank line read as a hang
+    from textual.widgets import RichLog
+
+    from test_tui_helpers import finished_run
+    from core.runs import EMPTY_REPLY
+    from tui.app import SnugtuneApp
+    from tui.screens.done import ChatReply, DoneScreen
+
+    app = SnugtuneApp(demo_app().config(), attach=finished_run(wizard_env["runs"]), gpus=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.screen.state == "finished", what="the replayed run")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: isinstance(app.screen, DoneScreen), what="the done step")
+        app.screen.post_message(ChatReply("adapter", ""))
+        log = app.screen.query_one("#chat-adapter", RichLog)
+        await wait_for(pilot, lambda: log.lines, what="the answer")
+        assert EMPTY_REPLY[:40] in "".join(seg.text for line in log.lines for seg in line)
