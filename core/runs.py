@@ -27,7 +27,7 @@ EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
 PID_FILE = "pid"
 LOG_FILE = "engine.log"
-DATA_STAMP_FILE = "data-stamp.json"
+STAMP_FILE = "stamp.json"  # the data files and the settings a run started with
 # What chat shows for an empty answer (the model's first token was its end of turn), in the
 # terminal and the wizard alike: a blank line after the prompt read as the program hanging.
 EMPTY_REPLY = ("(no answer: the model ended its reply at once; a short run or an undertrained adapter "
@@ -168,22 +168,59 @@ def _fingerprint(files: list[Path]) -> list[dict]:
 
 
 def stamp_data(run_dir: Path, cfg: RunConfig) -> None:
-    """Record what the run's data files are at launch (data-stamp.json), so that a resume can tell
-    a file changed under it: the checkpoint's data order indexes the rows the run started with.
+    """Record what the run's data files and settings are at launch (stamp.json), so that a resume
+    can tell a file or config.toml changed under it: the checkpoint's data order indexes the rows
+    the run started with, and its adapter has the shapes of the LoRA settings it was made with.
     Best effort: a file that cannot be read is the preflight's and the engine's to report."""
+    stamp: dict = {"config": cfg.to_dict()}
     try:
         files = _data_files(cfg.data.path)
         if files:
-            (run_dir / DATA_STAMP_FILE).write_text(json.dumps({"path": cfg.data.path, "files": _fingerprint(files)}))
+            stamp.update(path=cfg.data.path, files=_fingerprint(files))
     except OSError:
         pass
+    try:
+        (run_dir / STAMP_FILE).write_text(json.dumps(stamp, default=str))
+    except OSError:
+        pass
+
+
+# Settings a checkpoint depends on: the model and the adapter's shapes (a resume with another
+# lora.r fails deep inside peft's loader with a page of size mismatches), and the data (its order).
+# The rest (max_steps, save and eval steps, the GPU budget ...) may change between attempts.
+RESUME_FIXED = ("model.", "lora.", "data.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_change(run_dir: Union[str, Path]) -> Optional[str]:
+    """The settings a checkpoint depends on that config.toml no longer has as at launch, or None."""
+    try:
+        before = json.loads((Path(run_dir) / STAMP_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    now = RunConfig.from_toml(Path(run_dir) / CONFIG_FILE).to_dict()  # a broken edit is its own message
+    a, b = _flat(before), _flat(json.loads(json.dumps(now, default=str)))  # as stored: lists, not tuples
+    changed = [k for k in sorted(set(a) | set(b)) if k.startswith(RESUME_FIXED) and a.get(k) != b.get(k)]
+    if not changed:
+        return None
+    shown = ", ".join(f"{k}: {json.dumps(a.get(k))} then, {json.dumps(b.get(k))} now" for k in changed[:3])
+    return shown + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
 def data_change(run_dir: Union[str, Path]) -> Optional[str]:
     """What changed in the run's data files since it started (one phrase), or None: unchanged, or
     no stamp (a Hub dataset, a run made before stamps)."""
     try:
-        stamp = json.loads((Path(run_dir) / DATA_STAMP_FILE).read_text())
+        stamp = json.loads((Path(run_dir) / STAMP_FILE).read_text())
         before = {e["file"]: e for e in stamp["files"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -212,9 +249,15 @@ def check_resumable(run_dir: Union[str, Path]) -> None:
     """Refuse to resume a run whose data changed since it started: the checkpoint carries on the
     data order of the rows it was planned on (and the step count, the schedule), so on other rows
     it would silently train a mix the user never asked for."""
+    run_dir = Path(run_dir)
+    change = config_change(run_dir)
+    if change:
+        raise UserError(f"cannot resume {run_dir.name}: {CONFIG_FILE} changed since it started ({change}); "
+                        "a checkpoint continues only with the model, LoRA and data settings it was made with",
+                        hint=f"put those settings back to resume, or train them as a new run: "
+                        f"snugtune train {run_dir / CONFIG_FILE}")
     change = data_change(run_dir)
     if change:
-        run_dir = Path(run_dir)
         raise UserError(f"cannot resume {run_dir.name}: its data changed since it started ({change})",
                         hint=f"put the data back as it was to resume, or train the new data as a new run: "
                         f"snugtune train {run_dir / CONFIG_FILE}")

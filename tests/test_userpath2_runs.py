@@ -147,3 +147,23 @@ def test_a_misspelt_preset_name_gets_the_close_one(config_dir):
     with pytest.raises(UserError) as err:
         find_preset("zzzzzz")
     assert "did you mean" not in str(err.value)
+
+
+def test_a_resume_with_another_lora_or_model_in_config_toml_is_refused_other_edits_are_not(runs_dir, tmp_path):
+    # before: peft's loader failed with a page of "size mismatch for ...lora_A...", exit 1, and the
+    # run was marked failed
+    data = tmp_path / "my.jsonl"
+    data.write_text(rows(8), encoding="utf-8")
+    run_dir = make_run(runs_dir, data)
+    toml = run_dir / "config.toml"
+    cfg = RunConfig.from_toml(toml)
+    cfg.with_overrides(["train.max_steps=500", "train.save_steps=7"]).write_toml(toml, overwrite=True)
+    runs.check_resumable(run_dir)  # more steps, other save steps: fine
+    cfg.with_overrides(["lora.r=8"]).write_toml(toml, overwrite=True)
+    with pytest.raises(UserError, match=r"config\.toml changed since it started \(lora\.r: 16 then, 8 now\)"):
+        runs.check_resumable(run_dir)
+    cfg.with_overrides(["model.name_or_path='other/model'"]).write_toml(toml, overwrite=True)
+    with pytest.raises(UserError, match=r"model\.name_or_path: \"builtin:tiny-llama\" then, \"other/model\" now"):
+        runs.check_resumable(run_dir)
+    cfg.write_toml(toml, overwrite=True)
+    runs.check_resumable(run_dir)
