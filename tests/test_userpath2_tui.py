@@ -138,3 +138,40 @@ async def test_an_empty_chat_answer_is_said_not_left_blank(wizard_env):
         log = app.screen.query_one("#chat-adapter", RichLog)
         await wait_for(pilot, lambda: log.lines, what="the answer")
         assert EMPTY_REPLY[:40] in "".join(seg.text for line in log.lines for seg in line)
+
+
+async def test_a_gguf_of_an_architecture_that_cannot_train_is_said_on_the_model_step(wizard_env):
+    # before: "✓ chosen: rwkv.gguf", and the first word of it came at the data preview or the engine
+    import pytest
+
+    pytest.importorskip("gguf")
+    import numpy as np
+    from gguf import GGUFWriter
+    from textual.widgets import Input
+
+    from tui.app import SnugtuneApp
+    from tui.screens.model import ModelScreen
+
+    path = wizard_env["tmp"] / "rwkv.gguf"
+    w = GGUFWriter(str(path), "rwkv6")
+    w.add_context_length(4096)
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(256)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    app = SnugtuneApp(gpus=[], check_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), what="the model step")
+        box = app.screen.query_one(Input)
+        box.value = str(path)
+        box.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "chosen:" in status_text(app), timeout=120, what="the choice")
+        assert "architecture 'rwkv6' is none transformers can dequantize" in status_text(app), status_text(app)
