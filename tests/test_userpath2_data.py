@@ -135,3 +135,16 @@ def test_duplicates_and_an_evaluation_that_cannot_happen_are_said(tmp_path, tiny
     _, eval_rows, info = build_datasets(cfg(one, max_seq_len=64, eval_fraction=0.5), tiny_tokenizer)
     assert eval_rows == [] and "no evaluation: data.eval_fraction=0.5 needs 2 or more samples, there is 1" \
         in info["dropped_and_cut"]  # before: "0 eval samples", nothing else
+
+
+def test_data_inspect_shows_a_long_sample_by_its_start_and_end():
+    # a 4,096-token document was printed whole, pushing the rest of the report off the terminal
+    from tui.cmd_data import clip_segments
+
+    segs = [{"text": "P" * 3000, "trained": False}, {"text": "R" * 3000, "trained": True}]
+    out = clip_segments(segs, head=1200, tail=400)
+    assert [s["trained"] for s in out] == [False, True, True]  # prompt start, the cut line, answer end
+    assert out[0]["text"] == "P" * 1200 and out[2]["text"] == "R" * 400
+    assert "[... 4,400 characters not shown ...]" in out[1]["text"]
+    short = [{"text": "hi", "trained": False}]
+    assert clip_segments(short) == short
