@@ -515,6 +515,11 @@ def _attempt_has_events(run_dir: Path) -> bool:
     return log_size(run_dir) > current_attempt(run_dir)
 
 
+def still_starting(run_dir: Union[str, Path]) -> bool:
+    """Whether the run's engine has not written a line of its current attempt yet (importing torch)."""
+    return not _attempt_has_events(Path(run_dir))
+
+
 def remove_run(run_dir: Union[str, Path]) -> None:
     """Delete a run directory and everything in it; refuses a running run (stop it first)."""
     import shutil

@@ -98,6 +98,7 @@ def test_a_stop_before_the_engine_has_written_a_line_is_not_a_kill(runs_dir, tmp
         while not (tmp_path / "ready").exists():  # polled: the child's start-up takes what it takes
             assert child.poll() is None
             time.sleep(0.01)
+        assert runs.still_starting(run_dir)
         assert runs.request_stop(run_dir) is True
         go.touch()
         assert child.wait(timeout=300) == 0  # before: -15, killed mid-import

@@ -388,7 +388,11 @@ def cmd_stop(args) -> int:
         status = runs.run_status(run_dir)["status"]
         print(f"run {run_dir.name} is not running ({status})")
         return 0
-    print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
+    if runs.still_starting(run_dir):
+        print(f"asked run {run_dir.name} to stop; it is still starting and stops as soon as it has set up "
+              "(loading a large model takes a while), before training a step", flush=True)
+    else:
+        print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
     if not args.wait:
         return 0
     timeout = args.timeout if args.timeout is not None else STOP_WAIT_S
