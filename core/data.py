@@ -263,6 +263,7 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: st
     if not files:
         raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
                         hint="give one data file, or a directory of them")
+    files = _split_files(path, files, split)
     types = sorted({data_type(p) for p in files})
     if len(types) > 1:
         by_type = "; ".join(f"{t}: " + ", ".join(p.name for p in files if data_type(p) == t)[:80] for t in types)
@@ -278,6 +279,34 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: st
         records.extend(_load_file(f, left, text_split))
     records.origins = origins
     return records
+
+
+# Split names in file names, as `datasets.load_dataset(folder)` reads them (train.jsonl,
+# test-00000-of-00001.parquet, validation.csv ...).
+SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test",
+               "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
+               "eval": "validation"}
+
+
+def _split_of(p: Path) -> Optional[str]:
+    words = re.split(r"[^a-z]+", p.name.lower().split(".")[0])
+    return next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), None)
+
+
+def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
+    """A folder laid out in splits (train.jsonl beside test.jsonl or validation.jsonl) is read as
+    its data.split alone, as `datasets` reads it: read whole, the test answers were trained on."""
+    splits = {_split_of(p) for p in files}
+    if len(splits - {None}) < 2:  # one split (or none named): the folder is the data set
+        return files
+    want = SPLIT_WORDS.get(split.lower(), split.lower())
+    chosen = [p for p in files if _split_of(p) == want]
+    if not chosen:
+        have = ", ".join(sorted(f"{s} ({', '.join(p.name for p in files if _split_of(p) == s)[:60]})"
+                                for s in splits if s))
+        raise UserError(f"{path}: a folder of splits without a {split!r} one (it has {have})",
+                        hint="choose the split with data.split, or give one file")
+    return chosen
 
 
 def data_type(path: Path) -> Optional[str]:

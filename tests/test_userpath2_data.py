@@ -148,3 +148,26 @@ def test_data_inspect_shows_a_long_sample_by_its_start_and_end():
     assert "[... 4,400 characters not shown ...]" in out[1]["text"]
     short = [{"text": "hi", "trained": False}]
     assert clip_segments(short) == short
+
+
+def test_a_folder_of_splits_reads_the_train_split_not_the_test_answers(tmp_path):
+    # before: train.jsonl, test.jsonl and validation.jsonl were read as one data set, so the
+    # held-out answers were trained on
+    def rows(tag, n):
+        return [{"instruction": f"{tag} {i}", "output": "x"} for i in range(n)]
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name, n in (("train", 3), ("test", 2), ("validation", 2)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(name, n)), encoding="utf-8")
+    assert load_records(cfg(folder)) == rows("train", 3)
+    assert load_records(cfg(folder, split="validation")) == rows("validation", 2)
+    shards = tmp_path / "shards"  # one split in shards: all of them, as before
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"train-0000{i}-of-00002.jsonl").write_text(json.dumps(ROWS[i]) + "\n", encoding="utf-8")
+    assert load_records(cfg(shards)) == ROWS[:2]
+    (folder / "train.jsonl").unlink()
+    with pytest.raises(UserError, match=r"a folder of splits without a 'train' one \(it has test \(test\.jsonl\), "
+                       r"validation \(validation\.jsonl\)\)"):
+        load_records(cfg(folder))
