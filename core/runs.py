@@ -33,8 +33,9 @@ STAMP_FILE = "stamp.json"  # the data files and the settings a run started with
 EMPTY_REPLY = ("(no answer: the model ended its reply at once; a short run or an undertrained adapter "
                "does this, more steps or data usually help)")
 # Files up to this size (all of a run's data files together) are fingerprinted by their SHA-256
-# (about 2 s a GiB on this project's 2-core machine); beyond it, by size and modification time.
-STAMP_HASH_LIMIT = 2 * 2**30
+# (about 2 s a GiB on this project's 2-core machine, and the wizard launches on its UI thread);
+# beyond it, by size and modification time.
+STAMP_HASH_LIMIT = 256 * 2**20
 
 
 def default_runs_dir() -> Path:
