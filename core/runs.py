@@ -242,7 +242,7 @@ def data_change(run_dir: Union[str, Path]) -> Optional[str]:
         b = before[f]
         if e != b and (b.get("sha256") is None or e.get("sha256") != b.get("sha256") or e["size"] != b["size"]):
             return f"{f} changed ({b['size']:,} bytes then, {e['size']:,} now)" if e["size"] != b["size"] \
-                else f"{f} changed (same size, other contents)"
+                else f"{f} changed (same size, {'other contents' if 'sha256' in b else 'modified since'})"
     return None
 
 
