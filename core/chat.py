@@ -20,7 +20,7 @@ import torch
 
 from core.config import RunConfig
 from core.errors import UserError
-from core.runs import CONFIG_FILE, last_checkpoint
+from core.runs import CONFIG_FILE, EMPTY_REPLY, last_checkpoint
 
 # A few sentences: enough to judge an answer, quick on a CPU. SNUGTUNE_CHAT_MAX_NEW_TOKENS lowers
 # it for every chat that does not ask for a length (the wizard's): the end-to-end test uses 8.
@@ -222,9 +222,9 @@ def interactive(run_dir: str | Path, compare: bool = False, max_new_tokens: int 
         if not prompt.strip():
             return 0
         reply = session.ask(prompt, max_new_tokens=max_new_tokens, temperature=temperature, compare=compare)
-        print(f"tuned> {reply['response']}")
+        print(f"tuned> {reply['response'] or EMPTY_REPLY}")
         if compare:
-            print(f"base > {reply['base']}")
+            print(f"base > {reply['base'] or EMPTY_REPLY}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -59,7 +59,10 @@ from core.errors import UserError
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and HF models) skip
 
-FILE_TYPES = {".jsonl": "JSON lines", ".json": "JSON", ".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet", ".txt": "text"}
+FILE_TYPES = {".jsonl": "JSON lines", ".json": "JSON", ".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet",
+              ".arrow": "Arrow", ".txt": "text"}
+# Binary types: read whole by pyarrow, never gzipped.
+BINARY_TYPES = (".parquet", ".arrow")
 
 # Field names per format, and the column names each is recognised under (first match wins;
 # matched case-insensitively, so INSTRUCTION/RESPONSE are found too). message_1/message_2 are
@@ -75,7 +78,10 @@ CHAT_COLUMNS = ["messages", "conversations", "conversation", "chat", "dialog"]
 # Columns beside a chat column: a ShareGPT file's `system` and `tools` (LLaMA-Factory's
 # glaive_toolcall demo), OpenAI's top-level `tools`. `reply` (a final assistant message kept in
 # its own column, as LLaMA-Factory's DPO files keep `chosen`) is only ever mapped.
-CHAT_EXTRA_ALIASES = {"system": ["system", "system_prompt"], "tools": ["tools"], "reply": []}
+# `functions`: OpenAI's fine-tuning format before tools (2023), beside `function_call` messages.
+CHAT_EXTRA_ALIASES = {"system": ["system", "system_prompt"], "tools": ["tools", "functions"], "reply": []}
+# The answer column of a classification set beside its text (imdb, sst2, ag_news, banking77 ...).
+LABEL_COLUMNS = ["label", "labels", "target", "class", "category", "sentiment", "intent", "label_text"]
 TEXT_COLUMNS = ["text", "content", "body", "document"]
 FIELDS = {
     "instruction": {"required": ["instruction", "output"], "optional": ["input", "system", "history"]},
@@ -142,7 +148,7 @@ def load_records(data_cfg: DataConfig) -> list[dict]:
         path = demo.resolve_builtin(path)
     local = Path(path).expanduser()
     if local.exists() or _looks_like_a_path(path):
-        records = _load_file(local, data_cfg.max_samples, data_cfg.text_split)
+        records = _load_file(local, data_cfg.max_samples, data_cfg.text_split, data_cfg.split)
         source = str(local)
     else:
         records = _load_hub(path, data_cfg)
@@ -165,20 +171,20 @@ def _looks_like_a_path(path: str) -> bool:
     )
 
 
-def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto") -> list[dict]:
+def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto", split: str = "train") -> list[dict]:
     if not path.exists():
         raise UserError(f"{path}: file not found", hint="check the path (data.path), or give a Hub dataset id as owner/name")
     if path.is_dir():
-        return _load_dir(path, max_samples, text_split)
+        return _load_dir(path, max_samples, text_split, split)
     ext = path.suffix.lower()
-    gz = ext == ".gz" and Path(path.stem).suffix.lower() in FILE_TYPES and Path(path.stem).suffix.lower() != ".parquet"
+    gz = ext == ".gz" and Path(path.stem).suffix.lower() in FILE_TYPES and Path(path.stem).suffix.lower() not in BINARY_TYPES
     if gz:  # my.jsonl.gz: the Hub's and many exporters' compressed form, read without unpacking it
         ext = Path(path.stem).suffix.lower()
     if ext not in FILE_TYPES:
         sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
         raise UserError(
             f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
-            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet gzipped (.jsonl.gz)",
+            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet and .arrow gzipped (.jsonl.gz)",
             hint="save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
             if sheet else None,
         )
@@ -196,6 +202,8 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto")
             return _read_csv(path, delimiter, max_samples, encoding)
         if ext == ".parquet":
             return _read_parquet(path)
+        if ext == ".arrow":
+            return _read_arrow(path)
         return _read_txt(path, text_split, encoding)
     except PermissionError:
         raise UserError(f"{path}: cannot read the file (permission denied)") from None
@@ -245,14 +253,17 @@ class _FileRecords(list):
     origins: list = []
 
 
-def _load_dir(path: Path, max_samples: Optional[int], text_split: str) -> list[dict]:
+def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: str = "train") -> list[dict]:
     """Every data file directly in `path` (sorted by name; hidden files and other types
     skipped), all of one type, as one dataset: what a dataset split into shards looks like
     (`train-00000-of-00004.parquet` ...), and how `datasets.load_dataset(dir)` reads one."""
+    if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        return _read_saved_dataset(path, split)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_type(p))
     if not files:
         raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
                         hint="give one data file, or a directory of them")
+    files = _split_files(path, files, split)
     types = sorted({data_type(p) for p in files})
     if len(types) > 1:
         by_type = "; ".join(f"{t}: " + ", ".join(p.name for p in files if data_type(p) == t)[:80] for t in types)
@@ -270,12 +281,40 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str) -> list[d
     return records
 
 
+# Split names in file names, as `datasets.load_dataset(folder)` reads them (train.jsonl,
+# test-00000-of-00001.parquet, validation.csv ...).
+SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test",
+               "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
+               "eval": "validation"}
+
+
+def _split_of(p: Path) -> Optional[str]:
+    words = re.split(r"[^a-z]+", p.name.lower().split(".")[0])
+    return next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), None)
+
+
+def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
+    """A folder laid out in splits (train.jsonl beside test.jsonl or validation.jsonl) is read as
+    its data.split alone, as `datasets` reads it: read whole, the test answers were trained on."""
+    splits = {_split_of(p) for p in files}
+    if len(splits - {None}) < 2:  # one split (or none named): the folder is the data set
+        return files
+    want = SPLIT_WORDS.get(split.lower(), split.lower())
+    chosen = [p for p in files if _split_of(p) == want]
+    if not chosen:
+        have = ", ".join(sorted(f"{s} ({', '.join(p.name for p in files if _split_of(p) == s)[:60]})"
+                                for s in splits if s))
+        raise UserError(f"{path}: a folder of splits without a {split!r} one (it has {have})",
+                        hint="choose the split with data.split, or give one file")
+    return chosen
+
+
 def data_type(path: Path) -> Optional[str]:
     """The data file type a name says (`.jsonl` for `a.jsonl` and `a.jsonl.gz`), or None."""
     ext = path.suffix.lower()
     if ext == ".gz":
         ext = Path(path.stem).suffix.lower()
-        return ext if ext in FILE_TYPES and ext != ".parquet" else None
+        return ext if ext in FILE_TYPES and ext not in BINARY_TYPES else None
     return ext if ext in FILE_TYPES else None
 
 
@@ -318,12 +357,33 @@ def _not_utf8(path: Path) -> UserError:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        return UserError(
-            f"{path}, line {line}: not UTF-8 text (byte {exc.start} of the file, column {col} of the line: "
-            f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})",
-            hint="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`, or your editor's 'save with encoding')",
-        )
+        where = (f"{path}, line {line}: not UTF-8 text (byte {exc.start} of the file, column {col} of the line: "
+                 f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})")
+        name = Path(str(path)).name
+        out = name.split(".")[0] + "-utf8" + name[len(name.split(".")[0]):]
+        if _windows_1252(raw):
+            # Excel's "CSV (Comma delimited)" and Notepad's "ANSI" on a Western Windows write
+            # Windows-1252. Converting it as latin-1 (the usual advice) turns its curly quotes, dashes
+            # and euro signs (bytes 0x80-0x9F) into invisible control characters, so say cp1252.
+            return UserError(
+                where + "; it reads as Windows-1252 (what Excel's \"CSV (Comma delimited)\" and Notepad's "
+                "\"ANSI\" write)",
+                hint=f"convert it: `iconv -f cp1252 -t utf-8 {name} > {out}`, or in Excel save as "
+                "\"CSV UTF-8 (Comma delimited)\"",
+            )
+        return UserError(where, hint="save the file as UTF-8 (your editor's 'save with encoding'; `file -i "
+                         f"{name}` guesses its encoding, then `iconv -f ENCODING -t utf-8 {name} > {out}`)")
     return UserError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _windows_1252(raw: bytes) -> bool:
+    """Whether bytes that are not UTF-8 read as Windows-1252 text: every byte defined there (0x81,
+    0x8D, 0x8F, 0x90 and 0x9D are not) and no control characters but tab and line ends."""
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return False
+    return not any(ord(c) < 32 and c not in "\t\r\n" for c in text)
 
 
 def _json_problem(exc: json.JSONDecodeError) -> str:
@@ -366,7 +426,13 @@ def _read_jsonl(path: Path, max_samples: Optional[int], encoding: str = "utf-8-s
                     whole = _json_document(path, encoding)
                     if whole is not None:
                         return whole[:max_samples] if max_samples is not None else whole
-                raise UserError(f"{path}, line {lineno}: expected a JSON object ({{...}}), got {type(obj).__name__}")
+                if isinstance(obj, list) and obj and all(isinstance(o, dict) for o in obj):
+                    raise UserError(f"{path}, line {lineno}: a list of {len(obj)} objects ([{{...}}, ...]) where JSON "
+                                    "lines have one object ({...}) a line",
+                                    hint="put each object of that list on a line of its own (or save the whole file "
+                                    "as one .json array)")
+                raise UserError(f"{path}, line {lineno}: expected a JSON object ({{...}}), got {type(obj).__name__} "
+                                f"{_preview(obj, 40)}", hint="each line must be one whole JSON object, {...}")
             records.append(obj)
             if max_samples is not None and len(records) >= max_samples:
                 break
@@ -496,6 +562,58 @@ def _read_parquet(path: Path) -> list[dict]:
         if isinstance(exc, OSError) and not type(exc).__module__.startswith("pyarrow"):
             raise
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _read_arrow(path: Path) -> list[dict]:
+    """An Arrow file: what `datasets` writes (`save_to_disk`, its cache: Arrow's streaming format),
+    or Arrow's file format (Feather v2, pyarrow.feather, polars' write_ipc)."""
+    import pyarrow as pa  # a dependency of `datasets`
+
+    problems = []
+    for open_ in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            with pa.memory_map(str(path)) as src:
+                return open_(src).read_all().to_pylist()
+        except pa.ArrowInvalid as exc:
+            problems.append(str(exc))
+        except OSError as exc:
+            if type(exc).__module__.startswith("pyarrow"):
+                problems.append(str(exc))
+            else:
+                raise
+    raise UserError(f"{path}: not a readable Arrow file ({problems[-1][:200]})",
+                    hint="the file was probably cut short while copied or written: write it again "
+                    "(datasets' save_to_disk, or pyarrow)")
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict]:
+    """A folder written by `datasets`' `Dataset.save_to_disk` (state.json names its .arrow files) or
+    `DatasetDict.save_to_disk` (dataset_dict.json names the splits, one such folder each; data.split
+    picks one, "train" by default). Read with pyarrow: the same rows `datasets.load_from_disk` gives."""
+    try:
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits") or []
+            if split not in splits:
+                raise UserError(f"{path}: a saved DatasetDict without a {split!r} split (it has "
+                                + ", ".join(repr(s) for s in splits) + ")",
+                                hint="give that split's own folder as the data path ("
+                                + str(path / (splits[0] if splits else "SPLIT")) + "), or choose it with data.split")
+            return _read_saved_dataset(path / split, split)
+        files = [f.get("filename") for f in json.loads((path / "state.json").read_text(encoding="utf-8")).get("_data_files", [])]
+    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise UserError(f"{path}: a datasets save_to_disk folder whose index is not readable ({exc})",
+                        hint="save the dataset again (dataset.save_to_disk(...))") from None
+    if not files or not all(isinstance(f, str) for f in files):
+        files = sorted(p.name for p in path.glob("*.arrow"))
+    records = _FileRecords()
+    records.origins = []
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"{f}: missing (state.json lists it)", hint="copy the whole folder again")
+        records.origins.append((len(records), name))
+        records.extend(_read_arrow(f))
+    return records
 
 
 def _read_txt(path: Path, split: str = "auto", encoding: str = "utf-8-sig") -> list[dict]:
@@ -826,6 +944,8 @@ def detect_format(records: list[dict], data_cfg: DataConfig) -> DataFormat:
                 col = str_cols[0]
         if col is None:
             return None
+        if not mapping and kind == "auto":
+            _refuse_unlearned_labels(records, lower, col)
         return DataFormat("text", {"text": col}, f"{why}: column {col!r} holds plain text")
 
     if kind == "chat":
@@ -866,6 +986,23 @@ def _refuse_multimodal_columns(records: list[dict], lower: dict[str, str]) -> No
         if col is not None and any(r.get(col) not in (None, "", [], {}) for r in records[:DETECT_ROWS]):
             raise UserError(f"{MULTIMODAL} (column {col!r} holds {name.rstrip('s')} data)",
                             hint="train on text data, or drop the column (its placeholders too) to train on the text alone")
+
+
+def _refuse_unlearned_labels(records: list[dict], lower: dict[str, str], text_col: str) -> None:
+    """A text column beside a label column is a classification set. Read as plain text, the text
+    would be learned and the label never seen: a run that trains without a word of warning and
+    teaches nothing the user wanted. Said, with the mapping that trains on the label."""
+    for name in LABEL_COLUMNS:
+        col = lower.get(name)
+        value = _first_value(records, col) if col is not None else None
+        if col is None or col == text_col or isinstance(value, bool) or not isinstance(value, (str, int)):
+            continue
+        raise UserError(
+            f"columns {text_col!r} and {col!r} look like a classification set (e.g. {col!r} = {_preview(value, 30)}): "
+            f"as plain text only {text_col!r} would be learned and {col!r} never seen",
+            hint=f"to teach the model to answer with the label: {columns_hint({'instruction': text_col, 'output': col})}; "
+            f"to train on the text alone, {setting_hint('format', 'text')}",
+        )
 
 
 def _kto_label_column(records: list[dict], lower: dict[str, str]) -> Optional[str]:
@@ -1844,7 +1981,25 @@ def dropped_and_cut(counts: dict) -> list[str]:
         out.append(f"{counts['truncated']} cut at max_seq_len={n} (the rest is not trained on)")
     if counts.get("split"):
         out.append(f"{counts['split']} longer than max_seq_len={n} split into {counts['windows']} windows")
+    if counts.get("duplicates"):
+        d = counts["duplicates"]
+        out.append(f"{d} {'is a duplicate' if d == 1 else 'are duplicates'} of an earlier sample (kept: trained on "
+                   "again, and a copy held out for evaluation flatters the eval loss; remove them to avoid that)")
+    if counts.get("no_eval"):
+        out.append(f"no evaluation: data.eval_fraction={counts.get('eval_fraction')} needs 2 or more samples, "
+                   f"there {'is' if counts['no_eval'] == 1 else 'are'} {counts['no_eval']}")
     return out
+
+
+def duplicates(records: list[dict]) -> int:
+    """How many samples are identical to an earlier one (every field compared)."""
+    seen: set = set()
+    dups = 0
+    for r in records:
+        key = json.dumps(r, sort_keys=True, ensure_ascii=False, default=str)
+        dups += key in seen
+        seen.add(key)
+    return dups
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
@@ -1862,7 +2017,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     rendered = _render_all(records, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
     if not examples:
         raise UserError(
             f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}"
@@ -1886,6 +2041,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
         n_eval = min(max(n_eval, 1), len(examples) - 1)  # keep at least one of each
     else:
         n_eval = 0
+        if data_cfg.eval_fraction > 0:  # asked for, but one sample cannot be split: said, not silent
+            counts.update(no_eval=len(examples), eval_fraction=data_cfg.eval_fraction)
     eval_ex, train_ex = [], []
     for i, group in enumerate(groups):
         # held out until n_eval windows are, never the last group (training keeps at least one)
@@ -1954,7 +2111,7 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     rendered = _render_all(measured, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len)
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
     for i, (ids, labels) in enumerate(tokenized[:n]):
         kept, kept_labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
         split = fmt.kind == "text" and data_cfg.long_samples == "split" and len(ids) > len(kept)

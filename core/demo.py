@@ -91,6 +91,14 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("snugtune"))
 
 
+def cache_unwritable(path: Path, exc: OSError):
+    """The one message for a cache snugtune cannot write (a read-only or full home, a container's
+    read-only root): where, why, and the variable that moves it."""
+    return UserError(f"cannot write snugtune's cache {path} ({exc.strerror or exc})",
+                     hint="point SNUGTUNE_CACHE at a writable folder with space, e.g. "
+                     "`export SNUGTUNE_CACHE=/tmp/snugtune-cache`")
+
+
 # ---- the tiny model -----------------------------------------------------------------------
 
 
@@ -175,10 +183,16 @@ def ensure_tiny_llama() -> Path:
     target = cache_dir() / "demo" / f"tiny-llama-{_model_key()}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
     try:
-        save_tiny_model(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    except OSError as exc:
+        raise cache_unwritable(target.parent, exc) from None
+    try:
+        try:
+            save_tiny_model(tmp)
+        except OSError as exc:
+            raise cache_unwritable(target.parent, exc) from None
         try:
             tmp.rename(target)
         except OSError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import os
 import shutil
@@ -49,6 +50,24 @@ def _refuse_existing(*paths: Optional[Path]) -> None:
                             hint="choose a new name, or remove the old one yourself")
         if p is not None and not p.parent.is_dir():
             raise UserError(f"the directory {p.parent} does not exist", hint="create it first, or choose another place")
+        if p is not None:
+            _probe_writable(p.parent)
+
+
+def _probe_writable(folder: Path) -> None:
+    """Write and remove an empty file in `folder`, before minutes of merging and converting: a
+    read-only mount or a folder without write permission was a traceback at the very end (the
+    probe, not os.access: root passes every permission check, not a read-only filesystem)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".snugtune-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        if _os_errno(exc) in (errno.ENOSPC, errno.EDQUOT):
+            return  # a full disk is said by the write itself, with its figures and exit code 4
+        raise UserError(f"cannot write in {folder} ({exc.strerror or exc})",
+                        hint="choose a folder you can write to (an export is written beside its final name "
+                        "and renamed)") from None
 
 
 class DiskFullError(UserError):
@@ -181,9 +200,15 @@ def load_merged(run_dir: str | Path, progress: Progress = _stderr, full_precisio
 
 
 def _tmp_beside(dest: Path, is_dir: bool) -> Path:
-    if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        if is_dir:
+            return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        if _os_errno(exc) in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write in {dest.parent} ({exc.strerror or exc})",
+                        hint="choose a folder you can write to") from None
     os.close(fd)
     return Path(name)
 
@@ -483,16 +508,31 @@ def modelfile_text(gguf_name: str, template: Template, system: Optional[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def save_ollama(m: Merged, out_dir: Path, quant: str = "q4_k_m", progress: Progress = _stderr) -> Path:
-    out_dir = Path(out_dir).expanduser().resolve()
-    _refuse_existing(out_dir)
+def _ollama_template(m: Merged) -> Template:
     template = trained_template(m)
     if template.go is None:
         raise UserError("the tokenizer's chat template cannot be written as an Ollama TEMPLATE",
                         hint="export --gguf and run it in llama.cpp or LM Studio, which read the template from the GGUF")
+    return template
+
+
+def save_ollama(m: Merged, out_dir: Path, quant: str = "q4_k_m", progress: Progress = _stderr,
+                gguf_from: Optional[Path] = None) -> Path:
+    """The GGUF and a Modelfile in a new folder. `gguf_from`: the same run's GGUF at the same
+    quantization, just written by this export: linked (or copied) rather than converted and
+    quantized a second time, which for an 8B model is minutes and gigabytes more."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    _refuse_existing(out_dir)
+    template = _ollama_template(m)
     with _staged_dir(out_dir) as tmp:
         gguf_name = "model.gguf"
-        save_gguf(m, tmp / gguf_name, quant, progress, template=template)
+        if gguf_from is not None:
+            try:
+                os.link(gguf_from, tmp / gguf_name)
+            except OSError:  # another filesystem, or one without hard links (FAT32, some mounts)
+                shutil.copyfile(gguf_from, tmp / gguf_name)
+        else:
+            save_gguf(m, tmp / gguf_name, quant, progress, template=template)
         (tmp / "Modelfile").write_text(modelfile_text(gguf_name, template, data_system_prompt(m.cfg)), encoding="utf-8")
     return out_dir
 
@@ -523,12 +563,14 @@ def export(run_dir: str | Path, merged: Optional[str] = None, gguf: Optional[str
     written = []
     if gguf or ollama:
         ge.check_convertible(m.model.config.to_dict())
+    if ollama:
+        _ollama_template(m)  # refused before the GGUF is written, not after
     if paths[1]:
         written.append(save_gguf(m, paths[1], quant, progress))
         out(f"GGUF ({quant}): {paths[1]}  ({paths[1].stat().st_size / 1e6:.1f} MB)")
         out(f"  run it: llama-cli -m {paths[1]} -cnv   (or load the file in LM Studio)")
     if paths[2]:
-        written.append(save_ollama(m, paths[2], quant, progress))
+        written.append(save_ollama(m, paths[2], quant, progress, gguf_from=paths[1]))
         out(f"Ollama folder: {paths[2]}")
         out(f"  ollama create {ollama_name(m.run_dir)} -f {paths[2] / 'Modelfile'}")
         out(f"  ollama run {ollama_name(m.run_dir)}")

@@ -112,6 +112,21 @@ class _Header:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+def _tensor_bytes(ggml_type: int, dims: list[int]) -> Optional[int]:
+    """The bytes a tensor takes in the data section (ggml's block size and bytes a block, from the
+    gguf package), or None when the type or the package is unknown here."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ImportError, ValueError, KeyError):
+        return None
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * size
+
+
 class _Count(int):
     """A long array, kept as its length."""
 
@@ -137,17 +152,31 @@ def read_metadata(path: str | os.PathLike) -> dict:
                     meta[key + ".count"] = int(v)
                 else:
                     meta[key] = v
-            tensors, quant = {}, set()
+            tensors, quant, data_end = {}, set(), 0
             for _ in range(n_tensors):
                 name = h.string()
                 dims = [h.read("Q") for _ in range(h.read("I"))]
                 t = h.read("I")
-                h.read("Q")  # offset into the data section
+                offset = h.read("Q")  # into the data section
                 tensors[name] = dims
                 quant.add(_GGML_TYPES.get(t, str(t)))
+                nbytes = _tensor_bytes(t, dims)
+                data_end = None if nbytes is None or data_end is None else max(data_end, offset + nbytes)
+            header_end = fh.tell()
     except (OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{p}: not a readable GGUF file ({exc})",
                         hint="check that the download finished (compare its size or sha256 with the source)") from None
+    # A download or copy cut short keeps a whole header and loses weights at the end: without this
+    # check transformers fails deep inside ("cannot reshape array of size 123688 into shape ...").
+    align = meta.get("general.alignment", 32) if isinstance(meta.get("general.alignment", 32), int) else 32
+    if data_end is not None and align > 0:
+        need = -(-header_end // align) * align + data_end
+        have = p.stat().st_size
+        if have < need:
+            raise UserError(f"{p}: the file is cut short: {have:,} bytes, where its header says the weights "
+                            f"end at byte {need:,} ({(need - have) / 2**20:,.1f} MiB missing)",
+                            hint="the download or copy did not finish: fetch the file again (compare its size "
+                            "or sha256 with the source)")
     meta["_tensors"], meta["_quant"] = tensors, sorted(quant)
     meta["GGUF.version"] = version
     return meta
@@ -244,9 +273,30 @@ def _check_transformers_for(p: Path) -> None:
                         hint=f"pip install 'transformers>={need}'")
 
 
+def _check_architecture(p: Path, meta: dict) -> None:
+    """A GGUF of an architecture transformers' GGUF loader does not map (rwkv, bitnet, deepseek2 ...)
+    is said by its name before anything loads; transformers' own words come from deep inside the
+    tokenizer's or the model's loading and name neither the fix nor what it does read."""
+    arch = str(meta.get("general.architecture") or "")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return
+    import transformers
+
+    supported = {a.replace("_", "") for a in GGUF_SUPPORTED_ARCHITECTURES}
+    if arch and arch.replace("_", "") not in supported:
+        known = ", ".join(sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")))
+        raise UserError(f"{p}: a GGUF of architecture {arch!r}, which transformers {transformers.__version__} "
+                        f"cannot dequantize (it reads {known})",
+                        hint="train from the model's original weights (its Hub repository or a safetensors "
+                        "folder), or pick a GGUF of one of those architectures")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer and chat template of a GGUF file, without converting its weights."""
     p = Path(path).expanduser().resolve()
+    _check_architecture(p, read_metadata(p))  # a cut or foreign file is said here, not by transformers
     _check_transformers_for(p)
     from transformers import AutoTokenizer
 
@@ -301,7 +351,16 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
         return out
     meta = read_metadata(p)
     arch = str(meta.get("general.architecture") or "")
+    _check_architecture(p, meta)
     _check_transformers_for(p)
+    try:  # before the minutes of dequantizing, not after them
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        from core.demo import cache_unwritable
+
+        raise cache_unwritable(out.parent, exc) from None
     if progress:
         progress(f"dequantizing {p.name} ({arch}) into {out} (once)")
     import torch
@@ -347,7 +406,6 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
         tok.pad_token = tok.eos_token
     if getattr(dense, "generation_config", None) is not None:
         dense.generation_config.pad_token_id = tok.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -91,9 +91,13 @@ def find_preset(name_or_path: str) -> Path:
     for info in reversed(list_presets()):  # user presets win
         if info.name == name_or_path:
             return info.path
-    known = ", ".join(p.name for p in list_presets()) or "(none)"
+    import difflib
+
+    names = [p.name for p in list_presets()]
+    known = ", ".join(names) or "(none)"
+    near = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.6)
     raise UserError(
-        f"unknown preset {name_or_path!r}; known presets: {known}",
+        f"unknown preset {name_or_path!r}" + (f" (did you mean {near[0]!r}?)" if near else "") + f"; known presets: {known}",
         hint="or give the path of a TOML file; `snugtune presets` lists them with descriptions",
     )
 

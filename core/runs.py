@@ -27,6 +27,15 @@ EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop"
 PID_FILE = "pid"
 LOG_FILE = "engine.log"
+STAMP_FILE = "stamp.json"  # the data files and the settings a run started with
+# What chat shows for an empty answer (the model's first token was its end of turn), in the
+# terminal and the wizard alike: a blank line after the prompt read as the program hanging.
+EMPTY_REPLY = ("(no answer: the model ended its reply at once; a short run or an undertrained adapter "
+               "does this, more steps or data usually help)")
+# Files up to this size (all of a run's data files together) are fingerprinted by their SHA-256
+# (about 2 s a GiB on this project's 2-core machine, and the wizard launches on its UI thread);
+# beyond it, by size and modification time.
+STAMP_HASH_LIMIT = 256 * 2**20
 
 
 def default_runs_dir() -> Path:
@@ -66,7 +75,7 @@ def run_name(cfg: RunConfig, preset: Optional[str] = None) -> str:
     data = cfg.data.path
     if data and not data.startswith("REPLACE"):
         stem = data.split(":")[-1].rstrip("/").split("/")[-1]
-        for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"):  # my.jsonl.gz -> my
+        for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt"):  # my.jsonl.gz -> my
             if stem.lower().endswith(suffix) and len(stem) > len(suffix):
                 stem = stem[: -len(suffix)]
         return _slug(stem)
@@ -121,8 +130,138 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None, preset: Optiona
             cfg.write_toml(path / CONFIG_FILE, header=header or "The configuration of this run, frozen at launch.")
         except OSError as exc:
             raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
+        stamp_data(path, cfg)
         return path
     raise UserError(f"too many runs named {stem} in {base}")
+
+
+def _data_files(data_path: str) -> list[Path]:
+    """The local files a run's data.path names (a file, or a folder's files), or [] for a Hub or
+    builtin dataset."""
+    if not data_path or ":" in data_path.split("/")[0]:
+        return []
+    p = Path(data_path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return []
+
+
+def _fingerprint(files: list[Path]) -> list[dict]:
+    import hashlib
+
+    total = sum(f.stat().st_size for f in files)
+    out = []
+    for f in files:
+        st = f.stat()
+        entry = {"file": str(f), "size": st.st_size}
+        if total <= STAMP_HASH_LIMIT:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            entry["sha256"] = h.hexdigest()
+        else:
+            entry["mtime_ns"] = st.st_mtime_ns
+        out.append(entry)
+    return out
+
+
+def stamp_data(run_dir: Path, cfg: RunConfig) -> None:
+    """Record what the run's data files and settings are at launch (stamp.json), so that a resume
+    can tell a file or config.toml changed under it: the checkpoint's data order indexes the rows
+    the run started with, and its adapter has the shapes of the LoRA settings it was made with.
+    Best effort: a file that cannot be read is the preflight's and the engine's to report."""
+    stamp: dict = {"config": cfg.to_dict()}
+    try:
+        files = _data_files(cfg.data.path)
+        if files:
+            stamp.update(path=cfg.data.path, files=_fingerprint(files))
+    except OSError:
+        pass
+    try:
+        (run_dir / STAMP_FILE).write_text(json.dumps(stamp, default=str))
+    except OSError:
+        pass
+
+
+# Settings a checkpoint depends on: the model and the adapter's shapes (a resume with another
+# lora.r fails deep inside peft's loader with a page of size mismatches), and the data (its order).
+# The rest (max_steps, save and eval steps, the GPU budget ...) may change between attempts.
+RESUME_FIXED = ("model.", "lora.", "data.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_change(run_dir: Union[str, Path]) -> Optional[str]:
+    """The settings a checkpoint depends on that config.toml no longer has as at launch, or None."""
+    try:
+        before = json.loads((Path(run_dir) / STAMP_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    now = RunConfig.from_toml(Path(run_dir) / CONFIG_FILE).to_dict()  # a broken edit is its own message
+    a, b = _flat(before), _flat(json.loads(json.dumps(now, default=str)))  # as stored: lists, not tuples
+    changed = [k for k in sorted(set(a) | set(b)) if k.startswith(RESUME_FIXED) and a.get(k) != b.get(k)]
+    if not changed:
+        return None
+    shown = ", ".join(f"{k}: {json.dumps(a.get(k))} then, {json.dumps(b.get(k))} now" for k in changed[:3])
+    return shown + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def data_change(run_dir: Union[str, Path]) -> Optional[str]:
+    """What changed in the run's data files since it started (one phrase), or None: unchanged, or
+    no stamp (a Hub dataset, a run made before stamps)."""
+    try:
+        stamp = json.loads((Path(run_dir) / STAMP_FILE).read_text())
+        before = {e["file"]: e for e in stamp["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = stamp.get("path", "")
+    files = _data_files(path)
+    if not files:
+        return f"{path} is gone"
+    try:
+        now = {e["file"]: e for e in _fingerprint(files)}
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+    if added or removed:
+        parts = ([f"{len(added)} file(s) added ({Path(added[0]).name}{', ...' if len(added) > 1 else ''})"] if added else []) + \
+                ([f"{len(removed)} removed ({Path(removed[0]).name}{', ...' if len(removed) > 1 else ''})"] if removed else [])
+        return f"{path}: " + ", ".join(parts)
+    for f, e in now.items():
+        b = before[f]
+        if e != b and (b.get("sha256") is None or e.get("sha256") != b.get("sha256") or e["size"] != b["size"]):
+            return f"{f} changed ({b['size']:,} bytes then, {e['size']:,} now)" if e["size"] != b["size"] \
+                else f"{f} changed (same size, {'other contents' if 'sha256' in b else 'modified since'})"
+    return None
+
+
+def check_resumable(run_dir: Union[str, Path]) -> None:
+    """Refuse to resume a run whose data changed since it started: the checkpoint carries on the
+    data order of the rows it was planned on (and the step count, the schedule), so on other rows
+    it would silently train a mix the user never asked for."""
+    run_dir = Path(run_dir)
+    change = config_change(run_dir)
+    if change:
+        raise UserError(f"cannot resume {run_dir.name}: {CONFIG_FILE} changed since it started ({change}); "
+                        "a checkpoint continues only with the model, LoRA and data settings it was made with",
+                        hint=f"put those settings back to resume, or train them as a new run: "
+                        f"snugtune train {run_dir / CONFIG_FILE}")
+    change = data_change(run_dir)
+    if change:
+        raise UserError(f"cannot resume {run_dir.name}: its data changed since it started ({change})",
+                        hint=f"put the data back as it was to resume, or train the new data as a new run: "
+                        f"snugtune train {run_dir / CONFIG_FILE}")
 
 
 def log_size(run_dir: Union[str, Path]) -> int:
@@ -344,11 +483,42 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
     pid = read_pid(run_dir)
     if pid is None or not pid_alive(pid):
         return False
+    if not _attempt_has_events(run_dir):
+        # The engine has not written a line of this attempt yet: it is still importing torch, before
+        # its signal handlers exist, and a SIGTERM would kill it without a word (a Ctrl-C in the first
+        # seconds of `snugtune train` showed as "died"). The stop file alone is enough: the engine
+        # reads it once it has set up and stops there with run_stopped, checkpoints intact.
+        return True
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
     return True
+
+
+def deleted_run(event: dict, run_dir: Union[str, Path], pid: Optional[int]) -> dict:
+    """A follower's synthetic "died" event, told apart from a real death when the run directory
+    itself is gone (deleted from another terminal, `snugtune runs rm` racing, a cleaned /tmp): the
+    pid file went with it, so the engine looked dead while it may still be training into a folder
+    that no longer exists, where it can save nothing. Any other event is returned as it is."""
+    run_dir = Path(run_dir)
+    if not event.get("synthetic") or run_dir.exists():
+        return event
+    error = f"the run directory {run_dir} was deleted while the run was followed"
+    if pid is not None and pid_alive(pid):
+        error += f"; its engine (pid {pid}) still runs and can save nothing there: end it with `kill {pid}`"
+    return {**event, "kind": "deleted", "error": error}
+
+
+def _attempt_has_events(run_dir: Path) -> bool:
+    from core.events import current_attempt
+
+    return log_size(run_dir) > current_attempt(run_dir)
+
+
+def still_starting(run_dir: Union[str, Path]) -> bool:
+    """Whether the run's engine has not written a line of its current attempt yet (importing torch)."""
+    return not _attempt_has_events(Path(run_dir))
 
 
 def remove_run(run_dir: Union[str, Path]) -> None:

@@ -376,6 +376,11 @@ def test_stop_wait_returns_when_the_engine_has_stopped_not_before(runs_dir):
         ["go", {"event": "run_stopped", "step": 2, "checkpoint": str(run_dir / "checkpoints" / "checkpoint-2")}],
     ])
     try:
+        # the ready marker: the fake engine's run_started, written after its SIGTERM handler is set
+        # (before its first line, `stop` writes the stop file only: see runs.request_stop)
+        deadline = time.monotonic() + LONG
+        while len(read_events(run_dir)) <= len(FIRST_ATTEMPT) and time.monotonic() < deadline:
+            time.sleep(0.05)
         stop = subprocess.Popen([*CMD, "stop", "r", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert "asked run r to save a checkpoint" in stop.stdout.readline()
         deadline = time.monotonic() + LONG

@@ -95,7 +95,9 @@ def test_resolve_run_by_dir_name_and_unique_prefix(runs_dir):
 
 
 def test_request_stop_writes_the_stop_file_and_terminates_the_engine(tmp_path):
-    d = _fake_run(tmp_path, "r", [])
+    # an engine that has written its first line (its signal handlers are installed by then; before
+    # that the stop file alone is used: tests/test_userpath2_runs.py)
+    d = _fake_run(tmp_path, "r", [("setup_progress", {"message": "resolving the model"})])
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     (d / "pid").write_text(str(proc.pid))
     assert runs.request_stop(d) is True

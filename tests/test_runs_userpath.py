@@ -14,4 +14,4 @@ def test_a_stopped_run_says_the_resume_command_with_its_name():
     assert "(resume with `snugtune resume demo-20261201-163448`)" in out.getvalue()
     out = io.StringIO()
     Printer(out).event({"event": "run_stopped", "step": 0, "checkpoint": None})
-    assert "`snugtune resume RUN`" in out.getvalue()
+    assert "stopped before training started" in out.getvalue() and "`snugtune resume RUN`" in out.getvalue()

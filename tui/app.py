@@ -8,6 +8,7 @@ that needs torch or a tokenizer runs as a subprocess.
 from __future__ import annotations
 
 import copy
+import json
 import importlib
 import os
 import sys
@@ -295,7 +296,7 @@ class SnugtuneApp(App[int]):
             )
             return
         try:
-            path = presets.save_preset(cfg, name, overwrite=overwrite)
+            path = presets.save_preset(saved_description(cfg), name, overwrite=overwrite)
         except UserError as exc:
             screen.set_status(str(exc), "error")
             return
@@ -355,6 +356,21 @@ class SnugtuneApp(App[int]):
 def _is_running(run: Any) -> bool:
     status = attr(run, "status", "state", default="")
     return str(status).lower() in {"running", "starting", "training"}
+
+
+def saved_description(cfg: RunConfig) -> RunConfig:
+    """The setup as the user saves it, described by what it is. The description came along from
+    the preset it started from, so a preset saved from the demo with the user's own data and
+    model was listed by `snugtune presets` as "Offline demo: a tiny local model learns ..."."""
+    from core.presets import list_presets
+
+    shipped = {getattr(p, "description", None) for p in list_presets() if getattr(p, "source", "") == "builtin"}
+    if cfg.description and cfg.description not in shipped:
+        return cfg  # the user's own words (a preset of theirs, saved again)
+    d, m = cfg.data, cfg.model
+    text = (f"{m.name_or_path} on {Path(d.path).name if d.path else '?'}: LoRA r={cfg.lora.r}, "
+            f"{d.max_seq_len:,} tokens (saved from the wizard)")
+    return cfg.with_overrides([f"description={json.dumps(text)}"])
 
 
 def run_wizard(preset: str | None = None) -> int:

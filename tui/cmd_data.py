@@ -121,7 +121,7 @@ def format_report(report: dict, color: bool = False) -> str:
         f"data:     {report['path']} ({_n(report['samples_total'], 'sample')}; columns: {', '.join(report['columns'])})",
         f"format:   {fmt['kind']} - {fmt['reason']}",
         f"template: {template}; tokenizer {report['tokenizer']}",
-        f"loss on:  {'responses only (the prompt is read, not learned)' if report['train_on_responses_only'] else 'every token'}",
+        f"loss on:  {_loss_on(report)}",
     ]
     legend = f"{DIM}dimmed{RESET}" if color else f"{OPEN}marked{CLOSE}"
     from core.data import context_summary, dropped_and_cut
@@ -137,7 +137,7 @@ def format_report(report: dict, color: bool = False) -> str:
             out.append(f"[{context}]")
         body = "".join(
             seg["text"] if seg["trained"] else (f"{DIM}{seg['text']}{RESET}" if color else f"{OPEN}{seg['text']}{CLOSE}")
-            for seg in s["segments"]
+            for seg in clip_segments(s["segments"])
         )
         out.append(body.rstrip("\n"))
     out += ["", *format_length_stats(report["length_stats"], sampled=report.get("length_stats_sampled", False))]
@@ -146,6 +146,45 @@ def format_report(report: dict, color: bool = False) -> str:
     of = f"first {report['length_stats']['count']} samples" if report.get("counts_sampled") else "samples"
     out.append(f"dropped or cut ({of}): " + ("; ".join(cut) if cut else "none"))
     return "\n".join(out)
+
+
+# A sample longer than this many characters is shown by its start and its end: a 4,096-token
+# document printed whole pushed everything else of the report off the terminal.
+CLIP_HEAD, CLIP_TAIL = 1200, 400
+
+
+def clip_segments(segments: list[dict], head: int = CLIP_HEAD, tail: int = CLIP_TAIL) -> list[dict]:
+    """The segments of a sample, the middle of a long one replaced by one line saying how much is
+    left out (masked and trained parts keep their marks on both sides of the cut)."""
+    total = sum(len(seg["text"]) for seg in segments)
+    if total <= head + tail + 200:
+        return segments
+
+    def take(segs: list[dict], n: int) -> list[dict]:
+        out = []
+        for seg in segs:
+            if n <= 0:
+                break
+            out.append({**seg, "text": seg["text"][:n]})
+            n -= len(seg["text"])
+        return out
+
+    start = take(segments, head)
+    rev = [{**seg, "text": seg["text"][::-1]} for seg in reversed(segments)]
+    end = [{**seg, "text": seg["text"][::-1]} for seg in reversed(take(rev, tail))]
+    gap = {"text": f"\n[... {total - head - tail:,} characters not shown ...]\n", "trained": True}
+    return start + [gap] + end
+
+
+def _loss_on(report: dict) -> str:
+    # Plain text has no prompt: every token is learned whatever train_on_responses_only says, and
+    # segments learn what their labels say.
+    kind = (report.get("format") or {}).get("kind")
+    if kind == "text":
+        return "every token (plain text has no prompt to mask)"
+    if kind == "segments":
+        return "the segments labelled true"
+    return "responses only (the prompt is read, not learned)" if report["train_on_responses_only"] else "every token"
 
 
 def _n(count: int, word: str) -> str:

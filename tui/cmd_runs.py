@@ -53,8 +53,9 @@ def progress_line(ev: dict) -> str:
 class Printer:
     """Renders events to the terminal: a live progress line on a TTY, plain lines otherwise."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, run: Optional[str] = None):
         self.stream = stream or sys.stdout
+        self.run = run  # the run's name, for lines to paste
         self.tty = self.stream.isatty()
         self._live = False
 
@@ -114,9 +115,15 @@ class Printer:
         elif kind == "run_stopped":
             ckpt = Path(str(ev["checkpoint"])) if ev.get("checkpoint") else None
             # the run's name, so the line can be pasted as it is (the checkpoint is RUN/checkpoints/checkpoint-N)
-            run = f" {ckpt.parent.parent.name}" if ckpt is not None and ckpt.parent.name == "checkpoints" else " RUN"
-            self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} "
-                       f"(resume with `snugtune resume{run}`)")
+            run = f" {ckpt.parent.parent.name}" if ckpt is not None and ckpt.parent.name == "checkpoints" \
+                else f" {self.run or 'RUN'}"
+            if ckpt is None and not ev.get("step"):
+                # stopped during setup (a Ctrl-C while the model loads): nothing trained, nothing lost
+                self._line(f"stopped before training started: nothing was trained, no checkpoint "
+                           f"(`snugtune resume{run}` starts it)")
+            else:
+                self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} "
+                           f"(resume with `snugtune resume{run}`)")
         elif kind == "run_failed":
             self._line(f"failed ({ev.get('kind')}): {ev.get('error')}")
 
@@ -140,11 +147,16 @@ def _follow_and_print(run_dir: Path, alive: Optional[Callable[[], bool]], printe
 
     if start is None:
         start = current_attempt(run_dir)
+    from core.runs import deleted_run, read_pid
+
     position = {"offset": start}
+    pid = read_pid(run_dir)
     while True:
         try:
             for ev in follow(run_dir, alive=alive, from_offset=position["offset"], after_offset=start,
                              position=position):
+                pid = pid or read_pid(run_dir)
+                ev = deleted_run(ev, run_dir, pid)
                 printer.event(ev)
                 if ev.get("event") in TERMINAL_EVENTS:
                     return ev
@@ -188,10 +200,10 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
               f"`snugtune stop {run_dir.name}`", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(), on_interrupt, start=start)
+    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(run=run_dir.name), on_interrupt, start=start)
     if last is None and stopping["asked"]:
         return 130
-    if last is not None and last.get("event") == "run_failed" and last.get("kind") != "user":
+    if last is not None and last.get("event") == "run_failed" and last.get("kind") not in ("user", "deleted"):
         print(f"snugtune: the run failed; details in {run_dir / 'engine.log'}", file=sys.stderr)
     try:
         proc.wait(timeout=60)  # the engine exits right after its last event
@@ -245,6 +257,7 @@ def _resume(run: str, detach: bool, as_json: bool) -> int:
     if status["status"] == "finished":
         raise UserError(f"run {run_dir.name} already finished; its adapter is in {run_dir / 'adapter'}",
                         hint="start a new run with `snugtune train`")
+    runs.check_resumable(run_dir)
     return _run_engine(run_dir, detach, as_json)
 
 
@@ -356,7 +369,7 @@ def cmd_attach(args) -> int:
         print(f"\ndetached; the run continues (`snugtune stop {run_dir.name}` stops it)", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, None, Printer(), on_interrupt, start=start)
+    last = _follow_and_print(run_dir, None, Printer(run=run_dir.name), on_interrupt, start=start)
     return 130 if last is None else _exit_code(last)
 
 
@@ -375,7 +388,11 @@ def cmd_stop(args) -> int:
         status = runs.run_status(run_dir)["status"]
         print(f"run {run_dir.name} is not running ({status})")
         return 0
-    print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
+    if runs.still_starting(run_dir):
+        print(f"asked run {run_dir.name} to stop; it is still starting and stops as soon as it has set up "
+              "(loading a large model takes a while), before training a step", flush=True)
+    else:
+        print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
     if not args.wait:
         return 0
     timeout = args.timeout if args.timeout is not None else STOP_WAIT_S

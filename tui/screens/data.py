@@ -24,7 +24,7 @@ from tui.keyorder import focus_now
 
 FORMATS = [("auto-detect", "auto"), ("instruction", "instruction"), ("chat", "chat"), ("segments", "segments"),
            ("text", "text")]
-DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"}
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
 # A subprocess tokenizing a large file may take a while; beyond this the user is told and can retry.
 INSPECT_TIMEOUT_S = 300
 
@@ -61,10 +61,13 @@ def parse_columns(text: str) -> dict[str, str]:
     return mapping
 
 
+COLUMNS_PLACEHOLDER = "e.g. instruction=question, output=answer"
+
+
 def data_suffix(p: Path) -> str:
     """`.jsonl` for `a.jsonl` and for `a.jsonl.gz` (read gzipped, as core.data.data_type says)."""
     ext = p.suffix.lower()
-    if ext == ".gz" and Path(p.stem).suffix.lower() in DATA_SUFFIXES - {".parquet"}:
+    if ext == ".gz" and Path(p.stem).suffix.lower() in DATA_SUFFIXES - {".parquet", ".arrow"}:
         return Path(p.stem).suffix.lower()
     return ext
 
@@ -80,7 +83,7 @@ def local_problem(path: str) -> str | None:
     if p.is_dir():
         return None  # a directory of data files is one dataset (the reader says what is in it)
     if looks_local and data_suffix(p) not in DATA_SUFFIXES:
-        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
+        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet, .arrow or .txt"
     return None
 
 
@@ -211,7 +214,7 @@ class DataScreen(StepScreen):
 
     def compose_body(self):
         # 78 characters: one line at 80 columns
-        yield Label("Training data: .jsonl .json .csv .tsv .parquet .txt (file or folder) or Hub id",
+        yield Label("Training data: .jsonl .json .csv .tsv .parquet .arrow .txt, folder, Hub id",
                     classes="title")
         with Horizontal(classes="row"):
             yield Label("Data", classes="field-label")
@@ -223,7 +226,7 @@ class DataScreen(StepScreen):
                          id="format", compact=True)
             yield Label(" Columns", classes="field-label-short")
             cols = self.app.get_value("data.columns", {}) or {}
-            yield Input(", ".join(f"{k}={v}" for k, v in cols.items()), placeholder="e.g. instruction=question, output=answer",
+            yield Input(", ".join(f"{k}={v}" for k, v in cols.items()), placeholder=COLUMNS_PLACEHOLDER,
                         id="columns", compact=True, tooltip=field_help("data.columns"))
         with Horizontal(id="data-body"):
             with VerticalScroll(id="samples-box"):
@@ -267,6 +270,7 @@ class DataScreen(StepScreen):
         if problem:
             self.report = None
             self.app.data_report = None
+            self.query_one("#columns", Input).placeholder = COLUMNS_PLACEHOLDER
             self.query_one("#samples", Static).update(Text(problem, style="red"))
             self.query_one("#lengths", Static).update("")
             self.set_status(problem, "error")
@@ -293,6 +297,9 @@ class DataScreen(StepScreen):
         if msg.error:
             self.report = None
             self.app.data_report = None
+            # the previous file's detected mapping must not stand as this file's (it read as the
+            # mapping in use, and as what to type over)
+            self.query_one("#columns", Input).placeholder = COLUMNS_PLACEHOLDER
             self.query_one("#samples", Static).update(Text(msg.error, style="red"))
             # the previous file's lengths and histogram must not stand beside this file's error
             self.query_one("#lengths", Static).update("")

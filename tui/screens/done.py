@@ -198,8 +198,10 @@ class DoneScreen(StepScreen):
         if msg.error:
             self.set_status(f"chat: {msg.error}", "error")
             return
+        from core.runs import EMPTY_REPLY
+
         target = "#chat-base" if msg.who == "base" else "#chat-adapter"
-        self.query_one(target, RichLog).write(Text(msg.text))
+        self.query_one(target, RichLog).write(Text(msg.text) if msg.text.strip() else Text(EMPTY_REPLY, style="dim"))
         self.set_status("answered · Enter: ask again · ctrl+e: export · ctrl+s: save as preset")
 
     # ---- export ------------------------------------------------------------------------

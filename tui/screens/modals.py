@@ -28,7 +28,8 @@ class PromptScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.title_text, classes="dialog-title")
+            # a Static wraps where a Label is cut at the dialog's edge ("... to (a ne" at 100 columns)
+            yield Static(self.title_text, classes="dialog-title", markup=False)
             yield Input(self.value, placeholder=self.placeholder, id="prompt")
             yield Static("Enter to confirm · Escape to cancel", classes="hint")
         yield Footer()

@@ -108,6 +108,21 @@ def spec_details(spec: Any) -> str:
     return "\n".join(rows)
 
 
+def gguf_not_loadable(spec: Any) -> str | None:
+    """Why a GGUF model cannot be trained (its architecture is none that transformers' GGUF loader
+    dequantizes, core.gguf_source.ARCH_TO_MODEL_TYPE), or None. The wizard process imports no
+    transformers, so the table stands in for transformers' own list; training says the exact one."""
+    if attr(spec, "source", default="") != "gguf":
+        return None
+    from core.gguf_source import ARCH_TO_MODEL_TYPE
+
+    mt = str(attr(spec, "model_type", default="") or "")
+    if not mt or mt in ARCH_TO_MODEL_TYPE.values() or mt in ARCH_TO_MODEL_TYPE:
+        return None
+    return (f"its architecture {mt!r} is none transformers can dequantize from GGUF, so it cannot train; "
+            "pick its original weights (a Hub id or folder) instead")
+
+
 class ModelScreen(StepScreen):
     STEP = 1
 
@@ -354,6 +369,12 @@ class ModelScreen(StepScreen):
         else:
             self.show_specs(self.specs)
         self.query_one("#details", Static).update(spec_details(msg.spec))
+        foreign = gguf_not_loadable(msg.spec)
+        if foreign:
+            # chosen (an estimate still works from the header), but said now rather than at the
+            # data preview or the engine's start
+            self.set_status(f"chosen: {spec_id(msg.spec)}, but {foreign}", "warning")
+            return
         self.set_status(f"chosen: {spec_id(msg.spec)} · ctrl+n goes on to the data", "ok")
 
     def save_state(self) -> None:

@@ -251,13 +251,16 @@ class TrainScreen(StepScreen):
         """Post every event of the log, then new ones, until a terminal event written after
         `resume_offset` (a resumed run's log holds the earlier session's run_stopped first;
         None: the run's current attempt, core.events.current_attempt)."""
-        from core import events
+        from core import events, runs
 
         worker = get_current_worker()
+        pid = runs.read_pid(run_dir)
         for event in events.follow(run_dir, poll_s=FOLLOW_POLL_S, start_grace_s=PID_GRACE_S,
                                    after_offset=resume_offset, cancelled=lambda: worker.is_cancelled,
                                    wait=worker.cancelled_event.wait):
-            if event.get("synthetic"):
+            pid = pid or runs.read_pid(run_dir)
+            event = runs.deleted_run(event, run_dir, pid)
+            if event.get("synthetic") and event.get("kind") == "died":
                 event = {**event, "log_tail": log_tail(run_dir)}
             self.post_message(RunEvent(event))
 
@@ -327,7 +330,9 @@ class TrainScreen(StepScreen):
         text = Text()
         kind = e.get("kind")
         died = kind == "died"
-        if died:  # killed (kill -9, out of host memory, a power cut): no error of its own to show
+        if kind == "deleted":  # the folder went, not (necessarily) the engine
+            text.append("The run directory is gone:\n", style="bold red")
+        elif died:  # killed (kill -9, out of host memory, a power cut): no error of its own to show
             text.append("The engine process is gone without a word (killed, out of host memory, or a hard "
                         "crash):\n", style="bold red")
         else:
@@ -339,6 +344,10 @@ class TrainScreen(StepScreen):
             text.append(tail, style="dim")
         box.update(text)
         box.display = True
+        if kind == "deleted":
+            self.set_status("the run directory was deleted: nothing is left to resume; "
+                            "ctrl+t starts a new run", "error")
+            return
         ckpt = f"checkpoint-{self.checkpoint}" if isinstance(self.checkpoint, int) else "the last checkpoint"
         resumable = self.checkpoint is not None
         self.set_status(("the engine died; " if died else "the run failed; ")
@@ -358,7 +367,8 @@ class TrainScreen(StepScreen):
         total = self.total_steps
         title = Text(f"Run {run_dir.name if run_dir else '?'} · ", style="bold")
         # a killed engine is `died`, as `snugtune runs` says, not `failed` (it reported no error)
-        shown = "died" if self.state == "failed" and (self.failure or {}).get("kind") == "died" else self.state
+        gone = (self.failure or {}).get("kind") if self.state == "failed" else None
+        shown = gone if gone in ("died", "deleted") else self.state
         title.append(shown, style="bold reverse" if self.state in ("failed", "finished") else "bold")
         if self.state in ("starting", "running") and not self.last.get("step") and self.setup_message:
             title.append(f" · {self.setup_message}", style="dim")
@@ -408,7 +418,9 @@ class TrainScreen(StepScreen):
         if mem is not None:
             row("memory", f"{float(mem):.2f} GiB" + (f" / est {float(est_total):.2f}" if est_total else ""))
         elif est_total:
-            row("memory", f"… / est {float(est_total):.2f} GiB")
+            # the CPU reports no GPU memory: "…" there read as a reading still to come, forever
+            on_cpu = self.device.get("type") == "cpu"
+            row("memory", f"{'n/a (CPU)' if on_cpu else '…'} / est {float(est_total):.2f} GiB")
         temp, power = self.gpu_stats.get("temp_c"), self.gpu_stats.get("power_w")
         if temp is not None or power is not None:
             row("GPU", " ".join(x for x in (f"{temp:.0f}°C" if temp is not None else "",
@@ -463,6 +475,7 @@ class TrainScreen(StepScreen):
         log = self.app.run_dir / "events.jsonl"
         offset = log.stat().st_size if log.exists() else 0
         try:
+            runs.check_resumable(self.app.run_dir)
             runs.launch(self.app.run_dir, detach=True)
         except UserError as exc:
             self.set_status(f"could not resume: {exc}", "error")
