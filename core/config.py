@@ -115,14 +115,14 @@ class DataConfig(_Section):
         "max_seq_len tokens (nothing is thrown away), or 'truncate' (keep the first max_seq_len tokens). "
         "Instruction and chat samples are always truncated (a reply cut from its prompt teaches nothing).",
     )
-    split: str = Field("train", description="Which split of a Hub dataset to train on.")
+    split: str = Field("train", description="Which split to train on: of a Hub dataset, a datasets save_to_disk folder, or a folder of train / test / validation files.")
     subset: Optional[str] = Field(None, description="The configuration (subset) of a Hub dataset, if it has several.")
     template: Literal["auto", "builtin"] = Field(
         "auto",
         description="How samples become text: 'auto' uses the tokenizer's chat template when it has one, "
         "else snugtune's built-in template; 'builtin' always uses the built-in one.",
     )
-    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Longest sequence in tokens; longer samples are truncated.")
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Longest sequence in tokens; longer chats are cut, long texts split.")
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on the response tokens only; the prompt is read but not learned."
     )
