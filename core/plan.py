@@ -146,6 +146,24 @@ def planned_steps(n_rows: int, micro_batch: int, grad_accum: int, epochs: float,
     return max(math.ceil(epochs * per_epoch), 1)
 
 
+# Fewer optimizer steps than this in a whole run (epochs-based, no max_steps) barely move a LoRA
+# adapter at the usual learning rates: the real-weight checks (bench/real_weights.py, Gemma 3 270M)
+# needed ~60-200 steps to learn their task; 100 Q&A pairs packed at 1,024 tokens with accumulation 8
+# make 2-3 steps an epoch.
+FEW_STEPS = 30
+
+
+def few_steps_note(total_steps: int, per_epoch: int, max_steps: Optional[int]) -> Optional[str]:
+    """One sentence when an epochs-based run takes too few optimizer steps to learn much, with the
+    setting that fixes it; None otherwise (and whenever max_steps says what the user wants)."""
+    if max_steps or total_steps >= FEW_STEPS or per_epoch < 1:
+        return None
+    epochs = math.ceil(FEW_STEPS * 2 / per_epoch)
+    return (f"only {total_steps} optimizer step{'s' if total_steps != 1 else ''} in all "
+            f"({per_epoch} an epoch): too few for the adapter to learn much; "
+            f"train.epochs={epochs} gives {epochs * per_epoch}, or lower train.grad_accum")
+
+
 def context_gib(gpu: GpuTarget) -> float:
     """Memory the process holds outside PyTorch's allocator on this card (GiB): measured for Hopper
     (MEASURED_CONTEXT_GIB), the profile's assumption elsewhere."""

@@ -48,7 +48,7 @@ DIVERGED_AFTER = 3
 
 # The decisions (optimizer, dtype, savers, CUDA graphs, the retry after an OOM) are core.plan's;
 # these two are re-exported for the step accounting here.
-from core.plan import oom_fallback, planned_steps  # noqa: E402,F401
+from core.plan import few_steps_note, oom_fallback, planned_steps  # noqa: E402,F401
 
 from core.plan import PLAN_FILE  # noqa: E402
 
@@ -571,6 +571,9 @@ class Engine:
             format=self.data_info.get("format"),
             length_stats=self.data_info.get("length_stats"),
             info=self.data_info,
+            few_steps=few_steps_note(self._total_steps(), planned_steps(
+                len(self.train_rows), self.micro_batch * self.ranks.world_size, self.grad_accum, 1.0, None),
+                self.cfg.train.max_steps),
         )
 
     def _checkpoint_to_resume(self) -> Optional[Path]:

@@ -91,6 +91,8 @@ class Printer:
             cut = (ev.get("info") or {}).get("dropped_and_cut")  # core.data: everything dropped or cut
             if cut:
                 self._line("  data dropped or cut: " + "; ".join(cut))
+            if ev.get("few_steps"):  # core.plan.few_steps_note
+                self._line(f"  note: {ev['few_steps']}")
         elif kind == "step_logged":
             self._progress(progress_line(ev))
         elif kind == "eval_logged":

@@ -412,6 +412,8 @@ class SettingsScreen(StepScreen):
                                 "ctrl+f auto-fits, or lower sequence length / micro-batch", "error")
             elif too_long:
                 self.set_status(f"{too_long} (data.max_seq_len)", "warning")
+            elif few := self.few_steps(cfg):
+                self.set_status(f"{few} · ctrl+n trains as set", "warning")
             else:
                 self.set_status(f"estimated peak {total:.2f} GiB of {float(budget or 0):.2f} GiB · ctrl+n to train")
 
@@ -429,6 +431,15 @@ class SettingsScreen(StepScreen):
         if cfg.train.max_steps:
             out.append(f"\nmax_steps {cfg.train.max_steps}: {_about(step_s * cfg.train.max_steps)}")
         return out
+
+    def few_steps(self, cfg: RunConfig) -> str | None:
+        """core.plan's note when the whole run is too few optimizer steps to learn much (epochs-based)."""
+        from core.plan import few_steps_note, planned_steps
+
+        per_epoch = self.steps_per_epoch(cfg)
+        if not per_epoch or cfg.train.max_steps:
+            return None
+        return few_steps_note(planned_steps(per_epoch, 1, 1, cfg.train.epochs, None), per_epoch, None)
 
     def steps_per_epoch(self, cfg: RunConfig) -> int | None:
         from core.plan import planned_steps  # the engine's own count (core.train uses it too)
