@@ -50,20 +50,22 @@ import torch
 import triton
 import triton.language as tl
 
+from core.plan import KERNEL_CLASSES
+
 # Triton's interpreter runs the kernels on CPU tensors (the tests); it is decided at import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Norm classes computing w * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Llama style) and
 # ((x * rsqrt(...)) * (1 + w)).to(dtype) in fp32 (Gemma style), as transformers writes them.
-LLAMA_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
-GEMMA_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+# The classes come from core.plan.KERNEL_CLASSES, the one list of the model types the kernels fuse.
+LLAMA_NORMS = frozenset(f"{p}RMSNorm" for p, gemma in KERNEL_CLASSES.values() if not gemma)
+GEMMA_NORMS = frozenset(f"{p}RMSNorm" for p, gemma in KERNEL_CLASSES.values() if gemma)
 # MLPs written down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation decides the kernel.
-MLP_CLASSES = frozenset({"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
+MLP_CLASSES = frozenset(f"{p}MLP" for p, _ in KERNEL_CLASSES.values())
 SILU_ACTS = frozenset({"SiLU", "SiLUActivation"})
 GELU_TANH_ACTS = frozenset({"GELUTanh", "PytorchGELUTanh"})
 # attention classes that call their module's apply_rotary_pos_emb(q, k, cos, sin) with rotate_half
-ATTN_CLASSES = frozenset({"LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention",
-                          "GemmaAttention", "Gemma2Attention", "Gemma3Attention"})
+ATTN_CLASSES = frozenset(f"{p}Attention" for p, _ in KERNEL_CLASSES.values())
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

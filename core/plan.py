@@ -47,10 +47,13 @@ CHUNKABLE = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", 
                        "smollm3"})
 # Attention softcapping (Gemma-2) / sliding windows (Gemma-2/3): SDPA cannot, a query-tiled exact one does.
 TILED_ATTENTION = frozenset({"gemma2", "gemma3_text"})
-# Model types whose RMSNorm, GLU MLP and attention classes core/kernels.py patches (its LLAMA_NORMS /
-# GEMMA_NORMS, MLP_CLASSES, ATTN_CLASSES; tests/test_estimate_kernels.py holds the two lists together):
-# the estimate prices the kernels' memory only for these.
-KERNEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text"})
+# The model types core/kernels.py fuses, each with the prefix of its transformers classes (<Prefix>RMSNorm,
+# <Prefix>MLP, <Prefix>Attention: core/kernels.py builds its class lists from this table) and whether its
+# norm is Gemma's (1 + w, fp32). The plan turns the kernels on only for these; the estimate prices them so.
+KERNEL_CLASSES = {"llama": ("Llama", False), "qwen2": ("Qwen2", False), "qwen3": ("Qwen3", False),
+                  "mistral": ("Mistral", False), "gemma": ("Gemma", True), "gemma2": ("Gemma2", True),
+                  "gemma3_text": ("Gemma3", True)}
+KERNEL_TYPES = frozenset(KERNEL_CLASSES)
 # CUDA-graph steps build a B x T x T boolean mask per micro-batch (core.graphs' static mode): short rows only.
 GRAPH_MAX_TOKENS = 8192
 # Memory outside PyTorch's allocator (CUDA context, lazily loaded kernels, cuBLAS handles), measured
@@ -173,13 +176,15 @@ def context_gib(gpu: GpuTarget) -> float:
     return max(gpu.cuda_context_gib, measured) if measured else gpu.cuda_context_gib
 
 
-def _kernels(on_cuda: bool, gpu, compiled: bool, guard: bool) -> tuple[bool, str]:
+def _kernels(on_cuda: bool, gpu, compiled: bool, guard: bool, model_type: str) -> tuple[bool, str]:
     """Whether the engine routes norms, GLU MLPs and rotary through core/kernels.py (it still falls
     back to transformers' path, and says so, if Triton fails to import or a kernel to compile)."""
     import importlib.util
 
     if not on_cuda:
         return False, "not on a CUDA device"
+    if model_type not in KERNEL_TYPES:
+        return False, f"no fused kernels for {model_type} blocks: transformers' path"
     if os.environ.get("SNUGTUNE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
         return False, "SNUGTUNE_KERNELS=off"
     if compiled:
@@ -499,7 +504,7 @@ def plan(cfg, spec: ModelSpec, gpu: GpuTarget, *, spare: bool = True, keep: Opti
     else:
         graphs, graphs_why = True, "short rows on a bf16 card: one replay instead of thousands of launches"
     guard, guard_why = _fp16_guard(spec, dtype, getattr(cfg.model, "fp16_guard", "auto"))
-    kern, kern_why = _kernels(on_cuda, gpu, compiled, guard)
+    kern, kern_why = _kernels(on_cuda, gpu, compiled, guard, spec.model_type)
 
     p = Plan(
         model_id=spec.id, gpu=gpu.name, device="cuda" if on_cuda else "cpu",

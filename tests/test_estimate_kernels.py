@@ -56,6 +56,7 @@ def test_kernels_are_priced_only_where_the_plan_runs_them(monkeypatch):
     assert E.estimate(spec, c, card(), "snugtune", plan=replace(off.plan, kernels=True)).allocated_gib < off.allocated_gib
     other = replace(spec, id="x", model_type="phi3")  # not patched by core/kernels.py
     po = P.plan(c, other, card())
+    assert not po.kernels and po.kernels_why == "no fused kernels for phi3 blocks: transformers' path"
     assert (E.estimate(other, c, card(), "snugtune", plan=replace(po, kernels=True)).allocated_gib
             == E.estimate(other, c, card(), "snugtune", plan=po).allocated_gib)
     pg = replace(off.plan, fp16_guard=True)
