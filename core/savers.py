@@ -175,47 +175,42 @@ class _ChunkedLinearCE(torch.autograd.Function):
             for s in range(0, n, chunk):
                 h = hidden[s:s + chunk].to(wdt)
                 y = targets[s:s + chunk]
+                w8 = weights[s:s + chunk] if weights is not None else None
+                p16 = None  # the chunk's logits' gradient, (softmax - onehot) * w8 in the head's dtype
                 if CE_TAIL is not None and softcap is None:  # (CE_TAIL: set on CUDA only)
                     # core.kernels: NLL and the logits' gradient in one kernel, over the 16-bit logits
                     # in place (no fp32 copy); the same fp32 arithmetic, see kernels.ce_tail
                     p16 = h @ weight.t()
-                    w8 = weights[s:s + chunk] if weights is not None else None
                     nll = CE_TAIL(p16, y, w8, need_h or need_w)
-                    total += (nll * w8).sum() if w8 is not None else nll.sum()
-                    if need_h:
-                        gh[s:s + chunk] = (p16 @ weight).to(gh.dtype)
-                    if need_w:
-                        gw += (p16.t() @ h).to(gdt)
-                    del p16, h
-                    continue
-                z = (h @ weight.t()).float()
-                deriv = None
-                if softcap is not None:
-                    z.div_(softcap).tanh_()
+                else:
+                    z = (h @ weight.t()).float()
+                    deriv = None
+                    if softcap is not None:
+                        z.div_(softcap).tanh_()
+                        if need_h or need_w:
+                            deriv = 1.0 - z * z  # d(cap*tanh(x/cap))/dx
+                        z.mul_(softcap)
+                    lse = torch.logsumexp(z, dim=-1)
+                    nll = lse - z.gather(1, y[:, None]).squeeze(1)
                     if need_h or need_w:
-                        deriv = 1.0 - z * z  # d(cap*tanh(x/cap))/dx
-                    z.mul_(softcap)
-                lse = torch.logsumexp(z, dim=-1)
-                w8 = weights[s:s + chunk] if weights is not None else None
-                nll = lse - z.gather(1, y[:, None]).squeeze(1)
+                        p = z.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+                        p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+                        if w8 is not None:
+                            p.mul_(w8[:, None])
+                        if deriv is not None:
+                            p.mul_(deriv)
+                            del deriv
+                        # the 1/divisor is applied in backward, in fp32: dividing here first would
+                        # push small probabilities under fp16's range (fp16 cards, GradScaler)
+                        p16 = p.to(wdt)
+                        del p
+                    del z
                 total += (nll * w8).sum() if w8 is not None else nll.sum()
-                if need_h or need_w:
-                    p = z.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-                    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
-                    if w8 is not None:
-                        p.mul_(w8[:, None])
-                    if deriv is not None:
-                        p.mul_(deriv)
-                        del deriv
-                    # the 1/divisor is applied in backward, in fp32: dividing here first would
-                    # push small probabilities under fp16's range (fp16 cards, GradScaler)
-                    p16 = p.to(wdt)
-                    del p, z
-                    if need_h:
-                        gh[s:s + chunk] = (p16 @ weight).to(gh.dtype)
-                    if need_w:
-                        gw += (p16.t() @ h).to(gdt)
-                    del p16
+                if need_h:
+                    gh[s:s + chunk] = (p16 @ weight).to(gh.dtype)
+                if need_w:
+                    gw += (p16.t() @ h).to(gdt)
+                del p16
                 del h
         ctx.save_for_backward(*(t for t in (gh, gw) if t is not None))
         ctx.has = (need_h, need_w)
