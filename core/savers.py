@@ -805,6 +805,9 @@ class _PackState:
     seg_ids: Optional[torch.Tensor] = None  # (B, T) int, or None for unpacked, unpadded rows
     div_given: Optional[torch.Tensor] = None
     div_per_token: Optional[torch.Tensor] = None
+    # (seg_ids it was built from, the B x 1 x T x T additive mask): one mask a micro-batch, shared by every
+    # block's attention (see _static_mask)
+    static_mask: Optional[tuple] = None
 
 
 @contextlib.contextmanager
@@ -817,6 +820,7 @@ def static_mode(div_given: torch.Tensor, div_per_token: torch.Tensor):
         yield
     finally:
         st.static, st.seg_ids, st.div_given, st.div_per_token = False, None, None, None
+        st.static_mask = None
 
 
 def _sample_starts(position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
@@ -957,10 +961,9 @@ def snug_attention(module, query, key, value, attention_mask=None, dropout: floa
     k, v = _repeat_kv(key, g), _repeat_kv(value, g)
     if torch.is_tensor(segments):
         # static mode, packed or padded rows: one SDPA call with a causal, same-sample mask built on
-        # the device (B x T x T booleans; static mode is only used for short rows, see core.graphs)
-        pos = torch.arange(Tq, device=query.device)
-        mask = (pos[None, :, None] >= pos[None, None, :]) & (segments[:, :, None] == segments[:, None, :])
-        o = F.scaled_dot_product_attention(query, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling)
+        # the device (static mode is only used for short rows, see core.graphs)
+        mask = _static_mask(segments, Tq, query.dtype)
+        o = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
         return o.transpose(1, 2).contiguous(), None
     if segments is None:
         if Tq != Tk and attention_mask is not None and torch.is_tensor(attention_mask):
@@ -972,6 +975,32 @@ def snug_attention(module, query, key, value, attention_mask=None, dropout: floa
                                                dropout_p=dropout, scale=scaling)
         return o.transpose(1, 2).contiguous(), None
     return _per_sample_attention(query, k, v, segments, dropout, scaling), None
+
+
+def _static_mask(segments: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """The causal, same-sample additive mask (0 / -inf, B x 1 x T x T in the attention's dtype) for the
+    sample ids `segments`, built once a micro-batch and shared by every block.
+
+    A boolean mask built in each block's attention cost one B x T x T tensor a block that keeps its
+    activations: SDPA turns a boolean mask into an additive one in the query's dtype on every call and the
+    attention's backward saves that copy (fit_truth run 7: SmolLM2-1.7B at 8,192 tokens with 11
+    un-checkpointed blocks held ~64 MiB a kept block more than the estimate's count; 1 byte a score
+    element is 64 MiB there). Built here in the query's dtype, SDPA uses it as it is, and every block's
+    backward saves the same tensor. Its rows are padded to a multiple of 16 elements (a view of the first
+    T): the memory-efficient kernel copies a bias whose strides are not aligned."""
+    st = _PackState
+    cached = st.static_mask
+    if cached is not None and cached[0] is segments and cached[1].dtype == dtype and cached[1].shape[-1] == T:
+        return cached[1]
+    pos = torch.arange(T, device=segments.device)
+    blocked = (pos[None, :, None] >= pos[None, None, :]) & (segments[:, :, None] == segments[:, None, :])
+    blocked.logical_not_()
+    padded = -(-T // 16) * 16
+    bias = torch.zeros((segments.shape[0], 1, T, padded), dtype=dtype, device=segments.device)[..., :T]
+    bias.masked_fill_(blocked[:, None], float("-inf"))
+    del blocked
+    st.static_mask = (segments, bias)
+    return bias
 
 
 def _varlen_backends():
@@ -1073,6 +1102,7 @@ def _patch_loss(hf) -> tuple[bool, str]:
         if static:
             _PackState.segments = None
             _PackState.seg_ids = _segment_ids(position_ids, attention_mask)
+            _PackState.static_mask = None  # built by the first block's attention, for this micro-batch
         else:
             _PackState.segments = _row_segments(position_ids, attention_mask)
         if labels is None and shift_labels is None:

@@ -158,3 +158,36 @@ def test_status_says_why_a_batch_was_not_taken():
     assert "more than" in step.status
     assert step._key({"input_ids": torch.zeros((1, 32), dtype=torch.long), "labels": None}) is None
     assert "over 16 tokens" in step.status
+
+
+def test_static_mode_builds_one_mask_for_every_block(monkeypatch):
+    """Static mode's T x T mask is built once a micro-batch and every block's attention (and each
+    recompute) gets that same tensor, additive, in the attention's dtype, with 16-aligned rows: a mask
+    per block was one T x T tensor more per un-checkpointed block (fit_truth run 7)."""
+    import torch.nn.functional as F
+
+    model = _lora(_tiny_llama())
+    savers.install_savers(model, _plan(model, offload_activations="off"))
+    masks = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(savers.F, "scaled_dot_product_attention", spy)
+    T = 40  # not a multiple of 16: the padded row stride is what is checked
+    ids = torch.randint(0, 211, (2, T), generator=torch.Generator().manual_seed(5))
+    pos = torch.stack([torch.cat([torch.arange(25), torch.arange(15)]), torch.arange(T)])
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
+    _static_loss_and_grads(model, batch)
+    layers = model.config.num_hidden_layers
+    assert len(masks) >= layers and all(m is not None for m in masks)
+    assert len({m.data_ptr() for m in masks}) == 1  # one tensor, forward and recompute alike
+    m = masks[0]
+    assert m.is_floating_point()  # additive: SDPA uses it as it is, no copy a call
+    assert m.shape == (2, 1, T, T) and m.stride(-2) % 16 == 0
+    # causal and same-sample: row 0's second sample (from 25) does not see the first
+    assert m[0, 0, 30, 10] == float("-inf") and m[0, 0, 30, 26] == 0 and m[0, 0, 10, 30] == float("-inf")
+    assert m[1, 0, 30, 10] == 0
+    assert savers._PackState.static_mask is None  # dropped with the static mode
