@@ -133,6 +133,12 @@ SNUG_OWN_LOSS_FRAGMENT_SHARE = 0.6
 # chunks) peaked 0.055-0.061 GiB above the 8-byte sum, i.e. one more 2-byte copy of the chunk
 # (the probabilities' gradient on its way into the hidden-state gradient matmul).
 CE_LIVE_BYTES = 10
+# With core/kernels.py's loss tail (CUDA, where the plan runs the kernels; not with softcapping) the
+# chunk's log-sum-exp, NLL and logit gradient are one kernel that writes the gradient over the 16-bit
+# logits in place: the matmul's 2-byte output is all that lives of a chunk (no fp32 copy, no
+# probabilities). gpu_time run 4 (H200, Qwen2.5-1.5B): peak allocated 0.13-0.17 GiB lower than the
+# PyTorch tail's, whose 10 bytes a logit of a ~33.5M-logit chunk is 0.31 GiB.
+CE_TAIL_LIVE_BYTES = 2
 # A model's own loss on 16-bit logits (the engine cannot chunk it, e.g. StableLM): bf16 logits
 # held by the output (2), fp32 upcast / log_softmax output / its gradient / the logits'
 # gradient (4 + 4 + 4), and the previous step's output, which a training loop written as
@@ -166,6 +172,15 @@ MEASURED_CONTEXT_GIB = P.MEASURED_CONTEXT_GIB
 # the margin without giving up a tenth of the length on weight-heavy models.
 TIGHT_SHARE = 0.05
 TIGHT_SHARE_GIVEN = 0.03
+# snugtune on a given budget: the estimate's error lives in the memory that comes and goes each step
+# (activations, loss, LoRA gradients, the allocator's share), not in the weights, adapters and
+# workspace, which are counted exactly. So its margin is a share of that per-step memory, with a floor:
+# 3% of a 4 GB budget is 0.11 GiB, which on Qwen2.5-3B or Llama-3.2-3B (2.1 GiB of weights, ~1 GiB a
+# step) was 12-15% of the length (fit_truth run 7: choices of 13,632 and 5,824 tokens where 16,000 and
+# 6,848 trained). The estimate's allocated peak was -1.5..+3.6% of the measured one on run 7's 23
+# full-context rows, i.e. at most ~5% of their per-step memory on the unsafe side: 6% covers it.
+TIGHT_STEP_SHARE = 0.06
+TIGHT_FLOOR_SHARE = 0.01
 # Specs guessed from a parameter count or an unknown architecture get this extra margin.
 INEXACT_MARGIN = 0.25
 
@@ -351,6 +366,12 @@ def estimate(
     # every measured long choice by 0.2-1.3%); Gemma 3 has a second pair (its sliding-window layers' local
     # base beside its global layers' own), of head_dim 256: 1 KiB a token more, 32 MiB at 32,768 tokens.
     rope_tables = 2 * T * spec.head_dim * c if (not plain and spec.model_type in ("gemma3_text", "gemma3")) else 0
+    # CUDA-graph steps (core.graphs' static mode) attend through one additive B x 1 x S x S mask in the
+    # compute dtype, rows padded to 16 elements, built at the first block and referenced to the end of the
+    # backward (core/savers.py::_static_mask); the query-tiled attention builds its masks per tile instead.
+    # 8 MiB at 2,048 tokens, 128 MiB at the graphs' limit of 8,192.
+    static_mask = (B * seq * (-(-seq // 16) * 16) * c
+                   if (not plain and not cpu and plan.cuda_graphs and not plan.tiled_attention) else 0)
     if plain:
         k_layer = T * h * s  # a checkpointed block's input (fp32 stream)
         # One block's saved tensors a token (fp32 stream, bf16 copies that bitsandbytes saves):
@@ -421,9 +442,6 @@ def estimate(
         # (with core/kernels.py's norms the 8h is the second norm's 2-byte input; with its GLU 3 I-wide)
         block = (T * ((c * h if kn else 8 * h) + c * (6 * h + 2 * q + 2 * kv)) + tile * (3 if kg else 4) * I * c
                  + qk_norm_bytes)
-        # what the kernels take off a recomputed block's store (for the kept blocks below)
-        kern_saving = (T * (8 * h - c * h) * kn + tile * I * c * kg
-                       + (T * (4 - c) * (q + kv) if (kn and spec.qk_norm) else 0))
         if ln_fp32:
             block += tile * 6 * I
         # The MLP's backward: of gate, up, act and product (in `block`), the product is freed
@@ -479,10 +497,11 @@ def estimate(
             notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
         if use_chunks:
             chunk = P.ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
-            per_logit = CE_LIVE_BYTES + (4 if softcap else 0)
+            tail = kern and not softcap  # core.kernels.ce_tail runs the chunk's tail (savers.CE_TAIL)
+            per_logit = CE_TAIL_LIVE_BYTES if tail else CE_LIVE_BYTES + (4 if softcap else 0)
             loss_ws = min(chunk, T) * V * per_logit
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
-            largest_block = min(chunk, T) * V * 8
+            largest_block = min(chunk, T) * V * (2 if tail else 8)
         else:
             loss_ws = T * V * (OWN_LOSS_BYTES + (4 if softcap else 0))
             loss_hidden = 2 * T * h * s
@@ -502,18 +521,13 @@ def estimate(
             # (the fp16 guard's block input is fp32 where `block` counts a 2-byte one: an extra 2 h)
             per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * (3 if kg else 4) * I * c
                                                                          if tile < T else 0)
-            kept_off = per_kept + kern_saving - (tile * I * c if (kg and tile < T) else 0)
-            if kern:
-                # No credit for the kernels in a kept block, though they save there too: the 4 GB presets
-                # (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) measured 11-15% under this count in
-                # fit_truth run 7, ~12 h a token a kept block (their norms' fp32 copies, the GLU's output).
-                # But the one long row with kept blocks (SmolLM2-1.7B, 8 GB, 8,192 tokens, 10-11 kept,
-                # graphed) holds ~64 MiB a kept block beyond the count (7.9% under without the kernels in
-                # run 5, 11.4% under with the credit in run 6, -1.5% as counted here in run 7): the
-                # suspect is the static mode's B x T x T mask, T^2 bytes. Crediting the kernels and
-                # pricing that mask would put the presets within ~2%, and keep more blocks: plans no
-                # GPU run has trained, so the kernels-off count stands for kept blocks.
-                per_kept = kept_off
+            # With the kernels a kept block keeps what a recomputed one would (`block` counts them): the 4 GB
+            # presets (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) measured 11-15% under the
+            # kernels-off count in fit_truth run 7, ~12 h a token a kept block (the norms' fp32 copies, the
+            # GLU's output). The one long row with kept blocks (SmolLM2-1.7B, 8 GB, 8,192 tokens, 11 kept,
+            # graphed) held ~64 MiB a kept block beyond the credited count there: each block's attention
+            # built its own T x T mask, which SDPA converted and saved; core/savers.py now builds one a
+            # micro-batch (priced below, `static_mask`).
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
             kept += keep_layers * per_kept
@@ -581,11 +595,11 @@ def estimate(
         store_g = max(last_end, first_end, key=sum)
 
     loss_phase = {
-        "activations": kept + loss_hidden + rope_tables,
+        "activations": kept + loss_hidden + rope_tables + static_mask,
         "logits": loss_ws,
         "gradients": grads if accum > 1 else 0,  # zeroed (set to None) after each optimizer step
     }
-    block_phase = {"activations": store_g[0] + block_phase_act + rope_tables, "logits": held_logits,
+    block_phase = {"activations": store_g[0] + block_phase_act + rope_tables + static_mask, "logits": held_logits,
                    "gradients": store_g[1]}
     phase_name, phase = max(
         (("loss", loss_phase), ("backward", block_phase)), key=lambda kv_: sum(kv_[1].values())
@@ -650,10 +664,17 @@ def estimate(
     # Paged optimizer states are CUDA managed memory: the driver moves them to host memory under
     # pressure instead of failing, so they are shown in the total but are not part of the limit.
     hard = total - (components["optimizer"] if opt_outside else 0.0)
-    share = TIGHT_SHARE if gpu.budget_source == "free" else TIGHT_SHARE_GIVEN
+    if gpu.budget_source == "free":  # a detected card's free memory: a desktop shares it
+        margin = TIGHT_SHARE * budget
+    elif plain or cpu:
+        margin = TIGHT_SHARE_GIVEN * budget
+    else:
+        fixed = sum(components[k] for k in ("weights", "adapters", "workspace", "cuda_context", "margin")
+                    if k in components) + (0.0 if opt_outside else components["optimizer"])
+        margin = max(TIGHT_STEP_SHARE * (hard - fixed), TIGHT_FLOOR_SHARE * budget)
     if hard > budget:
         verdict = "does not fit"
-    elif budget - hard < share * budget or headroom < 0:
+    elif budget - hard < margin or headroom < 0:
         verdict = "tight"
     else:
         verdict = "fits"
