@@ -172,15 +172,6 @@ MEASURED_CONTEXT_GIB = P.MEASURED_CONTEXT_GIB
 # the margin without giving up a tenth of the length on weight-heavy models.
 TIGHT_SHARE = 0.05
 TIGHT_SHARE_GIVEN = 0.03
-# snugtune on a given budget: the estimate's error lives in the memory that comes and goes each step
-# (activations, loss, LoRA gradients, the allocator's share), not in the weights, adapters and
-# workspace, which are counted exactly. So its margin is a share of that per-step memory, with a floor:
-# 3% of a 4 GB budget is 0.11 GiB, which on Qwen2.5-3B or Llama-3.2-3B (2.1 GiB of weights, ~1 GiB a
-# step) was 12-15% of the length (fit_truth run 7: choices of 13,632 and 5,824 tokens where 16,000 and
-# 6,848 trained). The estimate's allocated peak was -1.5..+3.6% of the measured one on run 7's 23
-# full-context rows, i.e. at most ~5% of their per-step memory on the unsafe side: 6% covers it.
-TIGHT_STEP_SHARE = 0.06
-TIGHT_FLOOR_SHARE = 0.01
 # Specs guessed from a parameter count or an unknown architecture get this extra margin.
 INEXACT_MARGIN = 0.25
 
@@ -292,6 +283,7 @@ def estimate(
     chunked_loss: Optional[bool] = None,
     overhead_share: Optional[float] = None,
     calibration: Optional[float] = None,
+    loss_tail: Optional[bool] = None,
 ) -> Estimate:
     """The peak memory of training `spec` with `cfg` on `gpu` under `recipe`: the price of a Plan.
 
@@ -301,7 +293,8 @@ def estimate(
     GPU benchmark's calibration override single decisions: `ce_chunk_bytes` and
     `mlp_tile_bytes` (the savers' working-set sizes), `offload`, `keep_layers` (0 = the need),
     `overhead_share` (allocator overhead), `calibration` (a per-GPU multiplier on the
-    allocator's part, from a calibration probe).
+    allocator's part, from a calibration probe), `loss_tail` (False: the chunked loss's tail in
+    PyTorch operations, as engines before core.kernels.ce_tail ran it; for rescoring their runs).
     """
     check_inputs(spec, cfg, recipe)
     if plan is None:
@@ -497,7 +490,7 @@ def estimate(
             notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
         if use_chunks:
             chunk = P.ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
-            tail = kern and not softcap  # core.kernels.ce_tail runs the chunk's tail (savers.CE_TAIL)
+            tail = kern and not softcap and loss_tail is not False  # core.kernels.ce_tail (savers.CE_TAIL)
             per_logit = CE_TAIL_LIVE_BYTES if tail else CE_LIVE_BYTES + (4 if softcap else 0)
             loss_ws = min(chunk, T) * V * per_logit
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
@@ -521,15 +514,20 @@ def estimate(
             # (the fp16 guard's block input is fp32 where `block` counts a 2-byte one: an extra 2 h)
             per_kept = block - T * h * (c if plan.fp16_guard else s) - (tile * (3 if kg else 4) * I * c
                                                                          if tile < T else 0)
-            # With the kernels a kept block keeps what a recomputed one would (`block` counts them): the 4 GB
-            # presets (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) measured 11-15% under the
-            # kernels-off count in fit_truth run 7, ~12 h a token a kept block (the norms' fp32 copies, the
-            # GLU's output). The one long row with kept blocks (SmolLM2-1.7B, 8 GB, 8,192 tokens, 11 kept,
-            # graphed) held ~64 MiB a kept block beyond the credited count there: each block's attention
-            # built its own T x T mask, which SDPA converted and saved; core/savers.py now builds one a
-            # micro-batch (priced below, `static_mask`).
+            # With the kernels a kept block keeps what a recomputed one would (`block` counts them). Measured:
+            # the 4 GB presets of fit_truth run 7 (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) were
+            # 11-15% under the kernels-off count and are -1.0..+1.0% allocated with this one (rescored with
+            # the loss as run 7's engine ran it); bench/gpu_time.py runs 3 and 4 (Qwen2.5-1.5B, 14 kept of
+            # 28 at 1,024 tokens, normal and graph steps) -1.9..-0.4%.
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
+            # CUDA-graph steps: each kept block's attention backward may hold its own copy of the mask. Run 7's
+            # engine built a boolean mask per block, which SDPA converted and saved: SmolLM2-1.7B at 8,192
+            # tokens with 11 kept blocks held 64-128 MiB a kept block beyond the count. core/savers.py now
+            # builds one mask a micro-batch, in the attention's dtype, that every block shares (`static_mask`
+            # above); until a GPU run has measured the sharing, a copy a kept block is counted too: on the
+            # safe side by up to that much (2 MiB a kept block at 1,024 tokens, 128 MiB at 8,192).
+            per_kept += static_mask
             kept += keep_layers * per_kept
             last_store = per_kept  # the last blocks are the un-checkpointed ones
             if cfg.model.load_in_4bit and not cpu:
@@ -664,17 +662,10 @@ def estimate(
     # Paged optimizer states are CUDA managed memory: the driver moves them to host memory under
     # pressure instead of failing, so they are shown in the total but are not part of the limit.
     hard = total - (components["optimizer"] if opt_outside else 0.0)
-    if gpu.budget_source == "free":  # a detected card's free memory: a desktop shares it
-        margin = TIGHT_SHARE * budget
-    elif plain or cpu:
-        margin = TIGHT_SHARE_GIVEN * budget
-    else:
-        fixed = sum(components[k] for k in ("weights", "adapters", "workspace", "cuda_context", "margin")
-                    if k in components) + (0.0 if opt_outside else components["optimizer"])
-        margin = max(TIGHT_STEP_SHARE * (hard - fixed), TIGHT_FLOOR_SHARE * budget)
+    share = TIGHT_SHARE if gpu.budget_source == "free" else TIGHT_SHARE_GIVEN
     if hard > budget:
         verdict = "does not fit"
-    elif budget - hard < margin or headroom < 0:
+    elif budget - hard < share * budget or headroom < 0:
         verdict = "tight"
     else:
         verdict = "fits"

@@ -551,8 +551,8 @@ def test_fit_truth_choices_that_ran_are_today_s_choices(monkeypatch):
         if (now["seq"], now["micro_batch"], now["plan"]["offload"]) == (r["seq"], r["micro_batch"], r["plan"]["offload"]) \
                 and now["plan"]["keep_blocks"] < r["plan"]["keep_blocks"]:
             # fewer kept blocks than the plan that trained (Gemma-3-1B's 4 GB preset: its second rotary
-            # table, priced since, put the 18th past 90% of the budget): no more memory than that one
-            moved.append((r["shape"], r["card"]))
+            # table, priced since, put the 18th past 90% of the budget; the graphed rows since a mask copy a
+            # kept block is counted): no more memory than that one
             continue
         # the attention's backward without the MLP's store (core/estimate.py, session 6) moved the long
         # SDPA rows' choices: 6/8 GB down, 4 GB up; every one is at or below a length that trained there
