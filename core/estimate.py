@@ -490,7 +490,8 @@ def estimate(
             notes.append(f"{spec.model_type}: the engine cannot chunk this model's loss; full logits are materialised")
         if use_chunks:
             chunk = P.ce_chunk_tokens(V, softcap, budget_bytes if not cpu else None, ce_chunk_bytes)
-            tail = kern and not softcap and loss_tail is not False  # core.kernels.ce_tail (savers.CE_TAIL)
+            # core.kernels.ce_tail (savers.CE_TAIL); not core/bigsavers.py's loss over an 8-bit head, its own
+            tail = kern and not softcap and not plan.head_8bit and loss_tail is not False
             per_logit = CE_TAIL_LIVE_BYTES if tail else CE_LIVE_BYTES + (4 if softcap else 0)
             loss_ws = min(chunk, T) * V * per_logit
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
