@@ -522,13 +522,10 @@ def estimate(
             # 28 at 1,024 tokens, normal and graph steps) -1.9..-0.4%.
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
-            # CUDA-graph steps: each kept block's attention backward may hold its own copy of the mask. Run 7's
-            # engine built a boolean mask per block, which SDPA converted and saved: SmolLM2-1.7B at 8,192
-            # tokens with 11 kept blocks held 64-128 MiB a kept block beyond the count. core/savers.py now
-            # builds one mask a micro-batch, in the attention's dtype, that every block shares (`static_mask`
-            # above); until a GPU run has measured the sharing, a copy a kept block is counted too: on the
-            # safe side by up to that much (2 MiB a kept block at 1,024 tokens, 128 MiB at 8,192).
-            per_kept += static_mask
+            # (CUDA-graph steps: run 7's engine built a boolean mask in each block's attention, which SDPA
+            # converted and saved: SmolLM2-1.7B at 8,192 tokens with 11 kept blocks held 64-128 MiB a kept
+            # block beyond the count. One mask a micro-batch, shared, `static_mask` above, since: run 8 measured
+            # the same row with 10 kept at 4.75 GiB allocated, where run 7's 11 took 6.22.)
             kept += keep_layers * per_kept
             last_store = per_kept  # the last blocks are the un-checkpointed ones
             if cfg.model.load_in_4bit and not cpu:
