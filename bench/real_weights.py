@@ -539,6 +539,9 @@ def main(argv=None) -> int:
                     help="the runs alone (a bf16 '-guard' variant: the fp16 guard's patches in bf16, its cost alone)")
     ap.add_argument("--score-before-all", action="store_true", help="every variant scores the base model too")
     ap.add_argument("--speed-deadline-s", type=float, default=330, help="skip --speed when the rest took longer")
+    ap.add_argument("--speed-first", action="store_true",
+                    help="the --speed runs alone before the concurrent ones (run 5's, after them, were cut by its "
+                         "deadline); the concurrent ones' deadline then counts what the speed runs took")
     ap.add_argument("--estimator", action="store_true", help="measure peaks at 2 lengths x 2 micro-batches")
     ap.add_argument("--jobs", type=int, default=14, help="variants run at once")
     ap.add_argument("--deadline-s", type=float, default=1e9,
@@ -621,8 +624,6 @@ def main(argv=None) -> int:
                              "graphs": False, "steps": 3, "seq": seq, "micro_batch": mb, "responses_only": False})
     # --deadline-s: every child is killed at the deadline (counted from this script's start) and
     # the results so far are written after each child ends, so a call cut short still reports
-    for j in jobs:
-        j["timeout"] = max(20.0, a.deadline_s - (time.time() - t_start))
     res = {"command": "python bench/real_weights.py " + " ".join(sys.argv[1:]), "gguf": str(gguf),
            "convert_s": convert_s, "steps": steps, "n_train": n_train, "n_test": n_test, "variants": [], "estimator": []}
     try:
@@ -650,13 +651,8 @@ def main(argv=None) -> int:
         (out / "real_weights.md").write_text(markdown(res))
 
     results: list = [None] * len(jobs)
-    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
-        futs = {ex.submit(child, s, log): i for i, s in enumerate(jobs)}
-        for f in as_completed(futs):
-            results[futs[f]] = f.result()
-            write(results)
-    write(results)
-    if a.speed and not cpu:
+
+    def speed_alone() -> None:
         res["speed"] = []
         for v in a.speed_variants.split(","):
             # each run alone; the later ones are left out when the call's time is short
@@ -667,6 +663,19 @@ def main(argv=None) -> int:
             elif v:
                 print(f"-- {v}-alone skipped: {time.time() - t0:.0f} s past the start (--speed-deadline-s)", flush=True)
             write(results)
+
+    if a.speed and a.speed_first and not cpu:
+        speed_alone()
+    for j in jobs:
+        j["timeout"] = max(20.0, a.deadline_s - (time.time() - t_start))
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        futs = {ex.submit(child, s, log): i for i, s in enumerate(jobs)}
+        for f in as_completed(futs):
+            results[futs[f]] = f.result()
+            write(results)
+    write(results)
+    if a.speed and not a.speed_first and not cpu:
+        speed_alone()
     write(results)
     print(markdown(res))
     return 0
