@@ -21,6 +21,12 @@ forward carries `_snug_orig`): the residual stream is fp32, everything else keep
 * the norms that read the residual (input_layernorm, pre_feedforward_layernorm, Llama's
   post_attention_layernorm, the final norm) compute in fp32 and return the compute dtype: their
   output is normalised (|x| < 100 measured) and feeds the fp16 matmuls, which stay fp16.
+* with core/kernels.py installed (CUDA, the plan's `kernels`), those norms and the q/k norms are its
+  fused RMSNorm with these dtypes (fp32 in / fp16 out, fp16 in / fp32 out), not transformers' module on
+  an fp32 upcast: the same fp32 arithmetic, and what they keep for the backward is the input as given
+  (a post-norm's 16-bit input where the PyTorch path kept its fp32 copy) and 1/rms. Before session 7
+  the guard kept its own norms: fp16 + guard held 1.31 GiB against bf16's 1.18 on Gemma 3 270M
+  (real_weights run 5), where the fp32 stream alone accounts for ~0.02 GiB.
 Attention and the MLP run in fp16 as before; dynamic loss scaling (the Trainer's GradScaler)
 stays: a step whose fp16 gradients overflow is skipped and the scale halves. Only its first
 scale is lower (set_initial_loss_scale: 2^12, not 2^16, which skipped the first two steps).
