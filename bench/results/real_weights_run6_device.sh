@@ -6,7 +6,9 @@
 #   * the speed runs alone come FIRST (--speed-first; run 5's came last and were cut by its deadline):
 #     bf16 and fp16 + guard, packed, no graphs, 25 steps each, tokens/s after the first 5;
 #   * then, as run 5: the 11 learning variants x 200 steps and the 4 estimator probes (512 / 2,048 tokens x
-#     micro-batch 1 / 4) as 15 concurrent processes (per-process peaks stay valid; their tokens/s are shared).
+#     micro-batch 1 / 4) as 15 concurrent processes (per-process peaks stay valid; their tokens/s are shared),
+#     and 2 more probes in fp16 + the guard (2,048 x 4 and 512 x 1: the guard's fused-norm pricing), which
+#     take the first 2 probes' places when they end (~35 s in).
 #
 # The payload is run 5's, staged at /work/main/.gg/p0..p4 (5 pieces of 50.3 MB: the GGUF xz'd, sha256
 # a5fd3b62...6818, and site.tar.xz = bitsandbytes 0.50.2, pydantic, tomli-w, platformdirs, gguf and
@@ -62,7 +64,7 @@ python3 -c "import transformers, bitsandbytes, peft, torch, triton; print(transf
 V=${H10_VARIANTS-sn-bf16-pack-nographs,sn-fp16-pack,sn-bf16-pack,sn-bf16-nopack-nographs,sn-fp16-nopack,plain-bf16,plain-fp16,sn-bf16-pack-nographs-seed2,sn-fp16-pack-seed2,sn-bf16-pack-nographs-nokern,sn-fp16-pack-nokern}
 # --deadline-s counts from the script's start (the GGUF conversion included): every child is killed there
 # and what ran is written; the speed runs alone start only before --speed-deadline-s (from the conversion)
-timeout ${H10_LIMIT:-370} python3 bench/real_weights.py --gguf $T/gemma.gguf --out $OUT --steps 200 --jobs 15 ${H10_EST---estimator} \
+timeout ${H10_LIMIT:-370} python3 bench/real_weights.py --gguf $T/gemma.gguf --out $OUT --steps 200 --jobs 15 ${H10_EST---estimator --estimator-fp16 2048x4,512x1} \
   --variants "$V" --deadline-s ${H10_DEADLINE:-360} \
   --speed --speed-first --speed-steps 25 --speed-variants sn-bf16-pack-nographs,sn-fp16-pack --speed-deadline-s 120 \
   2>&1 | grep -v -E 'it/s\]|Warning|warnings.warn' | tee $OUT/h10_stdout.log
