@@ -405,7 +405,7 @@ def child(spec: dict, log, argv: list | None = None) -> dict:
     t0 = time.time()
     try:
         p = subprocess.run(argv or [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                           text=True, env=env, cwd=ROOT, timeout=spec.get("timeout", 900))
+                           text=True, env=env, cwd=ROOT, timeout=min(spec.get("timeout", 900), 86400))
     except subprocess.TimeoutExpired as exc:  # past the call's deadline: a result that says so
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         losses = [float(ln[4:]) for ln in out.splitlines() if ln.startswith("@@L ")]
