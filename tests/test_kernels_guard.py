@@ -70,9 +70,11 @@ def _tiny(kind: str = "gemma3", layers: int = 2):
     if kind == "gemma3":
         cfg = AutoConfig.for_model("gemma3_text", head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
                                    layer_types=["sliding_attention", "full_attention"][:layers], **common)
+    elif kind == "gemma2":
+        cfg = AutoConfig.for_model("gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common)
     else:
         cfg = AutoConfig.for_model(kind, **common)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = "eager" if kind == "gemma2" else "sdpa"  # (transformers' Gemma 2: eager only)
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg, dtype=F16)
     with torch.no_grad():
@@ -202,15 +204,16 @@ def _grad_fns(loss) -> set:
     return {type(f).__name__ for f in seen}
 
 
-def test_guarded_gemma3_with_fused_norms_keeps_loss_and_gradients():
-    """A tiny Gemma 3 in fp16 under the guard: the fused norms give the loss and LoRA-free gradients of
+@pytest.mark.parametrize("kind,cls,others", [("gemma3", "Gemma3RMSNorm", 4), ("gemma2", "Gemma2RMSNorm", 0)])
+def test_guarded_gemma_with_fused_norms_keeps_loss_and_gradients(kind, cls, others):
+    """A tiny Gemma 3 / Gemma 2 in fp16 under the guard: the fused norms give the loss and gradients of
     the guard's PyTorch norms; every norm is fused (the 4 a block and the final one on the fp32 stream,
-    the q/k norms as the ordinary fused norm); the stream stays fp32 between the blocks."""
-    fused, what = _guarded("gemma3", True)
-    torch_m, what_t = _guarded("gemma3", False)
-    assert "fused Triton norms: 9 of the stream's, 4 others" in what and "fused" not in what_t
-    norms = [m for m in fused.modules() if type(m).__name__ == "Gemma3RMSNorm"]
-    assert len(norms) == 13 and all("forward" in m.__dict__ for m in norms)
+    Gemma 3's q/k norms as the ordinary fused norm); the stream stays fp32 between the blocks."""
+    fused, what = _guarded(kind, True)
+    torch_m, what_t = _guarded(kind, False)
+    assert f"fused Triton norms: 9 of the stream's, {others} others" in what and "fused" not in what_t
+    norms = [m for m in fused.modules() if type(m).__name__ == cls]
+    assert len(norms) == 9 + others and all("forward" in m.__dict__ for m in norms)
     ids = torch.randint(0, 128, (2, 16), generator=_gen(6))
     seen = {}
 
