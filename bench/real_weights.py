@@ -345,7 +345,7 @@ def _kernels_of(r: dict):
 
 
 def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 139.81, keep_layers: int = 0,
-                 responses_only: bool = False, kernels=None) -> dict:
+                 responses_only: bool = False, kernels=None, dtype: str = "bf16") -> dict:
     """core.estimate's peak for one estimator probe on the H200, with `keep_layers` blocks un-checkpointed.
 
     `kernels` (True/False) prices the plan with core/kernels.py on/off as the measured run had it
@@ -358,7 +358,7 @@ def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 
     from core.estimate import estimate
     from core.gpu import resolve_gpu
 
-    cfg = _cfg(model_dir, "(none)", "/tmp", 3, "bf16", True, False, seq, micro_batch, responses_only=responses_only)
+    cfg = _cfg(model_dir, "(none)", "/tmp", 3, dtype, True, False, seq, micro_batch, responses_only=responses_only)
     gpu = replace(resolve_gpu("h200"), total_gib=total_gib, budget_gib=total_gib)
     orig = plan_mod._kernels
     if kernels is not None:
@@ -369,7 +369,7 @@ def estimate_for(model_dir: str, seq: int, micro_batch: int, total_gib: float = 
         plan_mod._kernels = orig
     return {"reserved_gib": round(est.reserved_gib, 4), "allocated_gib": round(est.allocated_gib, 4),
             "components": est.components, "peak_phase": est.peak_phase, "keep_layers": keep_layers,
-            "kernels": kernels}
+            "kernels": kernels, "dtype": dtype}
 
 
 def rescore(path: Path, model_dir: str) -> dict:
@@ -377,7 +377,7 @@ def rescore(path: Path, model_dir: str) -> dict:
     res = json.loads(Path(path).read_text())
     for r in res.get("estimator", []):
         r["estimate"] = estimate_for(model_dir, r["seq"], r["micro_batch"], keep_layers=_kept_blocks(r),
-                                     kernels=_kernels_of(r))
+                                     kernels=_kernels_of(r), dtype=r.get("dtype", "bf16"))
     return res
 
 
@@ -389,8 +389,8 @@ def run_estimate_probe(spec: dict) -> dict:
     # (the CPU smoke has no card: the H200's size)
     total = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 139.81
     r["estimate"] = estimate_for(spec["model_dir"], spec["seq"], spec["micro_batch"], total, _kept_blocks(r),
-                                 spec.get("responses_only", True), kernels=_kernels_of(r))
-    r["seq"], r["micro_batch"] = spec["seq"], spec["micro_batch"]
+                                 spec.get("responses_only", True), kernels=_kernels_of(r), dtype=spec["dtype"])
+    r["seq"], r["micro_batch"], r["dtype"] = spec["seq"], spec["micro_batch"], spec["dtype"]
     return r
 
 
@@ -405,7 +405,7 @@ def child(spec: dict, log, argv: list | None = None) -> dict:
     t0 = time.time()
     try:
         p = subprocess.run(argv or [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                           text=True, env=env, cwd=ROOT, timeout=spec.get("timeout", 900))
+                           text=True, env=env, cwd=ROOT, timeout=min(spec.get("timeout", 900), 86400))
     except subprocess.TimeoutExpired as exc:  # past the call's deadline: a result that says so
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         losses = [float(ln[4:]) for ln in out.splitlines() if ln.startswith("@@L ")]
@@ -511,14 +511,16 @@ def markdown(res: dict) -> str:
         out.append("")
     if res.get("estimator"):
         out += ["## Estimator on Gemma 3 270M (3 steps, every token labelled; the plan's kept blocks priced)", "",
-                "| tokens x micro-batch | measured reserved | estimated | error | measured allocated | estimated | error |",
+                "| tokens x micro-batch (dtype) | measured reserved | estimated | error | measured allocated | estimated | error |",
                 "|---|---|---|---|---|---|---|"]
         for r in res["estimator"]:
             e = r.get("estimate") or {}
             mr, ma = r.get("peak_reserved_gib"), r.get("peak_alloc_gib")
             er, ea = e.get("reserved_gib"), e.get("allocated_gib")
             pct = (lambda m, x: f"{100 * (x - m) / m:+.1f}%" if m and x else "-")
-            out.append(f"| {r.get('seq')} x {r.get('micro_batch')} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | {pct(ma, ea)} |")
+            dt_ = "" if r.get("dtype", "bf16") == "bf16" else " (fp16 + guard)"
+            out.append(f"| {r.get('seq')} x {r.get('micro_batch')}{dt_} | {mr} | {er} | {pct(mr, er)} | {ma} | {ea} | "
+                       f"{pct(ma, ea)} |")
         out.append("")
     return "\n".join(out)
 
@@ -539,7 +541,12 @@ def main(argv=None) -> int:
                     help="the runs alone (a bf16 '-guard' variant: the fp16 guard's patches in bf16, its cost alone)")
     ap.add_argument("--score-before-all", action="store_true", help="every variant scores the base model too")
     ap.add_argument("--speed-deadline-s", type=float, default=330, help="skip --speed when the rest took longer")
+    ap.add_argument("--speed-first", action="store_true",
+                    help="the --speed runs alone before the concurrent ones (run 5's, after them, were cut by its "
+                         "deadline); the concurrent ones' deadline then counts what the speed runs took")
     ap.add_argument("--estimator", action="store_true", help="measure peaks at 2 lengths x 2 micro-batches")
+    ap.add_argument("--estimator-fp16", default="",
+                    help="SEQxMB,... also measured in fp16 + the guard (e.g. 2048x4,512x1: the guard's pricing)")
     ap.add_argument("--jobs", type=int, default=14, help="variants run at once")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="kill every child this many seconds after the start (results so far are written)")
@@ -619,10 +626,12 @@ def main(argv=None) -> int:
                 # (~1/3 of its tokens labelled) does not fill at 512 tokens (run 2's +20% there)
                 jobs.append({**base, "variant": f"est-{seq}x{mb}", "kind": "estimate", "dtype": "bf16", "packing": True,
                              "graphs": False, "steps": 3, "seq": seq, "micro_batch": mb, "responses_only": False})
+        for sm in ([x for x in a.estimator_fp16.split(",") if x] if not cpu else []):
+            seq, mb = (int(x) for x in sm.split("x"))
+            jobs.append({**base, "variant": f"est-fp16-{seq}x{mb}", "kind": "estimate", "dtype": "fp16", "packing": True,
+                         "graphs": False, "steps": 3, "seq": seq, "micro_batch": mb, "responses_only": False})
     # --deadline-s: every child is killed at the deadline (counted from this script's start) and
     # the results so far are written after each child ends, so a call cut short still reports
-    for j in jobs:
-        j["timeout"] = max(20.0, a.deadline_s - (time.time() - t_start))
     res = {"command": "python bench/real_weights.py " + " ".join(sys.argv[1:]), "gguf": str(gguf),
            "convert_s": convert_s, "steps": steps, "n_train": n_train, "n_test": n_test, "variants": [], "estimator": []}
     try:
@@ -650,13 +659,8 @@ def main(argv=None) -> int:
         (out / "real_weights.md").write_text(markdown(res))
 
     results: list = [None] * len(jobs)
-    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
-        futs = {ex.submit(child, s, log): i for i, s in enumerate(jobs)}
-        for f in as_completed(futs):
-            results[futs[f]] = f.result()
-            write(results)
-    write(results)
-    if a.speed and not cpu:
+
+    def speed_alone() -> None:
         res["speed"] = []
         for v in a.speed_variants.split(","):
             # each run alone; the later ones are left out when the call's time is short
@@ -667,6 +671,19 @@ def main(argv=None) -> int:
             elif v:
                 print(f"-- {v}-alone skipped: {time.time() - t0:.0f} s past the start (--speed-deadline-s)", flush=True)
             write(results)
+
+    if a.speed and a.speed_first and not cpu:
+        speed_alone()
+    for j in jobs:
+        j["timeout"] = max(20.0, a.deadline_s - (time.time() - t_start))
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        futs = {ex.submit(child, s, log): i for i, s in enumerate(jobs)}
+        for f in as_completed(futs):
+            results[futs[f]] = f.result()
+            write(results)
+    write(results)
+    if a.speed and not a.speed_first and not cpu:
+        speed_alone()
     write(results)
     print(markdown(res))
     return 0

@@ -346,10 +346,10 @@ def estimate(
     # projection as rope's input, and the weight product saves nothing (frozen weight). Same
     # 4 bytes in both recipes (plain: the raw fp32 projection is kept, plus the norm's output).
     # core/kernels.py where the plan runs it (the snugtune recipe on CUDA, the model's modules patched):
-    # `kn` its RMSNorms (not under the fp16 guard's norms nor core/bigsavers.py's lean ones), `kg` its
-    # SwiGLU / GeGLU, `kr` its rotary; what each saves is described at ROPE_BWD_BYTES
+    # `kn` its RMSNorms (not core/bigsavers.py's lean ones; the fp16 guard's are fused too, see below), `kg`
+    # its SwiGLU / GeGLU, `kr` its rotary; what each saves is described at ROPE_BWD_BYTES
     kern = bool(plan.kernels) and not plain and not cpu and spec.model_type in P.KERNEL_TYPES
-    kn = kern and not plan.fp16_guard and not plan.lean_norms
+    kn = kern and not plan.lean_norms
     kg = kr = kern
     qk_norm_bytes = T * (c if kn else 4) * (q + kv) if spec.qk_norm else 0
     held_logits = 0  # logits the output object holds through the backward
@@ -435,6 +435,12 @@ def estimate(
         # (with core/kernels.py's norms the 8h is the second norm's 2-byte input; with its GLU 3 I-wide)
         block = (T * ((c * h if kn else 8 * h) + c * (6 * h + 2 * q + 2 * kv)) + tile * (3 if kg else 4) * I * c
                  + qk_norm_bytes)
+        if kn and plan.fp16_guard:
+            # core/fp16guard.py's norms run as the fused kernel too (session 7): the post-norms keep their
+            # fp16 inputs and the q/k norms theirs, as in bf16, but the pre-MLP norm reads the fp32 stream
+            # and keeps it: 4 bytes an element where bf16 keeps 2 (the first norm's is the block input,
+            # counted in k_layer).
+            block += T * h * (s - c)
         if ln_fp32:
             block += tile * 6 * I
         # The MLP's backward: of gate, up, act and product (in `block`), the product is freed

@@ -21,6 +21,12 @@ forward carries `_snug_orig`): the residual stream is fp32, everything else keep
 * the norms that read the residual (input_layernorm, pre_feedforward_layernorm, Llama's
   post_attention_layernorm, the final norm) compute in fp32 and return the compute dtype: their
   output is normalised (|x| < 100 measured) and feeds the fp16 matmuls, which stay fp16.
+* with core/kernels.py installed (CUDA, the plan's `kernels`), those norms and the q/k norms are its
+  fused RMSNorm with these dtypes (fp32 in / fp16 out, fp16 in / fp32 out), not transformers' module on
+  an fp32 upcast: the same fp32 arithmetic, and what they keep for the backward is the input as given
+  (a post-norm's 16-bit input where the PyTorch path kept its fp32 copy) and 1/rms. Before session 7
+  the guard kept its own norms: fp16 + guard held 1.31 GiB against bf16's 1.18 on Gemma 3 270M
+  (real_weights run 5), where the fp32 stream alone accounts for ~0.02 GiB.
 Attention and the MLP run in fp16 as before; dynamic loss scaling (the Trainer's GradScaler)
 stays: a step whose fp16 gradients overflow is skipped and the scale halves. Only its first
 scale is lower (set_initial_loss_scale: 2^12, not 2^16, which skipped the first two steps).
@@ -33,7 +39,10 @@ extra_bytes() returns that. Speed: the norms already computed in fp32 internally
 casts are element-wise. Measured on one H200 with Gemma 3 270M (real_weights run 4, each run
 alone, bench/results/real_weights_run4_speed.json): fp16 + guard 2,112 tokens/s against bf16's
 2,094 (the loss scaler's checks included; neither graphed), the same peaks (1.37 GiB allocated,
-1.47 reserved); 200 steps all finite, the loss curve 0.7% from bf16's (run 4).
+1.47 reserved); 200 steps all finite, the loss curve 0.7% from bf16's (run 4). With the kernels and the
+guard's norms fused (bench/results/fp16guard_speed_run1.md: H200, random-init Gemma-3-270M shape, each run
+alone): peak allocated 1.070 GiB against bf16's 1.026 (+4.3%; its own norms: 1.155, +12.6%), CUDA kernel
+time 26.9 against 26.6 ms per 1k tokens (+1.3%; its own norms: 30.6, +15.4%).
 
 Importing this module does not import torch (core.plan calls needs_fp16_guard in the wizard).
 """
@@ -154,33 +163,83 @@ def _patch(mod, fn) -> None:
     mod.forward = fn
 
 
-def install(model, compute_dtype) -> dict:
+# The guard's norms through core/kernels.py's fused RMSNorm when the kernels are installed (install's
+# `kernels`). Off: its own PyTorch norms (transformers' module on an fp32 input), as before session 7;
+# bench/fp16guard_speed.py turns it off to measure both in one call.
+FUSED_NORMS = True
+
+
+def _fused_kernels(kernels: bool):
+    """core.kernels when the guard's norms can be fused (the kernels installed and none failed), else None."""
+    if not (kernels and FUSED_NORMS):
+        return None
+    try:
+        from core import kernels as K
+    except Exception:  # noqa: BLE001 - no Triton: the guard's own norms
+        return None
+    return K if K.BROKEN is None else None
+
+
+def install(model, compute_dtype, kernels: bool = False) -> dict:
     """Patch a (peft-wrapped) causal LM so its residual stream is fp32. Returns what was patched.
 
-    Run after core.savers.install_savers (which starts by undoing every `_snug_orig` patch)."""
+    Run after core.savers.install_savers (which starts by undoing every `_snug_orig` patch). `kernels`:
+    install_savers put core/kernels.py's fused kernels in (it leaves the norms to the guard); the guard's
+    norms then run as the fused RMSNorm too, with the fp32 stream's dtypes (see _norm below)."""
     import torch
 
     from core.savers import _decoder_layers
 
     hf = _unwrap(model)
     cdt = compute_dtype
-    n_read = n_feed = 0
+    n_read = n_feed = n_fused = 0
+    K = _fused_kernels(kernels)
+
+    def _norm(mod, out_fp32: bool):
+        """The guard's norm: fp32 compute on an fp32 input (the stream, or a 16-bit input upcast), the
+        result fp32 (a norm that feeds the stream) or the compute dtype (one that reads it).
+
+        Fused (core.kernels.rms_norm, one kernel each way): the same fp32 arithmetic up to the row sum's
+        order, the result rounded once to its dtype, dx once to the input's. It keeps the input as given
+        and 1/rms: a 16-bit input (Gemma's post-norms read the attention's / MLP's fp16 output) is kept in
+        16 bits where the PyTorch path keeps its fp32 upcast, 2 bytes an element less, as the fused norm
+        keeps in bf16; a norm that reads the stream keeps the fp32 stream itself (for the block's first
+        norm that is the block input, kept anyway; the pre-MLP norm's, 4 bytes where bf16 keeps 2, is
+        what the guard's fp32 stream costs there). If a kernel fails, core.kernels._guarded warns once
+        and every norm takes the PyTorch path from then on."""
+        nonlocal n_fused
+        orig = mod.forward
+        od = torch.float32 if out_fp32 else cdt
+
+        def torch_path(x, *a, **k):
+            return orig(x.float(), *a, **k).to(od)
+
+        name = type(mod).__name__
+        w0 = getattr(mod, "weight", None)
+        if K is None or name not in (K.LLAMA_NORMS | K.GEMMA_NORMS) or not isinstance(w0, torch.Tensor):
+            _patch(mod, torch_path)
+            return
+        gemma = name in K.GEMMA_NORMS
+        eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6)))
+
+        def forward(x, *a, **k):
+            w = mod.weight
+            if a or k or w.requires_grad or x.shape[-1] != w.shape[0] or not K._on_device(x, w):
+                return torch_path(x, *a, **k)
+            # Llama-style norms round the normalised row to the input's dtype before the weight; the
+            # guard's PyTorch path hands them fp32, so the kernel gets fp32 too (Gemma's (1 + w) is fp32
+            # throughout: its 16-bit input goes in as it is)
+            xi = x if gemma else x.float()
+            return K._guarded(lambda: K.rms_norm(xi, w, eps, gemma, out_dtype=od), lambda: torch_path(x))
+
+        _patch(mod, forward)
+        n_fused += 1
 
     def to32(mod):
-        orig = mod.forward
-
-        def forward(x, *a, **k):
-            return orig(x.float(), *a, **k).float()
-
-        _patch(mod, forward)
+        _norm(mod, out_fp32=True)
 
     def read32(mod):
-        orig = mod.forward
-
-        def forward(x, *a, **k):
-            return orig(x.float(), *a, **k).to(cdt)
-
-        _patch(mod, forward)
+        _norm(mod, out_fp32=False)
 
     emb = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
     if emb is None or "forward" in emb.__dict__:
@@ -225,7 +284,18 @@ def install(model, compute_dtype) -> dict:
     if isinstance(final, torch.nn.Module) and "forward" not in final.__dict__:
         read32(final)
         n_read += 1
-    return {"fp16_guard": f"residual stream fp32 ({len(layers)} blocks; {n_read} norms read it, {n_feed} feed it)"}
+    what = f"residual stream fp32 ({len(layers)} blocks; {n_read} norms read it, {n_feed} feed it"
+    if K is not None:
+        # the norms off the stream (Gemma 3's and Qwen3's q/k norms: fp16 in, fp16 out), which
+        # core.kernels.install left to the guard with the others: its ordinary fused norm
+        n_qk = 0
+        for mod in hf.modules():
+            if (type(mod).__name__ in (K.LLAMA_NORMS | K.GEMMA_NORMS) and "forward" not in mod.__dict__
+                    and isinstance(getattr(mod, "weight", None), torch.Tensor)):
+                K._patch_norm(mod, type(mod).__name__ in K.GEMMA_NORMS)
+                n_qk += 1
+        what += f"; fused Triton norms: {n_fused} of the stream's, {n_qk} others"
+    return {"fp16_guard": what + ")"}
 
 
 # The loss scaler's first scale. torch's and accelerate's default, 2^16, overflowed the first two

@@ -171,11 +171,12 @@ def _norm_launch(N: int):
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, gemma):
+    def forward(ctx, x, weight, eps, gemma, out_dtype=None):
         N = x.shape[-1]
         x2 = _rows(x)
         M = x2.shape[0]
-        out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+        if out_dtype is None:
+            out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((M, N), dtype=out_dtype, device=x.device)
         rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
         bn, rows, warps = _norm_launch(N)
@@ -196,12 +197,18 @@ class _RMSNorm(torch.autograd.Function):
         if M:
             _rms_bwd[(triton.cdiv(M, rows),)](g2, x2, weight, rstd, dx, M, N, g2.stride(0), x2.stride(0), dx.stride(0),
                                               GEMMA=ctx.gemma, ROWS=rows, BN=bn, EMU=INTERPRET, num_warps=warps)
-        return dx.view(ctx.shape), None, None, None
+        return dx.view(ctx.shape), None, None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
-    """Llama-style w * norm(x).to(dtype), or Gemma-style (norm(x) * (1 + w)).to(dtype) in fp32; frozen w."""
-    return _RMSNorm.apply(x, weight, eps, gemma)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Llama-style w * norm(x).to(dtype), or Gemma-style (norm(x) * (1 + w)).to(dtype) in fp32; frozen w.
+
+    `out_dtype` (default: transformers' own) is the fp16 guard's (core.fp16guard): its norms read the fp32
+    residual stream and hand the fp16 matmuls fp16, or read fp16 and return fp32 for the stream. The result
+    is rounded once to it from fp32; what is kept for the backward is the input as given (2 bytes an element
+    for a 16-bit input, 4 for the fp32 stream) and 1/rms, 4 bytes a row; dx comes back in the input's dtype."""
+    return _RMSNorm.apply(x, weight, eps, gemma, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -443,7 +443,9 @@ def load_for_training(cfg: RunConfig, device: dict, source: Optional[str] = None
     # after the savers: install_savers begins by undoing every `_snug_orig` patch, this one too
     guard, guard_why = plan.fp16_guard, plan.fp16_guard_why
     if guard:
-        applied.update(fp16guard.install(model, TORCH_DTYPES[compute]))
+        # with core/kernels.py installed (it leaves the norms to the guard) the guard's norms are fused too
+        fused = str(applied.get("kernels", "")).startswith("triton:")
+        applied.update(fp16guard.install(model, TORCH_DTYPES[compute], kernels=fused))
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "source": source,

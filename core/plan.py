@@ -199,7 +199,7 @@ def _kernels(on_cuda: bool, gpu, compiled: bool, guard: bool, model_type: str) -
     if not have_triton:
         return False, "Triton is not installed (`pip install triton`): transformers' unfused path"
     return True, ("fused Triton RMSNorm, SwiGLU / GeGLU and rotary: less GPU time and memory"
-                  + ("; the norms stay the fp16 guard's" if guard else ""))
+                  + ("; under the fp16 guard its norms are fused too, on the fp32 stream" if guard else ""))
 
 
 def _fp16_guard(spec: ModelSpec, dtype: str, setting: str) -> tuple[bool, str]:
