@@ -135,10 +135,13 @@ SNUG_OWN_LOSS_FRAGMENT_SHARE = 0.6
 CE_LIVE_BYTES = 10
 # With core/kernels.py's loss tail (CUDA, where the plan runs the kernels; not with softcapping) the
 # chunk's log-sum-exp, NLL and logit gradient are one kernel that writes the gradient over the 16-bit
-# logits in place: the matmul's 2-byte output is all that lives of a chunk (no fp32 copy, no
-# probabilities). gpu_time run 4 (H200, Qwen2.5-1.5B): peak allocated 0.13-0.17 GiB lower than the
-# PyTorch tail's, whose 10 bytes a logit of a ~33.5M-logit chunk is 0.31 GiB.
-CE_TAIL_LIVE_BYTES = 2
+# logits in place: no fp32 copy, no probabilities. What lives of a chunk is the matmul's 2-byte output
+# and, as with the PyTorch tail above, one more 2-byte copy on its way into the hidden-state gradient
+# matmul: 4 bytes a logit. Measured on loss-bound peaks: real_weights run 6 (Gemma 3 270M, 262k
+# vocabulary, 512 tokens x 1 / x 4, all blocks kept) 0.055 / 0.078 GiB above 2 bytes a logit of its
+# 33.5M-logit chunk, +1.0 / -1.0% with 4; fit_truth run 8's Llama-3.2-1B 4 GB preset -2.8% with 2, -0.3%
+# with 4. gpu_time runs 3 -> 4 (Qwen2.5-1.5B, 1,024 tokens) lowered the peak by 0.17 GiB.
+CE_TAIL_LIVE_BYTES = 4
 # A model's own loss on 16-bit logits (the engine cannot chunk it, e.g. StableLM): bf16 logits
 # held by the output (2), fp32 upcast / log_softmax output / its gradient / the logits'
 # gradient (4 + 4 + 4), and the previous step's output, which a training loop written as
@@ -501,7 +504,7 @@ def estimate(
             per_logit = CE_TAIL_LIVE_BYTES if tail else CE_LIVE_BYTES + (4 if softcap else 0)
             loss_ws = min(chunk, T) * V * per_logit
             loss_hidden = 3 * T * h * s  # hidden-state gradient kept + selected rows + final norm out
-            largest_block = min(chunk, T) * V * (2 if tail else 8)
+            largest_block = min(chunk, T) * V * (2 if tail else 8)  # (tail: its largest tensor, 2 bytes a logit)
         else:
             loss_ws = T * V * (OWN_LOSS_BYTES + (4 if softcap else 0))
             loss_hidden = 2 * T * h * s
