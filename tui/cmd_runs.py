@@ -241,7 +241,8 @@ def cmd_train(args) -> int:
     # a mistake is one message and exit 2 (also with --detach), and leaves no failed run behind.
     if not args.no_preflight:
         print("checking the data and the model ...", file=sys.stderr, flush=True)
-        runs.preflight(cfg, in_process=True)
+        for warning in runs.preflight(cfg, in_process=True).get("warnings") or []:
+            print(f"snugtune: warning: {warning}", file=sys.stderr, flush=True)
     run_dir = runs.create_run_dir(cfg, header=f"Started with: snugtune train {args.preset}"
                                   + "".join(f" --set {s}" for s in args.set or [])
                                   + (f" --nproc {args.nproc}" if args.nproc else ""),

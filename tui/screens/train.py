@@ -211,17 +211,17 @@ class TrainScreen(StepScreen):
         from core import runs
 
         try:
-            runs.preflight(cfg)
+            info = runs.preflight(cfg)
         except UserError as exc:
             self.app.call_from_thread(self._not_started, f"cannot start: {exc}")
             return
-        self.app.call_from_thread(self._launch, cfg)
+        self.app.call_from_thread(self._launch, cfg, info.get("warnings") or [])
 
     def _not_started(self, message: str) -> None:
         self.state = "ready"
         self.set_status(message, "error")
 
-    def _launch(self, cfg) -> None:
+    def _launch(self, cfg, warnings: list[str] | None = None) -> None:
         from core import runs
 
         try:
@@ -236,6 +236,10 @@ class TrainScreen(StepScreen):
         self.reset_panel()
         self.update_panel()
         self.follow(self.app.run_dir)
+        if warnings:
+            # the pre-run check's warnings (host RAM that is tight): said now and again with "training"
+            self.skipped_note = " · ".join(warnings)
+            self.set_status(self.skipped_note, "warning")
 
     # ---- following the run ------------------------------------------------------------
 
