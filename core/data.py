@@ -1398,10 +1398,12 @@ def _append_turns(turns: list, col: str, rk: str, ck: str, msgs: list[dict], lea
             msg = {"role": role, "content": _content_text(content, where)}
             if calls:
                 msg["tool_calls"] = _tool_calls(calls, where)
-            if role == "tool":
-                for key in ("name", "tool_call_id"):
-                    if isinstance(m.get(key), str):
-                        msg[key] = m[key]
+            if role == "tool" and isinstance(m.get("tool_call_id"), str):
+                msg["tool_call_id"] = m["tool_call_id"]
+        # OpenAI's `name`: the speaker of a multi-party chat, the function a tool result came from.
+        # Kept for a template that renders it (render() counts the names a template has no place for).
+        if isinstance(m.get("name"), str) and m["name"].strip() and msg["role"] != "system":
+            msg["name"] = m["name"]
         flag = _turn_learned(m, where)
         if role == "system" and j == 1 and had_system:
             msgs[0] = msg  # the row's own system message wins over the system column
@@ -1480,6 +1482,35 @@ def template_supports_tools(tokenizer) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
+def template_renders_names(tokenizer) -> bool:
+    """Whether the tokenizer's chat template puts a message's `name` in the text (a multi-speaker
+    chat's speaker, a tool result's function): a probe name must appear in the rendering."""
+    msgs = [{"role": "user", "content": "hi", "name": "snugtune_probe_speaker"},
+            {"role": "assistant", "content": "hello", "name": "snugtune_probe_speaker"}]
+    try:
+        out = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that raises on names does not take them
+        return False
+    return "snugtune_probe_speaker" in out
+
+
+def unseen_names(records: list[dict], fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> int:
+    """How many messages carry a `name` that the rendering leaves out (the built-in layout, or a
+    chat template that has no place for names): said by data inspect, train and the wizard."""
+    if fmt.kind not in ("chat", "instruction"):
+        return 0
+    if template_name(fmt, tokenizer, data_cfg) == "chat_template" and template_renders_names(tokenizer):
+        return 0
+    n = 0
+    for r in records:
+        try:
+            n += sum(1 for m in to_conversation(r, fmt).messages if m.get("name"))
+        except _RowProblem:
+            continue  # said by render() with its row
+    return n
+
+
+@functools.lru_cache(maxsize=8)
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front when it encodes text on its own (Llama does, Qwen not)."""
     bos = tokenizer.bos_token_id
@@ -1525,6 +1556,11 @@ def render(record: dict, fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> li
     except _RowProblem as exc:
         raise UserError(str(exc)) from None
     if template_name(fmt, tokenizer, data_cfg) == "chat_template":
+        if not template_renders_names(tokenizer) and any(m.get("name") for m in conv.messages):
+            # a template that has no place for names: rendered as if they were not there (counted,
+            # said once by unseen_names), never half-rendered by a template that trips on the key
+            conv = Conversation([{k: v for k, v in m.items() if k != "name"} for m in conv.messages],
+                                conv.learned, conv.tools)
         segments = _render_chat_template(conv, tokenizer)
         if eos and any(s.trained for s in segments) and not any(s.trained and eos in s.text for s in segments):
             # The template ends a turn with its own marker (e.g. <|im_end|>) while generation stops
@@ -1985,6 +2021,11 @@ def dropped_and_cut(counts: dict) -> list[str]:
         d = counts["duplicates"]
         out.append(f"{d} {'is a duplicate' if d == 1 else 'are duplicates'} of an earlier sample (kept: trained on "
                    "again, and a copy held out for evaluation flatters the eval loss; remove them to avoid that)")
+    if counts.get("names_unseen"):
+        k = counts["names_unseen"]
+        out.append(f"{k} message{'s carry' if k != 1 else ' carries'} a name (speaker or tool) that the model will "
+                   f"not see: {'the built-in template' if counts.get('template') != 'chat_template' else 'the chat template'}"
+                   " has no place for names (put the name in the message's content to keep it)")
     if counts.get("no_eval"):
         out.append(f"no evaluation: data.eval_fraction={counts.get('eval_fraction')} needs 2 or more samples, "
                    f"there {'is' if counts['no_eval'] == 1 else 'are'} {counts['no_eval']}")
@@ -2017,7 +2058,9 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     rendered = _render_all(records, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records),
+                  names_unseen=unseen_names(records, fmt, tokenizer, data_cfg),
+                  template=template_name(fmt, tokenizer, data_cfg))
     if not examples:
         raise UserError(
             f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}"
@@ -2111,7 +2154,9 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     rendered = _render_all(measured, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records),
+                  names_unseen=unseen_names(measured, fmt, tokenizer, data_cfg),
+                  template=template_name(fmt, tokenizer, data_cfg))
     for i, (ids, labels) in enumerate(tokenized[:n]):
         kept, kept_labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
         split = fmt.kind == "text" and data_cfg.long_samples == "split" and len(ids) > len(kept)
