@@ -487,7 +487,7 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
         # The engine has not written a line of this attempt yet: it is still importing torch, before
         # its signal handlers exist, and a SIGTERM would kill it without a word (a Ctrl-C in the first
         # seconds of `snugtune train` showed as "died"). The stop file alone is enough: the engine
-        # reads it once it has set up and stops there with run_stopped, checkpoints intact.
+        # reads it between its setup stages and stops there with run_stopped, checkpoints intact.
         return True
     try:
         os.kill(pid, signal.SIGTERM)

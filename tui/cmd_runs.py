@@ -392,8 +392,8 @@ def cmd_stop(args) -> int:
         print(f"run {run_dir.name} is not running ({status})")
         return 0
     if runs.still_starting(run_dir):
-        print(f"asked run {run_dir.name} to stop; it is still starting and stops as soon as it has set up "
-              "(loading a large model takes a while), before training a step", flush=True)
+        print(f"asked run {run_dir.name} to stop; it is still starting and stops at the end of the setup stage "
+              "it is in (at once while it loads the model), before training a step", flush=True)
     else:
         print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
     if not args.wait:
