@@ -376,6 +376,47 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
+# The ETA's window: the time of the most recent steps, not of all since the start. Under load (other
+# jobs on the machine, a laptop that throttles) the step time moves; an average since the start
+# lagged it by the whole run (100 steps at 1 s, then 3 s each: the start's average said 200 steps
+# left were 200 s more for hundreds of steps). 32 logged steps: long enough that one slow step (a
+# checkpoint save, an eval) moves the estimate by a few percent, short enough to follow a change.
+ETA_WINDOW_STEPS = 32
+
+
+class StepRate:
+    """The seconds a step from the recent steps, for the engine's ETA (`step_logged`'s eta_s).
+
+    add(step, time) at the start of training and at each logged step. The first step after a
+    (re)start is left out once later ones exist: it holds the warm-up (allocator growth, CUDA-graph
+    capture, compilation), which the steps after it do not repeat."""
+
+    def __init__(self, window: int = ETA_WINDOW_STEPS):
+        self.window = window
+        self.points: list[tuple[int, float]] = []
+
+    def add(self, step: int, t: float) -> None:
+        if self.points and step <= self.points[-1][0]:
+            return  # the same step logged twice (a log after an eval): nothing new about its time
+        self.points.append((int(step), float(t)))
+        if len(self.points) > 2 * self.window + 2:
+            self.points = self.points[:2] + self.points[-self.window - 1:]
+
+    def seconds_per_step(self) -> Optional[float]:
+        pts = self.points[1:] if len(self.points) > 2 else self.points  # without the warm-up step
+        if len(pts) < 2:
+            return None
+        last_step, last_t = pts[-1]
+        first = next(((s, t) for s, t in pts if last_step - s <= self.window), pts[0])
+        if first[0] == last_step:  # one step logged a window apart: the two latest points
+            first = pts[-2]
+        return max(last_t - first[1], 0.0) / (last_step - first[0])
+
+    def eta(self, remaining_steps: int) -> Optional[float]:
+        per = self.seconds_per_step()
+        return None if per is None else per * max(remaining_steps, 0)
+
+
 STATUS_OF = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}
 
 

@@ -922,6 +922,8 @@ class EventCallback(_trainer_callback_base()):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last_t = time.monotonic()
         self._step0 = state.global_step
+        self._rate = rundirs.StepRate()  # the ETA from the recent steps' time (core/runs.py says why)
+        self._rate.add(state.global_step, self._t0)
         self._last_tokens = self.engine.counter.tokens if self.engine.counter else 0
         if self.engine.group is not None:
             self._last_tokens = self.engine.group.sum(self._last_tokens)
@@ -951,9 +953,9 @@ class EventCallback(_trainer_callback_base()):
         dt = max(now - self._last_t, 1e-9)
         tps = (tokens - self._last_tokens) / dt
         self._last_t, self._last_tokens = now, tokens
-        done = state.global_step - self._step0
         remaining = max(state.max_steps - state.global_step, 0)
-        eta = (now - self._t0) / done * remaining if done > 0 else None
+        self._rate.add(state.global_step, now)
+        eta = self._rate.eta(remaining)
         mem: dict[str, Any] = {"mem_allocated_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None,
                                "mem_peak_allocated_gib": None}
         if self.engine.device.get("type") == "cuda":

@@ -361,6 +361,7 @@ class TrainScreen(StepScreen):
     def _redraw_plot(self) -> None:
         if self.state in ("starting", "running") and self.started_at is not None:
             self.query_one("#stats", Static).update(self.stats_text())  # the elapsed time ticks
+            self.query_one("#eta", Label).update(self.eta_text())  # and the ETA counts down
         if self._plot_dirty:
             self._plot_dirty = False
             self.query_one("#loss", LossPlot).redraw()
@@ -388,11 +389,22 @@ class TrainScreen(StepScreen):
             bar.update(total=total, progress=step if self.state != "finished" else total)
         elif over:
             bar.update(total=1, progress=0)  # no run going: the bar stands still
-        eta = self.last.get("eta_s")
-        # a stopped or failed run has no time left to show
-        self.query_one("#eta", Label).update("done" if self.state == "finished" else self.state if over else
-                                             f"ETA {fmt_duration(eta)}" if eta is not None else "ETA …")
+        self.query_one("#eta", Label).update(self.eta_text())
         self.query_one("#stats", Static).update(self.stats_text())
+
+    def eta_text(self, now: float | None = None) -> str:
+        """The engine's ETA (from its recent steps' time), counted down since the step that said it:
+        a slow step under load no longer leaves the last figure standing still for minutes."""
+        if self.state == "finished":
+            return "done"
+        if self.state in ("stopped", "failed"):
+            return self.state  # no time left to show
+        eta, said_at = self.last.get("eta_s"), self.last.get("time")
+        if not isinstance(eta, (int, float)):
+            return "ETA …"
+        if isinstance(said_at, (int, float)) and self.state == "running":
+            eta = max(0.0, eta - max(0.0, (time.time() if now is None else now) - said_at))
+        return f"ETA {fmt_duration(eta)}"
 
     def stats_text(self) -> Text:
         last = self.last
