@@ -292,6 +292,18 @@ def engine_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "core.distributed" if nproc > 1 else "core.train", str(run_dir)]
 
 
+def quiet_env(env: dict) -> dict:
+    """`env` with progress bars off, for the engine and the wizard's pre-run check: their output is
+    read as text (engine.log: the wizard's error tail, `snugtune attach`'s died message; the check's
+    last line when it crashes), where bars redrawn with carriage returns (model loading's "Loading
+    weights", Hub downloads) are noise; setup says what it does through setup_progress events. A
+    user's own setting of either variable stands."""
+    env = dict(env)
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub's and transformers' bars
+    env.setdefault("TQDM_DISABLE", "1")  # tqdm's default for every bar (the GGUF loader's own)
+    return env
+
+
 def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subprocess.Popen:
     """Start `python -m core.train RUN_DIR` in its own session, output to engine.log.
 
@@ -306,6 +318,7 @@ def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subpro
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    env = quiet_env(env)
     if extra_env:
         env.update(extra_env)
     try:
@@ -845,6 +858,7 @@ def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
         path = freeze_paths(cfg).write_toml(Path(tmp) / CONFIG_FILE, overwrite=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = quiet_env(env)
         try:
             proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path)], capture_output=True,
                                   text=True, env=env, timeout=PREFLIGHT_TIMEOUT_S, stdin=subprocess.DEVNULL)
