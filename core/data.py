@@ -775,13 +775,32 @@ INSPECT_FLAGS = {"template": "--template", "max_seq_len": "--seq", "format": "--
                  "text_split": "--text-split", "long_samples": "--long-samples"}
 
 
+# The wizard's own fields for the data settings it has one for (tui/screens/settings.py's labels,
+# tui/screens/data.py's Format): where its user acts on them, in the words on the screen.
+WIZARD_FIELDS = {"max_seq_len": ("Sequence len", "Settings step"),
+                 "template": ("Template", "Settings step, Advanced"),
+                 "eval_fraction": ("Eval fraction", "Settings step, Advanced"),
+                 "packing": ("Packing", "Settings step, Advanced"),
+                 "format": ("Format", "Data step")}
+
+
+def hint_style() -> str:
+    """Whose syntax hints use now ('train', 'inspect' or 'wizard'; see hint_syntax)."""
+    return _HINT_SYNTAX.get()
+
+
 def setting_hint(key: str, value: Any) -> str:
     """How to set data.`key` to `value` in the syntax of the command at hand."""
     style = _HINT_SYNTAX.get()
     if style == "inspect" and key in INSPECT_FLAGS:
         return f"{INSPECT_FLAGS[key]} {value}"
     if style == "wizard":
-        return f"data.{key} = {value!r} (Settings step)" if key != "format" else f"Format: {value}"
+        if key in WIZARD_FIELDS:
+            label, where = WIZARD_FIELDS[key]
+            return f"{label}: {value} ({where})"
+        # no field for it in the wizard: a preset file has it
+        return (f"data.{key} = {json.dumps(value)} under [data] in a preset (ctrl+s saves one; edit it, then "
+                "open it with snugtune --preset FILE)")
     shown = f"'{value}'" if isinstance(value, str) else value
     return f"--set data.{key}={shown} (in a preset: {key} = {json.dumps(value)} under [data])"
 

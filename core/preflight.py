@@ -38,9 +38,13 @@ HOST_TIGHT_SHARE = 0.8
 
 def check_placeholders(cfg: RunConfig) -> None:
     if cfg.data.path.startswith("REPLACE"):
+        from core.data import hint_style
+
+        how = ("type its path on the Data step (ctrl+b back to it)" if hint_style() == "wizard" else
+               "pass --set data.path=/path/to/your/data.jsonl")
         raise UserError(
             f"data.path = {cfg.data.path!r}: this preset needs your training data",
-            hint="pass --set data.path=/path/to/your/data.jsonl (JSONL, JSON, CSV, Parquet or .txt, or a Hub dataset id)",
+            hint=f"{how} (JSONL, JSON, CSV, Parquet or .txt, or a Hub dataset id)",
         )
 
 
@@ -198,12 +202,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     """`python -m core.preflight CONFIG.toml`: one JSON line, {"ok": true, ...} or
     {"ok": false, "error", "hint", "exit_code"}; the exit code is the error's (0 when fine)."""
     argv = sys.argv[1:] if argv is None else argv
+    syntax = "train"
+    if len(argv) == 3 and argv[1] == "--hint-syntax":  # the wizard's: hints name its fields and keys
+        argv, syntax = argv[:1], argv[2]
     if len(argv) != 1:
-        print("usage: python -m core.preflight CONFIG.toml", file=sys.stderr)
+        print("usage: python -m core.preflight CONFIG.toml [--hint-syntax train|wizard]", file=sys.stderr)
         return 2
+    from core.data import hint_syntax
+
     try:
         cfg = RunConfig.from_toml(argv[0])
-        info = check(cfg)
+        with hint_syntax(syntax):
+            info = check(cfg)
     except UserError as exc:
         print(json.dumps({"ok": False, "error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}))
         return exc.exit_code

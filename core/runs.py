@@ -841,13 +841,14 @@ def tokenizer_bytes(source: Union[str, Path, None]) -> int:
 PREFLIGHT_TIMEOUT_S = 600
 
 
-def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
+def preflight(cfg: RunConfig, in_process: bool = False, hint_syntax: str = "train") -> dict:
     """Check the data, model, tokenizer, GPU profile and disk space of a run before it is created
     (core.preflight); raises the UserError the engine would have failed with.
 
     Torch-free for the caller: by default the check runs in a subprocess
     (`python -m core.preflight`), so the wizard can call this from a worker thread. The CLI,
-    which imports the engine anyway, passes in_process=True."""
+    which imports the engine anyway, passes in_process=True. `hint_syntax`: 'wizard' words the
+    hints with the wizard's fields and keys (core.data.hint_syntax)."""
     if in_process:
         from core.preflight import check
 
@@ -860,7 +861,8 @@ def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
         env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env = quiet_env(env)
         try:
-            proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path)], capture_output=True,
+            proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path), "--hint-syntax", hint_syntax],
+                                  capture_output=True,
                                   text=True, env=env, timeout=PREFLIGHT_TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise UserError(f"checking the data and the model took over {PREFLIGHT_TIMEOUT_S} s",

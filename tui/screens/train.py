@@ -211,7 +211,7 @@ class TrainScreen(StepScreen):
         from core import runs
 
         try:
-            info = runs.preflight(cfg)
+            info = runs.preflight(cfg, hint_syntax="wizard")
         except UserError as exc:
             self.app.call_from_thread(self._not_started, f"cannot start: {exc}")
             return
