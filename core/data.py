@@ -261,6 +261,9 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: st
         return _read_saved_dataset(path, split)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_type(p))
     if not files:
+        inner = _data_subfolder(path, split)
+        if inner is not None:
+            return _load_dir(inner, max_samples, text_split, split)
         raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
                         hint="give one data file, or a directory of them")
     files = _split_files(path, files, split)
@@ -279,6 +282,41 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: st
         records.extend(_load_file(f, left, text_split))
     records.origins = origins
     return records
+
+
+def _has_data(d: Path, depth: int = 2) -> bool:
+    try:
+        entries = [p for p in d.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return False
+    return any(p.is_file() and data_type(p) for p in entries) or (
+        depth > 1 and any(p.is_dir() and _has_data(p, depth - 1) for p in entries))
+
+
+def _data_subfolder(path: Path, split: str) -> Optional[Path]:
+    """The folder holding the data in a folder that holds none itself: a Hub dataset repository
+    cloned with git (README.md beside `data/train-00000-of-00001.parquet`), a folder of split
+    folders (`train/`, `test/`: data.split's), or one subfolder with data; None if there is none.
+    Several folders that are not splits (a Hub repo's configurations) are one message naming them."""
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _has_data(p))
+    if not subs:
+        return None
+    by_name = {p.name.lower(): p for p in subs}
+    if "data" in by_name:  # the Hub's own layout (datasets reads data/ first)
+        return by_name["data"]
+    splits = {SPLIT_WORDS[p.name.lower()]: p for p in subs if p.name.lower() in SPLIT_WORDS}
+    if splits:
+        want = SPLIT_WORDS.get(split.lower(), split.lower())
+        if want in splits:
+            return splits[want]
+        raise UserError(f"{path}: a folder of split folders without a {split!r} one (it has "
+                        f"{', '.join(p.name + '/' for p in splits.values())})",
+                        hint="choose the split with data.split, or give that folder as the data path")
+    if len(subs) == 1:
+        return subs[0]
+    raise UserError(f"{path}: the data files are in {len(subs)} folders ({', '.join(p.name + '/' for p in subs[:6])}"
+                    f"{' ...' if len(subs) > 6 else ''}), read as separate data sets (a Hub repository's configurations)",
+                    hint=f"give one of them as the data path, e.g. {subs[0]}")
 
 
 # Split names in file names, as `datasets.load_dataset(folder)` reads them (train.jsonl,
