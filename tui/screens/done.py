@@ -124,7 +124,8 @@ class DoneScreen(StepScreen):
         self.chat: ChatProcess | None = None
         run_dir = self.app.run_dir
         result = self.app.run_result or {}
-        adapter = result.get("adapter_path") or (str(run_dir / "adapter") if run_dir else None)
+        # where the run folder is now (one renamed or moved since keeps its old path in the event)
+        adapter = str(run_dir / "adapter") if run_dir else result.get("adapter_path")
         info = Text()
         info.append("Adapter saved in ", style="bold")
         info.append(str(adapter), style="bold underline")

@@ -317,7 +317,8 @@ class TrainScreen(StepScreen):
         elif kind == "run_finished":
             self.state = "finished"
             self.app.run_result = e
-            self.set_status(f"finished: adapter in {e.get('adapter_path')} · ctrl+n: chat, export, save", "ok")
+            adapter = self.app.run_dir / "adapter" if self.app.run_dir is not None else e.get("adapter_path")
+            self.set_status(f"finished: adapter in {adapter} · ctrl+n: chat, export, save", "ok")
         elif kind == "run_stopped":
             self.state = "stopped"
             ckpt = Path(str(e.get("checkpoint"))).name if e.get("checkpoint") else "none"
