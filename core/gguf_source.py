@@ -460,6 +460,9 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the dequantized copy of {p.name} to {out.parent} ({exc.strerror})",
                         hint="free disk space (it needs ~2 bytes a parameter) or set SNUGTUNE_CACHE elsewhere") from None
+    except BaseException:  # a stop (the engine's setup is interruptible), Ctrl-C: no half-written copy left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -116,18 +116,13 @@ def _host_ram_warning(cfg: RunConfig, source: str) -> Optional[str]:
     if cfg.gpu.profile == "cpu":
         return None
     try:
-        from transformers import AutoConfig
-
-        from core.catalog import spec_from_config
         from core.estimate import estimate
         from core.gpu import resolve_gpu
 
         gpu = resolve_gpu(cfg.gpu.profile, cfg.gpu.vram_budget_gib, cfg.gpu.device_index)
         if gpu.is_cpu:
             return None
-        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code)
-        spec = spec_from_config(config.to_dict(), id=cfg.model.name_or_path)
+        spec = _spec(cfg, source)
         pinned = float(estimate(spec, cfg, gpu).knobs.get("host_pinned_gib") or 0.0)
     except UserError:
         raise
@@ -137,16 +132,25 @@ def _host_ram_warning(cfg: RunConfig, source: str) -> Optional[str]:
                           f"{cfg.model.name_or_path} on {gpu.name} at {cfg.data.max_seq_len:,} tokens")
 
 
-def _lora_params(cfg: RunConfig, source: str) -> Optional[int]:
-    """Trainable parameters from the model's config.json (None when its shape is not known)."""
+def _spec(cfg: RunConfig, source: str):
+    """The model's shape from its config.json, or from a GGUF file's header (not converted yet)."""
+    if Path(source).is_file():  # a .gguf the pre-run check did not dequantize (check's convert_gguf)
+        from core.catalog import spec_from_gguf_path
+
+        return spec_from_gguf_path(Path(source))
+    from transformers import AutoConfig
+
     from core.catalog import spec_from_config
 
-    try:
-        from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    return spec_from_config(config.to_dict(), id=cfg.model.name_or_path)
 
-        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code)
-        spec = spec_from_config(config.to_dict(), id=cfg.model.name_or_path)
+
+def _lora_params(cfg: RunConfig, source: str) -> Optional[int]:
+    """Trainable parameters from the model's config.json (None when its shape is not known)."""
+    try:
+        spec = _spec(cfg, source)
         if not spec.exact:
             return None
         return spec.lora_params(cfg.lora.r, cfg.lora.target_modules)
@@ -161,8 +165,13 @@ def optimizer_for(cfg: RunConfig) -> str:
     return optimizer(cfg.train.optimizer, cfg.gpu.profile != "cpu")[0]
 
 
-def check(cfg: RunConfig, runs_base: Optional[Path] = None) -> dict:
+def check(cfg: RunConfig, runs_base: Optional[Path] = None, convert_gguf: bool = True) -> dict:
     """Everything that can be checked without loading the model's weights; raises UserError.
+
+    `convert_gguf`: dequantize a .gguf model here, once (the CLI: its progress shows in the terminal,
+    and the engine then finds it done). The wizard's check runs under a time limit, which dequantizing
+    a 7-8B GGUF (minutes, 16 GB written) can pass: there the file's tokenizer and header are read, and
+    the engine dequantizes it during its setup, with no limit and stoppable.
 
     Returns what was found: model_source, format, samples, disk_needed_mb (None if unknown), warnings
     (said, not refused: host RAM that is tight)."""
@@ -175,7 +184,12 @@ def check(cfg: RunConfig, runs_base: Optional[Path] = None) -> dict:
     fmt, records, _left_out = prepare(cfg.data)
     from core.model import load_tokenizer, resolve_model_source
 
-    source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+    source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision, weights=convert_gguf)
+    if Path(source).is_file():  # a GGUF left for the engine to dequantize: what would stop it, now
+        from core import gguf_source
+
+        gguf_source._check_architecture(Path(source), gguf_source.read_metadata(Path(source)))
+        gguf_source._check_transformers_for(Path(source))
     tokenizer = load_tokenizer(source, cfg)
     for record in records[:SAMPLES_RENDERED]:
         tokenize(render(record, fmt, tokenizer, cfg.data), tokenizer, cfg.data.max_seq_len,
@@ -213,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = RunConfig.from_toml(argv[0])
         with hint_syntax(syntax):
-            info = check(cfg)
+            info = check(cfg, convert_gguf=False)  # the wizard's: under PREFLIGHT_TIMEOUT_S (see check)
     except UserError as exc:
         print(json.dumps({"ok": False, "error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}))
         return exc.exit_code

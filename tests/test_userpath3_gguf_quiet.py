@@ -51,3 +51,19 @@ def test_the_engine_and_the_wizards_pre_run_check_run_without_bars():
     assert "bar" not in proc.stderr and proc.stdout.strip() == "False"
     # a user's own choice stands
     assert runs.quiet_env({"TQDM_DISABLE": "0"})["TQDM_DISABLE"] == "0"
+
+
+def test_the_wizards_pre_run_check_leaves_dequantizing_to_the_engine(demo_gguf, tmp_path, tiny_instruction_jsonl):
+    # before: the wizard's pre-run check (600 s limit) dequantized the GGUF itself; a 7-8B one takes
+    # minutes and writes ~16 GB, so the check timed out, its half-written copy was thrown away, and
+    # every ctrl+t began again
+    from core.config import RunConfig
+    from core.preflight import check
+
+    copy = shutil.copy(demo_gguf, tmp_path / "fresh.gguf")
+    cfg = RunConfig.from_dict({"gpu": {"profile": "cpu"}, "model": {"name_or_path": str(copy)},
+                               "data": {"path": str(tiny_instruction_jsonl), "max_seq_len": 64},
+                               "output": {"runs_dir": str(tmp_path / "runs")}})
+    info = check(cfg, convert_gguf=False)
+    assert info["samples"] == 64 and info["disk_needed_mb"] is not None  # the shape read from the header
+    assert not gguf_source.converted_dir(copy).exists()
