@@ -94,6 +94,8 @@ FIELDS = {
 # ShareGPT's function_call is an assistant turn calling a tool; observation is the tool's result.
 ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+         # OpenAssistant's (oasst) prompter; scraped ShareGPT variants' bot, ai and chatbot
+         "prompter": "user", "bot": "assistant", "ai": "assistant", "chatbot": "assistant",
          "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
          "function_call": "tool_call"}
 # Per-turn training flags: OpenAI's `weight`, axolotl's `train`/`training`, LLaMA-Factory's `loss_weight`.
@@ -171,6 +173,27 @@ def _looks_like_a_path(path: str) -> bool:
     )
 
 
+def unknown_type_error(path: Path) -> UserError:
+    """The message for a file whose type snugtune does not read, with the step that makes it data
+    where there is one (a spreadsheet saved as CSV, an archive unpacked, prose renamed .txt)."""
+    ext = path.suffix.lower()
+    sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
+    archive = ext in (".zip", ".tar", ".tgz", ".7z", ".rar", ".bz2", ".xz", ".zst") or (
+        ext == ".gz" and Path(path.stem).suffix.lower() == ".tar")
+    prose = ext in (".md", ".markdown", ".rst", ".text", ".org")
+    hint = ("save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
+            if sheet else
+            f"unpack it first (e.g. `{'unzip' if ext == '.zip' else 'tar -xf' if ext in ('.tar', '.tgz', '.gz') else '7z x'} "
+            f"{path.name}`), then give the data file or the folder it holds" if archive else
+            f"it is plain text: rename it to .txt (`mv {path.name} {Path(path.name).stem}.txt`), read one sample a "
+            "paragraph" if prose else None)
+    return UserError(
+        f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
+        + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet and .arrow gzipped (.jsonl.gz)",
+        hint=hint,
+    )
+
+
 def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto", split: str = "train") -> list[dict]:
     if not path.exists():
         raise UserError(f"{path}: file not found", hint="check the path (data.path), or give a Hub dataset id as owner/name")
@@ -181,13 +204,7 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto",
     if gz:  # my.jsonl.gz: the Hub's and many exporters' compressed form, read without unpacking it
         ext = Path(path.stem).suffix.lower()
     if ext not in FILE_TYPES:
-        sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
-        raise UserError(
-            f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
-            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet and .arrow gzipped (.jsonl.gz)",
-            hint="save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
-            if sheet else None,
-        )
+        raise unknown_type_error(path)
     if gz:
         path = _GzFile(path)  # type: ignore[assignment]
     encoding = "utf-8-sig"

@@ -59,3 +59,43 @@ def test_configuration_folders_are_named_not_merged(tmp_path):
 def test_one_subfolder_with_the_data_is_read(tmp_path):
     _jsonl(tmp_path / "download" / "my-set" / "train.jsonl", [{"instruction": "x", "output": "y"}])
     assert load_records(DataConfig(path=str(tmp_path / "download")))[0]["instruction"] == "x"
+
+
+# ---- files that are not data files yet -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name, said", [
+    ("data.zip", "unzip data.zip"),
+    ("data.tar.gz", "tar -xf data.tar.gz"),
+    ("notes.md", "mv notes.md notes.txt"),
+])
+def test_an_archive_or_a_markdown_file_gets_the_step_that_makes_it_data(tmp_path, name, said):
+    # before: "unknown file type" and the list of types, with no way from this file to one of them
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04" if name.endswith(".zip") else b"# notes\n")
+    with pytest.raises(UserError) as err:
+        load_records(DataConfig(path=str(path)))
+    assert said in (err.value.hint or ""), err.value.hint
+
+
+# ---- role names of real exports --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("user, bot", [("prompter", "assistant"), ("human", "bot"), ("user", "ai"),
+                                       ("human", "chatbot")])
+def test_openassistant_and_scraped_sharegpt_role_names_are_read(tmp_path, user, bot):
+    # before: "message 2 of 'conversations' has unknown role 'bot'", the whole file refused
+    from core.data import detect_format, to_messages
+
+    path = _jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": user, "value": "hi"},
+                                                               {"from": bot, "value": "hello"}]}])
+    rows = load_records(DataConfig(path=str(path)))
+    fmt = detect_format(rows, DataConfig(path=str(path)))
+    assert [m["role"] for m in to_messages(rows[0], fmt)] == ["user", "assistant"]
+
+
+def test_the_wizards_data_step_gives_the_same_step(tmp_path):
+    from tui.screens.data import local_problem
+
+    path = tmp_path / "export.zip"
+    path.write_bytes(b"PK\x03\x04")
+    said = local_problem(str(path))
+    assert "unsupported file type" in said and "unzip export.zip" in said

@@ -84,7 +84,11 @@ def local_problem(path: str) -> str | None:
     if p.is_dir():
         return None  # a directory of data files is one dataset (the reader says what is in it)
     if looks_local and data_suffix(p) not in DATA_SUFFIXES:
-        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet, .arrow or .txt"
+        from core.data import unknown_type_error  # torch-free: the reader's own message and its hint
+
+        hint = unknown_type_error(p).hint
+        return (f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet, "
+                ".arrow or .txt" + (f"\n  hint: {hint}" if hint else ""))
     return None
 
 
