@@ -575,6 +575,19 @@ def still_starting(run_dir: Union[str, Path]) -> bool:
     return not _attempt_has_events(Path(run_dir))
 
 
+def setting_up(run_dir: Union[str, Path]) -> bool:
+    """Whether the run's current attempt has not started training yet (no run_started: importing
+    torch, resolving the model, reading the data, loading the weights): a stop then saves nothing."""
+    from core.events import current_attempt
+
+    start = current_attempt(Path(run_dir))
+    log = read_log(run_dir)
+    return not any(e.get("event") == "run_started" for e, end in zip(log.events, log.ends) if end > start)
+
+
+STOP_IN_SETUP = "stopping: the run is still setting up and stops once the stage it is in ends (nothing trained yet, nothing to save)"
+
+
 def remove_run(run_dir: Union[str, Path]) -> None:
     """Delete a run directory and everything in it; refuses a running run (stop it first)."""
     import shutil

@@ -60,3 +60,22 @@ def test_the_stop_file_is_read_between_setup_stages(tiny_run_config, monkeypatch
     messages = [e.get("message") for e in events if e["event"] == "setup_progress"]
     assert "preparing the data" in messages and "loading the model" not in messages
     assert events[-1]["event"] == "run_stopped" and not (run_dir / runs.STOP_FILE).exists()
+
+
+def test_a_stop_during_setup_is_said_as_one_that_saves_nothing(tmp_path):
+    # before: "stopping: the engine saves a checkpoint first" while the run was still loading its
+    # model (there was nothing to save), and `snugtune stop` said "starting" only before the first event
+    from core.events import EventWriter
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    w = EventWriter(run_dir / "events.jsonl")
+    w.emit("setup_progress", message="loading the model")
+    assert runs.setting_up(run_dir)
+    w.emit("run_started", config={}, total_steps=6)
+    assert not runs.setting_up(run_dir)
+    w.emit("run_stopped", step=3, checkpoint=None)
+    w.emit("setup_progress", message="resolving the model")  # a resume, setting up again
+    assert runs.setting_up(run_dir)
+    w.close()
+    assert "nothing to save" in runs.STOP_IN_SETUP

@@ -203,8 +203,8 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
         if not stopping["asked"]:
             stopping["asked"] = True
             runs.request_stop(run_dir)
-            print("\nstopping: the engine saves a checkpoint first (Ctrl-C again to leave it running "
-                  "in the background)", file=sys.stderr, flush=True)
+            said = runs.STOP_IN_SETUP if runs.setting_up(run_dir) else "stopping: the engine saves a checkpoint first"
+            print(f"\n{said} (Ctrl-C again to leave it running in the background)", file=sys.stderr, flush=True)
             return True
         print(f"\nleft running in the background; `snugtune attach {run_dir.name}` or "
               f"`snugtune stop {run_dir.name}`", file=sys.stderr)
@@ -401,8 +401,8 @@ def cmd_stop(args) -> int:
         status = runs.run_status(run_dir)["status"]
         print(f"run {run_dir.name} is not running ({status})")
         return 0
-    if runs.still_starting(run_dir):
-        print(f"asked run {run_dir.name} to stop; it is still starting and stops at the end of the setup stage "
+    if runs.setting_up(run_dir):
+        print(f"asked run {run_dir.name} to stop; it is still setting up and stops at the end of the stage "
               "it is in (at once while it loads the model), before training a step", flush=True)
     else:
         print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)

@@ -481,7 +481,8 @@ class TrainScreen(StepScreen):
         except UserError as exc:
             self.set_status(str(exc), "error")
             return
-        self.set_status("stopping: the engine saves a checkpoint first…", "warning")
+        self.set_status(runs.STOP_IN_SETUP if runs.setting_up(self.app.run_dir) else
+                        "stopping: the engine saves a checkpoint first…", "warning")
 
     def action_resume(self) -> None:
         from core import runs
