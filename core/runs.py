@@ -5,6 +5,7 @@ engine's checkpoints/ and adapter/ (docs/ARCHITECTURE.md). No torch here: the wi
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -128,9 +129,18 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None, preset: Optiona
             raise UserError(f"cannot create the run directory {path} ({exc.strerror})") from None
         try:
             cfg.write_toml(path / CONFIG_FILE, header=header or "The configuration of this run, frozen at launch.")
+            stamp_data(path, cfg)
         except OSError as exc:
-            raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
-        stamp_data(path, cfg)
+            # a full disk (or a quota) between mkdir and the first files: no half-made run directory
+            # stays behind (it held only the cut-short temporary config and was listed nowhere)
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+            raise UserError(f"cannot write the run directory {path} ({exc.strerror}); nothing was made",
+                            hint="free some disk space, or choose another place for the runs "
+                                 "(output.runs_dir, SNUGTUNE_RUNS_DIR)" if full else
+                                 "choose a writable place for the runs (output.runs_dir, SNUGTUNE_RUNS_DIR)") from None
         return path
     raise UserError(f"too many runs named {stem} in {base}")
 
