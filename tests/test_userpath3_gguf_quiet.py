@@ -67,3 +67,17 @@ def test_the_wizards_pre_run_check_leaves_dequantizing_to_the_engine(demo_gguf, 
     info = check(cfg, convert_gguf=False)
     assert info["samples"] == 64 and info["disk_needed_mb"] is not None  # the shape read from the header
     assert not gguf_source.converted_dir(copy).exists()
+
+
+def test_the_wizards_subprocesses_draw_no_bars_either():
+    # the export's log was read back line by line for the status line: "exporting: Loading weights:
+    # 74%|███▎ | 174/236 [...]" while a real model loaded
+    import subprocess
+    import sys
+
+    from tui.screens.base import subprocess_env
+
+    code = "from tqdm.auto import tqdm; list(tqdm(range(3), desc='bar'))"
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "bar" not in proc.stderr
