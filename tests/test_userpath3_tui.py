@@ -31,3 +31,22 @@ async def test_ctrl_c_in_a_text_box_says_how_to_quit_and_still_copies_a_selectio
         await pilot.press("ctrl+c")
         await wait_for(pilot, lambda: app.clipboard == box.value, what="the copy")
         assert "copied the selected text" in status_text(app) and "ctrl+q quits" in status_text(app)
+
+
+async def test_a_run_stopped_while_it_set_up_is_said_as_nothing_lost(wizard_env):
+    # before: "stopped at step 0 (checkpoint: none) · ctrl+r resumes", which read as work lost
+    from core.presets import load_preset
+    from test_tui_helpers import write_events
+    from tui.app import SnugtuneApp
+
+    run_dir = wizard_env["runs"] / "setup-stop"
+    run_dir.mkdir()
+    cfg = load_preset("demo").with_overrides(["gpu.profile='gtx-1650'"])
+    cfg.write_toml(run_dir / "config.toml")
+    write_events(run_dir, [{"event": "setup_progress", "message": "loading the model"},
+                           {"event": "run_stopped", "step": 0, "checkpoint": None}])
+    (run_dir / "pid").write_text("999999999\n")  # no such process: the run is over
+    app = SnugtuneApp(cfg, attach=run_dir, gpus=[], check_runs=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: "stopped before training started" in status_text(app), what="the stop")
+        assert "nothing lost" in status_text(app) and "checkpoint: none" not in status_text(app)

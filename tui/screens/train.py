@@ -322,8 +322,12 @@ class TrainScreen(StepScreen):
         elif kind == "run_stopped":
             self.state = "stopped"
             ckpt = Path(str(e.get("checkpoint"))).name if e.get("checkpoint") else "none"
-            self.set_status(f"stopped at step {e.get('step')} (checkpoint: {ckpt}) · ctrl+r resumes",
-                            "warning")
+            if not e.get("checkpoint") and not e.get("step"):
+                # stopped while it set up: said as the CLI says it ("step 0, checkpoint: none" read as lost work)
+                self.set_status("stopped before training started: nothing was trained, nothing lost · "
+                                "ctrl+r starts it", "warning")
+            else:
+                self.set_status(f"stopped at step {e.get('step')} (checkpoint: {ckpt}) · ctrl+r resumes", "warning")
         elif kind == "run_failed":
             self.state = "failed"
             self.failure = e
