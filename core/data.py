@@ -94,6 +94,8 @@ FIELDS = {
 # ShareGPT's function_call is an assistant turn calling a tool; observation is the tool's result.
 ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+         # OpenAssistant's (oasst) prompter; scraped ShareGPT variants' bot, ai and chatbot
+         "prompter": "user", "bot": "assistant", "ai": "assistant", "chatbot": "assistant",
          "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
          "function_call": "tool_call"}
 # Per-turn training flags: OpenAI's `weight`, axolotl's `train`/`training`, LLaMA-Factory's `loss_weight`.
@@ -171,6 +173,27 @@ def _looks_like_a_path(path: str) -> bool:
     )
 
 
+def unknown_type_error(path: Path) -> UserError:
+    """The message for a file whose type snugtune does not read, with the step that makes it data
+    where there is one (a spreadsheet saved as CSV, an archive unpacked, prose renamed .txt)."""
+    ext = path.suffix.lower()
+    sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
+    archive = ext in (".zip", ".tar", ".tgz", ".7z", ".rar", ".bz2", ".xz", ".zst") or (
+        ext == ".gz" and Path(path.stem).suffix.lower() == ".tar")
+    prose = ext in (".md", ".markdown", ".rst", ".text", ".org")
+    hint = ("save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
+            if sheet else
+            f"unpack it first (e.g. `{'unzip' if ext == '.zip' else 'tar -xf' if ext in ('.tar', '.tgz', '.gz') else '7z x'} "
+            f"{path.name}`), then give the data file or the folder it holds" if archive else
+            f"it is plain text: rename it to .txt (`mv {path.name} {Path(path.name).stem}.txt`), read one sample a "
+            "paragraph" if prose else None)
+    return UserError(
+        f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
+        + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet and .arrow gzipped (.jsonl.gz)",
+        hint=hint,
+    )
+
+
 def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto", split: str = "train") -> list[dict]:
     if not path.exists():
         raise UserError(f"{path}: file not found", hint="check the path (data.path), or give a Hub dataset id as owner/name")
@@ -181,13 +204,7 @@ def _load_file(path: Path, max_samples: Optional[int], text_split: str = "auto",
     if gz:  # my.jsonl.gz: the Hub's and many exporters' compressed form, read without unpacking it
         ext = Path(path.stem).suffix.lower()
     if ext not in FILE_TYPES:
-        sheet = ext in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
-        raise UserError(
-            f"{path}: unknown file type {ext or '(no extension)'!r}; snugtune reads "
-            + ", ".join(f"{e} ({n})" for e, n in FILE_TYPES.items()) + ", and each but .parquet and .arrow gzipped (.jsonl.gz)",
-            hint="save the sheet as CSV (in Excel: File > Save As > \"CSV UTF-8\"; a header row names the columns)"
-            if sheet else None,
-        )
+        raise unknown_type_error(path)
     if gz:
         path = _GzFile(path)  # type: ignore[assignment]
     encoding = "utf-8-sig"
@@ -261,6 +278,9 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: st
         return _read_saved_dataset(path, split)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_type(p))
     if not files:
+        inner = _data_subfolder(path, split)
+        if inner is not None:
+            return _load_dir(inner, max_samples, text_split, split)
         raise UserError(f"{path}: a directory with no data files in it ({', '.join(FILE_TYPES)})",
                         hint="give one data file, or a directory of them")
     files = _split_files(path, files, split)
@@ -279,6 +299,41 @@ def _load_dir(path: Path, max_samples: Optional[int], text_split: str, split: st
         records.extend(_load_file(f, left, text_split))
     records.origins = origins
     return records
+
+
+def _has_data(d: Path, depth: int = 2) -> bool:
+    try:
+        entries = [p for p in d.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return False
+    return any(p.is_file() and data_type(p) for p in entries) or (
+        depth > 1 and any(p.is_dir() and _has_data(p, depth - 1) for p in entries))
+
+
+def _data_subfolder(path: Path, split: str) -> Optional[Path]:
+    """The folder holding the data in a folder that holds none itself: a Hub dataset repository
+    cloned with git (README.md beside `data/train-00000-of-00001.parquet`), a folder of split
+    folders (`train/`, `test/`: data.split's), or one subfolder with data; None if there is none.
+    Several folders that are not splits (a Hub repo's configurations) are one message naming them."""
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _has_data(p))
+    if not subs:
+        return None
+    by_name = {p.name.lower(): p for p in subs}
+    if "data" in by_name:  # the Hub's own layout (datasets reads data/ first)
+        return by_name["data"]
+    splits = {SPLIT_WORDS[p.name.lower()]: p for p in subs if p.name.lower() in SPLIT_WORDS}
+    if splits:
+        want = SPLIT_WORDS.get(split.lower(), split.lower())
+        if want in splits:
+            return splits[want]
+        raise UserError(f"{path}: a folder of split folders without a {split!r} one (it has "
+                        f"{', '.join(p.name + '/' for p in splits.values())})",
+                        hint="choose the split with data.split, or give that folder as the data path")
+    if len(subs) == 1:
+        return subs[0]
+    raise UserError(f"{path}: the data files are in {len(subs)} folders ({', '.join(p.name + '/' for p in subs[:6])}"
+                    f"{' ...' if len(subs) > 6 else ''}), read as separate data sets (a Hub repository's configurations)",
+                    hint=f"give one of them as the data path, e.g. {subs[0]}")
 
 
 # Split names in file names, as `datasets.load_dataset(folder)` reads them (train.jsonl,
@@ -775,13 +830,32 @@ INSPECT_FLAGS = {"template": "--template", "max_seq_len": "--seq", "format": "--
                  "text_split": "--text-split", "long_samples": "--long-samples"}
 
 
+# The wizard's own fields for the data settings it has one for (tui/screens/settings.py's labels,
+# tui/screens/data.py's Format): where its user acts on them, in the words on the screen.
+WIZARD_FIELDS = {"max_seq_len": ("Sequence len", "Settings step"),
+                 "template": ("Template", "Settings step, Advanced"),
+                 "eval_fraction": ("Eval fraction", "Settings step, Advanced"),
+                 "packing": ("Packing", "Settings step, Advanced"),
+                 "format": ("Format", "Data step")}
+
+
+def hint_style() -> str:
+    """Whose syntax hints use now ('train', 'inspect' or 'wizard'; see hint_syntax)."""
+    return _HINT_SYNTAX.get()
+
+
 def setting_hint(key: str, value: Any) -> str:
     """How to set data.`key` to `value` in the syntax of the command at hand."""
     style = _HINT_SYNTAX.get()
     if style == "inspect" and key in INSPECT_FLAGS:
         return f"{INSPECT_FLAGS[key]} {value}"
     if style == "wizard":
-        return f"data.{key} = {value!r} (Settings step)" if key != "format" else f"Format: {value}"
+        if key in WIZARD_FIELDS:
+            label, where = WIZARD_FIELDS[key]
+            return f"{label}: {value} ({where})"
+        # no field for it in the wizard: a preset file has it
+        return (f"data.{key} = {json.dumps(value)} under [data] in a preset (ctrl+s saves one; edit it, then "
+                "open it with snugtune --preset FILE)")
     shown = f"'{value}'" if isinstance(value, str) else value
     return f"--set data.{key}={shown} (in a preset: {key} = {json.dumps(value)} under [data])"
 
@@ -1398,10 +1472,12 @@ def _append_turns(turns: list, col: str, rk: str, ck: str, msgs: list[dict], lea
             msg = {"role": role, "content": _content_text(content, where)}
             if calls:
                 msg["tool_calls"] = _tool_calls(calls, where)
-            if role == "tool":
-                for key in ("name", "tool_call_id"):
-                    if isinstance(m.get(key), str):
-                        msg[key] = m[key]
+            if role == "tool" and isinstance(m.get("tool_call_id"), str):
+                msg["tool_call_id"] = m["tool_call_id"]
+        # OpenAI's `name`: the speaker of a multi-party chat, the function a tool result came from.
+        # Kept for a template that renders it (render() counts the names a template has no place for).
+        if isinstance(m.get("name"), str) and m["name"].strip() and msg["role"] != "system":
+            msg["name"] = m["name"]
         flag = _turn_learned(m, where)
         if role == "system" and j == 1 and had_system:
             msgs[0] = msg  # the row's own system message wins over the system column
@@ -1480,6 +1556,35 @@ def template_supports_tools(tokenizer) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
+def template_renders_names(tokenizer) -> bool:
+    """Whether the tokenizer's chat template puts a message's `name` in the text (a multi-speaker
+    chat's speaker, a tool result's function): a probe name must appear in the rendering."""
+    msgs = [{"role": "user", "content": "hi", "name": "snugtune_probe_speaker"},
+            {"role": "assistant", "content": "hello", "name": "snugtune_probe_speaker"}]
+    try:
+        out = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that raises on names does not take them
+        return False
+    return "snugtune_probe_speaker" in out
+
+
+def unseen_names(records: list[dict], fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> int:
+    """How many messages carry a `name` that the rendering leaves out (the built-in layout, or a
+    chat template that has no place for names): said by data inspect, train and the wizard."""
+    if fmt.kind not in ("chat", "instruction"):
+        return 0
+    if template_name(fmt, tokenizer, data_cfg) == "chat_template" and template_renders_names(tokenizer):
+        return 0
+    n = 0
+    for r in records:
+        try:
+            n += sum(1 for m in to_conversation(r, fmt).messages if m.get("name"))
+        except _RowProblem:
+            continue  # said by render() with its row
+    return n
+
+
+@functools.lru_cache(maxsize=8)
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front when it encodes text on its own (Llama does, Qwen not)."""
     bos = tokenizer.bos_token_id
@@ -1525,6 +1630,11 @@ def render(record: dict, fmt: DataFormat, tokenizer, data_cfg: DataConfig) -> li
     except _RowProblem as exc:
         raise UserError(str(exc)) from None
     if template_name(fmt, tokenizer, data_cfg) == "chat_template":
+        if not template_renders_names(tokenizer) and any(m.get("name") for m in conv.messages):
+            # a template that has no place for names: rendered as if they were not there (counted,
+            # said once by unseen_names), never half-rendered by a template that trips on the key
+            conv = Conversation([{k: v for k, v in m.items() if k != "name"} for m in conv.messages],
+                                conv.learned, conv.tools)
         segments = _render_chat_template(conv, tokenizer)
         if eos and any(s.trained for s in segments) and not any(s.trained and eos in s.text for s in segments):
             # The template ends a turn with its own marker (e.g. <|im_end|>) while generation stops
@@ -1985,6 +2095,11 @@ def dropped_and_cut(counts: dict) -> list[str]:
         d = counts["duplicates"]
         out.append(f"{d} {'is a duplicate' if d == 1 else 'are duplicates'} of an earlier sample (kept: trained on "
                    "again, and a copy held out for evaluation flatters the eval loss; remove them to avoid that)")
+    if counts.get("names_unseen"):
+        k = counts["names_unseen"]
+        out.append(f"{k} message{'s carry' if k != 1 else ' carries'} a name (speaker or tool) that the model will "
+                   f"not see: {'the built-in template' if counts.get('template') != 'chat_template' else 'the chat template'}"
+                   " has no place for names (put the name in the message's content to keep it)")
     if counts.get("no_eval"):
         out.append(f"no evaluation: data.eval_fraction={counts.get('eval_fraction')} needs 2 or more samples, "
                    f"there {'is' if counts['no_eval'] == 1 else 'are'} {counts['no_eval']}")
@@ -2017,7 +2132,9 @@ def build_datasets(data_cfg: DataConfig, tokenizer) -> tuple[list[dict], list[di
     rendered = _render_all(records, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     examples, full_lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records),
+                  names_unseen=unseen_names(records, fmt, tokenizer, data_cfg),
+                  template=template_name(fmt, tokenizer, data_cfg))
     if not examples:
         raise UserError(
             f"none of the {len(records)} samples has any response token within max_seq_len={data_cfg.max_seq_len}"
@@ -2111,7 +2228,9 @@ def _inspect(data_cfg: DataConfig, tokenizer_source: Any, n: int) -> dict:
     rendered = _render_all(measured, fmt, tokenizer, data_cfg, filtered)
     tokenized = _tokenize_many(rendered, tokenizer, data_cfg.train_on_responses_only)
     _, lengths, counts, per_sample = _examples(tokenized, fmt, data_cfg)
-    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records))
+    counts.update(filtered=filtered, max_seq_len=data_cfg.max_seq_len, duplicates=duplicates(records),
+                  names_unseen=unseen_names(measured, fmt, tokenizer, data_cfg),
+                  template=template_name(fmt, tokenizer, data_cfg))
     for i, (ids, labels) in enumerate(tokenized[:n]):
         kept, kept_labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
         split = fmt.kind == "text" and data_cfg.long_samples == "split" and len(ids) > len(kept)

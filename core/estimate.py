@@ -341,6 +341,7 @@ def estimate(
 
     # -- activations ---------------------------------------------------------------------------------
     use_offload = False
+    host_pinned = 0  # bytes the plan keeps in pinned CPU memory (core.preflight checks them against the RAM)
     tile = T
     gemma3_last_untiled = 0  # the tile transient a Gemma 3 whose last block is global does not add there
     last_store = 0  # what the last block keeps (freed after its backward)
@@ -426,6 +427,7 @@ def estimate(
         kept = 0 if not gc_on else (2 if use_offload else L) * k_layer
         if use_offload:
             notes.append(f"activation offload on: {L * T * h * s / GIB:.2f} GiB of block inputs in pinned CPU memory")
+            host_pinned += L * T * h * s
         if gc_on:
             tm = P.mlp_tile_tokens(I, B, mlp_tile_bytes) * B
             # the savers tile rows of two tiles' worth and more (tiled_mlp_forward: T >= 2 x tile);
@@ -565,6 +567,7 @@ def estimate(
             transient -= T * h * (NORM_BWD_BYTES - c)
         if plan.cpu_embedding or plan.head_8bit:
             host = emb16 * (int(plan.cpu_embedding) + int(plan.head_8bit and not spec.tie_word_embeddings))
+            host_pinned += host
             notes.append(f"the 16-bit embedding{' and head' if host > emb16 else ''} in CPU memory while training: "
                          f"{host / GIB:.2f} GiB of host RAM")
     largest_bwd = tile * I * s  # the backward's largest transient: an MLP tensor, or a score tensor
@@ -705,6 +708,7 @@ def estimate(
             ),
             "optimizer": opt,
             "keep_layers": keep_layers or 0,
+            "host_pinned_gib": round(host_pinned / GIB, 3),
         },
     )
 

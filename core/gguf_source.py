@@ -312,6 +312,45 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
+def _quiet_bars(progress: Optional[Callable[[str], None]]):
+    """transformers' own progress bars off while it dequantizes: its tqdm bar ("Converting and
+    de-quantizing GGUF tensors...", redrawn ~50 times) and its "Loading weights" bar filled `snugtune
+    train`'s terminal, and the wizard's engine.log and error tails with carriage-return lines. In
+    their place a line at each quarter of the tensors through `progress`, as the rest of setup says.
+    Saving the dense copy runs under it too (its "Writing model shards" bar).
+
+    The GGUF loader calls tqdm.auto.tqdm by the name its module imported (not transformers' logging
+    tqdm, which disable_progress_bar turns off), so that name is swapped for the conversion."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # an older layout: its bar stays
+        gguf_utils = None
+    was_on = hf_logging.is_progress_bar_enabled()
+    orig = getattr(gguf_utils, "tqdm", None)
+
+    def reported(iterable, *args, **kwargs):
+        items = list(iterable)
+        marks = {len(items) * q // 4 for q in (1, 2, 3)} - {0}
+        for i, item in enumerate(items, 1):
+            yield item
+            if progress and i in marks:
+                progress(f"dequantizing: {i}/{len(items)} tensors")
+
+    hf_logging.disable_progress_bar()
+    if orig is not None:
+        gguf_utils.tqdm = reported
+    try:
+        yield
+    finally:
+        if orig is not None:
+            gguf_utils.tqdm = orig
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _parse_once():
     """One parse of the file's metadata for the whole conversion.
 
@@ -375,7 +414,7 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
     except ImportError:
         pass
     try:
-        with _parse_once():
+        with _parse_once(), _quiet_bars(progress):
             tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), **kwargs)
     except (ValueError, KeyError, NotImplementedError) as exc:
@@ -409,7 +448,8 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        dense.save_pretrained(str(tmp))
+        with _quiet_bars(None):  # transformers' "Writing model shards" bar
+            dense.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "snugtune-gguf.json").write_text(json.dumps({
             "gguf": str(p), "size": p.stat().st_size, "architecture": arch, "dtype": dtype,
@@ -420,6 +460,9 @@ def ensure_converted(path: str | os.PathLike, dtype: str = "bf16",
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the dequantized copy of {p.name} to {out.parent} ({exc.strerror})",
                         hint="free disk space (it needs ~2 bytes a parameter) or set SNUGTUNE_CACHE elsewhere") from None
+    except BaseException:  # a stop (the engine's setup is interruptible), Ctrl-C: no half-written copy left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -156,15 +156,17 @@ def planned_steps(n_rows: int, micro_batch: int, grad_accum: int, epochs: float,
 FEW_STEPS = 30
 
 
-def few_steps_note(total_steps: int, per_epoch: int, max_steps: Optional[int]) -> Optional[str]:
+def few_steps_note(total_steps: int, per_epoch: int, max_steps: Optional[int], wizard: bool = False) -> Optional[str]:
     """One sentence when an epochs-based run takes too few optimizer steps to learn much, with the
-    setting that fixes it; None otherwise (and whenever max_steps says what the user wants)."""
+    setting that fixes it; None otherwise (and whenever max_steps says what the user wants).
+    `wizard`: the setting named by the wizard's fields (Epochs, Grad accum)."""
     if max_steps or total_steps >= FEW_STEPS or per_epoch < 1:
         return None
     epochs = math.ceil(FEW_STEPS * 2 / per_epoch)
+    fix = (f"Epochs {epochs} gives {epochs * per_epoch}, or a lower Grad accum" if wizard else
+           f"train.epochs={epochs} gives {epochs * per_epoch}, or lower train.grad_accum")
     return (f"only {total_steps} optimizer step{'s' if total_steps != 1 else ''} in all "
-            f"({per_epoch} an epoch): too few for the adapter to learn much; "
-            f"train.epochs={epochs} gives {epochs * per_epoch}, or lower train.grad_accum")
+            f"({per_epoch} an epoch): too few for the adapter to learn much; {fix}")
 
 
 def context_gib(gpu: GpuTarget) -> float:

@@ -8,6 +8,7 @@ No torch here: the wizard imports it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -138,4 +139,10 @@ def save_preset(cfg: RunConfig, name: str, overwrite: bool = False, header: Opti
     try:
         return cfg.write_toml(path, header=header, overwrite=overwrite)
     except OSError as exc:
-        raise UserError(f"cannot write {path} ({exc.strerror})") from None
+        # write_toml writes a temporary file beside the preset and renames it: one cut short by a
+        # full disk is removed (an existing preset was never touched)
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+        raise UserError(f"cannot write {path} ({exc.strerror})",
+                        hint="free some disk space and save again" if full else
+                        "set SNUGTUNE_CONFIG_DIR to a writable directory") from None

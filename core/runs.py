@@ -5,6 +5,7 @@ engine's checkpoints/ and adapter/ (docs/ARCHITECTURE.md). No torch here: the wi
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -128,9 +129,18 @@ def create_run_dir(cfg: RunConfig, header: Optional[str] = None, preset: Optiona
             raise UserError(f"cannot create the run directory {path} ({exc.strerror})") from None
         try:
             cfg.write_toml(path / CONFIG_FILE, header=header or "The configuration of this run, frozen at launch.")
+            stamp_data(path, cfg)
         except OSError as exc:
-            raise UserError(f"cannot write {path / CONFIG_FILE} ({exc.strerror})") from None
-        stamp_data(path, cfg)
+            # a full disk (or a quota) between mkdir and the first files: no half-made run directory
+            # stays behind (it held only the cut-short temporary config and was listed nowhere)
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+            raise UserError(f"cannot write the run directory {path} ({exc.strerror}); nothing was made",
+                            hint="free some disk space, or choose another place for the runs "
+                                 "(output.runs_dir, SNUGTUNE_RUNS_DIR)" if full else
+                                 "choose a writable place for the runs (output.runs_dir, SNUGTUNE_RUNS_DIR)") from None
         return path
     raise UserError(f"too many runs named {stem} in {base}")
 
@@ -292,6 +302,18 @@ def engine_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "core.distributed" if nproc > 1 else "core.train", str(run_dir)]
 
 
+def quiet_env(env: dict) -> dict:
+    """`env` with progress bars off, for the engine and the wizard's pre-run check: their output is
+    read as text (engine.log: the wizard's error tail, `snugtune attach`'s died message; the check's
+    last line when it crashes), where bars redrawn with carriage returns (model loading's "Loading
+    weights", Hub downloads) are noise; setup says what it does through setup_progress events. A
+    user's own setting of either variable stands."""
+    env = dict(env)
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub's and transformers' bars
+    env.setdefault("TQDM_DISABLE", "1")  # tqdm's default for every bar (the GGUF loader's own)
+    return env
+
+
 def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subprocess.Popen:
     """Start `python -m core.train RUN_DIR` in its own session, output to engine.log.
 
@@ -306,6 +328,7 @@ def spawn(run_dir: Union[str, Path], extra_env: Optional[dict] = None) -> subpro
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    env = quiet_env(env)
     if extra_env:
         env.update(extra_env)
     try:
@@ -374,6 +397,47 @@ def resolve_run(name_or_dir: Union[str, Path], base: Optional[Path] = None) -> P
 
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+# The ETA's window: the time of the most recent steps, not of all since the start. Under load (other
+# jobs on the machine, a laptop that throttles) the step time moves; an average since the start
+# lagged it by the whole run (100 steps at 1 s, then 3 s each: the start's average said 200 steps
+# left were 200 s more for hundreds of steps). 32 logged steps: long enough that one slow step (a
+# checkpoint save, an eval) moves the estimate by a few percent, short enough to follow a change.
+ETA_WINDOW_STEPS = 32
+
+
+class StepRate:
+    """The seconds a step from the recent steps, for the engine's ETA (`step_logged`'s eta_s).
+
+    add(step, time) at the start of training and at each logged step. The first step after a
+    (re)start is left out once later ones exist: it holds the warm-up (allocator growth, CUDA-graph
+    capture, compilation), which the steps after it do not repeat."""
+
+    def __init__(self, window: int = ETA_WINDOW_STEPS):
+        self.window = window
+        self.points: list[tuple[int, float]] = []
+
+    def add(self, step: int, t: float) -> None:
+        if self.points and step <= self.points[-1][0]:
+            return  # the same step logged twice (a log after an eval): nothing new about its time
+        self.points.append((int(step), float(t)))
+        if len(self.points) > 2 * self.window + 2:
+            self.points = self.points[:2] + self.points[-self.window - 1:]
+
+    def seconds_per_step(self) -> Optional[float]:
+        pts = self.points[1:] if len(self.points) > 2 else self.points  # without the warm-up step
+        if len(pts) < 2:
+            return None
+        last_step, last_t = pts[-1]
+        first = next(((s, t) for s, t in pts if last_step - s <= self.window), pts[0])
+        if first[0] == last_step:  # one step logged a window apart: the two latest points
+            first = pts[-2]
+        return max(last_t - first[1], 0.0) / (last_step - first[0])
+
+    def eta(self, remaining_steps: int) -> Optional[float]:
+        per = self.seconds_per_step()
+        return None if per is None else per * max(remaining_steps, 0)
 
 
 STATUS_OF = {"run_finished": "finished", "run_failed": "failed", "run_stopped": "stopped"}
@@ -487,7 +551,7 @@ def request_stop(run_dir: Union[str, Path]) -> bool:
         # The engine has not written a line of this attempt yet: it is still importing torch, before
         # its signal handlers exist, and a SIGTERM would kill it without a word (a Ctrl-C in the first
         # seconds of `snugtune train` showed as "died"). The stop file alone is enough: the engine
-        # reads it once it has set up and stops there with run_stopped, checkpoints intact.
+        # reads it between its setup stages and stops there with run_stopped, checkpoints intact.
         return True
     try:
         os.kill(pid, signal.SIGTERM)
@@ -519,6 +583,19 @@ def _attempt_has_events(run_dir: Path) -> bool:
 def still_starting(run_dir: Union[str, Path]) -> bool:
     """Whether the run's engine has not written a line of its current attempt yet (importing torch)."""
     return not _attempt_has_events(Path(run_dir))
+
+
+def setting_up(run_dir: Union[str, Path]) -> bool:
+    """Whether the run's current attempt has not started training yet (no run_started: importing
+    torch, resolving the model, reading the data, loading the weights): a stop then saves nothing."""
+    from core.events import current_attempt
+
+    start = current_attempt(Path(run_dir))
+    log = read_log(run_dir)
+    return not any(e.get("event") == "run_started" for e, end in zip(log.events, log.ends) if end > start)
+
+
+STOP_IN_SETUP = "stopping: the run is still setting up and stops once the stage it is in ends (nothing trained yet, nothing to save)"
 
 
 def remove_run(run_dir: Union[str, Path]) -> None:
@@ -787,13 +864,14 @@ def tokenizer_bytes(source: Union[str, Path, None]) -> int:
 PREFLIGHT_TIMEOUT_S = 600
 
 
-def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
+def preflight(cfg: RunConfig, in_process: bool = False, hint_syntax: str = "train") -> dict:
     """Check the data, model, tokenizer, GPU profile and disk space of a run before it is created
     (core.preflight); raises the UserError the engine would have failed with.
 
     Torch-free for the caller: by default the check runs in a subprocess
     (`python -m core.preflight`), so the wizard can call this from a worker thread. The CLI,
-    which imports the engine anyway, passes in_process=True."""
+    which imports the engine anyway, passes in_process=True. `hint_syntax`: 'wizard' words the
+    hints with the wizard's fields and keys (core.data.hint_syntax)."""
     if in_process:
         from core.preflight import check
 
@@ -804,8 +882,10 @@ def preflight(cfg: RunConfig, in_process: bool = False) -> dict:
         path = freeze_paths(cfg).write_toml(Path(tmp) / CONFIG_FILE, overwrite=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = quiet_env(env)
         try:
-            proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path)], capture_output=True,
+            proc = subprocess.run([sys.executable, "-m", "core.preflight", str(path), "--hint-syntax", hint_syntax],
+                                  capture_output=True,
                                   text=True, env=env, timeout=PREFLIGHT_TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise UserError(f"checking the data and the model took over {PREFLIGHT_TIMEOUT_S} s",

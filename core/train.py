@@ -312,6 +312,7 @@ class Engine:
         self.plan = None  # core.plan.Plan: what this process executes (replaced after an OOM retry)
         self.spec = None
         self._signal: Optional[int] = None
+        self._setup_interruptible = False  # a signal may end setup at once (_on_signal)
         self._old_handlers: dict = {}
         self.last_loss: Optional[float] = None
         self.last_eval_step: Optional[int] = None
@@ -332,6 +333,15 @@ class Engine:
             os.kill(os.getpid(), signum)
             return
         self._signal = signum
+        if self._setup_interruptible:
+            # Setup writes nothing in the run directory while interruptible (resolving, reading the
+            # data, loading the weights): stop now, not after minutes of loading a 7B model.
+            raise _SetupStopped()
+
+    def _stop_point(self) -> None:
+        """Between setup's stages: a stop asked for (the stop file, a signal) ends setup here."""
+        if self.stop_requested():
+            raise _SetupStopped()
 
     def stop_requested(self) -> bool:
         asked = self._signal is not None or (self.run_dir / STOP_FILE).exists()
@@ -369,7 +379,11 @@ class Engine:
         self._install_handlers()
         started = time.time()
         try:
-            self.setup()
+            try:
+                self.setup()
+            except _SetupStopped:
+                self._setup_interruptible = False
+                return self._stopped()
             if self.stop_requested():
                 return self._stopped()
             self.train()
@@ -507,9 +521,11 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device["index"])
             self.device["free_gib"] = round(free / 2**30, 3)
         target = plan_mod.target_for_device(cfg, self.device)  # a budget above the card: UserError here
+        self._stop_point()
         self.events.emit("setup_progress", message="resolving the model")
-        with self.group.main_first() if self.group is not None else contextlib.nullcontext():
+        with self._interruptible(), self.group.main_first() if self.group is not None else contextlib.nullcontext():
             source = resolve_model_source(cfg.model.name_or_path, cfg.model.revision)
+        self._stop_point()
         self.spec = source_spec(source, cfg.model.revision)
         self.plan = plan_mod.plan(cfg, self.spec, target)
         retried = self._relaunch_retries()
@@ -524,16 +540,22 @@ class Engine:
 
         from core.model import load_tokenizer
 
-        self.tokenizer = load_tokenizer(source, cfg)
+        with self._interruptible():
+            self.tokenizer = load_tokenizer(source, cfg)
+        self._stop_point()
         self.events.emit("setup_progress", message="preparing the data")
         from core.data import build_datasets
 
-        self.train_rows, self.eval_rows, self.data_info = build_datasets(cfg.data, self.tokenizer)
+        with self._interruptible():
+            self.train_rows, self.eval_rows, self.data_info = build_datasets(cfg.data, self.tokenizer)
+        self._stop_point()
         if not self.train_rows:
             raise UserError(f"data.path = {cfg.data.path!r}: no training samples left after preparation",
                             hint="check the file's contents and data.format / data.columns")
         self.events.emit("setup_progress", message="loading the model")
-        self._load_model(source)
+        with self._interruptible():
+            self._load_model(source)
+        self._stop_point()
         with self.group.main_first() if self.group is not None else contextlib.nullcontext():
             resumed = self.resume_from = self._checkpoint_to_resume()  # rank 0 sets damaged ones aside
         if retried is not None:
@@ -575,6 +597,16 @@ class Engine:
                 len(self.train_rows), self.micro_batch * self.ranks.world_size, self.grad_accum, 1.0, None),
                 self.cfg.train.max_steps),
         )
+
+    @contextlib.contextmanager
+    def _interruptible(self):
+        """A stage of setup that a stop may end at once: one process (several ranks stop together at
+        the stop points) and a signal handler of ours; the stage writes nothing in the run directory."""
+        self._setup_interruptible = bool(self._old_handlers) and self.ranks.world_size == 1
+        try:
+            yield
+        finally:
+            self._setup_interruptible = False
 
     def _checkpoint_to_resume(self) -> Optional[Path]:
         """The newest checkpoint whose files are all there and whole. A damaged one (a truncated
@@ -865,6 +897,11 @@ class Engine:
             return 0
 
 
+class _SetupStopped(BaseException):
+    """A stop asked for during setup: the engine ends with run_stopped before training. A
+    BaseException, so library code's `except Exception` fallbacks (model loading has them) pass it on."""
+
+
 def _trainer_callback_base():
     from transformers import TrainerCallback
 
@@ -885,6 +922,8 @@ class EventCallback(_trainer_callback_base()):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last_t = time.monotonic()
         self._step0 = state.global_step
+        self._rate = rundirs.StepRate()  # the ETA from the recent steps' time (core/runs.py says why)
+        self._rate.add(state.global_step, self._t0)
         self._last_tokens = self.engine.counter.tokens if self.engine.counter else 0
         if self.engine.group is not None:
             self._last_tokens = self.engine.group.sum(self._last_tokens)
@@ -914,9 +953,9 @@ class EventCallback(_trainer_callback_base()):
         dt = max(now - self._last_t, 1e-9)
         tps = (tokens - self._last_tokens) / dt
         self._last_t, self._last_tokens = now, tokens
-        done = state.global_step - self._step0
         remaining = max(state.max_steps - state.global_step, 0)
-        eta = (now - self._t0) / done * remaining if done > 0 else None
+        self._rate.add(state.global_step, now)
+        eta = self._rate.eta(remaining)
         mem: dict[str, Any] = {"mem_allocated_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None,
                                "mem_peak_allocated_gib": None}
         if self.engine.device.get("type") == "cuda":

@@ -64,5 +64,5 @@ async def test_the_wizard_settings_step_warns_and_still_trains_as_set(wizard_env
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: "optimizer step" in status_text(app), timeout=90, what="the few-steps note")
         text = " ".join(status_text(app).split())
-        assert "only 1 optimizer step in all (1 an epoch)" in text and "train.epochs=60 gives 60" in text
+        assert "only 1 optimizer step in all (1 an epoch)" in text and "Epochs 60 gives 60" in text
         assert "ctrl+n trains as set" in text

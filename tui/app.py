@@ -50,7 +50,8 @@ class SnugtuneApp(App[int]):
     TITLE = "snugtune"
     # The command palette's ctrl+p is not shown in the footer; every action has its own key.
     ENABLE_COMMAND_PALETTE = False
-    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True),
+                Binding("ctrl+c", "interrupt", show=False, priority=True)]
 
     def __init__(self, preset: RunConfig | None = None, *, preset_name: str | None = None,
                  gpus: list | None = None, attach: str | Path | None = None, check_runs: bool = True):
@@ -153,6 +154,23 @@ class SnugtuneApp(App[int]):
             stamp = None  # a Hub dataset or builtin: data: the name is the version
         return (path, fmt, json.dumps(columns, sort_keys=True), self.get_value("model.name_or_path"),
                 self.get_value("data.max_seq_len"), self.get_value("data.template"), stamp)
+
+    def action_interrupt(self) -> None:
+        """Ctrl-C: copies a selected text in a box, as Textual does; otherwise says how to quit. Inside
+        a text box (where the cursor is on most steps) it did nothing at all before: the box took it
+        as a copy of nothing, and Textual's own reminder shows only where no box has the focus."""
+        focused = self.focused
+        selection = getattr(focused, "selection", None)
+        note = interrupt_note(self)
+        if selection is not None and not getattr(selection, "is_empty", True) and hasattr(focused, "action_copy"):
+            # a field selects its whole value when it gets the focus, so this is the usual case: the
+            # copy is made, and said, with how to quit (a user who meant "quit" is told how)
+            focused.action_copy()
+            note = "copied the selected text · " + note
+        if hasattr(self.screen, "set_status") and self.screen.query("#status"):
+            self.screen.set_status(note, "warning")
+        else:
+            self.notify(note, title="Ctrl-C")
 
     def read_data(self, path: str, fmt: str, columns: dict[str, str]) -> tuple[tuple, dict | None]:
         """(key, the cached report) or (key, None) with a read started or already going; the
@@ -385,6 +403,13 @@ def run_wizard(preset: str | None = None) -> int:
     app.run()
     print_still_running(app)
     return app.return_code or 0
+
+
+def interrupt_note(app) -> str:
+    """What Ctrl-C says: how to quit, and that a run goes on training after it."""
+    running = getattr(app, "run_dir", None) is not None and getattr(app, "run_state", None) in ("starting", "running")
+    return ("ctrl+q quits (ctrl+c copies a selected text)" +
+            ("; the run keeps training: ctrl+x stops it" if running else ""))
 
 
 def still_running_note(app: SnugtuneApp) -> str | None:

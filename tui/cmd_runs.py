@@ -53,9 +53,11 @@ def progress_line(ev: dict) -> str:
 class Printer:
     """Renders events to the terminal: a live progress line on a TTY, plain lines otherwise."""
 
-    def __init__(self, stream=None, run: Optional[str] = None):
+    def __init__(self, stream=None, run: Optional[str] = None, run_dir: Optional[Path] = None):
         self.stream = stream or sys.stdout
         self.run = run  # the run's name, for lines to paste
+        # where the run is now: a run folder renamed or moved since keeps the old paths in its events
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tty = self.stream.isatty()
         self._live = False
 
@@ -113,18 +115,24 @@ class Printer:
             loss = ev.get("final_loss")
             self._line(f"finished: {ev.get('steps')} steps, final loss {loss:.4f}" if loss is not None
                        else f"finished: {ev.get('steps')} steps")
-            self._line(f"adapter: {ev.get('adapter_path')}")
+            adapter = ev.get("adapter_path")
+            if self.run_dir is not None and adapter and Path(str(adapter)).name == "adapter":
+                adapter = self.run_dir / "adapter"
+            self._line(f"adapter: {adapter}")
         elif kind == "run_stopped":
             ckpt = Path(str(ev["checkpoint"])) if ev.get("checkpoint") else None
-            # the run's name, so the line can be pasted as it is (the checkpoint is RUN/checkpoints/checkpoint-N)
-            run = f" {ckpt.parent.parent.name}" if ckpt is not None and ckpt.parent.name == "checkpoints" \
-                else f" {self.run or 'RUN'}"
+            # the run's name, so the line can be pasted as it is: the one followed (a renamed run folder
+            # keeps its old name in the event's path), else the checkpoint's RUN/checkpoints/checkpoint-N
+            run = f" {self.run}" if self.run else f" {ckpt.parent.parent.name}" if ckpt is not None and \
+                ckpt.parent.name == "checkpoints" else " RUN"
+            if ckpt is not None and self.run_dir is not None and ckpt.parent.name == "checkpoints":
+                ckpt = self.run_dir / "checkpoints" / ckpt.name
             if ckpt is None and not ev.get("step"):
                 # stopped during setup (a Ctrl-C while the model loads): nothing trained, nothing lost
                 self._line(f"stopped before training started: nothing was trained, no checkpoint "
                            f"(`snugtune resume{run}` starts it)")
             else:
-                self._line(f"stopped at step {ev.get('step')}; checkpoint {ev.get('checkpoint')} "
+                self._line(f"stopped at step {ev.get('step')}; checkpoint {ckpt} "
                            f"(resume with `snugtune resume{run}`)")
         elif kind == "run_failed":
             self._line(f"failed ({ev.get('kind')}): {ev.get('error')}")
@@ -195,14 +203,15 @@ def _run_engine(run_dir: Path, detach: bool, as_json: bool) -> int:
         if not stopping["asked"]:
             stopping["asked"] = True
             runs.request_stop(run_dir)
-            print("\nstopping: the engine saves a checkpoint first (Ctrl-C again to leave it running "
-                  "in the background)", file=sys.stderr, flush=True)
+            said = runs.STOP_IN_SETUP if runs.setting_up(run_dir) else "stopping: the engine saves a checkpoint first"
+            print(f"\n{said} (Ctrl-C again to leave it running in the background)", file=sys.stderr, flush=True)
             return True
         print(f"\nleft running in the background; `snugtune attach {run_dir.name}` or "
               f"`snugtune stop {run_dir.name}`", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(run=run_dir.name), on_interrupt, start=start)
+    last = _follow_and_print(run_dir, lambda: proc.poll() is None, Printer(run=run_dir.name, run_dir=run_dir), on_interrupt,
+                              start=start)
     if last is None and stopping["asked"]:
         return 130
     if last is not None and last.get("event") == "run_failed" and last.get("kind") not in ("user", "deleted"):
@@ -241,7 +250,8 @@ def cmd_train(args) -> int:
     # a mistake is one message and exit 2 (also with --detach), and leaves no failed run behind.
     if not args.no_preflight:
         print("checking the data and the model ...", file=sys.stderr, flush=True)
-        runs.preflight(cfg, in_process=True)
+        for warning in runs.preflight(cfg, in_process=True).get("warnings") or []:
+            print(f"snugtune: warning: {warning}", file=sys.stderr, flush=True)
     run_dir = runs.create_run_dir(cfg, header=f"Started with: snugtune train {args.preset}"
                                   + "".join(f" --set {s}" for s in args.set or [])
                                   + (f" --nproc {args.nproc}" if args.nproc else ""),
@@ -371,7 +381,8 @@ def cmd_attach(args) -> int:
         print(f"\ndetached; the run continues (`snugtune stop {run_dir.name}` stops it)", file=sys.stderr)
         return False
 
-    last = _follow_and_print(run_dir, None, Printer(run=run_dir.name), on_interrupt, start=start)
+    last = _follow_and_print(run_dir, None, Printer(run=run_dir.name, run_dir=run_dir), on_interrupt,
+                              start=start)
     return 130 if last is None else _exit_code(last)
 
 
@@ -390,9 +401,9 @@ def cmd_stop(args) -> int:
         status = runs.run_status(run_dir)["status"]
         print(f"run {run_dir.name} is not running ({status})")
         return 0
-    if runs.still_starting(run_dir):
-        print(f"asked run {run_dir.name} to stop; it is still starting and stops as soon as it has set up "
-              "(loading a large model takes a while), before training a step", flush=True)
+    if runs.setting_up(run_dir):
+        print(f"asked run {run_dir.name} to stop; it is still setting up and stops at the end of the stage "
+              "it is in (at once while it loads the model), before training a step", flush=True)
     else:
         print(f"asked run {run_dir.name} to save a checkpoint and stop", flush=True)
     if not args.wait:

@@ -57,6 +57,17 @@ class Cancelled(Exception):
     """The screen that started a command went away (the wizard quit or moved on)."""
 
 
+def subprocess_env() -> dict:
+    """The environment of the wizard's subprocesses (data inspect, export, chat): progress bars off.
+    Their output is read as text, its last line shown as progress or as the error ("exporting:
+    Loading weights:  74%|███▎ | 174/236" was the export's status line for a real model)."""
+    import os
+
+    from core.runs import quiet_env
+
+    return quiet_env(os.environ)
+
+
 def run_command(cmd: list[str], timeout_s: float, *, keep_on_cancel: bool = False,
                 poll_s: float = 0.2) -> tuple[int, str, str]:
     """Run a command from a worker thread: (exit code, stdout, stderr).
@@ -76,7 +87,7 @@ def run_command(cmd: list[str], timeout_s: float, *, keep_on_cancel: bool = Fals
     # output to files, not pipes: nothing has to read while we poll
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=keep_on_cancel)
+                                start_new_session=keep_on_cancel, env=subprocess_env())
         deadline = time.monotonic() + timeout_s
         while proc.poll() is None:
             if worker.is_cancelled:

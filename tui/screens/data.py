@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on
 from textual.binding import Binding
@@ -83,7 +84,11 @@ def local_problem(path: str) -> str | None:
     if p.is_dir():
         return None  # a directory of data files is one dataset (the reader says what is in it)
     if looks_local and data_suffix(p) not in DATA_SUFFIXES:
-        return f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet, .arrow or .txt"
+        from core.data import unknown_type_error  # torch-free: the reader's own message and its hint
+
+        hint = unknown_type_error(p).hint
+        return (f"{path}: unsupported file type {p.suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet, "
+                ".arrow or .txt" + (f"\n  hint: {hint}" if hint else ""))
     return None
 
 
@@ -99,14 +104,57 @@ def format_columns(report: dict) -> dict[str, str]:
     return dict(cols) if isinstance(cols, dict) else {}
 
 
-def render_samples(samples: list[Any]) -> Text:
-    """Each sample as the model reads it: the prompt (masked, not learned) dim and struck through
-    with a `·` gutter; the response (trained) bold and underlined with a `▌` gutter, so the two
-    are told apart with colours, with 16 colours and with none."""
+MASKED_STYLE, TRAINED_STYLE = "dim", "bold underline"
+MASKED_GUTTER, TRAINED_GUTTER = "· ", "▌ "
+
+
+def _wrap_pieces(pieces: list[tuple[str, bool]], width: int | None) -> list[list[tuple[str, bool]]]:
+    """One line of (text, trained) pieces as the visual lines of `width` cells (None: one line).
+
+    Breaks after spaces where it can (a word longer than the width is cut), so each visual line can
+    carry its own gutter: Rich's wrapping gave continued lines none, and under NO_COLOR (no dim)
+    a continued prompt line read like trained text."""
+    if width is None or width < 8 or cell_len("".join(t for t, _ in pieces)) <= width:
+        return [pieces]
+    chars = [(c, trained) for text, trained in pieces for c in text]
+    lines: list[list[tuple[str, bool]]] = []
+    start = 0
+    while start < len(chars):
+        used, end, brk = 0, start, None
+        while end < len(chars) and used + cell_len(chars[end][0]) <= width:
+            used += cell_len(chars[end][0])
+            if chars[end][0] == " ":
+                brk = end + 1
+            end += 1
+        if end < len(chars) and brk is not None and brk > start:
+            end = brk
+        end = max(end, start + 1)
+        run: list[tuple[str, bool]] = []
+        piece = chars[start:end]
+        if end < len(chars) and len(piece) > 1 and piece[-1][0] == " ":
+            piece = piece[:-1]  # the space a line breaks at is not drawn (underlined, it showed)
+        for c, trained in piece:
+            if run and run[-1][1] == trained:
+                run[-1] = (run[-1][0] + c, trained)
+            else:
+                run.append((c, trained))
+        lines.append(run)
+        start = end
+    return lines
+
+
+def render_samples(samples: list[Any], width: int | None = None) -> Text:
+    """Each sample as the model reads it: the prompt (masked, not learned) dim with a `·` gutter;
+    the response (trained) bold and underlined with a `▌` gutter, so the two are told apart with
+    colours, with 16 colours and with none. `width`: the cells a line may take; lines are wrapped
+    here so that every visual line, a continued one too, starts with its gutter."""
     out = Text()
+    body = None if width is None else width - len(MASKED_GUTTER)
     for n, sample in enumerate(samples):
         out.append(f"── sample {n + 1} ", style="bold")
-        out.append("(dim · = prompt, masked; underlined ▌ = trained)\n" if n == 0 else "\n", style="dim")
+        # the legend kept short: at 80 columns the box is about 42 cells wide
+        out.append(f"({MASKED_GUTTER.strip()} read, {TRAINED_GUTTER.strip()} trained)\n" if n == 0 else "\n",
+                   style="dim")
         context = attr(sample, "context", default=None)
         if isinstance(context, dict) and context:
             # what the sample holds besides its last exchange: system prompt, history, tool calls
@@ -116,22 +164,56 @@ def render_samples(samples: list[Any]) -> Text:
         segments = attr(sample, "segments", default=None)
         if segments is None:
             segments = [{"text": str(attr(sample, "text", default=sample)), "trained": True}]
-        line_start = True
+        # the sample's text as lines of (text, trained) pieces
+        lines: list[list[tuple[str, bool]]] = [[]]
         for seg in segments:
             trained = bool(attr(seg, "trained", default=False))
-            text = str(attr(seg, "text", default=""))
-            for i, line in enumerate(text.split("\n")):
+            for i, part in enumerate(str(attr(seg, "text", default="")).split("\n")):
                 if i:
+                    lines.append([])
+                if part:
+                    lines[-1].append((part, trained))
+        for i, line in enumerate(lines):
+            if i:
+                out.append("\n")
+            for j, visual in enumerate(_wrap_pieces(line, body)):
+                if j:
                     out.append("\n")
-                    line_start = True
-                if not line:
-                    continue  # the gutter belongs to whichever segment puts text on the line
-                if line_start:
-                    out.append("▌ " if trained else "· ", style="bold green" if trained else "dim")
-                    line_start = False
-                out.append(line, style="bold underline" if trained else "dim")
+                if not visual:
+                    continue  # a blank line: no gutter (it holds no text of either kind)
+                # the gutter belongs to whichever segment puts text first on the visual line
+                trained = visual[0][1]
+                out.append(TRAINED_GUTTER if trained else MASKED_GUTTER, style="bold green" if trained else "dim")
+                for text, t in visual:
+                    out.append(text, style=TRAINED_STYLE if t else MASKED_STYLE)
         out.append("\n")
     return out
+
+
+class SamplesView(Static):
+    """The samples, wrapped at this widget's own width (again when it changes: a terminal resized,
+    the scroll bar's gutter), so every visual line keeps its masked/trained gutter."""
+
+    def show(self, samples: list[Any], head: Text | None = None) -> None:
+        self._samples, self._head = samples, head
+        self._draw()
+
+    def say(self, text: Text) -> None:
+        """A message in place of samples (reading…, an error): Rich wraps it."""
+        self._samples = None
+        self.update(text)
+
+    def _draw(self) -> None:
+        width = self.content_region.width or None
+        shown = Text()
+        if self._head is not None:
+            shown.append_text(self._head)
+        shown.append_text(render_samples(self._samples, width))
+        self.update(shown)
+
+    def on_resize(self, event) -> None:
+        if getattr(self, "_samples", None) is not None:
+            self._draw()
 
 
 def inspect_command(app, path: str, fmt: str, columns: dict[str, str], model: str | None = None,
@@ -224,14 +306,17 @@ class DataScreen(StepScreen):
             yield Label("Format", classes="field-label")
             yield Select(FORMATS, value=self.app.get_value("data.format", "auto"), allow_blank=False,
                          id="format", compact=True)
-            yield Label(" Columns", classes="field-label-short")
+        # a row of its own: beside Format it had 26 cells at 80 columns, and a detected mapping
+        # (instruction=instruction, input=input, output=output) was cut after its first field
+        with Horizontal(classes="row"):
+            yield Label("Columns", classes="field-label")
             cols = self.app.get_value("data.columns", {}) or {}
             yield Input(", ".join(f"{k}={v}" for k, v in cols.items()), placeholder=COLUMNS_PLACEHOLDER,
                         id="columns", compact=True, tooltip=field_help("data.columns"))
         with Horizontal(id="data-body"):
             with VerticalScroll(id="samples-box"):
-                yield Static(Text("Enter a path above to see three samples as the model will read them.", style="dim"),
-                             id="samples")
+                yield SamplesView(Text("Enter a path above to see three samples as the model will read them.",
+                                       style="dim"), id="samples")
             yield Static("", id="lengths", markup=False)
 
     def on_mount(self) -> None:
@@ -271,7 +356,7 @@ class DataScreen(StepScreen):
             self.report = None
             self.app.data_report = None
             self.query_one("#columns", Input).placeholder = COLUMNS_PLACEHOLDER
-            self.query_one("#samples", Static).update(Text(problem, style="red"))
+            self.query_one("#samples", SamplesView).say(Text(problem, style="red"))
             self.query_one("#lengths", Static).update("")
             self.set_status(problem, "error")
             return
@@ -287,7 +372,7 @@ class DataScreen(StepScreen):
             self._inspected(DataInspected(path, report=cached, key=self.wanted))
             return
         self.set_status(f"reading {path} and counting tokens…")
-        self.query_one("#samples", Static).update(Text("reading…", style="dim"))
+        self.query_one("#samples", SamplesView).say(Text("reading…", style="dim"))
         self.query_one("#lengths", Static).update("")
 
     @on(DataInspected)
@@ -300,7 +385,7 @@ class DataScreen(StepScreen):
             # the previous file's detected mapping must not stand as this file's (it read as the
             # mapping in use, and as what to type over)
             self.query_one("#columns", Input).placeholder = COLUMNS_PLACEHOLDER
-            self.query_one("#samples", Static).update(Text(msg.error, style="red"))
+            self.query_one("#samples", SamplesView).say(Text(msg.error, style="red"))
             # the previous file's lengths and histogram must not stand beside this file's error
             self.query_one("#lengths", Static).update("")
             self.set_status(msg.error.splitlines()[0], "error")
@@ -320,11 +405,8 @@ class DataScreen(StepScreen):
 
     def show_report(self, report: dict) -> None:
         samples = attr(report, "samples", default=[])[:3]
-        shown = Text()
-        if report.get("fallback"):
-            shown.append(f"! {report['fallback']}\n", style="bold yellow")
-        shown.append_text(render_samples(samples))
-        self.query_one("#samples", Static).update(shown)
+        head = Text(f"! {report['fallback']}\n", style="bold yellow") if report.get("fallback") else None
+        self.query_one("#samples", SamplesView).show(samples, head)
         self.query_one("#lengths", Static).update(self.lengths_text(report))
         cols = format_columns(report)
         if cols and not self.query_one("#columns", Input).value.strip():

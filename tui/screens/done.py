@@ -19,7 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Checkbox, Input, OptionList, RichLog, Static
 
 from tui.messages import ChatReply, JobDone
-from tui.screens.base import Cancelled, StepScreen, run_command
+from tui.screens.base import Cancelled, StepScreen, run_command, subprocess_env
 from tui.widgets.onoff import OnOff
 from tui.keyorder import focus_now
 
@@ -48,7 +48,8 @@ class ChatProcess:
         self.log_path = run_dir / "chat.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "core.chat", str(run_dir)], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+                                         stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+                                         env=subprocess_env())
         self.lock = threading.Lock()
         self.next_id = 0
         self.ready = False
@@ -124,7 +125,8 @@ class DoneScreen(StepScreen):
         self.chat: ChatProcess | None = None
         run_dir = self.app.run_dir
         result = self.app.run_result or {}
-        adapter = result.get("adapter_path") or (str(run_dir / "adapter") if run_dir else None)
+        # where the run folder is now (one renamed or moved since keeps its old path in the event)
+        adapter = str(run_dir / "adapter") if run_dir else result.get("adapter_path")
         info = Text()
         info.append("Adapter saved in ", style="bold")
         info.append(str(adapter), style="bold underline")
@@ -247,7 +249,8 @@ class DoneScreen(StepScreen):
             start = log.tell()
             # its own session: an export the wizard quits during finishes on its own (a
             # half-written model is worse), and its output goes to a file nothing has to drain
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                    env=subprocess_env())
         self.app.export_job = (proc, dest, log_path)  # said on quit while it runs (tui.app.still_running_note)
         deadline = time.monotonic() + EXPORT_TIMEOUT_S
         seen = start

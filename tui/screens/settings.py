@@ -411,7 +411,7 @@ class SettingsScreen(StepScreen):
                 self.set_status(f"does not fit: {total:.2f} GiB > {float(budget or 0):.2f} GiB budget — "
                                 "ctrl+f auto-fits, or lower sequence length / micro-batch", "error")
             elif too_long:
-                self.set_status(f"{too_long} (data.max_seq_len)", "warning")
+                self.set_status(f"{too_long} (Sequence len)", "warning")
             elif few := self.few_steps(cfg):
                 self.set_status(f"{few} · ctrl+n trains as set", "warning")
             else:
@@ -439,7 +439,7 @@ class SettingsScreen(StepScreen):
         per_epoch = self.steps_per_epoch(cfg)
         if not per_epoch or cfg.train.max_steps:
             return None
-        return few_steps_note(planned_steps(per_epoch, 1, 1, cfg.train.epochs, None), per_epoch, None)
+        return few_steps_note(planned_steps(per_epoch, 1, 1, cfg.train.epochs, None), per_epoch, None, wizard=True)
 
     def steps_per_epoch(self, cfg: RunConfig) -> int | None:
         from core.plan import planned_steps  # the engine's own count (core.train uses it too)

@@ -211,17 +211,17 @@ class TrainScreen(StepScreen):
         from core import runs
 
         try:
-            runs.preflight(cfg)
+            info = runs.preflight(cfg, hint_syntax="wizard")
         except UserError as exc:
             self.app.call_from_thread(self._not_started, f"cannot start: {exc}")
             return
-        self.app.call_from_thread(self._launch, cfg)
+        self.app.call_from_thread(self._launch, cfg, info.get("warnings") or [])
 
     def _not_started(self, message: str) -> None:
         self.state = "ready"
         self.set_status(message, "error")
 
-    def _launch(self, cfg) -> None:
+    def _launch(self, cfg, warnings: list[str] | None = None) -> None:
         from core import runs
 
         try:
@@ -236,6 +236,10 @@ class TrainScreen(StepScreen):
         self.reset_panel()
         self.update_panel()
         self.follow(self.app.run_dir)
+        if warnings:
+            # the pre-run check's warnings (host RAM that is tight): said now and again with "training"
+            self.skipped_note = " · ".join(warnings)
+            self.set_status(self.skipped_note, "warning")
 
     # ---- following the run ------------------------------------------------------------
 
@@ -313,12 +317,17 @@ class TrainScreen(StepScreen):
         elif kind == "run_finished":
             self.state = "finished"
             self.app.run_result = e
-            self.set_status(f"finished: adapter in {e.get('adapter_path')} · ctrl+n: chat, export, save", "ok")
+            adapter = self.app.run_dir / "adapter" if self.app.run_dir is not None else e.get("adapter_path")
+            self.set_status(f"finished: adapter in {adapter} · ctrl+n: chat, export, save", "ok")
         elif kind == "run_stopped":
             self.state = "stopped"
             ckpt = Path(str(e.get("checkpoint"))).name if e.get("checkpoint") else "none"
-            self.set_status(f"stopped at step {e.get('step')} (checkpoint: {ckpt}) · ctrl+r resumes",
-                            "warning")
+            if not e.get("checkpoint") and not e.get("step"):
+                # stopped while it set up: said as the CLI says it ("step 0, checkpoint: none" read as lost work)
+                self.set_status("stopped before training started: nothing was trained, nothing lost · "
+                                "ctrl+r starts it", "warning")
+            else:
+                self.set_status(f"stopped at step {e.get('step')} (checkpoint: {ckpt}) · ctrl+r resumes", "warning")
         elif kind == "run_failed":
             self.state = "failed"
             self.failure = e
@@ -357,6 +366,7 @@ class TrainScreen(StepScreen):
     def _redraw_plot(self) -> None:
         if self.state in ("starting", "running") and self.started_at is not None:
             self.query_one("#stats", Static).update(self.stats_text())  # the elapsed time ticks
+            self.query_one("#eta", Label).update(self.eta_text())  # and the ETA counts down
         if self._plot_dirty:
             self._plot_dirty = False
             self.query_one("#loss", LossPlot).redraw()
@@ -384,11 +394,22 @@ class TrainScreen(StepScreen):
             bar.update(total=total, progress=step if self.state != "finished" else total)
         elif over:
             bar.update(total=1, progress=0)  # no run going: the bar stands still
-        eta = self.last.get("eta_s")
-        # a stopped or failed run has no time left to show
-        self.query_one("#eta", Label).update("done" if self.state == "finished" else self.state if over else
-                                             f"ETA {fmt_duration(eta)}" if eta is not None else "ETA …")
+        self.query_one("#eta", Label).update(self.eta_text())
         self.query_one("#stats", Static).update(self.stats_text())
+
+    def eta_text(self, now: float | None = None) -> str:
+        """The engine's ETA (from its recent steps' time), counted down since the step that said it:
+        a slow step under load no longer leaves the last figure standing still for minutes."""
+        if self.state == "finished":
+            return "done"
+        if self.state in ("stopped", "failed"):
+            return self.state  # no time left to show
+        eta, said_at = self.last.get("eta_s"), self.last.get("time")
+        if not isinstance(eta, (int, float)):
+            return "ETA …"
+        if isinstance(said_at, (int, float)) and self.state == "running":
+            eta = max(0.0, eta - max(0.0, (time.time() if now is None else now) - said_at))
+        return f"ETA {fmt_duration(eta)}"
 
     def stats_text(self) -> Text:
         last = self.last
@@ -464,7 +485,8 @@ class TrainScreen(StepScreen):
         except UserError as exc:
             self.set_status(str(exc), "error")
             return
-        self.set_status("stopping: the engine saves a checkpoint first…", "warning")
+        self.set_status(runs.STOP_IN_SETUP if runs.setting_up(self.app.run_dir) else
+                        "stopping: the engine saves a checkpoint first…", "warning")
 
     def action_resume(self) -> None:
         from core import runs
