@@ -240,7 +240,7 @@ def _run_hub(endpoint: str, tmp_path: Path, *names: str) -> dict:
     env = {"PATH": "/usr/bin:/bin", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"),
            "HF_TOKEN": "hf_SECRETsecretSECRETsecret1234", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-c", HUB_SCRIPT, *names], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env=env, timeout=120)
+                          cwd=REPO_ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "SECRET" not in proc.stdout + proc.stderr  # the token is never shown
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -706,7 +706,7 @@ def test_cli_inspect_subprocess_json(tiny_model_dir, tiny_data_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "tui.cli", "data", "inspect", "--path", str(tiny_data_dir / "chat.jsonl"),
          "--model", str(tiny_model_dir), "--json"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

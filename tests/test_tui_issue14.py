@@ -29,11 +29,11 @@ async def test_burst_of_keys_in_a_settings_field_is_applied_in_order(wizard_env)
         field = app.screen.query_one("#lora-r", Input)
         assert app.focused is field and field.value == "16"
         burst(app, "end", "backspace", "backspace", "6", "4")
-        await wait_for(pilot, lambda: app.screen.query_one("#lora-r", Input).value == "64", timeout=10,
+        await wait_for(pilot, lambda: app.screen.query_one("#lora-r", Input).value == "64", timeout=60,
                        what="64 in the field")
         # and moving on with Tab in the same burst types into the next field
         burst(app, "tab", "end", "backspace", "backspace", "1", "2", "8")
-        await wait_for(pilot, lambda: app.screen.query_one("#lora-alpha", Input).value == "128", timeout=10,
+        await wait_for(pilot, lambda: app.screen.query_one("#lora-alpha", Input).value == "128", timeout=60,
                        what="128 in the alpha field")
         assert field.value == "64"
 

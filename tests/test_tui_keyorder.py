@@ -37,13 +37,13 @@ async def test_keys_after_a_tab_wait_for_the_field_to_take_the_focus(wizard_env)
         for _ in range(2000):
             alpha.call_later(busy)
         burst(app, "tab", "end", "backspace", "backspace", "1", "2", "8")
-        await wait_for(pilot, lambda: alpha.value == "128" and alpha.message_queue_size == 0, timeout=30,
+        await wait_for(pilot, lambda: alpha.value == "128" and alpha.message_queue_size == 0, timeout=120,
                        what="128 in the alpha field, its queue empty")
         # the field's Focus handler ran before End, not over the typed text: nothing selected,
         # so the next key is added, not typed over "128"
         assert alpha.selection.is_empty
         burst(app, "4")
-        await wait_for(pilot, lambda: alpha.value == "1284", timeout=30, what="1284 in the alpha field")
+        await wait_for(pilot, lambda: alpha.value == "1284", timeout=120, what="1284 in the alpha field")
 
 
 async def test_keys_behind_the_key_that_opens_a_dialog_land_in_the_dialog(wizard_env, monkeypatch):
@@ -67,6 +67,6 @@ async def test_keys_behind_the_key_that_opens_a_dialog_land_in_the_dialog(wizard
         # ctrl+s opens the name prompt (filled with "demo-mine", selected); the name typed behind
         # it in the same burst replaces that, and Enter saves
         burst(app, "ctrl+s", "m", "i", "n", "e", "enter")
-        await wait_for(pilot, lambda: "mine" in {p.name for p in presets.list_presets()}, timeout=30,
+        await wait_for(pilot, lambda: "mine" in {p.name for p in presets.list_presets()}, timeout=120,
                        what="a preset named 'mine'")
     assert (wizard_env["config"] / "presets" / "mine.toml").is_file()

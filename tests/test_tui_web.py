@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAINT_LIMIT_S = 30  # generous: the first frame comes in well under a second
+PAINT_LIMIT_S = 300  # a deadline: the first frame comes in about a second, but a 2-core machine at load 19 is slow
 
 
 def test_wizard_paints_under_the_web_driver(tmp_path):
