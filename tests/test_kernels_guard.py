@@ -9,9 +9,6 @@ float64 reference, forward and backward, and what each keeps for the backward.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import warnings
 
 import pytest
@@ -21,44 +18,15 @@ pytest.importorskip("triton")
 pytest.importorskip("transformers")
 
 
-def _load_kernels():
-    # as tests/test_kernels.py: the kernels are interpreted when TRITON_INTERPRET is set at their
-    # decoration; the variable is restored afterwards
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = sys.modules.get("core.kernels")
-        return importlib.reload(mod) if mod is not None and not mod.INTERPRET else importlib.import_module("core.kernels")
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-K = _load_kernels()
+# the kernels interpreted (TRITON_INTERPRET at their decoration), the warnings filter and the error measure are
+# tests/test_kernels.py's
+from tests.test_kernels import K, _gen, _quiet, _rel  # noqa: E402,F401
 
 import torch.nn.functional as F  # noqa: E402
 
 from core import fp16guard  # noqa: E402
 
 F16 = torch.float16
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _tiny(kind: str = "gemma3", layers: int = 2):
