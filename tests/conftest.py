@@ -216,3 +216,36 @@ def tiny_run_config(tiny_model_dir, tiny_instruction_jsonl, tmp_path):
         return make_tiny_config(tiny_model_dir, tiny_instruction_jsonl, tmp_path / "runs", *overrides)
 
     return make
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs mounted in the test's temp dir (a disk that fills up), unmounted afterwards; the
+    test is skipped where mounting needs rights this machine lacks (CI runs as root). `fill(dir)` writes
+    a filler file until the disk is full."""
+    import shutil
+    import subprocess
+
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root and mount (CI runs as root)")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(where) -> None:
+    """Write a filler file into `where` until its disk has no byte left."""
+    with open(Path(where) / "filler", "ab", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass

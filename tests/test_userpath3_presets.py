@@ -3,42 +3,17 @@ the temporary file the atomic write starts with stayed behind half-written, and 
 way out. Now it is removed, an existing preset is left as it was, and the hint says what to do."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
 import pytest
 
 from core.errors import UserError
+from tests.conftest import fill as _fill
 
 
 @pytest.fixture
-def full_config_dir(tmp_path, monkeypatch):
-    """SNUGTUNE_CONFIG_DIR on a small tmpfs with an existing preset, then filled to the last byte."""
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root and mount (CI runs as root)")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    try:
-        monkeypatch.setenv("SNUGTUNE_CONFIG_DIR", str(where))
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def _fill(where):
-    with open(where / "filler", "ab", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-                fh.flush()
-        except OSError:
-            pass
+def full_config_dir(small_tmpfs, monkeypatch):
+    """SNUGTUNE_CONFIG_DIR on a small tmpfs (filled to the last byte by the test, after its first preset)."""
+    monkeypatch.setenv("SNUGTUNE_CONFIG_DIR", str(small_tmpfs))
+    return small_tmpfs
 
 
 def test_a_full_disk_leaves_no_half_written_preset(full_config_dir):

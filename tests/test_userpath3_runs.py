@@ -34,32 +34,13 @@ def test_without_a_run_directory_the_events_paths_stand(tmp_path):
 # ---- a full disk when the run directory is made ------------------------------------------------------
 
 @pytest.fixture
-def full_runs_dir(tmp_path, monkeypatch):
+def full_runs_dir(small_tmpfs, monkeypatch):
     """SNUGTUNE_RUNS_DIR on a small tmpfs filled to its last byte."""
-    import os
-    import shutil
-    import subprocess
+    from tests.conftest import fill
 
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root and mount (CI runs as root)")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    try:
-        with open(where / "filler", "ab", buffering=0) as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 4096)
-            except OSError:
-                pass
-        monkeypatch.setenv("SNUGTUNE_RUNS_DIR", str(where))
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    fill(small_tmpfs)
+    monkeypatch.setenv("SNUGTUNE_RUNS_DIR", str(small_tmpfs))
+    return small_tmpfs
 
 
 def test_a_full_disk_at_run_creation_leaves_no_half_made_run(full_runs_dir):
