@@ -25,6 +25,7 @@ def test_a_conversion_prints_no_progress_bar_and_says_its_own_progress(demo_gguf
     from transformers.utils import logging as hf_logging
 
     bar = gguf_utils.tqdm
+    bars_on = hf_logging.is_progress_bar_enabled()  # (another test in this process may have turned them off)
     said: list[str] = []
     copy = shutil.copy(demo_gguf, tmp_path / "fresh.gguf")  # not converted yet
     capfd.readouterr()
@@ -35,7 +36,7 @@ def test_a_conversion_prints_no_progress_bar_and_says_its_own_progress(demo_gguf
     assert said[0].startswith("dequantizing fresh.gguf") and said[-1].startswith("dequantizing: ")
     assert any("/" in s and s.endswith("tensors") for s in said[1:])
     # transformers is left as it was found
-    assert gguf_utils.tqdm is bar and hf_logging.is_progress_bar_enabled()
+    assert gguf_utils.tqdm is bar and hf_logging.is_progress_bar_enabled() == bars_on
 
 
 def test_the_engine_and_the_wizards_pre_run_check_run_without_bars():
