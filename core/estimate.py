@@ -530,7 +530,8 @@ def estimate(
             # the 4 GB presets of fit_truth run 7 (1,024 tokens, 10-18 kept blocks, CUDA-graph steps) were
             # 11-15% under the kernels-off count and are -1.0..+1.0% allocated with this one (rescored with
             # the loss as run 7's engine ran it); bench/gpu_time.py runs 3 and 4 (Qwen2.5-1.5B, 14 kept of
-            # 28 at 1,024 tokens, normal and graph steps) -1.9..-0.4%.
+            # 28 at 1,024 tokens, normal and graph steps) -1.9..-0.4%; then fit_truth runs 8 / 8b's 11 presets
+            # (16-26 kept) -0.4..+1.6%.
             if cfg.model.load_in_4bit and spec.norms_per_layer == 2:  # Gemma's post-norms keep theirs
                 per_kept -= T * 3 * h * c
             # (CUDA-graph steps: run 7's engine built a boolean mask in each block's attention, which SDPA
