@@ -62,6 +62,18 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _grad_fns(loss) -> set:
+    """The class names of every autograd node behind `loss` (which kernels really ran)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        stack.extend(nf for nf, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
 @pytest.mark.parametrize("cls,gemma", [(Qwen2RMSNorm, False), (Gemma3RMSNorm, True)])
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
 def test_rmsnorm_matches_transformers(cls, gemma, dtype):
@@ -204,16 +216,7 @@ def test_install_on_a_tiny_model_keeps_loss_and_gradients(kind, norms, mlps, att
     assert cos > 0.999, cos
     # the kernels really ran (their autograd nodes are in the graph)
     out = m(input_ids=ids, labels=ids)
-    names = set()
-    stack = [out.loss.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in names:
-            continue
-        names.add(f)
-        stack.extend(nf for nf, _ in f.next_functions)
-    kinds = {type(f).__name__ for f in names}
-    assert {"_RMSNormBackward", "_GLUBackward", "_RotaryBackward"} <= kinds
+    assert {"_RMSNormBackward", "_GLUBackward", "_RotaryBackward"} <= _grad_fns(out.loss)
     # uninstall_savers puts transformers' forwards back
     savers.uninstall_savers(m)
     assert not any(K.uses_kernels(mod) for mod in m.modules())

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 # the kernels interpreted (TRITON_INTERPRET at their decoration), the warnings filter and the error measure are
 # tests/test_kernels.py's
-from tests.test_kernels import K, _gen, _quiet, _rel  # noqa: E402,F401
+from tests.test_kernels import K, _gen, _grad_fns, _quiet, _rel  # noqa: E402,F401
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -159,17 +159,6 @@ def _loss_and_grads(m, ids):
     out = m(input_ids=ids, labels=ids)
     out.loss.backward()
     return out.loss.detach().float(), torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])
-
-
-def _grad_fns(loss) -> set:
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        stack.extend(nf for nf, _ in f.next_functions)
-    return {type(f).__name__ for f in seen}
 
 
 @pytest.mark.parametrize("kind,cls,others", [("gemma3", "Gemma3RMSNorm", 4), ("gemma2", "Gemma2RMSNorm", 0)])
